@@ -1,0 +1,115 @@
+"""The ``ClientApp``: serves :class:`~fl_app.client.KerasClient` to Message-API strategies.
+
+Every ``flwr.serverapp.strategy`` strategy, and ours, sends a train message with the global model in
+an ``ArrayRecord`` (key ``arrays``) and a ``ConfigRecord`` (key ``config``); the reply carries the
+new weights and a ``MetricRecord`` with ``num-examples``. An evaluate message is answered with the
+loss, accuracy and ``num-examples`` of the client's test split.
+
+One compiled Keras model per worker process serves every virtual client that the worker runs:
+TensorFlow is imported once, the model is built and compiled once, and each client only sets
+weights and resets the optimizer (see :class:`~fl_app.client.KerasClient`).
+
+Users of Flower's legacy stack can take :func:`client_fn` instead (``ClientApp(client_fn=…)``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fl_app.client import KerasClient, compile_model
+from fl_app.data import ClientData, client_data
+from fl_app.settings import Settings
+
+app = ClientApp()
+
+
+@functools.lru_cache(maxsize=4)
+def _settings(items: tuple) -> Settings:
+    return Settings.from_run_config(dict(items))
+
+
+def settings_from_context(context: Context) -> Settings:
+    """The run's settings, parsed once per process and run config."""
+    return _settings(tuple(sorted(context.run_config.items())))
+
+
+@functools.lru_cache(maxsize=64)
+def _client_data(settings: Settings, partition_id: int, data_path: str) -> ClientData:
+    return client_data(settings, partition_id, data_path)
+
+
+@functools.lru_cache(maxsize=4)
+def _compiled_model(model_name: str, input_shape: tuple[int, ...], num_classes: int,
+                    optimizer: str, learning_rate: float, seed: int, threads: int):
+    import tensorflow as tf
+
+    from fl_app.models import build_model, make_optimizer
+
+    _set_threads(threads)
+    tf.keras.utils.set_random_seed(seed)
+    model = build_model(model_name, input_shape, num_classes, seed)
+    return compile_model(model, make_optimizer(optimizer, learning_rate))
+
+
+@functools.cache
+def _set_threads(threads: int) -> None:
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:  # TensorFlow already initialised in this process: keep its pools
+        pass
+
+
+def make_client(context: Context) -> KerasClient:
+    """The KerasClient of the node that ``context`` describes (node config: partition-id, data-path)."""
+    settings = settings_from_context(context)
+    partition_id = int(context.node_config.get("partition-id", 0))
+    data_path = str(context.node_config.get("data-path", ""))
+    data = _client_data(settings, partition_id, data_path)
+    model, proximal = _compiled_model(
+        settings.model, tuple(data.x_train.shape[1:]), data.num_classes,
+        settings.optimizer, settings.learning_rate, settings.seed, settings.client_threads,
+    )
+    return KerasClient(
+        model, data,
+        local_epochs=settings.local_epochs, batch_size=settings.batch_size,
+        seed=settings.seed + 7919 * partition_id,
+        proximal=proximal, proximal_mu=settings.proximal_mu,
+    )
+
+
+def client_fn(context: Context):
+    """Legacy-stack entry point: ``flwr.clientapp.ClientApp(client_fn=client_fn)``."""
+    return make_client(context).to_client()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Fit on local data, starting from the global weights in ``msg``."""
+    client = make_client(context)
+    config = dict(msg.content["config"]) if "config" in msg.content else {}
+    weights, num_examples, metrics = client.fit(msg.content["arrays"].to_numpy_ndarrays(), config)
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(weights),
+            "metrics": MetricRecord({**metrics, "num-examples": num_examples}),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the global weights in ``msg`` on the local test split."""
+    client = make_client(context)
+    config = dict(msg.content["config"]) if "config" in msg.content else {}
+    loss, num_examples, metrics = client.evaluate(msg.content["arrays"].to_numpy_ndarrays(), config)
+    content = RecordDict(
+        {"metrics": MetricRecord({"loss": loss, **metrics, "num-examples": num_examples})}
+    )
+    return Message(content=content, reply_to=msg)

@@ -1,0 +1,135 @@
+"""Strategy names in the run config, mapped to Flower Message-API strategies.
+
+``strategy`` in the run config is either a registered name (``fedavg``, ``fedprox``, ``fedadam``,
+…) or a dotted path ``package.module:Name`` to a user's own code:
+
+* a :class:`flwr.serverapp.strategy.Strategy` subclass is constructed with those of the common
+  sampling arguments (``fraction_train``, ``min_train_nodes``, …) that its ``__init__`` accepts;
+* any other callable is a factory, called as ``factory(run_config)`` and expected to return a
+  ``Strategy``.
+
+Nothing here imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from flwr.serverapp.strategy import (
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedProx,
+    FedYogi,
+    Strategy,
+)
+
+StrategyFactory = Callable[[Mapping[str, Any]], Strategy]
+
+
+class StrategyNameError(ValueError):
+    """A strategy name or dotted path that does not resolve to a strategy."""
+
+
+def sampling_kwargs(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The node-sampling arguments every Flower Message-API strategy takes."""
+    return {
+        "fraction_train": float(run_config.get("fraction-train", 1.0)),
+        "fraction_evaluate": float(run_config.get("fraction-evaluate", 1.0)),
+        "min_train_nodes": int(run_config.get("min-train-clients", 2)),
+        "min_evaluate_nodes": int(run_config.get("min-evaluate-clients", 2)),
+        "min_available_nodes": int(run_config.get("min-available-clients", 2)),
+    }
+
+
+def _fedopt_kwargs(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "eta": float(run_config.get("server-learning-rate", 0.1)),
+        "eta_l": float(run_config.get("learning-rate", 0.01)),
+    }
+
+
+BUILTIN_STRATEGIES: dict[str, StrategyFactory] = {
+    "fedavg": lambda rc: FedAvg(**sampling_kwargs(rc)),
+    "fedprox": lambda rc: FedProx(
+        **sampling_kwargs(rc), proximal_mu=float(rc.get("proximal-mu", 0.0))
+    ),
+    "fedadam": lambda rc: FedAdam(**sampling_kwargs(rc), **_fedopt_kwargs(rc)),
+    "fedyogi": lambda rc: FedYogi(**sampling_kwargs(rc), **_fedopt_kwargs(rc)),
+    "fedadagrad": lambda rc: FedAdagrad(**sampling_kwargs(rc), **_fedopt_kwargs(rc)),
+    "fedavgm": lambda rc: FedAvgM(
+        **sampling_kwargs(rc),
+        server_learning_rate=float(rc.get("server-learning-rate", 1.0)),
+        server_momentum=float(rc.get("server-momentum", 0.0)),
+    ),
+}
+
+_REGISTRY: dict[str, StrategyFactory] = dict(BUILTIN_STRATEGIES)
+
+
+def register_strategy(name: str, factory: StrategyFactory) -> None:
+    """Make ``factory`` selectable as ``strategy='name'`` in the run config."""
+    if ":" in name:
+        raise ValueError(f"strategy names may not contain ':', got '{name}'")
+    _REGISTRY[name] = factory
+
+
+def strategy_names() -> list[str]:
+    """The registered strategy names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def load_object(path: str, *, key: str = "strategy") -> Any:
+    """Import ``package.module:Name`` and return the named attribute."""
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise StrategyNameError(
+            f"{key} '{path}' is not of the form 'package.module:Name'"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise StrategyNameError(f"{key} '{path}': cannot import module '{module_name}' ({err})") from err
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise StrategyNameError(f"{key} '{path}': module '{module_name}' has no attribute '{attr}'")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise StrategyNameError(f"{key} '{path}' names {type(obj).__name__}, which is not callable")
+    return obj
+
+
+def check_strategy_name(name: str) -> None:
+    """Raise :class:`StrategyNameError` unless ``name`` resolves to a strategy."""
+    if ":" in name:
+        load_object(name)
+    elif name not in _REGISTRY:
+        raise StrategyNameError(
+            f"unknown strategy '{name}'; known: {', '.join(strategy_names())}, "
+            "or a dotted path 'package.module:Name'"
+        )
+
+
+def build_strategy(name: str, run_config: Mapping[str, Any]) -> Strategy:
+    """Build the strategy that ``name`` selects, configured from ``run_config``."""
+    check_strategy_name(name)
+    if ":" not in name:
+        return _REGISTRY[name](run_config)
+    obj = load_object(name)
+    if inspect.isclass(obj) and issubclass(obj, Strategy):
+        accepted = inspect.signature(obj.__init__).parameters
+        kwargs = {k: v for k, v in sampling_kwargs(run_config).items() if k in accepted}
+        strategy = obj(**kwargs)
+    else:
+        strategy = obj(run_config)
+    if not isinstance(strategy, Strategy):
+        raise StrategyNameError(
+            f"strategy '{name}' returned {type(strategy).__name__}, not a "
+            "flwr.serverapp.strategy.Strategy"
+        )
+    return strategy

@@ -1,0 +1,142 @@
+"""Data sets and partitions: sizes add up, skew follows alpha, same seed same split, clear file errors."""
+
+import numpy as np
+import pytest
+
+from fl_app.data import (
+    DataFileError,
+    client_data,
+    federated_data,
+    hf_dataset_to_arrays,
+    load_local_file,
+    partition_indices,
+)
+from fl_app.settings import Settings
+
+
+def labels(n=2000, classes=10, seed=0):
+    return np.random.default_rng(seed).integers(0, classes, n)
+
+
+@pytest.mark.parametrize("partitioner", ["iid", "dirichlet", "shards"])
+def test_partitions_cover_every_example_once(partitioner):
+    y = labels()
+    parts = partition_indices(y, 10, partitioner, alpha=0.5, shards_per_client=2, seed=1)
+    assert len(parts) == 10
+    joined = np.concatenate(parts)
+    if partitioner == "shards":  # ShardPartitioner may drop an incomplete last shard
+        assert len(joined) >= len(y) - 2 * 10
+    else:
+        assert len(joined) == len(y)
+    assert len(np.unique(joined)) == len(joined)
+    assert all(len(p) > 0 for p in parts)
+
+
+@pytest.mark.parametrize("partitioner", ["iid", "dirichlet", "shards"])
+def test_same_seed_same_partitions(partitioner):
+    y = labels()
+    a = partition_indices(y, 8, partitioner, alpha=0.3, seed=7)
+    b = partition_indices(y, 8, partitioner, alpha=0.3, seed=7)
+    c = partition_indices(y, 8, partitioner, alpha=0.3, seed=8)
+    assert all(np.array_equal(p, q) for p, q in zip(a, b))
+    assert not all(np.array_equal(p, q) for p, q in zip(a, c))
+
+
+def label_skew(y, parts, classes=10):
+    """Mean total-variation distance between each client's label histogram and the global one."""
+    overall = np.bincount(y, minlength=classes) / len(y)
+    tv = [0.5 * np.abs(np.bincount(y[p], minlength=classes) / len(p) - overall).sum() for p in parts]
+    return float(np.mean(tv))
+
+
+def test_label_skew_grows_as_alpha_falls():
+    y = labels(5000)
+    skews = [
+        np.mean([label_skew(y, partition_indices(y, 10, "dirichlet", alpha=a, seed=s)) for s in range(3)])
+        for a in (100.0, 1.0, 0.1)
+    ]
+    assert skews[0] < skews[1] < skews[2], skews
+    iid = label_skew(y, partition_indices(y, 10, "iid", seed=0))
+    shards = label_skew(y, partition_indices(y, 10, "shards", shards_per_client=2, seed=0))
+    assert iid < 0.1 < 0.5 < shards  # pathological shards: about 2 classes per client
+
+
+def test_digits_federation_and_client_split():
+    settings = Settings(num_partitions=5, test_fraction=0.25, server_test_fraction=0.2)
+    data = federated_data(settings)
+    assert data.input_shape == (8, 8, 1) and data.num_classes == 10
+    assert sum(len(p) for p in data.partitions) == len(data.y)
+    assert abs(len(data.y_server_test) - 0.2 * 1797) <= 10
+    assert set(np.unique(data.y_server_test)) == set(range(10))  # stratified
+    client = client_data(settings, 2)
+    assert len(client.y_train) + len(client.y_test) == len(data.partitions[2])
+    assert abs(len(client.y_test) - 0.25 * len(data.partitions[2])) <= 1
+    again = client_data(settings, 2)
+    assert np.array_equal(client.x_train, again.x_train)
+    with pytest.raises(ValueError, match="partition-id 5 is outside"):
+        client_data(settings, 5)
+
+
+def test_synthetic_is_learnable_and_sized():
+    settings = Settings(dataset="synthetic", num_partitions=4, synthetic_samples_per_client=50,
+                        synthetic_features=6, synthetic_classes=3, partitioner="iid")
+    data = federated_data(settings)
+    assert data.input_shape == (6,) and data.num_classes == 3
+    assert sum(len(p) for p in data.partitions) == len(data.y) >= 200
+
+
+def test_local_npz_and_csv(tmp_path):
+    x = np.random.default_rng(0).normal(size=(20, 4)).astype(np.float32)
+    y = np.arange(20) % 3
+    np.savez(tmp_path / "a.npz", x=x, y=y)
+    xa, ya = load_local_file(tmp_path / "a.npz")
+    assert np.allclose(xa, x) and np.array_equal(ya, y)
+    table = np.column_stack([x, y])
+    np.savetxt(tmp_path / "a.csv", table, delimiter=",", header="f0,f1,label,f3,f4"[:0] + "f0,f1,f2,f3,label", comments="")
+    xc, yc = load_local_file(tmp_path / "a.csv", "label")
+    assert xc.shape == (20, 4) and np.array_equal(yc, y)
+
+
+@pytest.mark.parametrize(
+    ("writer", "fragment"),
+    [
+        (lambda p: np.savez(p.with_suffix(".npz"), x=np.zeros((3, 2))), "lacks array(s) y"),
+        (lambda p: np.savez(p.with_suffix(".npz"), x=np.zeros((0, 2)), y=np.zeros(0)), "holds no examples"),
+        (lambda p: np.savez(p.with_suffix(".npz"), x=np.zeros((3, 2)), y=np.zeros(2)), "x has 3 rows but y has 2"),
+        (lambda p: np.savez(p.with_suffix(".npz"), x=np.zeros((2, 2)), y=np.array([0.5, 1.0])), "labels y must be integers"),
+        (lambda p: np.savez(p.with_suffix(".npz"), x=np.zeros((2, 2)), y=np.array([-1, 1])), "labels must be >= 0"),
+        (lambda p: np.savez(p.with_suffix(".npz"), x=np.array([["a", "b"]]), y=np.array([0])), "x must be numeric"),
+        (lambda p: p.with_suffix(".npz").write_bytes(b"not a zip file"), "cannot be read"),
+        (lambda p: p.with_suffix(".csv").write_text("a,b\n1,2\n"), "has no column 'label'"),
+        (lambda p: p.with_suffix(".csv").write_text("a,label\n1,x\n"), "non-numeric value"),
+    ],
+)
+def test_bad_local_file_says_why(tmp_path, writer, fragment):
+    base = tmp_path / "node"
+    writer(base)
+    path = next(tmp_path.iterdir())
+    with pytest.raises(DataFileError, match=None) as err:
+        load_local_file(path)
+    assert fragment in str(err.value)
+
+
+def test_local_file_label_range_checked(tmp_path):
+    np.savez(tmp_path / "n0.npz", x=np.zeros((5, 4)), y=np.array([0, 1, 2, 3, 9]))
+    settings = Settings(dataset="local-file", data_path=str(tmp_path / "n{partition-id}.npz"),
+                        num_classes=4, input_shape="4")
+    with pytest.raises(DataFileError, match=r"label 9 is outside \[0, 4\) \(num-classes\)"):
+        client_data(settings, 0)
+
+
+def test_huggingface_dataset_to_arrays():
+    from datasets import Dataset
+
+    images = np.random.default_rng(0).integers(0, 256, size=(12, 5, 5)).astype(np.uint8)
+    ds = Dataset.from_dict({"image": list(images), "label": list(np.arange(12) % 4)})
+    x, y = hf_dataset_to_arrays(ds, "label")
+    assert x.shape == (12, 5, 5, 1) and x.max() <= 1.0 and np.array_equal(y, np.arange(12) % 4)
+    tabular = Dataset.from_dict({"a": [1.0, 2.0], "b": [3.0, 4.0], "y": [0, 1]})
+    x, y = hf_dataset_to_arrays(tabular, "y")
+    assert x.shape == (2, 2)
+    with pytest.raises(DataFileError, match="hf-label-column 'label' is not a column"):
+        hf_dataset_to_arrays(tabular, "label")

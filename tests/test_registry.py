@@ -1,0 +1,77 @@
+"""Strategy registry: built-in names, a user's class or factory by dotted path, clear errors."""
+
+import subprocess
+import sys
+
+import pytest
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, Strategy
+
+from strategies.registry import (
+    BUILTIN_STRATEGIES,
+    StrategyNameError,
+    build_strategy,
+    check_strategy_name,
+    register_strategy,
+    strategy_names,
+)
+
+
+class MyFedAvg(FedAvg):
+    """A user's own strategy class."""
+
+
+def my_factory(run_config):
+    return FedAvgM(server_momentum=float(run_config.get("server-momentum", 0.0)))
+
+
+def not_a_strategy(run_config):
+    return 42
+
+
+def test_builtin_names_build_flower_strategies():
+    assert {"fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm"} <= set(BUILTIN_STRATEGIES)
+    config = {"fraction-train": 0.5, "min-train-clients": 3, "proximal-mu": 0.25, "server-learning-rate": 0.05}
+    fedprox = build_strategy("fedprox", config)
+    assert isinstance(fedprox, FedProx) and fedprox.proximal_mu == 0.25
+    assert fedprox.fraction_train == 0.5 and fedprox.min_train_nodes == 3
+    fedadam = build_strategy("fedadam", config)
+    assert isinstance(fedadam, FedAdam) and fedadam.eta == 0.05
+    for name in BUILTIN_STRATEGIES:
+        assert isinstance(build_strategy(name, {}), Strategy)
+
+
+def test_dotted_path_class_gets_sampling_arguments():
+    strategy = build_strategy("tests.test_registry:MyFedAvg", {"fraction-evaluate": 0.3})
+    assert type(strategy) is MyFedAvg and strategy.fraction_evaluate == 0.3
+
+
+def test_dotted_path_factory_gets_run_config():
+    strategy = build_strategy("tests.test_registry:my_factory", {"server-momentum": 0.7})
+    assert isinstance(strategy, FedAvgM) and strategy.server_momentum == 0.7
+
+
+def test_dotted_path_errors():
+    with pytest.raises(StrategyNameError, match="returned int, not a flwr.serverapp.strategy.Strategy"):
+        build_strategy("tests.test_registry:not_a_strategy", {})
+    with pytest.raises(StrategyNameError, match="not of the form 'package.module:Name'"):
+        check_strategy_name("tests.test_registry:")
+    with pytest.raises(StrategyNameError, match="unknown strategy 'fedavgg'; known: "):
+        check_strategy_name("fedavgg")
+
+
+def test_register_strategy():
+    register_strategy("my-avg", lambda rc: MyFedAvg())
+    assert "my-avg" in strategy_names()
+    assert isinstance(build_strategy("my-avg", {}), MyFedAvg)
+    with pytest.raises(ValueError, match="may not contain ':'"):
+        register_strategy("a:b", lambda rc: MyFedAvg())
+
+
+def test_strategies_package_never_imports_tensorflow():
+    code = (
+        "import sys, importlib, pkgutil, strategies\n"
+        "for m in pkgutil.iter_modules(strategies.__path__):\n"
+        "    importlib.import_module('strategies.' + m.name)\n"
+        "assert 'tensorflow' not in sys.modules, 'strategies imported tensorflow'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
