@@ -1,0 +1,253 @@
+"""Tests of strategies.accounting: epsilon equals an independent dp_accounting computation."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import dp_accounting
+import pytest
+from dp_accounting import pld, rdp
+
+from strategies.accounting import (
+    DpFedAvgRound,
+    LocalGaussianRound,
+    LocalLaplaceRound,
+    PrivacyAccountant,
+    adaptive_clipping_update_noise_multiplier,
+    calibrate_noise_multiplier,
+    dpsgd_epsilon,
+)
+
+DELTA = 1e-5
+REPLACE_ONE = dp_accounting.NeighboringRelation.REPLACE_ONE
+
+
+def independent_poisson_epsilon(q: float, z: float, rounds: int, method: str) -> float:
+    """Poisson-sampled Gaussian with dp_accounting's own defaults (PLD grid 1e-4, not ours)."""
+    event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z))
+    accountant = rdp.RdpAccountant() if method == "rdp" else pld.PLDAccountant()
+    return accountant.compose(event, rounds).get_epsilon(DELTA)
+
+
+def accountant_with(spec, rounds: int) -> PrivacyAccountant:
+    accountant = PrivacyAccountant()
+    accountant.add_round(spec, rounds)
+    return accountant
+
+
+@pytest.mark.parametrize("method", ["rdp", "pld"])
+@pytest.mark.parametrize("z, num_clients, m, rounds", [(1.0, 1000, 100, 50), (0.7, 200, 10, 120)])
+def test_poisson_epsilon_matches_dp_accounting(method, z, num_clients, m, rounds):
+    spec = DpFedAvgRound(z, num_clients, m, "poisson")
+    ours = accountant_with(spec, rounds).epsilon(DELTA, method)
+    expected = independent_poisson_epsilon(m / num_clients, z, rounds, method)
+    assert ours == pytest.approx(expected, rel=2e-3)
+    assert spec == DpFedAvgRound.poisson(z, num_clients, m / num_clients)
+
+
+def test_fixed_size_epsilon_is_replace_one_without_replacement_with_half_noise_multiplier():
+    # Replacing one client moves the clipped sum by up to 2C, so noise / sensitivity = z / 2.
+    z, num_clients, m, rounds = 2.0, 500, 50, 40
+    ours = accountant_with(DpFedAvgRound(z, num_clients, m, "fixed-size"), rounds)
+    event = dp_accounting.SampledWithoutReplacementDpEvent(
+        num_clients, m, dp_accounting.GaussianDpEvent(z / 2)
+    )
+    expected = rdp.RdpAccountant(neighboring_relation=REPLACE_ONE).compose(event, rounds)
+    assert ours.epsilon(DELTA, "rdp") == pytest.approx(expected.get_epsilon(DELTA), rel=1e-9)
+    assert ours.neighboring_relation is REPLACE_ONE
+    with pytest.raises(ValueError, match="fixed-size sampling"):
+        ours.epsilon(DELTA, "pld")
+
+
+@pytest.mark.parametrize("method", ["rdp", "pld"])
+@pytest.mark.parametrize("sampling", ["poisson", "fixed-size"])
+def test_full_participation_is_the_gaussian_mechanism(method, sampling):
+    z, rounds = 3.0, 30
+    ours = accountant_with(DpFedAvgRound(z, 20, 20, sampling), rounds).epsilon(DELTA, method)
+    accountant = rdp.RdpAccountant() if method == "rdp" else pld.PLDAccountant()
+    expected = accountant.compose(dp_accounting.GaussianDpEvent(z), rounds).get_epsilon(DELTA)
+    assert ours == pytest.approx(expected, rel=2e-3)
+
+
+@pytest.mark.parametrize(
+    "spec, rounds",
+    [
+        (DpFedAvgRound(0.8, 1000, 100, "poisson"), 50),
+        (DpFedAvgRound(1.2, 1000, 10, "poisson"), 500),
+        (DpFedAvgRound(5.0, 30, 30, "poisson"), 20),
+        (LocalGaussianRound(clip_norm=1.0, noise_std=10.0), 10),
+        (LocalLaplaceRound(epsilon=0.5), 10),
+    ],
+)
+def test_pld_is_no_looser_than_rdp(spec, rounds):
+    accountant = accountant_with(spec, rounds)
+    assert accountant.epsilon(DELTA, "pld") <= accountant.epsilon(DELTA, "rdp") * 1.001 + 1e-3
+
+
+def test_zero_noise_is_infinite_epsilon():
+    for method in ("rdp", "pld"):
+        assert accountant_with(DpFedAvgRound(0.0, 100, 10), 1).epsilon(DELTA, method) == math.inf
+    assert PrivacyAccountant().epsilon(DELTA) == 0.0
+
+
+def test_local_laplace_is_pure_epsilon_per_round_and_composes():
+    spec = LocalLaplaceRound(epsilon=0.3)
+    assert spec.to_dp_event() == dp_accounting.LaplaceDpEvent(1 / 0.3)
+    one = accountant_with(spec, 1).epsilon(1e-12, "pld")
+    assert one == pytest.approx(0.3, abs=2e-3)
+    ten = accountant_with(spec, 10).epsilon(DELTA, "pld")
+    assert 0.3 < ten <= 3.0 + 2e-3  # never worse than basic composition
+
+
+def test_local_gaussian_uses_replace_one_sensitivity_two_c():
+    spec = LocalGaussianRound(clip_norm=0.5, noise_std=4.0)
+    assert spec.to_dp_event() == dp_accounting.GaussianDpEvent(4.0 / (2 * 0.5))
+    expected = rdp.RdpAccountant().compose(dp_accounting.GaussianDpEvent(4.0), 7)
+    assert accountant_with(spec, 7).epsilon(DELTA) == pytest.approx(expected.get_epsilon(DELTA))
+
+
+def test_state_dict_round_trip_continues_epsilon():
+    first = DpFedAvgRound(1.0, 1000, 100, "poisson")
+    second = DpFedAvgRound(1.3, 1000, 100, "poisson")  # e.g. noise changed mid-run
+    uninterrupted = PrivacyAccountant()
+    uninterrupted.add_round(first, 30)
+    uninterrupted.add_round(second, 20)
+
+    interrupted = PrivacyAccountant()
+    interrupted.add_round(first, 30)
+    saved = json.dumps(interrupted.state_dict())
+    resumed = PrivacyAccountant.from_state_dict(json.loads(saved))
+    assert resumed.rounds == 30
+    assert resumed.epsilon(DELTA) == interrupted.epsilon(DELTA) > 0
+    resumed.add_round(second, 20)
+    for method in ("rdp", "pld"):
+        assert resumed.epsilon(DELTA, method) == uninterrupted.epsilon(DELTA, method)
+
+
+def test_epsilon_if_added_stops_at_last_round_within_budget():
+    spec, target = DpFedAvgRound(1.0, 1000, 100, "poisson"), 3.0
+    accountant = PrivacyAccountant()
+    while accountant.epsilon_if_added(spec, delta=DELTA) <= target:
+        accountant.add_round(spec)
+    rounds = accountant.rounds
+    assert accountant.epsilon(DELTA) <= target
+    assert accountant.epsilon_if_added(spec, delta=DELTA) > target
+    assert accountant.rounds == rounds  # asking did not compose anything
+    assert independent_poisson_epsilon(0.1, 1.0, rounds, "rdp") <= target
+    assert independent_poisson_epsilon(0.1, 1.0, rounds + 1, "rdp") > target
+
+
+def test_thousand_rounds_are_one_compact_entry():
+    spec = DpFedAvgRound(1.1, 1000, 100, "poisson")
+    accountant = PrivacyAccountant()
+    for _ in range(1000):
+        accountant.add_round(spec)
+    assert accountant.state_dict()["rounds"] == [
+        {"spec": {"kind": "dp-fedavg", "noise_multiplier": 1.1, "num_clients": 1000,
+                  "clients_per_round": 100.0, "sampling": "poisson"}, "count": 1000}
+    ]
+    assert accountant.ledger == dp_accounting.ComposedDpEvent(
+        [dp_accounting.SelfComposedDpEvent(spec.to_dp_event(), 1000)]
+    )
+    expected = independent_poisson_epsilon(0.1, 1.1, 1000, "rdp")
+    assert accountant.epsilon(DELTA) == pytest.approx(expected, rel=1e-9)
+
+
+def test_mixing_neighbouring_relations_is_refused():
+    accountant = accountant_with(DpFedAvgRound(1.0, 100, 10, "poisson"), 3)
+    with pytest.raises(ValueError, match="REPLACE_ONE"):
+        accountant.add_round(DpFedAvgRound(1.0, 100, 10, "fixed-size"))
+
+
+@pytest.mark.parametrize(
+    "sampling, method", [("poisson", "rdp"), ("poisson", "pld"), ("fixed-size", "rdp")]
+)
+def test_calibrated_noise_multiplier_is_the_smallest_that_fits(sampling, method):
+    target, rounds, num_clients, m = 4.0, 40, 1000, 50
+
+    def epsilon(z: float) -> float:
+        spec = DpFedAvgRound(z, num_clients, m, sampling)
+        return accountant_with(spec, rounds).epsilon(DELTA, method)
+
+    z = calibrate_noise_multiplier(
+        target, DELTA, rounds, num_clients=num_clients, clients_per_round=m,
+        sampling=sampling, method=method,
+    )
+    assert epsilon(z) <= target
+    assert epsilon(0.98 * z) > target
+
+
+def test_adaptive_clipping_noise_split_composes_to_the_total():
+    z, sigma_b = 1.0, 5.0
+    z_update = adaptive_clipping_update_noise_multiplier(z, sigma_b)
+    assert z_update == pytest.approx((z**-2 - (2 * sigma_b) ** -2) ** -0.5)
+    assert z < z_update < 1.01  # the count costs little when sigma_b = m / 20 is large
+    # Update sum (noise multiplier z_update) and centred count (sensitivity 1/2, noise sigma_b)
+    # released together cost exactly one Gaussian round at the total z.
+    both = dp_accounting.ComposedDpEvent(
+        [dp_accounting.GaussianDpEvent(z_update), dp_accounting.GaussianDpEvent(2 * sigma_b)]
+    )
+    split = rdp.RdpAccountant().compose(both, 10).get_epsilon(DELTA)
+    total = rdp.RdpAccountant().compose(dp_accounting.GaussianDpEvent(z), 10).get_epsilon(DELTA)
+    assert split == pytest.approx(total, rel=1e-9)
+    assert adaptive_clipping_update_noise_multiplier(z, 0.0) == z
+    with pytest.raises(ValueError, match="count_noise_std must be > noise_multiplier / 2"):
+        adaptive_clipping_update_noise_multiplier(1.0, 0.5)
+
+
+@pytest.mark.parametrize("used_microbatching", [False, True])
+def test_dpsgd_epsilon_matches_tensorflow_privacy(used_microbatching):
+    sys.skip_tf_privacy_import = True
+    from tensorflow_privacy.privacy.analysis import compute_dp_sgd_privacy_lib as tfp_lib
+
+    n, batch, z, epochs = 1792, 32, 1.1, 3  # n divisible by batch: both count 168 steps
+    ours = dpsgd_epsilon(n, batch, z, epochs, DELTA, used_microbatching=used_microbatching)
+    theirs = tfp_lib._compute_dp_sgd_example_privacy(
+        epochs, z, DELTA, used_microbatching, poisson_subsampling_probability=batch / n
+    )
+    assert ours == pytest.approx(theirs, rel=1e-12)
+
+
+def test_pure_modules_do_not_import_tensorflow():
+    code = (
+        "import sys, strategies.accounting, strategies.dp_mechanisms; "
+        "sys.exit('tensorflow' in sys.modules)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+def test_dpsgd_counts_partial_last_batch_as_a_step():
+    n, batch = 1797, 32  # 57 steps per epoch, the last one of 5 examples
+    event = dp_accounting.PoissonSampledDpEvent(batch / n, dp_accounting.GaussianDpEvent(1.1))
+    expected = rdp.RdpAccountant().compose(event, 2 * 57).get_epsilon(DELTA)
+    assert dpsgd_epsilon(n, batch, 1.1, 2, DELTA) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(noise_multiplier=1.0, num_clients=10, clients_per_round=11), "clients_per_round"),
+        (dict(noise_multiplier=1.0, num_clients=10, clients_per_round=2.5,
+              sampling="fixed-size"), "integer for fixed-size"),
+        (dict(noise_multiplier=-1.0, num_clients=10, clients_per_round=2), "noise_multiplier"),
+        (dict(noise_multiplier=1.0, num_clients=10, clients_per_round=2, sampling="shuffle"),
+         "sampling must be one of"),
+    ],
+)
+def test_invalid_round_specs_name_the_parameter(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DpFedAvgRound(**kwargs)
+
+
+def test_invalid_queries_are_clear_errors():
+    accountant = accountant_with(DpFedAvgRound(1.0, 100, 10), 1)
+    with pytest.raises(ValueError, match="delta must be in"):
+        accountant.epsilon(0.0)
+    with pytest.raises(ValueError, match="accounting method"):
+        accountant.epsilon(DELTA, "gdp")
+    with pytest.raises(ValueError, match="round spec kind"):
+        PrivacyAccountant.from_state_dict({"rounds": [{"spec": {"kind": "x"}, "count": 1}]})
