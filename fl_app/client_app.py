@@ -14,11 +14,13 @@ Users of Flower's legacy stack can take :func:`client_fn` instead (``ClientApp(c
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fl_app.byzantine import poison_labels, poison_weights
 from fl_app.client import KerasClient, compile_model
 from fl_app.data import ClientData, client_data
 from fl_app.settings import Settings
@@ -38,7 +40,9 @@ def settings_from_context(context: Context) -> Settings:
 
 @functools.lru_cache(maxsize=64)
 def _client_data(settings: Settings, partition_id: int, data_path: str) -> ClientData:
-    return client_data(settings, partition_id, data_path)
+    data = client_data(settings, partition_id, data_path)
+    y_train = poison_labels(settings, partition_id, data.y_train, data.num_classes)
+    return dataclasses.replace(data, y_train=y_train) if y_train is not data.y_train else data
 
 
 @functools.lru_cache(maxsize=4)
@@ -68,7 +72,7 @@ def _set_threads(threads: int) -> None:
 def make_client(context: Context) -> KerasClient:
     """The KerasClient of the node that ``context`` describes (node config: partition-id, data-path)."""
     settings = settings_from_context(context)
-    partition_id = int(context.node_config.get("partition-id", 0))
+    partition_id = partition_id_of(context)
     data_path = str(context.node_config.get("data-path", ""))
     data = _client_data(settings, partition_id, data_path)
     model, proximal = _compiled_model(
@@ -88,16 +92,24 @@ def client_fn(context: Context):
     return make_client(context).to_client()
 
 
+def partition_id_of(context: Context) -> int:
+    return int(context.node_config.get("partition-id", 0))
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Fit on local data, starting from the global weights in ``msg``."""
     client = make_client(context)
+    settings = settings_from_context(context)
+    partition_id = partition_id_of(context)
     config = dict(msg.content["config"]) if "config" in msg.content else {}
-    weights, num_examples, metrics = client.fit(msg.content["arrays"].to_numpy_ndarrays(), config)
+    global_weights = msg.content["arrays"].to_numpy_ndarrays()
+    weights, num_examples, metrics = client.fit(global_weights, config)
+    weights = poison_weights(settings, partition_id, global_weights, weights, int(config.get("server-round", 0)))
     content = RecordDict(
         {
             "arrays": ArrayRecord(weights),
-            "metrics": MetricRecord({**metrics, "num-examples": num_examples}),
+            "metrics": MetricRecord({**metrics, "partition-id": partition_id, "num-examples": num_examples}),
         }
     )
     return Message(content=content, reply_to=msg)

@@ -106,6 +106,8 @@ def run_rounds(
             log(WARNING, "Round %d: aggregation failed, the global model is kept: %r", server_round, err)
             record.failures.append(f"aggregation: {err!r}")
             new_arrays, train_metrics = None, None
+        # strategies that validate replies say which they rejected (error replies are counted above)
+        record.failures.extend(getattr(strategy, "last_rejections", []))
         if new_arrays is not None:
             arrays = new_arrays
         if train_metrics is not None:

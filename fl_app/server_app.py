@@ -53,12 +53,30 @@ class CentralEvaluator:
         return MetricRecord({"loss": float(loss), "accuracy": float(accuracy)})
 
 
+def attach_simulated_attack(settings: Settings, strategy) -> None:
+    """Omniscient attacks (ALIE, IPM) act on the server, inside our aggregation strategy."""
+    from fl_app.attacks import ATTACKS
+
+    if not any(name != "none" and ATTACKS[name].omniscient for name in settings.attack_names()):
+        return
+    from fl_app.byzantine import OmniscientAttack
+    from strategies.robust import AggregationStrategy
+
+    if not isinstance(strategy, AggregationStrategy):
+        raise ValueError(
+            f"attack '{settings.attack}' is simulated on the server and needs one of our aggregation "
+            f"strategies (strategy='robust' with aggregation-rule='mean' is FedAvg); got '{settings.strategy}'"
+        )
+    strategy.update_hooks.append(OmniscientAttack(settings))
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the federation that the run config describes."""
     started = time.perf_counter()
     settings = Settings.from_run_config(context.run_config)
     strategy = build_strategy(settings.strategy, context.run_config)
+    attach_simulated_attack(settings, strategy)
 
     import tensorflow as tf
 

@@ -39,8 +39,9 @@ class Settings:
     # Strategy
     strategy: str = "fedavg"
     proximal_mu: float = 0.0
-    server_learning_rate: float = 0.1
-    server_momentum: float = 0.9
+    server_learning_rate: float = 1.0
+    server_momentum: float = 0.0
+    fedopt_eta: float = 0.1
     # Data
     dataset: str = "digits"
     partitioner: str = "dirichlet"
@@ -68,6 +69,29 @@ class Settings:
     seed: int = 42
     # Outputs
     output_dir: str = "outputs"
+    # Robust aggregation (strategies.robust): rules, pre-aggregation, client weights
+    aggregation_rule: str = "mean"
+    trimmed_mean_beta: float = 0.2
+    krum_f: int = 1
+    multi_krum_m: int = 0
+    bulyan_f: int = 1
+    geometric_median_iterations: int = 100
+    centered_clipping_tau: float = 1.0
+    centered_clipping_iterations: int = 3
+    client_weighting: str = "uniform"
+    weight_cap_ratio: float = 2.0
+    max_update_norm: float = 0.0
+    norm_bound: float = 0.0
+    norm_bound_quantile: float = 0.0
+    min_valid_replies: int = 1
+    # Simulated attacks (fl_app.attacks), simulation only
+    attack: str = "none"
+    attack_fraction: float = 0.0
+    attack_ids: str = ""
+    attack_scale: float = 10.0
+    attack_noise_std: float = 1.0
+    alie_z: float = 0.0
+    ipm_epsilon: float = 0.5
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> Settings:
@@ -102,6 +126,8 @@ class Settings:
             raise SettingsError(f"round-timeout must be > 0 seconds, got {self.round_timeout}")
         self._validate_strategy()
         self._validate_data()
+        self._validate_robust()
+        self._validate_attack()
         from fl_app.models import MODELS
 
         _one_of("model", self.model, tuple(MODELS))
@@ -129,6 +155,73 @@ class Settings:
             )
         if not 0.0 <= self.server_momentum < 1.0:
             raise SettingsError(f"server-momentum must be in [0, 1), got {self.server_momentum}")
+        if self.fedopt_eta <= 0:
+            raise SettingsError(f"fedopt-eta must be > 0, got {self.fedopt_eta}")
+
+    def _validate_robust(self) -> None:
+        from strategies.robust import WEIGHTINGS, build_aggregation_strategy
+        from strategies.registry import ROBUST_STRATEGIES, StrategyNameError
+
+        _one_of("client-weighting", self.client_weighting, WEIGHTINGS)
+        if self.weight_cap_ratio <= 0:
+            raise SettingsError(f"weight-cap-ratio must be > 0, got {self.weight_cap_ratio}")
+        for key in ("max-update-norm", "norm-bound"):
+            value = getattr(self, key.replace("-", "_"))
+            if value < 0:
+                raise SettingsError(f"{key} must be >= 0 (0: off), got {value}")
+        if not 0.0 <= self.norm_bound_quantile <= 1.0:
+            raise SettingsError(f"norm-bound-quantile must be in [0, 1] (0: off), got {self.norm_bound_quantile}")
+        _at_least("min-valid-replies", self.min_valid_replies, 1)
+        if self.strategy in ROBUST_STRATEGIES:
+            rule = self.aggregation_rule if self.strategy == "robust" else self.strategy
+            try:  # builds the rule with its parameters and checks n against it (e.g. n > 2f + 2)
+                build_aggregation_strategy(rule, self.to_run_config())
+            except (ValueError, StrategyNameError) as err:
+                raise SettingsError(f"strategy '{self.strategy}': {err}") from err
+
+    def _validate_attack(self) -> None:
+        from fl_app.attacks import ATTACKS
+
+        for name in self.attack_names():
+            _one_of("attack", name, ("none", *ATTACKS))
+        if not 0.0 <= self.attack_fraction < 1.0:
+            raise SettingsError(f"attack-fraction must be in [0, 1), got {self.attack_fraction}")
+        self.attackers()
+        if self.attack_scale <= 0 or self.attack_noise_std <= 0 or self.ipm_epsilon <= 0:
+            raise SettingsError(
+                "attack-scale, attack-noise-std and ipm-epsilon must be > 0, got "
+                f"{self.attack_scale}, {self.attack_noise_std}, {self.ipm_epsilon}"
+            )
+        if self.alie_z < 0:
+            raise SettingsError(f"alie-z must be >= 0 (0: from the paper's formula), got {self.alie_z}")
+
+    def attack_names(self) -> tuple[str, ...]:
+        """``attack`` split at commas: attacker j (in partition-id order) runs name j mod len."""
+        return tuple(name.strip() for name in self.attack.split(",") if name.strip()) or ("none",)
+
+    def attack_of(self, partition_id: int) -> str:
+        """The attack partition ``partition_id`` runs, or 'none' for an honest client."""
+        attackers = sorted(self.attackers())
+        if partition_id not in attackers:
+            return "none"
+        names = self.attack_names()
+        return names[attackers.index(partition_id) % len(names)]
+
+    def attackers(self) -> frozenset[int]:
+        """Partition ids of the simulated Byzantine clients (empty when attack='none')."""
+        if self.attack_names() == ("none",):
+            return frozenset()
+        from fl_app.attacks import select_attackers
+
+        try:
+            ids = [int(i) for i in self.attack_ids.split(",") if i.strip()] if self.attack_ids else None
+        except ValueError as err:
+            raise SettingsError(f"attack-ids must be partition ids separated by commas, got '{self.attack_ids}'") from err
+        fraction = self.attack_fraction if ids is None else None
+        try:
+            return select_attackers(self.num_partitions, fraction=fraction, ids=ids, seed=self.seed)
+        except ValueError as err:
+            raise SettingsError(str(err)) from err
 
     def _validate_data(self) -> None:
         _one_of("dataset", self.dataset, DATASETS)

@@ -1,7 +1,10 @@
 """Strategy names in the run config, mapped to Flower Message-API strategies.
 
-``strategy`` in the run config is either a registered name (``fedavg``, ``fedprox``, ``fedadam``,
-…) or a dotted path ``package.module:Name`` to a user's own code:
+``strategy`` in the run config is either a registered name — Flower's ``fedavg``, ``fedprox``,
+``fedadam``, ``fedyogi``, ``fedadagrad``, ``fedavgm``; our robust ``median``, ``trimmed-mean``,
+``krum``, ``multi-krum``, ``bulyan``, ``geometric-median``, ``centered-clipping``, and ``robust``
+(the rule named by ``aggregation-rule``) — or a dotted path ``package.module:Name`` to a user's own
+code:
 
 * a :class:`flwr.serverapp.strategy.Strategy` subclass is constructed with those of the common
   sampling arguments (``fraction_train``, ``min_train_nodes``, …) that its ``__init__`` accepts;
@@ -48,9 +51,21 @@ def sampling_kwargs(run_config: Mapping[str, Any]) -> dict[str, Any]:
 
 def _fedopt_kwargs(run_config: Mapping[str, Any]) -> dict[str, Any]:
     return {
-        "eta": float(run_config.get("server-learning-rate", 0.1)),
+        "eta": float(run_config.get("fedopt-eta", 0.1)),
         "eta_l": float(run_config.get("learning-rate", 0.01)),
     }
+
+
+def _aggregation(rule: str | None) -> StrategyFactory:
+    """Factory of :class:`strategies.robust.AggregationStrategy` for ``rule`` (None: the
+    run config's ``aggregation-rule``)."""
+
+    def factory(run_config: Mapping[str, Any]) -> Strategy:
+        from strategies.robust import build_aggregation_strategy
+
+        return build_aggregation_strategy(rule or str(run_config.get("aggregation-rule", "mean")), run_config)
+
+    return factory
 
 
 BUILTIN_STRATEGIES: dict[str, StrategyFactory] = {
@@ -68,7 +83,14 @@ BUILTIN_STRATEGIES: dict[str, StrategyFactory] = {
     ),
 }
 
-_REGISTRY: dict[str, StrategyFactory] = dict(BUILTIN_STRATEGIES)
+ROBUST_STRATEGIES: dict[str, StrategyFactory] = {
+    "robust": _aggregation(None),
+    **{name: _aggregation(name) for name in (
+        "median", "trimmed-mean", "krum", "multi-krum", "bulyan", "geometric-median", "centered-clipping",
+    )},
+}
+
+_REGISTRY: dict[str, StrategyFactory] = {**BUILTIN_STRATEGIES, **ROBUST_STRATEGIES}
 
 
 def register_strategy(name: str, factory: StrategyFactory) -> None:

@@ -1,0 +1,169 @@
+"""AggregationStrategy and update collection: validation, rules, bounds, server step, state."""
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.serverapp.strategy import FedAvg
+
+from strategies.registry import ROBUST_STRATEGIES, build_strategy
+from strategies.robust import AggregationStrategy, build_aggregation_strategy, client_weights
+from strategies.rules import coordinate_median, weighted_mean
+from strategies.updates import ModelLayout, UpdateBuffer, collect_updates
+from tests.fakes import FakeGrid, error_reply, reply
+
+SHAPES = [(3, 2), (2,)]
+RNG = np.random.default_rng(0)
+
+
+def weights_like(scale=1.0, offset=0.0):
+    return [(offset + scale * RNG.standard_normal(s)).astype(np.float32) for s in SHAPES]
+
+
+def flat(arrays):
+    return np.concatenate([np.asarray(a).ravel() for a in arrays])
+
+
+def run_round(strategy, global_arrays, replies):
+    record = ArrayRecord(global_arrays)
+    grid = FakeGrid(range(max(10, len(replies))), lambda m: m)
+    list(strategy.configure_train(1, record, ConfigRecord({}), grid))
+    return strategy.aggregate_train(1, replies)
+
+
+def test_collect_updates_rejects_bad_replies_with_node_ids():
+    g = weights_like()
+    good = weights_like()
+    replies = [
+        reply(1, good, 10),
+        reply(2, [np.full((3, 2), np.nan, np.float32), g[1]], 10),
+        reply(3, [g[0].reshape(-1), g[1]], 10),
+        reply(4, [g[0].astype(np.float64), g[1]], 10),
+        reply(5, [g[0]], 10),
+        reply(6, good, -3),
+        reply(7, good, float("nan")),
+        error_reply(8, "ClientAppException: data file missing"),
+        reply(9, [g[0] + 1000, g[1]], 10),
+    ]
+    layout = ModelLayout.of(ArrayRecord(g))
+    collected = collect_updates(replies, layout, flat(g), UpdateBuffer(), max_norm=100.0)
+    assert collected.node_ids == [1]
+    np.testing.assert_allclose(collected.updates[0], flat(good) - flat(g), rtol=1e-6)
+    reasons = dict(line.split(": ", 1) for line in collected.rejections)
+    assert "NaN or infinite" in reasons["node 2"]
+    assert "expected float32[3, 2]" in reasons["node 3"]
+    assert "float64" in reasons["node 4"]
+    assert "2 arrays" in reasons["node 5"] or "expected" in reasons["node 5"]
+    assert "num-examples must be a positive number" in reasons["node 6"]
+    assert "num-examples must be a positive number" in reasons["node 7"]
+    assert "data file missing" in reasons["node 8"]
+    assert "exceeds max-update-norm" in reasons["node 9"]
+
+
+def test_forged_npy_header_is_rejected_without_allocating():
+    g = weights_like()
+    real = Array(g[0])
+    forged = Array(dtype=real.dtype, shape=(10**12,), stype=real.stype,
+                   data=real.data.replace(b"(3, 2)", b"(10**12,)"[:0] + b"(999999999999,)"))
+    record = ArrayRecord(array_dict={"0": forged, "1": Array(g[1])})
+    collected = collect_updates([reply(1, record)], ModelLayout.of(ArrayRecord(g)), flat(g), UpdateBuffer())
+    assert collected.count == 0 and "node 1" in collected.rejections[0]
+
+
+def test_mean_with_example_weights_equals_flower_fedavg():
+    g = weights_like()
+    clients = [weights_like() for _ in range(4)]
+    counts = [5, 10, 20, 40]
+    replies = [reply(i, w, n) for i, (w, n) in enumerate(zip(clients, counts))]
+    ours, metrics = run_round(AggregationStrategy(weighted_mean, rule_name="mean", weighting="num-examples"), g, replies)
+    flower, _ = FedAvg().aggregate_train(1, replies)
+    for a, b in zip(ours.to_numpy_ndarrays(), flower.to_numpy_ndarrays()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert metrics["accepted-replies"] == 4 and metrics["rejected-replies"] == 0
+
+
+def test_median_strategy_ignores_a_huge_attacker_and_a_nan_client():
+    g = weights_like()
+    honest = [weights_like(0.1) for _ in range(4)]
+    replies = [reply(i, w) for i, w in enumerate(honest)]
+    replies.append(reply(10, [a + 1e6 for a in g]))
+    replies.append(reply(11, [np.full(s, np.nan, np.float32) for s in SHAPES]))
+    new, metrics = run_round(AggregationStrategy(coordinate_median, rule_name="median"), g, replies)
+    result = flat(new.to_numpy_ndarrays())
+    stacked = np.stack([flat(w) for w in honest])
+    assert np.all(result >= stacked.min(0) - 1e-6) and np.all(result <= stacked.max(0) + 1e-6)
+    assert metrics["rejected-replies"] == 1 and metrics["accepted-replies"] == 5
+
+
+def test_round_with_too_few_replies_for_krum_is_skipped():
+    strategy = build_aggregation_strategy("krum", {"krum-f": 1, "num-partitions": 5, "min-train-clients": 5})
+    g = weights_like()
+    new, metrics = run_round(strategy, g, [reply(i, weights_like()) for i in range(3)])
+    assert new is None and metrics["round-skipped"] == 1
+
+
+def test_startup_check_names_the_key():
+    with pytest.raises(ValueError, match="bulyan-f=1 requires 7 clients, got 5"):
+        build_aggregation_strategy("bulyan", {"bulyan-f": 1, "num-partitions": 5})
+
+
+def test_norm_bound_limits_a_scaled_update():
+    g = weights_like()
+    honest = [[a + 0.01 for a in g] for _ in range(3)]
+    attacker = [a + 50.0 for a in g]
+    strategy = AggregationStrategy(weighted_mean, rule_name="mean", norm_bound=1.0)
+    new, metrics = run_round(strategy, g, [reply(i, w) for i, w in enumerate(honest + [attacker])])
+    assert np.linalg.norm(flat(new.to_numpy_ndarrays()) - flat(g)) <= 0.25 + 0.75 * 0.01 * np.sqrt(8) + 1e-5
+    assert metrics["bounded-replies"] == 1
+
+
+def test_adaptive_norm_bound_moves_and_round_trips():
+    strategy = AggregationStrategy(weighted_mean, rule_name="mean", norm_bound=1.0, norm_bound_quantile=0.5)
+    g = weights_like()
+    run_round(strategy, g, [reply(i, [a + 5.0 for a in g]) for i in range(4)])
+    bound = strategy.state_dict()["norm-bound"]["bound"]
+    assert bound > 1.0
+    other = AggregationStrategy(weighted_mean, rule_name="mean", norm_bound=1.0, norm_bound_quantile=0.5)
+    other.load_state_dict(strategy.state_dict())
+    assert other.adaptive_bound.bound == bound
+
+
+def test_server_momentum_accumulates():
+    strategy = AggregationStrategy(weighted_mean, rule_name="mean", server_learning_rate=1.0, server_momentum=0.5)
+    g = [np.zeros(s, np.float32) for s in SHAPES]
+    step = [np.ones(s, np.float32) for s in SHAPES]
+    first, _ = run_round(strategy, g, [reply(0, step)])
+    second, _ = run_round(strategy, g, [reply(0, step)])  # same global and update: m = 0.5 * 1 + 1
+    assert np.allclose(flat(first.to_numpy_ndarrays()), 1.0)
+    assert np.allclose(flat(second.to_numpy_ndarrays()), 1.5)
+    assert np.allclose(strategy.state_dict()["momentum"], 1.5)
+
+
+def test_client_weights():
+    n = np.array([10.0, 20.0, 1e9])
+    assert np.array_equal(client_weights(n, "uniform"), [1, 1, 1])
+    assert np.array_equal(client_weights(n, "num-examples"), n)
+    assert np.array_equal(client_weights(n, "capped", 2.0), [10, 20, 40])
+    with pytest.raises(ValueError, match="client-weighting must be one of"):
+        client_weights(n, "trusting")
+
+
+def test_every_robust_name_builds():
+    config = {"num-partitions": 20, "min-train-clients": 20, "krum-f": 2, "bulyan-f": 2}
+    for name in ROBUST_STRATEGIES:
+        assert isinstance(build_strategy(name, config), AggregationStrategy)
+
+
+def test_user_rule_by_dotted_path():
+    strategy = build_aggregation_strategy("strategies.rules:coordinate_median", {})
+    assert strategy.rule is coordinate_median
+    with pytest.raises(ValueError, match="aggregation-rule must be one of"):
+        build_aggregation_strategy("avg", {})
+
+
+def test_rule_defaults_match_settings():
+    from fl_app.settings import Settings
+    from strategies.robust import RULE_DEFAULTS
+
+    defaults = Settings().to_run_config()
+    for key, value in RULE_DEFAULTS.items():
+        assert defaults[key] == value, key
