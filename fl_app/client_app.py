@@ -96,6 +96,14 @@ def partition_id_of(context: Context) -> int:
     return int(context.node_config.get("partition-id", 0))
 
 
+def upload(
+    settings: Settings, context: Context, global_weights: list, weights: list, config: dict
+) -> ArrayRecord:
+    """What a client sends back after training: its new weights (client-side transforms of the
+    update, such as clipping, compression or encryption, replace them here)."""
+    return ArrayRecord(weights)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Fit on local data, starting from the global weights in ``msg``."""
@@ -108,7 +116,7 @@ def train(msg: Message, context: Context) -> Message:
     weights = poison_weights(settings, partition_id, global_weights, weights, int(config.get("server-round", 0)))
     content = RecordDict(
         {
-            "arrays": ArrayRecord(weights),
+            "arrays": upload(settings, context, global_weights, weights, config),
             "metrics": MetricRecord({**metrics, "partition-id": partition_id, "num-examples": num_examples}),
         }
     )

@@ -255,20 +255,18 @@ def pairwise_squared_distances(updates: np.ndarray) -> np.ndarray:
     return distances
 
 
-def _krum_order(distances: np.ndarray, candidates: np.ndarray, num_neighbours: int) -> np.ndarray:
-    """The ``candidates`` (a boolean mask over rows) from best to worst Krum score.
+def _krum_order(distances: np.ndarray, num_neighbours: int) -> np.ndarray:
+    """Rows of a square matrix of squared distances, from best to worst Krum score.
 
     score(i) = sum of the ``num_neighbours`` smallest squared distances from i to the other
-    candidates. With one neighbour, two rows that are each other's nearest always tie; such
-    ties go to the row with the smaller sum of distances to all candidates, then to the lower
-    index, so that the order of the clients does not matter.
+    rows. With one neighbour, two rows that are each other's nearest always tie; such ties go
+    to the row with the smaller sum of distances to all rows, then to the lower index, so that
+    the order of the clients does not matter.
     """
-    masked = np.where(candidates[None, :], distances, np.inf)
-    np.fill_diagonal(masked, np.inf)
-    scores = np.partition(masked, num_neighbours - 1, axis=1)[:, :num_neighbours].sum(axis=1)
-    totals = np.where(candidates[None, :], distances, 0.0).sum(axis=1)
-    indices = np.flatnonzero(candidates)
-    return indices[np.lexsort((totals[indices], scores[indices]))]
+    others = distances.copy()
+    np.fill_diagonal(others, np.inf)
+    scores = np.partition(others, num_neighbours - 1, axis=1)[:, :num_neighbours].sum(axis=1)
+    return np.lexsort((distances.sum(axis=1), scores))
 
 
 def _mean_of_rows(updates: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -336,9 +334,7 @@ def trimmed_mean(updates: np.ndarray, weights: np.ndarray, beta: float) -> np.nd
 
 def _krum_ranking(updates: np.ndarray, f: int) -> np.ndarray:
     """All rows from best to worst Krum score, with K - f - 2 neighbours (see _krum_order)."""
-    num_clients = updates.shape[0]
-    distances = pairwise_squared_distances(updates)
-    return _krum_order(distances, np.ones(num_clients, dtype=bool), num_clients - f - 2)
+    return _krum_order(pairwise_squared_distances(updates), updates.shape[0] - f - 2)
 
 
 def krum(updates: np.ndarray, weights: np.ndarray, f: int) -> np.ndarray:
@@ -372,18 +368,18 @@ def multi_krum(updates: np.ndarray, weights: np.ndarray, f: int, m: int) -> np.n
 def _bulyan_selection(distances: np.ndarray, f: int, count: int) -> np.ndarray:
     """Indices of ``count`` rows chosen by iterated Krum, in the order they were chosen.
 
-    Each step scores the remaining rows with Krum among the remaining rows only (the one
-    distance matrix is masked, not recomputed) and moves the best to the selection. Krum's
-    neighbour count ``r - f - 2`` on ``r`` remaining rows is kept at least 1, which matters only
-    in the last step when f = 1.
+    Each step scores the remaining rows with Krum among the remaining rows only (on the
+    remaining part of the one distance matrix, never recomputed) and moves the best to the
+    selection. Krum's neighbour count ``r - f - 2`` on ``r`` remaining rows is kept at least 1,
+    which matters only in the last step when f = 1.
     """
-    remaining = np.ones(distances.shape[0], dtype=bool)
+    remaining = np.arange(distances.shape[0])
     selected = np.empty(count, dtype=np.intp)
     for step in range(count):
-        num_neighbours = max(int(remaining.sum()) - f - 2, 1)
-        best = _krum_order(distances, remaining, num_neighbours)[0]
-        selected[step] = best
-        remaining[best] = False
+        num_neighbours = max(len(remaining) - f - 2, 1)
+        best = _krum_order(distances[np.ix_(remaining, remaining)], num_neighbours)[0]
+        selected[step] = remaining[best]
+        remaining = np.delete(remaining, best)
     return selected
 
 
