@@ -17,6 +17,7 @@ Everything after ``--`` (or any unknown option) is passed to ``flwr run``, e.g.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -96,24 +97,72 @@ def local_superlink(env: dict[str, str], cwd: Path, log_file: Path) -> Iterator[
             time.sleep(0.2)
         yield process
     finally:
-        stop_process_group(process)
+        stop_process_tree(process)
 
 
-def stop_process_group(process: subprocess.Popen, timeout: float = 15.0) -> None:
-    """SIGTERM the process's group (it leads its own session), then SIGKILL after ``timeout``."""
-    if process.poll() is None:
+def descendants(pid: int) -> list[int]:
+    """PIDs of every live descendant of ``pid`` (Linux ``/proc``; empty elsewhere).
+
+    Flower's SuperLink starts its SuperExec in a process group of its own, and that one starts the
+    simulation (and Ray), so killing the SuperLink's group alone would leave them running.
+    """
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
         try:
-            os.killpg(process.pid, signal.SIGTERM)
+            with open(f"/proc/{entry}/stat", encoding="utf-8") as handle:
+                ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def _signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
         except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
             pass
-    try:  # children (the simulation, Ray workers) share the group: make sure none is left
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+def stop_process_tree(process: subprocess.Popen, timeout: float = 15.0) -> None:
+    """Stop ``process`` and all its descendants: SIGTERM, then SIGKILL after ``timeout`` seconds.
+
+    The tree is collected before anything is signalled, since orphans are re-parented to init.
+    """
+    tree = descendants(process.pid)
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+    _signal_all(tree, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=timeout)
+    while any(_alive(pid) for pid in tree) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    tree += [pid for pid in descendants(process.pid) if pid not in tree]
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    _signal_all(tree, signal.SIGKILL)
     if process.poll() is None:
         process.wait(timeout=timeout)
 
@@ -167,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", type=Path, default=None,
                         help="where run directories go (default: <app>/outputs)")
     args, flwr_args = parser.parse_known_args(argv)
+    # SIGTERM (e.g. a test's timeout) unwinds like Ctrl-C, so the SuperLink's tree is always stopped
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if flwr_args and flwr_args[0] == "--":
         flwr_args = flwr_args[1:]
 

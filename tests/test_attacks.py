@@ -39,8 +39,11 @@ def test_sign_flip_scaling_and_nan(rng):
 
 def test_gaussian_noise_replaces_the_update_with_seeded_noise():
     own = np.full(20_000, 7.0, dtype=np.float32)
-    first = attacks.gaussian_noise(own, rng=np.random.default_rng(1), honest_updates=None, sigma=3.0)
-    again = attacks.gaussian_noise(own, rng=np.random.default_rng(1), honest_updates=None, sigma=3.0)
+    def noise(seed):
+        rng = np.random.default_rng(seed)
+        return attacks.gaussian_noise(own, rng=rng, honest_updates=None, sigma=3.0)
+
+    first, again = noise(1), noise(1)
     np.testing.assert_array_equal(first, again)
     assert first.dtype == np.float32
     assert abs(first.mean()) < 0.1 and abs(first.std() - 3.0) < 0.1
@@ -144,7 +147,9 @@ def test_registry_names_and_levels():
 
 def test_attacks_module_does_not_import_tensorflow():
     code = "import sys, fl_app.attacks; print('tensorflow' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
     assert result.stdout.strip() == "False"
 
 

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.helpers import process_group_alive, run_launcher, superlink_pid
+from tests.helpers import assert_launcher_cleaned_up, run_launcher
 
 pytestmark = pytest.mark.integration
 
@@ -19,7 +19,7 @@ def test_nan_and_wrong_shape_clients_are_rejected_and_every_round_finishes(tmp_p
     ])
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
-    assert not process_group_alive(superlink_pid(output))
+    assert_launcher_cleaned_up(output)
     run_dir = tmp_path / (out / "latest").read_text().strip()
     history = json.loads((run_dir / "history.json").read_text())
     assert [r["round"] for r in history] == [0, 1, 2]

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.helpers import process_group_alive, run_launcher, superlink_pid
+from tests.helpers import assert_launcher_cleaned_up, run_launcher
 
 pytestmark = pytest.mark.integration
 
@@ -20,7 +20,7 @@ def test_flwr_run_simulation_writes_history_and_model(tmp_path):
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
     assert "run status: finished:completed" in output
-    assert not process_group_alive(superlink_pid(output)), "the launcher left its SuperLink running"
+    assert_launcher_cleaned_up(output)
 
     run_dir = (out / "latest").read_text().strip()
     history = json.loads((tmp_path / run_dir / "history.json").read_text())
@@ -51,5 +51,5 @@ def test_bad_run_config_fails_before_training(tmp_path):
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "dirichlet-alpha must be > 0, got -1.0" in output
-    assert not process_group_alive(superlink_pid(output))
+    assert_launcher_cleaned_up(output)
     assert not (tmp_path / "latest").exists()
