@@ -147,10 +147,14 @@ def render(settings: Settings, history: list[RoundRecord], *, parameters: int | 
                      f"{_fmt(best.federated_accuracy)} |")
     if export_report:
         for name, entry in export_report.get("models", {}).items():
+            keras = entry.get("keras", {})
+            if "federated_accuracy" in keras:
+                lines.append(f"| Keras, {name} (export-check round clients) | "
+                             f"{_fmt(keras.get('centralized_accuracy'))} | {_fmt(keras['federated_accuracy'])} |")
             for variant, result in entry.get("tflite", {}).items():
                 lines.append(
-                    f"| TFLite {variant} ({name}) | {_fmt(result.get('centralized_accuracy'))} | "
-                    f"{_fmt(result.get('federated_accuracy'))} (check round) |"
+                    f"| TFLite {variant}, {name} (export-check round clients) | "
+                    f"{_fmt(result.get('centralized_accuracy'))} | {_fmt(result.get('federated_accuracy'))} |"
                 )
     lines += ["", "## Size", f"- parameters: {parameters:,}" if parameters is not None else "- parameters: –",
               f"- `model.keras`: {_size(keras_size)}"]

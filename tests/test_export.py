@@ -212,7 +212,7 @@ def test_impossible_tolerance_marks_not_ready_and_keeps_the_model(trained_cnn, d
     assert run_dir.file("export/final_float32.tflite").stat().st_size > 1000
     assert run_dir.file("export/best_float32.tflite").is_file()
     card = run_dir.file("model_card.md").read_text()
-    assert "**NOT ready**" in card and "TFLite float32 (final)" in card
+    assert "**NOT ready**" in card and "TFLite float32, final (export-check round clients)" in card
     assert "no differential privacy" in card
 
 
