@@ -229,7 +229,7 @@ def test_model_card_reads_privacy_and_robustness_fields():
 
     history = [RoundRecord(round=0), RoundRecord(round=1, centralized_accuracy=0.9, extra={"epsilon": 3.25})]
     card = render(WithDP(), history, parameters=1234, keras_size=4096, export_report=None, num_server_test=360)
-    assert "(epsilon = 3.2500, delta = 0.0000)-DP" in card or "epsilon = 3.2500" in card
+    assert "(epsilon = 3.2500, delta = 1e-05)-DP after 1 rounds" in card
     assert "`dp-noise-multiplier` = 1.1000" in card
     assert "`aggregation-rule` = trimmed-mean" in card and "`clip-norm` = 2.0000" in card
     assert "parameters: 1,234" in card and "360 examples" in card
