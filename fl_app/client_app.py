@@ -23,6 +23,7 @@ from flwr.clientapp import ClientApp
 from fl_app.byzantine import poison_labels, poison_weights
 from fl_app.client import KerasClient, compile_model
 from fl_app.data import ClientData, client_data
+from fl_app.delivery import answer_export_check, is_export_check
 from fl_app.settings import Settings
 
 app = ClientApp()
@@ -127,6 +128,8 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global weights in ``msg`` on the local test split."""
     client = make_client(context)
+    if is_export_check(msg):  # the exported TFLite model, checked before it ships
+        return answer_export_check(msg, client, settings_from_context(context).client_threads)
     config = dict(msg.content["config"]) if "config" in msg.content else {}
     loss, num_examples, metrics = client.evaluate(msg.content["arrays"].to_numpy_ndarrays(), config)
     content = RecordDict(

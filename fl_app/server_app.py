@@ -17,6 +17,7 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from fl_app.delivery import BestWeights, TrainReplyRecorder, finish_run
 from fl_app.federation import run_rounds
 from fl_app.outputs import RoundRecord, RunDirectory
 from fl_app.settings import Settings
@@ -92,13 +93,17 @@ def main(grid: Grid, context: Context) -> None:
     run_dir.write_json("config.json", settings.to_run_config())
     log(INFO, "Run directory: %s", run_dir.path)
     history: list[RoundRecord] = []
+    recorder = TrainReplyRecorder(grid)  # who trained last: the export check asks the others
+    best = BestWeights() if settings.export_best else None
 
-    def on_round_end(record: RoundRecord, _arrays: ArrayRecord) -> None:
+    def on_round_end(record: RoundRecord, arrays: ArrayRecord) -> None:
         history.append(record)
         run_dir.write_history(history)
+        if best is not None:
+            best.update(record, arrays)
 
     arrays, _ = run_rounds(
-        grid, strategy, initial,
+        recorder, strategy, initial,
         num_rounds=settings.num_server_rounds,
         timeout=settings.round_timeout,
         evaluate_fn=evaluator,
@@ -108,7 +113,16 @@ def main(grid: Grid, context: Context) -> None:
     model.set_weights(arrays.to_numpy_ndarrays())
     model.save(run_dir.file("model.keras"))
     run_dir.plot(history)
+    export_report = finish_run(
+        grid=recorder, recorder=recorder, settings=settings, model=model,
+        final_weights=arrays.to_numpy_ndarrays(), best=best, history=history, run_dir=run_dir,
+        test_set=test_set,
+    )
     summary = summarize(settings, history, time.perf_counter() - started, run_dir)
+    summary["model card"] = str(run_dir.file("model_card.md"))
+    if export_report is not None:
+        summary["export ready"] = export_report["ready"]
+        summary["export check report"] = export_report["report_file"]
     run_dir.write_json("summary.json", summary)
     log(INFO, "")
     for key, value in summary.items():

@@ -92,6 +92,13 @@ class Settings:
     attack_noise_std: float = 1.0
     alie_z: float = 0.0
     ipm_epsilon: float = 0.5
+    # Issue 8: model delivery (export for on-device inference, check before shipping)
+    export: str = ""
+    export_tflite_types: str = "float32,int8"
+    export_best: bool = False
+    export_tolerance: float = 0.01
+    export_calibration_samples: int = 200
+    export_check_fraction: float = 1.0
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> Settings:
@@ -141,6 +148,7 @@ class Settings:
             raise SettingsError(f"proximal-mu must be >= 0, got {self.proximal_mu}")
         if not self.output_dir:
             raise SettingsError("output-dir must not be empty")
+        self._validate_export()
 
     def _validate_strategy(self) -> None:
         from strategies.registry import StrategyNameError, check_strategy_name
@@ -264,6 +272,38 @@ class Settings:
         if self.num_classes < 0:
             raise SettingsError(f"num-classes must be >= 0 (0: from the data set), got {self.num_classes}")
         self.parsed_input_shape()
+
+    def _validate_export(self) -> None:
+        self.export_formats()
+        self.export_tflite_variants()
+        if not 0.0 <= self.export_tolerance <= 1.0:
+            raise SettingsError(
+                f"export-tolerance must be in [0, 1] (accuracy, 0.01 = one point), got {self.export_tolerance}"
+            )
+        _at_least("export-calibration-samples", self.export_calibration_samples, 1)
+        if not 0.0 < self.export_check_fraction <= 1.0:
+            raise SettingsError(f"export-check-fraction must be in (0, 1], got {self.export_check_fraction}")
+
+    def export_formats(self) -> tuple[str, ...]:
+        """``export`` as a tuple of formats (``keras``, ``savedmodel``, ``tflite``); () for none."""
+        from fl_app.export import EXPORT_FORMATS, parse_choices
+
+        try:
+            return parse_choices("export", self.export, EXPORT_FORMATS)
+        except ValueError as err:
+            raise SettingsError(str(err)) from err
+
+    def export_tflite_variants(self) -> tuple[str, ...]:
+        """``export-tflite-types`` as a tuple (``float32``, ``int8``); never empty with TFLite export."""
+        from fl_app.export import TFLITE_TYPES, parse_choices
+
+        try:
+            variants = parse_choices("export-tflite-types", self.export_tflite_types, TFLITE_TYPES)
+        except ValueError as err:
+            raise SettingsError(str(err)) from err
+        if not variants and "tflite" in self.export_formats():
+            raise SettingsError("export-tflite-types must name float32, int8 or both when export includes tflite")
+        return variants
 
     def parsed_input_shape(self) -> tuple[int, ...] | None:
         """``input-shape`` as a tuple of ints, or None when the data set decides."""
