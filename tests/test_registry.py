@@ -30,7 +30,7 @@ def not_a_strategy(run_config):
 
 def test_builtin_names_build_flower_strategies():
     assert {"fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm"} <= set(BUILTIN_STRATEGIES)
-    config = {"fraction-train": 0.5, "min-train-clients": 3, "proximal-mu": 0.25, "server-learning-rate": 0.05}
+    config = {"fraction-train": 0.5, "min-train-clients": 3, "proximal-mu": 0.25, "fedopt-eta": 0.05}
     fedprox = build_strategy("fedprox", config)
     assert isinstance(fedprox, FedProx) and fedprox.proximal_mu == 0.25
     assert fedprox.fraction_train == 0.5 and fedprox.min_train_nodes == 3
