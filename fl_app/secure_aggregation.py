@@ -62,10 +62,10 @@ def check_secure_aggregation(settings: Settings) -> None:
             f"'{settings.strategy}' (aggregation rule '{rule}') that needs individual updates cannot run; "
             f"use strategy='dp-fedavg' or 'fedavg' (aggregation-rule='mean')"
         )
-    if settings.strategy == "dp-fedavg" and settings.dp_mode == "central":
+    if settings.strategy == "dp-fedavg" and settings.dp_mode != "client-clipping":
         raise ValueError(
-            "secure-aggregation=true with strategy='dp-fedavg' needs dp-mode='client-clipping' (or a local "
-            "mode): the server cannot clip updates it never sees"
+            f"secure-aggregation=true with strategy='dp-fedavg' needs dp-mode='client-clipping', got "
+            f"'{settings.dp_mode}': the server cannot clip updates it never sees, and adds the noise itself"
         )
     if settings.strategy == "dp-fedavg" and settings.dp_sampling != "fixed-size":
         raise ValueError(

@@ -252,7 +252,7 @@ class Settings:
             from strategies.private import build_dp_strategy
 
             try:  # refuses combinations whose epsilon cannot be honestly reported
-                build_dp_strategy(self.to_run_config())
+                build_dp_strategy(self.to_run_config(), noise_multiplier=self.dp_noise_multiplier)
             except ValueError as err:
                 raise SettingsError(f"strategy 'dp-fedavg': {err}") from err
         if self.secure_aggregation:

@@ -484,7 +484,6 @@ def build_dp_strategy(run_config: Mapping[str, Any], **overrides: Any) -> DpFedA
         rule_name=base.rule_name,
         rule_params=base.rule_params,
         mode=str(get("dp-mode")),
-        noise_multiplier=calibrated_noise_multiplier(run_config),
         clip_norm=float(get("dp-clip-norm")),
         delta=float(get("dp-delta")),
         accounting=str(get("dp-accounting")),
@@ -503,4 +502,6 @@ def build_dp_strategy(run_config: Mapping[str, Any], **overrides: Any) -> DpFedA
         **dp_sampling_params(run_config),
     )
     kwargs.update(overrides)
+    if "noise_multiplier" not in kwargs:  # calibration costs seconds: only when it is needed
+        kwargs["noise_multiplier"] = calibrated_noise_multiplier(run_config)
     return DpFedAvgStrategy(base.rule, **kwargs)
