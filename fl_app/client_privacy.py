@@ -49,6 +49,22 @@ def private_weights(
         update = local_dp_gaussian(update, clip, settings.dp_noise_multiplier * clip, rng or secure_generator())
     else:
         update = local_dp_laplace(update, clip, settings.dp_local_epsilon, rng or secure_generator())
+    out = _add(global_weights, update)
+    if mode == "client-clipping":
+        # g + u rounds to float32: shrink until the update the server reconstructs (w - g in float32,
+        # as strategies.updates does) has norm <= C too
+        for _ in range(8):
+            sent = np.concatenate([(w - np.asarray(g, np.float32)).ravel() for w, g in zip(out, global_weights)])
+            norm = float(np.sqrt(np.dot(sent.astype(np.float64), sent.astype(np.float64))))
+            if norm <= clip:
+                break
+            update = update * np.float32(clip / norm * (1 - 2.0**-20))
+            out = _add(global_weights, update)
+    return out
+
+
+def _add(global_weights: list[np.ndarray], update: np.ndarray) -> list[np.ndarray]:
+    """``global + update`` array by array (``update`` is the flat float32 vector)."""
     out, offset = [], 0
     for g in global_weights:
         g = np.asarray(g)
