@@ -65,7 +65,8 @@ def reset_optimizer(optimizer) -> None:
     """Zero every slot (moments, iteration count) so that a reused optimizer starts afresh."""
     import tensorflow as tf
 
-    for variable in optimizer.variables:
+    variables = optimizer.variables() if callable(optimizer.variables) else optimizer.variables  # Keras 2 (DP-SGD)
+    for variable in variables:
         variable.assign(tf.zeros_like(variable))
 
 

@@ -48,7 +48,10 @@ def _client_data(settings: Settings, partition_id: int, data_path: str) -> Clien
 
 @functools.lru_cache(maxsize=4)
 def _compiled_model(model_name: str, input_shape: tuple[int, ...], num_classes: int,
-                    optimizer: str, learning_rate: float, seed: int, threads: int):
+                    optimizer: str, learning_rate: float, seed: int, threads: int,
+                    dp_sgd: tuple[float, float, int, bool] | None = None):
+    """The worker's compiled model; ``dp_sgd = (noise multiplier, l2 clip, microbatches (0: per
+    example), vectorized)`` compiles it with TF Privacy's DP-SGD optimizer and per-example loss."""
     import tensorflow as tf
 
     from fl_app.models import build_model, make_optimizer
@@ -56,7 +59,20 @@ def _compiled_model(model_name: str, input_shape: tuple[int, ...], num_classes: 
     _set_threads(threads)
     tf.keras.utils.set_random_seed(seed)
     model = build_model(model_name, input_shape, num_classes, seed)
+    if dp_sgd is not None:
+        from fl_app.privacy import dp_loss, make_dp_optimizer
+
+        noise, clip, microbatches, vectorized = dp_sgd
+        dp_optimizer = make_dp_optimizer(optimizer, learning_rate, clip, noise, microbatches or None, vectorized)
+        return compile_model(model, dp_optimizer, loss=dp_loss(), with_proximal_term=False)
     return compile_model(model, make_optimizer(optimizer, learning_rate))
+
+
+def _dp_sgd_key(settings: Settings) -> tuple[float, float, int, bool] | None:
+    if settings.dp_sgd_noise_multiplier <= 0:
+        return None
+    return (settings.dp_sgd_noise_multiplier, settings.dp_sgd_l2_clip, settings.dp_sgd_microbatches,
+            settings.dp_sgd_vectorized)
 
 
 @functools.cache
@@ -79,6 +95,7 @@ def make_client(context: Context) -> KerasClient:
     model, proximal = _compiled_model(
         settings.model, tuple(data.x_train.shape[1:]), data.num_classes,
         settings.optimizer, settings.learning_rate, settings.seed, settings.client_threads,
+        _dp_sgd_key(settings),
     )
     return KerasClient(
         model, data,
@@ -102,18 +119,37 @@ def upload(
 ) -> ArrayRecord:
     """What a client sends back after training: its new weights (client-side transforms of the
     update, such as clipping, compression or encryption, replace them here)."""
+    from fl_app.client_privacy import private_weights
+
+    weights = private_weights(settings, global_weights, weights, config)  # dp-mode client-clipping / local DP
     return ArrayRecord(weights)
+
+
+def _is_legacy(msg: Message) -> bool:
+    """Whether ``msg`` comes from Flower's legacy workflows (SecAgg+ stages, fitins/evaluateins)."""
+    if not msg.has_content():
+        return False
+    names = set(msg.content.config_records) | set(msg.content.array_records)
+    return any(name.startswith(("secaggplus", "fitins", "evaluateins", "getparametersins")) for name in names)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Fit on local data, starting from the global weights in ``msg``."""
+    from fl_app.client_privacy import dp_sgd_report, maybe_fail
+
+    if _is_legacy(msg):  # Flower's legacy workflows (SecAgg+): see fl_app.secure_aggregation
+        from fl_app.secure_aggregation import legacy_client_app
+
+        return legacy_client_app(msg, context)
     client = make_client(context)
     settings = settings_from_context(context)
     partition_id = partition_id_of(context)
     config = dict(msg.content["config"]) if "config" in msg.content else {}
+    maybe_fail(settings, partition_id, int(config.get("server-round", 0)))
     global_weights = msg.content["arrays"].to_numpy_ndarrays()
     weights, num_examples, metrics = client.fit(global_weights, config)
+    metrics.update(dp_sgd_report(settings, num_examples, int(config.get("server-round", 0))))
     weights = poison_weights(settings, partition_id, global_weights, weights, int(config.get("server-round", 0)))
     content = RecordDict(
         {
@@ -127,6 +163,10 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global weights in ``msg`` on the local test split."""
+    if _is_legacy(msg):
+        from fl_app.secure_aggregation import legacy_client_app
+
+        return legacy_client_app(msg, context)
     client = make_client(context)
     if is_export_check(msg):  # the exported TFLite model, checked before it ships
         return answer_export_check(msg, client, settings_from_context(context).client_threads)

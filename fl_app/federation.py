@@ -20,6 +20,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fl_app.outputs import RoundRecord
+from strategies.stopping import StopTraining
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 RoundCallback = Callable[[RoundRecord, ArrayRecord], None]
@@ -45,6 +46,22 @@ def split_replies(replies: Iterable[Message]) -> tuple[list[Message], list[str]]
         else:
             ok.append(reply)
     return ok, failures
+
+
+MAX_METRICS = ("dp-sgd-epsilon",)
+"""Client metrics the history reports as their largest value over the round's replies."""
+
+
+def max_of_reply_metrics(replies: Iterable[Message]) -> dict[str, float]:
+    """``{"<key>-max": largest value}`` of each :data:`MAX_METRICS` key that the replies carry."""
+    out: dict[str, float] = {}
+    for reply in replies:
+        for record in reply.content.metric_records.values():
+            for key in MAX_METRICS:
+                value = record.get(key)
+                if isinstance(value, (int, float)):
+                    out[f"{key}-max"] = max(out.get(f"{key}-max", float(value)), float(value))
+    return out
 
 
 def _metric(record: MetricRecord | None, key: str) -> float | None:
@@ -91,15 +108,20 @@ def run_rounds(
         record = RoundRecord(round=server_round)
         started = time.perf_counter()
 
-        messages = list(strategy.configure_train(
-            server_round, arrays, ConfigRecord(dict(train_config or {})), grid
-        ))
+        try:
+            messages = list(strategy.configure_train(
+                server_round, arrays, ConfigRecord(dict(train_config or {})), grid
+            ))
+        except StopTraining as err:  # e.g. the privacy budget: end after the last completed round
+            log(WARNING, "Training stops before round %d: %s", server_round, err)
+            break
         record.bytes_sent = message_bytes(messages)
         replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
         ok, failures = split_replies(replies)
         record.clients_replied, record.clients_failed = len(ok), len(failures)
         record.failures.extend(failures)
         record.bytes_received = message_bytes(ok)
+        record.extra.update(max_of_reply_metrics(ok))
         try:
             new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         except Exception as err:  # a strategy that trusts its clients must not stop the run

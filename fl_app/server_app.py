@@ -102,13 +102,18 @@ def main(grid: Grid, context: Context) -> None:
         if best is not None:
             best.update(record, arrays)
 
-    arrays, _ = run_rounds(
-        recorder, strategy, initial,
-        num_rounds=settings.num_server_rounds,
-        timeout=settings.round_timeout,
-        evaluate_fn=evaluator,
-        on_round_end=on_round_end,
-    )
+    if settings.secure_aggregation:  # Flower's legacy SecAgg+ workflow (fl_app.secure_aggregation)
+        from fl_app.secure_aggregation import run_secure_rounds
+
+        arrays, _, strategy = run_secure_rounds(grid, context, settings, initial, evaluator, on_round_end)
+    else:
+        arrays, _ = run_rounds(
+            recorder, strategy, initial,
+            num_rounds=settings.num_server_rounds,
+            timeout=settings.round_timeout,
+            evaluate_fn=evaluator,
+            on_round_end=on_round_end,
+        )
 
     model.set_weights(arrays.to_numpy_ndarrays())
     model.save(run_dir.file("model.keras"))
@@ -123,11 +128,25 @@ def main(grid: Grid, context: Context) -> None:
     if export_report is not None:
         summary["export ready"] = export_report["ready"]
         summary["export check report"] = export_report["report_file"]
+    summary.update(privacy_summary(history, getattr(strategy, "stop_reason", None)))
     run_dir.write_json("summary.json", summary)
     log(INFO, "")
     for key, value in summary.items():
         if key != "settings":
             log(INFO, "%-28s %s", key, value)
+
+
+def privacy_summary(history: list[RoundRecord], stop_reason: str | None) -> dict:
+    """Epsilon (user level, and the clients' largest DP-SGD example-level one) and why training stopped."""
+    out: dict = {}
+    for key, name in (("epsilon", "epsilon (user level)"), ("delta", "delta"),
+                      ("dp-sgd-epsilon-max", "epsilon (example level, DP-SGD, largest client)")):
+        values = [r.extra[key] for r in history if key in r.extra]
+        if values:
+            out[name] = values[-1]
+    if stop_reason:
+        out["stopped early"] = stop_reason
+    return out
 
 
 def summarize(settings: Settings, history: list[RoundRecord], seconds: float, run_dir: RunDirectory) -> dict:

@@ -99,6 +99,30 @@ class Settings:
     export_tolerance: float = 0.01
     export_calibration_samples: int = 200
     export_check_fraction: float = 1.0
+    # Differential privacy and secure aggregation (issue 4: strategies.private, fl_app.client_privacy,
+    # fl_app.privacy, fl_app.secure_aggregation)
+    dp_mode: str = "central"
+    dp_noise_multiplier: float = 1.0
+    dp_clip_norm: float = 1.0
+    dp_clip_quantile: float = 0.0
+    dp_clip_learning_rate: float = 0.2
+    dp_clip_count_noise: float = 0.0
+    dp_sampling: str = "poisson"
+    dp_delta: float = 1e-5
+    dp_accounting: str = "rdp"
+    dp_target_epsilon: float = 0.0
+    dp_local_epsilon: float = 1.0
+    dp_sgd_noise_multiplier: float = 0.0
+    dp_sgd_l2_clip: float = 1.0
+    dp_sgd_microbatches: int = 0
+    dp_sgd_vectorized: bool = True
+    secure_aggregation: bool = False
+    secagg_num_shares: int = 3
+    secagg_reconstruction_threshold: int = 2
+    secagg_clipping_range: float = 8.0
+    secagg_quantization_range: int = 4194304
+    fault_partition_ids: str = ""
+    fault_round: int = 0
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> Settings:
@@ -135,6 +159,7 @@ class Settings:
         self._validate_data()
         self._validate_robust()
         self._validate_attack()
+        self._validate_privacy()
         from fl_app.models import MODELS
 
         _one_of("model", self.model, tuple(MODELS))
@@ -202,6 +227,62 @@ class Settings:
             )
         if self.alie_z < 0:
             raise SettingsError(f"alie-z must be >= 0 (0: from the paper's formula), got {self.alie_z}")
+
+    def _validate_privacy(self) -> None:
+        from strategies.private import ACCOUNTING_METHODS, DP_MODES, SAMPLINGS
+
+        _one_of("dp-mode", self.dp_mode, DP_MODES)
+        _one_of("dp-sampling", self.dp_sampling, SAMPLINGS)
+        _one_of("dp-accounting", self.dp_accounting, ACCOUNTING_METHODS)
+        for key in ("dp-noise-multiplier", "dp-target-epsilon", "dp-clip-count-noise", "dp-sgd-noise-multiplier"):
+            value = getattr(self, key.replace("-", "_"))
+            if value < 0:
+                raise SettingsError(f"{key} must be >= 0, got {value}")
+        for key in ("dp-clip-norm", "dp-clip-learning-rate", "dp-local-epsilon", "dp-sgd-l2-clip",
+                    "secagg-clipping-range"):
+            value = getattr(self, key.replace("-", "_"))
+            if not value > 0:
+                raise SettingsError(f"{key} must be > 0, got {value}")
+        if not 0.0 <= self.dp_clip_quantile <= 1.0:
+            raise SettingsError(f"dp-clip-quantile must be in [0, 1] (0: fixed clipping), got {self.dp_clip_quantile}")
+        if not 0.0 < self.dp_delta < 1.0:
+            raise SettingsError(f"dp-delta must be in (0, 1), got {self.dp_delta}")
+        _at_least("dp-sgd-microbatches", self.dp_sgd_microbatches, 0)
+        if self.dp_sgd_microbatches and self.batch_size % self.dp_sgd_microbatches:
+            raise SettingsError(
+                f"dp-sgd-microbatches ({self.dp_sgd_microbatches}) must divide batch-size ({self.batch_size})"
+            )
+        if self.dp_sgd_noise_multiplier > 0 and self.proximal_mu > 0:
+            raise SettingsError("DP-SGD (dp-sgd-noise-multiplier > 0) cannot be combined with proximal-mu > 0")
+        _at_least("fault-round", self.fault_round, 0)
+        self.fault_partitions()
+        if self.strategy == "dp-fedavg":
+            from strategies.private import build_dp_strategy
+
+            try:  # refuses combinations whose epsilon cannot be honestly reported
+                build_dp_strategy(self.to_run_config(), noise_multiplier=self.dp_noise_multiplier)
+            except ValueError as err:
+                raise SettingsError(f"strategy 'dp-fedavg': {err}") from err
+        if self.secure_aggregation:
+            from fl_app.secure_aggregation import check_secure_aggregation
+
+            try:
+                check_secure_aggregation(self)
+            except ValueError as err:
+                raise SettingsError(str(err)) from err
+
+    def fault_partitions(self) -> frozenset[int]:
+        """Partition ids whose client raises in round ``fault-round`` (fault injection for tests)."""
+        try:
+            ids = frozenset(int(i) for i in self.fault_partition_ids.split(",") if i.strip())
+        except ValueError as err:
+            raise SettingsError(
+                f"fault-partition-ids must be partition ids separated by commas, got '{self.fault_partition_ids}'"
+            ) from err
+        bad = sorted(i for i in ids if not 0 <= i < self.num_partitions)
+        if bad:
+            raise SettingsError(f"fault-partition-ids {bad} are not in [0, num-partitions = {self.num_partitions})")
+        return ids
 
     def attack_names(self) -> tuple[str, ...]:
         """``attack`` split at commas: attacker j (in partition-id order) runs name j mod len."""

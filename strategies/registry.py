@@ -90,7 +90,15 @@ ROBUST_STRATEGIES: dict[str, StrategyFactory] = {
     )},
 }
 
-_REGISTRY: dict[str, StrategyFactory] = {**BUILTIN_STRATEGIES, **ROBUST_STRATEGIES}
+def _dp_fedavg(run_config: Mapping[str, Any]) -> Strategy:
+    from strategies.private import build_dp_strategy
+
+    return build_dp_strategy(run_config)
+
+
+PRIVATE_STRATEGIES: dict[str, StrategyFactory] = {"dp-fedavg": _dp_fedavg}
+
+_REGISTRY: dict[str, StrategyFactory] = {**BUILTIN_STRATEGIES, **ROBUST_STRATEGIES, **PRIVATE_STRATEGIES}
 
 
 def register_strategy(name: str, factory: StrategyFactory) -> None:

@@ -1,0 +1,124 @@
+"""SecAgg+ with client-side clipping and central noise: exact sums, dropouts, refusals, fail-fast."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord
+
+from fl_app import client_privacy
+from fl_app.local_grid import LocalGrid
+from fl_app.secure_aggregation import run_secure_rounds, wait_for_nodes
+from fl_app.settings import Settings, SettingsError
+from strategies.dp_mechanisms import insecure_seeded_generator
+from tests.helpers import process_group_alive, run_launcher, superlink_pid
+
+class CopyingGrid(LocalGrid):
+    """LocalGrid that gives every node its own copy of a message, as the wire does (secaggplus_mod
+    pops keys from the content it receives, which one shared in-process object would leak)."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return super().send_and_receive([copy.deepcopy(m) for m in messages], timeout=timeout)
+
+
+SECURE = {
+    "strategy": "dp-fedavg", "dp-mode": "client-clipping", "dp-sampling": "fixed-size",
+    "secure-aggregation": True, "num-partitions": 5, "min-train-clients": 5, "min-available-clients": 5,
+    "min-evaluate-clients": 2, "partitioner": "iid", "local-epochs": 1, "dp-clip-norm": 0.5,
+}
+
+
+def test_secure_sum_equals_the_plain_sum_of_clipped_updates_and_survives_a_dropout(monkeypatch):
+    config = Settings.from_run_config({**SECURE, "num-server-rounds": 2, "dp-noise-multiplier": 0.0,
+                                       "fault-partition-ids": "2", "fault-round": 2}).to_run_config()
+    settings = Settings.from_run_config(config)
+    sent: dict[int, list[np.ndarray]] = {}
+    original = client_privacy.private_weights
+
+    def recording(settings_, global_weights, weights, cfg, rng=None):
+        out = original(settings_, global_weights, weights, cfg, rng)
+        update = np.concatenate([(np.asarray(w, np.float64) - g).ravel() for w, g in zip(out, global_weights)])
+        sent.setdefault(int(cfg["server-round"]), []).append(update)
+        return out
+
+    monkeypatch.setattr(client_privacy, "private_weights", recording)
+    from fl_app.models import build_model
+
+    model = build_model("mlp", (64,), 10, 42)
+    grid = CopyingGrid(config, 5)
+    sums = {}
+
+    def on_round_end(record, arrays):
+        sums[record.round] = strategy_box[0].last_update_sum.copy() if record.round else None
+
+    strategy_box = []
+    import fl_app.secure_aggregation as sa
+
+    real = sa.SecureDpFedAvg
+
+    def capture(*args, **kwargs):
+        strategy_box.append(real(*args, **kwargs))
+        return strategy_box[-1]
+
+    monkeypatch.setattr(sa, "SecureDpFedAvg", capture)
+    _, history, strategy = run_secure_rounds(grid, grid.contexts[1], settings, ArrayRecord(model.get_weights()),
+                                             None, on_round_end, rng=insecure_seeded_generator(0))
+    assert [r.round for r in history] == [1, 2]
+    assert history[0].extra["secure-aggregation-clients"] == 5
+    assert history[1].extra["secure-aggregation-clients"] == 4  # partition 2 dropped out mid-round
+    assert history[1].clients_failed >= 1
+    assert any("partition 2 fails in round 2" in line for line in history[1].failures)
+    step = 2 * settings.secagg_clipping_range / settings.secagg_quantization_range
+    for r in (1, 2):
+        plain = np.sum(sent[r], axis=0)
+        assert all(np.linalg.norm(u) <= 0.5 * (1 + 1e-6) for u in sent[r])
+        error = np.max(np.abs(sums[r] - plain))
+        assert error <= len(sent[r]) * step, (r, error, step)
+    assert history[1].extra["dp-rounds"] == 2
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        ({"aggregation-rule": "median"}, "needs individual updates"),
+        ({"strategy": "krum"}, "needs individual updates"),
+        ({"dp-mode": "central"}, "needs dp-mode='client-clipping'"),
+        ({"dp-sampling": "poisson"}, "dp-sampling='fixed-size'"),
+        ({"secagg-num-shares": 6}, "secagg-num-shares must be in"),
+        ({"secagg-reconstruction-threshold": 3}, "secagg-reconstruction-threshold must be in"),
+    ],
+)
+def test_impossible_secure_aggregation_settings_are_refused(overrides, fragment):
+    with pytest.raises(SettingsError, match=fragment.replace("(", r"\(")):
+        Settings.from_run_config({**SECURE, **overrides})
+
+
+def test_too_few_nodes_fail_fast_with_a_clear_error():
+    grid = LocalGrid({}, 3)
+    with pytest.raises(RuntimeError, match="needs 5 connected nodes per round.*only 3 connected"):
+        wait_for_nodes(grid, 5, timeout=1.0)
+
+
+@pytest.mark.integration
+def test_secure_aggregation_simulation_with_a_dropout(tmp_path):
+    out = tmp_path / "outputs"
+    proc = run_launcher([
+        "--clients", "5", "--output-dir", str(out), "--",
+        "-c", "strategy='dp-fedavg' dp-mode='client-clipping' dp-sampling='fixed-size' secure-aggregation=true "
+              "num-server-rounds=3 local-epochs=1 min-train-clients=5 min-available-clients=5 partitioner='iid' "
+              "dp-noise-multiplier=0.5 dp-clip-norm=2.0 fault-partition-ids='1' fault-round=2",
+    ])
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    assert not process_group_alive(superlink_pid(output))
+    run_dir = tmp_path / (out / "latest").read_text().strip()
+    history = json.loads((run_dir / "history.json").read_text())
+    assert [r["round"] for r in history] == [0, 1, 2, 3]
+    assert [r["extra"]["secure-aggregation-clients"] for r in history[1:]] == [5, 4, 5]
+    epsilons = [r["extra"]["epsilon"] for r in history[1:]]
+    assert 0 < epsilons[0] < epsilons[1] < epsilons[2]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["epsilon (user level)"] == epsilons[-1]
