@@ -21,9 +21,12 @@ from flwr.clientapp import ClientApp
 
 from fl_app.client import KerasClient, compile_model
 from fl_app.data import ClientData, client_data
+from fl_app.node_worker import keras_worker_mod
 from fl_app.settings import Settings
 
-app = ClientApp()
+# keras_worker_mod: in deployment, a SuperNode whose node config names a warm worker
+# (keras-worker='SOCKET') runs messages there instead of importing TensorFlow per message.
+app = ClientApp(mods=[keras_worker_mod])
 
 
 @functools.lru_cache(maxsize=4)

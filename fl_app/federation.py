@@ -10,6 +10,7 @@ the error goes into the history.
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
@@ -47,6 +48,16 @@ def split_replies(replies: Iterable[Message]) -> tuple[list[Message], list[str]]
     return ok, failures
 
 
+def missing_replies(messages: Iterable[Message], replies: Iterable[Message], timeout: float) -> list[str]:
+    """A ``"node <id>: ..."`` line for each node that was sent a message but never answered
+    (crashed, killed, cut off, or slower than ``timeout``)."""
+    answered = {reply.metadata.src_node_id for reply in replies}
+    return [
+        f"node {node}: no reply within the round timeout ({timeout:g} s)"
+        for node in sorted({m.metadata.dst_node_id for m in messages} - answered)
+    ]
+
+
 def _metric(record: MetricRecord | None, key: str) -> float | None:
     if record is None or key not in record:
         return None
@@ -66,8 +77,16 @@ def run_rounds(
     evaluate_config: ConfigRecord | None = None,
     evaluate_fn: EvaluateFn | None = None,
     on_round_end: RoundCallback | None = None,
+    min_train_replies: int = 1,
+    sampling_seed: int | None = None,
 ) -> tuple[ArrayRecord, list[RoundRecord]]:
     """Run rounds ``first_round..num_rounds``; return the final arrays and the history.
+
+    A round with fewer than ``min_train_replies`` valid training replies keeps the previous global
+    model (and says so in the history). Nodes that do not answer within ``timeout`` are recorded
+    as failures. With ``sampling_seed``, Python's ``random`` (which Flower's strategies sample
+    nodes with) is seeded with ``(sampling_seed, round)`` before each round, so a resumed run
+    samples as an uninterrupted one would from the same nodes.
 
     ``on_round_end(record, arrays)`` is called after every round (and after round 0, the
     evaluation of the initial model, when ``first_round == 1``), e.g. to write the history and a
@@ -90,6 +109,8 @@ def run_rounds(
     for server_round in range(first_round, num_rounds + 1):
         record = RoundRecord(round=server_round)
         started = time.perf_counter()
+        if sampling_seed is not None:
+            random.seed(f"{sampling_seed}/{server_round}")
 
         messages = list(strategy.configure_train(
             server_round, arrays, ConfigRecord(dict(train_config or {})), grid
@@ -97,15 +118,25 @@ def run_rounds(
         record.bytes_sent = message_bytes(messages)
         replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
         ok, failures = split_replies(replies)
+        failures += missing_replies(messages, replies, timeout)
         record.clients_replied, record.clients_failed = len(ok), len(failures)
         record.failures.extend(failures)
         record.bytes_received = message_bytes(ok)
-        try:
-            new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
-        except Exception as err:  # a strategy that trusts its clients must not stop the run
-            log(WARNING, "Round %d: aggregation failed, the global model is kept: %r", server_round, err)
-            record.failures.append(f"aggregation: {err!r}")
+        if len(ok) < min_train_replies:
+            log(WARNING, "Round %d: %d valid replies < min-train-replies (%d), the global model is kept",
+                server_round, len(ok), min_train_replies)
+            record.failures.append(
+                f"round skipped: {len(ok)} valid replies < min-train-replies ({min_train_replies}); "
+                "the global model is kept"
+            )
             new_arrays, train_metrics = None, None
+        else:
+            try:
+                new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+            except Exception as err:  # a strategy that trusts its clients must not stop the run
+                log(WARNING, "Round %d: aggregation failed, the global model is kept: %r", server_round, err)
+                record.failures.append(f"aggregation: {err!r}")
+                new_arrays, train_metrics = None, None
         if new_arrays is not None:
             arrays = new_arrays
         if train_metrics is not None:
@@ -121,6 +152,7 @@ def run_rounds(
         if eval_messages:
             eval_replies = list(grid.send_and_receive(eval_messages, timeout=timeout))
             _, eval_failures = split_replies(eval_replies)
+            eval_failures += missing_replies(eval_messages, eval_replies, timeout)
             record.failures.extend(f"evaluate {line}" for line in eval_failures)
             try:
                 federated = strategy.aggregate_evaluate(server_round, eval_replies)
