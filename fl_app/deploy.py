@@ -384,3 +384,202 @@ def write_node_files(directory: str | Path, settings=None) -> list[Path]:
         np.savez(path, x=data.x[index], y=data.y[index])
         paths.append(path)
     return paths
+
+
+# --------------------------------------------------------------------------- loopback harness
+
+
+def stop_process_group(process: subprocess.Popen, timeout: float = 15.0, sig: int | None = None) -> None:
+    """Stop a process started by :func:`start` and its group (by PID): ``sig`` (default
+    SIGTERM), SIGKILL after ``timeout``."""
+    import signal
+
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, sig or signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    if process.poll() is None:
+        process.wait(timeout=timeout)
+
+
+class LoopbackDeployment:
+    """A SuperLink and SuperNodes as real processes on 127.0.0.1, with TLS and node authentication
+    (unless ``insecure``): for tests, benchmarks and trying a deployment on one machine.
+
+    Every process leads its own session and is stopped by PID on :meth:`close`. ``app`` is the
+    Flower app directory that :meth:`submit` sends.
+    """
+
+    CONNECTION = "edge"
+
+    def __init__(self, root: str | Path, app: str | Path, *, insecure: bool = False,
+                 node_auth: bool = True) -> None:
+        from fl_app.launcher import free_port
+
+        self.root = Path(root)
+        self.app = Path(app)
+        self.insecure = insecure
+        self.node_auth = node_auth and not insecure
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.flwr_home = self.root / "flwr_home"
+        self.certs = self.root / "certs"
+        self.env = deployment_env(self.flwr_home)
+        self.processes: list[subprocess.Popen] = []
+        self.superlink: subprocess.Popen | None = None
+
+    # -- lifecycle
+    def __enter__(self) -> LoopbackDeployment:
+        try:
+            self.start_superlink()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start_superlink(self, timeout: float = 90.0) -> None:
+        import time
+
+        import httpx
+
+        if not self.insecure:
+            ca, ca_key = make_ca(self.certs)
+            make_server_cert(self.certs, ca, ca_key, ["localhost", "127.0.0.1"])
+        write_connection(self.flwr_home, self.CONNECTION, self.address,
+                         root_certificates=None if self.insecure else self.certs / "ca.pem",
+                         insecure=self.insecure)
+        command = superlink_command(port=self.port, certs_dir=None if self.insecure else self.certs,
+                                    insecure=self.insecure, node_auth=self.node_auth)
+        self.superlink = self._start(command, "superlink")
+        scheme = "http" if self.insecure else "https"
+        verify: str | bool = False if self.insecure else str(self.certs / "ca.pem")
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(f"{scheme}://{self.address}/health", verify=verify, timeout=1.0).is_success:
+                    return
+            except httpx.HTTPError:
+                pass
+            if self.superlink.poll() is not None:
+                raise RuntimeError(f"flower-superlink exited with {self.superlink.returncode}: "
+                                   f"{self.log('superlink')[-2000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"flower-superlink not healthy after {timeout:.0f} s")
+            time.sleep(0.3)
+
+    def close(self) -> None:
+        for process in reversed(self.processes):
+            stop_process_group(process)
+
+    def _start(self, command: Sequence[str], name: str) -> subprocess.Popen:
+        process = start(command, self.env, self.root / f"{name}.log", cwd=self.app)
+        self.processes.append(process)
+        return process
+
+    def log(self, name: str) -> str:
+        path = self.root / f"{name}.log"
+        return path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
+
+    # -- nodes
+    def node_keys(self, name: str, register: bool = True) -> tuple[Path, Path]:
+        private, public = make_node_keys(self.root / "keys", name)
+        if register:
+            result = subprocess.run(register_command(public, self.CONNECTION, name), env=self.env,
+                                    cwd=self.app, capture_output=True, text=True, timeout=120)
+            if result.returncode != 0:
+                raise RuntimeError(f"registering {public} failed: {result.stdout}{result.stderr}")
+        return private, public
+
+    def start_worker(self, name: str) -> Path:
+        """A warm Keras worker for node ``name``; returns its socket path once it is ready."""
+        import time
+
+        socket_path = self.root / f"{name}.sock"
+        process = self._start([sys.executable, "-m", "fl_app.node_worker", "--socket", str(socket_path)],
+                              f"{name}-worker")
+        deadline = time.monotonic() + 180
+        while "Keras worker ready" not in self.log(f"{name}-worker"):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"worker {name} did not start: {self.log(f'{name}-worker')[-2000:]}")
+            time.sleep(0.3)
+        return socket_path
+
+    def start_node(self, name: str, node_config: Mapping[str, object], *,
+                   private_key: Path | None = None, worker: Path | None = None) -> subprocess.Popen:
+        from fl_app.launcher import free_port
+        from fl_app.node_worker import NODE_CONFIG_KEY
+
+        config = dict(node_config)
+        if worker is not None:
+            config[NODE_CONFIG_KEY] = str(worker)
+        command = supernode_command(
+            self.address, runtime_port=free_port(),
+            root_certificates=None if self.insecure else self.certs / "ca.pem",
+            private_key=private_key, insecure=self.insecure, node_config=config,
+        )
+        return self._start(command, name)
+
+    def node_id(self, name: str, timeout: float = 60.0) -> int:
+        """The node id the SuperLink gave SuperNode ``name`` (from its log)."""
+        import re
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = re.search(r"SuperNode ID: (\d+)", self.log(name))
+            if match:
+                return int(match.group(1))
+            time.sleep(0.3)
+        raise RuntimeError(f"SuperNode {name} reported no node id: {self.log(name)[-2000:]}")
+
+    # -- runs
+    def flwr(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+        return subprocess.run([_bin("flwr"), *args], env=self.env, cwd=self.app,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def submit(self, run_config: str) -> int:
+        """``flwr run <app> edge -c <run_config>``; returns the run id."""
+        import json
+
+        result = self.flwr("run", str(self.app), self.CONNECTION, "--format", "json", "-c", run_config)
+        try:
+            return int(json.loads(result.stdout)["run-id"])
+        except (ValueError, KeyError) as err:
+            raise RuntimeError(f"flwr run failed: {result.stdout}{result.stderr}") from err
+
+    def status(self, run_id: int) -> str:
+        import json
+
+        result = self.flwr("ls", self.CONNECTION, "--run-id", str(run_id), "--format", "json")
+        try:
+            return str(json.loads(result.stdout)["runs"][0]["status"])
+        except (ValueError, KeyError, IndexError):
+            return "unknown"
+
+    def wait(self, run_id: int, timeout: float) -> str:
+        """Poll until the run finishes (or ``timeout``); return its status."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        status = self.status(run_id)
+        while not status.startswith("finished") and time.monotonic() < deadline:
+            time.sleep(2.0)
+            status = self.status(run_id)
+        return status
+
+    def stop_run(self, run_id: int) -> None:
+        result = self.flwr("stop", str(run_id), self.CONNECTION)
+        if result.returncode != 0:
+            raise RuntimeError(f"flwr stop failed: {result.stdout}{result.stderr}")

@@ -48,6 +48,42 @@ def split_replies(replies: Iterable[Message]) -> tuple[list[Message], list[str]]
     return ok, failures
 
 
+class NodesUnavailable(RuntimeError):
+    """Too few nodes stayed connected for a strategy to sample a round within the round timeout."""
+
+
+class PatientGrid:
+    """A :class:`Grid` whose ``get_node_ids`` gives up once a phase has waited ``timeout`` s.
+
+    Flower's strategies sample nodes by calling ``grid.get_node_ids()`` once a second until
+    ``min_available_nodes`` are connected, without a limit: one node that crashed for good would
+    stop the run. Before each phase :func:`run_rounds` calls :meth:`start_phase`; a strategy that
+    is still waiting for nodes after ``timeout`` seconds gets :class:`NodesUnavailable`, and the
+    round goes on without that phase. Everything else is the wrapped grid's.
+    """
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+        self._deadline: float | None = None
+        self._timeout = 0.0
+
+    def start_phase(self, timeout: float) -> None:
+        self._timeout = timeout
+        self._deadline = time.monotonic() + timeout
+
+    def get_node_ids(self) -> Iterable[int]:
+        node_ids = self._grid.get_node_ids()
+        if self._deadline is not None and time.monotonic() > self._deadline:
+            raise NodesUnavailable(
+                f"only {len(list(node_ids))} node(s) connected after waiting {self._timeout:g} s "
+                "(round-timeout) for the strategy's min-available-clients"
+            )
+        return node_ids
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+
 def missing_replies(messages: Iterable[Message], replies: Iterable[Message], timeout: float) -> list[str]:
     """A ``"node <id>: ..."`` line for each node that was sent a message but never answered
     (crashed, killed, cut off, or slower than ``timeout``)."""
@@ -94,6 +130,7 @@ def run_rounds(
     """
     history: list[RoundRecord] = []
     arrays = initial_arrays
+    grid = PatientGrid(grid)
     if evaluate_fn is not None and first_round == 1:
         record = RoundRecord(round=0)
         started = time.perf_counter()
@@ -112,9 +149,14 @@ def run_rounds(
         if sampling_seed is not None:
             random.seed(f"{sampling_seed}/{server_round}")
 
-        messages = list(strategy.configure_train(
-            server_round, arrays, ConfigRecord(dict(train_config or {})), grid
-        ))
+        grid.start_phase(timeout)
+        try:
+            messages = list(strategy.configure_train(
+                server_round, arrays, ConfigRecord(dict(train_config or {})), grid
+            ))
+        except NodesUnavailable as err:
+            record.failures.append(f"train sampling: {err}")
+            messages = []
         record.bytes_sent = message_bytes(messages)
         replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
         ok, failures = split_replies(replies)
@@ -146,9 +188,14 @@ def run_rounds(
                 else:
                     record.extra[key] = value
 
-        eval_messages = list(strategy.configure_evaluate(
-            server_round, arrays, ConfigRecord(dict(evaluate_config or {})), grid
-        ))
+        grid.start_phase(timeout)
+        try:
+            eval_messages = list(strategy.configure_evaluate(
+                server_round, arrays, ConfigRecord(dict(evaluate_config or {})), grid
+            ))
+        except NodesUnavailable as err:
+            record.failures.append(f"evaluate sampling: {err}")
+            eval_messages = []
         if eval_messages:
             eval_replies = list(grid.send_and_receive(eval_messages, timeout=timeout))
             _, eval_failures = split_replies(eval_replies)

@@ -35,6 +35,7 @@ import sys
 import time
 from collections.abc import Callable
 from logging import INFO, WARNING
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Listener
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,7 @@ class WorkerUnavailable(RuntimeError):
     """The worker is not running, not reachable, or runs different app code."""
 
 
-def forward(socket_path: str, message: Message, context: Context, timeout: float = CONNECT_TIMEOUT_S) -> Message:
+def forward(socket_path: str, message: Message, context: Context, timeout: float | None = None) -> Message:
     """Run ``message`` in the worker at ``socket_path``; return its reply (and update
     ``context.state`` in place). Raises :class:`WorkerUnavailable`, or the handler's exception."""
     from flwr.supercore.task_identity import TaskIdentity
@@ -79,7 +80,7 @@ def forward(socket_path: str, message: Message, context: Context, timeout: float
         authkey = key_path(socket_path).read_bytes()
     except OSError as err:
         raise WorkerUnavailable(f"no worker key at {key_path(socket_path)}: {err}") from err
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + (CONNECT_TIMEOUT_S if timeout is None else timeout)
     while True:
         try:
             connection = Client(socket_path, family="AF_UNIX", authkey=authkey)
@@ -144,9 +145,10 @@ def _portable(err: Exception) -> Exception:
         return RuntimeError(f"{type(err).__name__}: {err}")
 
 
-def serve(socket_path: str | Path, app_ref: str = "fl_app.client_app:app") -> None:
+def serve(socket_path: str | Path, app_ref: str = "fl_app.client_app:app", *, warm_up: bool = True) -> None:
     """Listen on ``socket_path`` and run forwarded messages one at a time, until SIGTERM/SIGINT."""
     import importlib
+    import threading
 
     socket_path = Path(socket_path)
     socket_path.parent.mkdir(parents=True, exist_ok=True)
@@ -167,14 +169,16 @@ def serve(socket_path: str | Path, app_ref: str = "fl_app.client_app:app") -> No
     def stop(signum, _frame):
         raise SystemExit(128 + signum)
 
-    signal.signal(signal.SIGTERM, stop)
-    _warm_up()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
+    if warm_up:
+        _warm_up()
     log(INFO, "Keras worker ready on %s (code %s)", socket_path, code_digest()[:12])
     try:
         while True:
             try:
                 connection = listener.accept()
-            except (OSError, EOFError) as err:  # failed authentication or a vanished client
+            except (AuthenticationError, OSError, EOFError) as err:  # wrong key, or a vanished client
                 log(WARNING, "Refused a connection: %r", err)
                 continue
             with connection:

@@ -131,6 +131,25 @@ def cmd_supernode(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_wait(args: argparse.Namespace) -> int:
+    import time
+
+    import httpx
+
+    scheme, verify = ("http", False) if args.insecure else ("https", args.ca)
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{scheme}://{args.address}/health", verify=verify, timeout=1.0).is_success:
+                print(f"SuperLink at {args.address} is up")
+                return 0
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    print(f"SuperLink at {args.address} did not answer within {args.timeout:g} s", file=sys.stderr)
+    return 1
+
+
 def cmd_node_data(args: argparse.Namespace) -> int:
     from fl_app.settings import Settings
 
@@ -198,6 +217,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--worker-socket", help="default /tmp/fl-keras-worker-<runtime-port>.sock")
     p.add_argument("--insecure", action="store_true")
     p.set_defaults(func=cmd_supernode)
+
+    p = sub.add_parser("wait", help="wait until the SuperLink answers (TLS verified with --ca)")
+    p.add_argument("--address", required=True, help="HOST:PORT of the SuperLink")
+    p.add_argument("--ca", help="the CA certificate (ca.pem)")
+    p.add_argument("--insecure", action="store_true")
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.set_defaults(func=cmd_wait)
 
     p = sub.add_parser("node-data", help="demo: write each partition of a data set as node-<i>.npz")
     p.add_argument("--out", required=True)
