@@ -435,6 +435,7 @@ class LoopbackDeployment:
         self.certs = self.root / "certs"
         self.env = deployment_env(self.flwr_home)
         self.processes: list[subprocess.Popen] = []
+        self.workers: dict[str, subprocess.Popen] = {}
         self.superlink: subprocess.Popen | None = None
 
     # -- lifecycle
@@ -502,19 +503,25 @@ class LoopbackDeployment:
                 raise RuntimeError(f"registering {public} failed: {result.stdout}{result.stderr}")
         return private, public
 
-    def start_worker(self, name: str) -> Path:
-        """A warm Keras worker for node ``name``; returns its socket path once it is ready."""
+    def start_worker(self, name: str, wait: bool = True) -> Path:
+        """A warm Keras worker for node ``name``; returns its socket path (once it is ready, with
+        ``wait``; else call :meth:`wait_worker` later, so that several warm up at once)."""
+        socket_path = self.root / f"{name}.sock"
+        self.workers[name] = self._start(
+            [sys.executable, "-m", "fl_app.node_worker", "--socket", str(socket_path)], f"{name}-worker"
+        )
+        if wait:
+            self.wait_worker(name)
+        return socket_path
+
+    def wait_worker(self, name: str, timeout: float = 300.0) -> None:
         import time
 
-        socket_path = self.root / f"{name}.sock"
-        process = self._start([sys.executable, "-m", "fl_app.node_worker", "--socket", str(socket_path)],
-                              f"{name}-worker")
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + timeout
         while "Keras worker ready" not in self.log(f"{name}-worker"):
-            if process.poll() is not None or time.monotonic() > deadline:
+            if self.workers[name].poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"worker {name} did not start: {self.log(f'{name}-worker')[-2000:]}")
             time.sleep(0.3)
-        return socket_path
 
     def start_node(self, name: str, node_config: Mapping[str, object], *,
                    private_key: Path | None = None, worker: Path | None = None) -> subprocess.Popen:

@@ -37,12 +37,21 @@ def message_bytes(messages: Iterable[Message]) -> int:
     return total
 
 
-def split_replies(replies: Iterable[Message]) -> tuple[list[Message], list[str]]:
-    """The replies with content, and a ``"node <id>: <reason>"`` line for each error reply."""
+def split_replies(
+    replies: Iterable[Message], messages: Iterable[Message] = ()
+) -> tuple[list[Message], list[str]]:
+    """The replies with content, and a ``"node <id>: <reason>"`` line for each error reply.
+
+    An error reply that the SuperLink makes itself (e.g. "Node Unavailable" for a node that
+    stopped sending heartbeats) comes from the SuperLink's own id: the node is then the
+    destination of the ``messages`` entry that the reply answers.
+    """
+    destination = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
     ok, failures = [], []
     for reply in replies:
         if reply.has_error():
-            failures.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
+            node = destination.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            failures.append(f"node {node}: {reply.error.reason}")
         else:
             ok.append(reply)
     return ok, failures
@@ -87,10 +96,11 @@ class PatientGrid:
 def missing_replies(messages: Iterable[Message], replies: Iterable[Message], timeout: float) -> list[str]:
     """A ``"node <id>: ..."`` line for each node that was sent a message but never answered
     (crashed, killed, cut off, or slower than ``timeout``)."""
-    answered = {reply.metadata.src_node_id for reply in replies}
+    answered = {reply.metadata.reply_to_message_id for reply in replies}
     return [
         f"node {node}: no reply within the round timeout ({timeout:g} s)"
-        for node in sorted({m.metadata.dst_node_id for m in messages} - answered)
+        for node in sorted(m.metadata.dst_node_id for m in messages
+                           if m.metadata.message_id not in answered)
     ]
 
 
@@ -159,7 +169,7 @@ def run_rounds(
             messages = []
         record.bytes_sent = message_bytes(messages)
         replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
-        ok, failures = split_replies(replies)
+        ok, failures = split_replies(replies, messages)
         failures += missing_replies(messages, replies, timeout)
         record.clients_replied, record.clients_failed = len(ok), len(failures)
         record.failures.extend(failures)
@@ -198,7 +208,7 @@ def run_rounds(
             eval_messages = []
         if eval_messages:
             eval_replies = list(grid.send_and_receive(eval_messages, timeout=timeout))
-            _, eval_failures = split_replies(eval_replies)
+            _, eval_failures = split_replies(eval_replies, eval_messages)
             eval_failures += missing_replies(eval_messages, eval_replies, timeout)
             record.failures.extend(f"evaluate {line}" for line in eval_failures)
             try:

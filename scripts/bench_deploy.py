@@ -54,9 +54,12 @@ def deployment(work: Path, nodes: int, rounds: int, warm: bool) -> list[float]:
     name = "warm" if warm else "cold"
     out = work / name
     with LoopbackDeployment(work / f"deploy-{name}", ROOT) as link:
+        workers = [link.start_worker(f"node-{i}", wait=False) if warm else None for i in range(nodes)]
         for i in range(nodes):
             key, _ = link.node_keys(f"node-{i}")
-            worker = link.start_worker(f"node-{i}") if warm else None
+            worker = workers[i]
+            if warm:
+                link.wait_worker(f"node-{i}")
             link.start_node(f"node-{i}", {"data-path": str(work / "data" / f"node-{i}.npz"), "partition-id": i},
                             private_key=key, worker=worker)
         for i in range(nodes):

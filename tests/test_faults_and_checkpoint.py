@@ -8,7 +8,8 @@ import time
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -35,9 +36,10 @@ def task_identity():
 class FakeGrid:
     """Nodes 1..n; ``silent`` nodes never answer, the others return weights + 1."""
 
-    def __init__(self, nodes: int, silent: set[int] = frozenset()) -> None:
+    def __init__(self, nodes: int, silent: set[int] = frozenset(), unavailable: set[int] = frozenset()) -> None:
         self.nodes = list(range(1, nodes + 1))
         self.silent = silent
+        self.unavailable = unavailable
         self.timeouts: list[float] = []
 
     def get_node_ids(self):
@@ -47,6 +49,12 @@ class FakeGrid:
         self.timeouts.append(timeout)
         replies = []
         for message in messages:
+            message.metadata.__dict__["_message_id"] = message.object_id  # as the real grid does
+            if message.metadata.dst_node_id in self.unavailable:  # the SuperLink answers for it
+                replies.append(Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Node Unavailable"),
+                                       reply_to=message))
+                replies[-1].metadata.__dict__["_src_node_id"] = 1
+                continue
             if message.metadata.dst_node_id in self.silent:
                 continue
             if message.metadata.message_type == "train":
@@ -75,6 +83,16 @@ def test_silent_node_is_recorded_and_the_round_aggregates_the_others():
     assert "evaluate node 3: no reply within the round timeout (7 s)" in record.failures
     assert grid.timeouts == [7.0, 7.0]
     np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], 1.0)
+
+
+def test_superlink_error_replies_are_attributed_to_the_destination_node():
+    grid = FakeGrid(4, silent={3}, unavailable={4})
+    strategy = FedAvg(min_train_nodes=4, min_evaluate_nodes=4, min_available_nodes=4)
+    _, history = run_rounds(grid, strategy, _arrays(), num_rounds=1, timeout=2.0)
+    train_failures = [f for f in history[0].failures if not f.startswith("evaluate")]
+    assert sorted(train_failures) == ["node 3: no reply within the round timeout (2 s)",
+                                      "node 4: Node Unavailable"]
+    assert history[0].clients_failed == 2 and history[0].clients_replied == 2
 
 
 def test_too_few_replies_keep_the_previous_model():
