@@ -422,13 +422,16 @@ class LoopbackDeployment:
     CONNECTION = "edge"
 
     def __init__(self, root: str | Path, app: str | Path, *, insecure: bool = False,
-                 node_auth: bool = True) -> None:
+                 node_auth: bool = True, host: str = "127.0.0.1",
+                 cert_hosts: Sequence[str] = ("localhost", "127.0.0.1")) -> None:
         from fl_app.launcher import free_port
 
         self.root = Path(root)
         self.app = Path(app)
         self.insecure = insecure
         self.node_auth = node_auth and not insecure
+        self.host = host
+        self.cert_hosts = list(cert_hosts)
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.flwr_home = self.root / "flwr_home"
@@ -457,11 +460,12 @@ class LoopbackDeployment:
 
         if not self.insecure:
             ca, ca_key = make_ca(self.certs)
-            make_server_cert(self.certs, ca, ca_key, ["localhost", "127.0.0.1"])
+            make_server_cert(self.certs, ca, ca_key, self.cert_hosts)
         write_connection(self.flwr_home, self.CONNECTION, self.address,
                          root_certificates=None if self.insecure else self.certs / "ca.pem",
                          insecure=self.insecure)
-        command = superlink_command(port=self.port, certs_dir=None if self.insecure else self.certs,
+        command = superlink_command(host=self.host, port=self.port,
+                                    certs_dir=None if self.insecure else self.certs,
                                     insecure=self.insecure, node_auth=self.node_auth)
         self.superlink = self._start(command, "superlink")
         scheme = "http" if self.insecure else "https"
@@ -524,7 +528,10 @@ class LoopbackDeployment:
             time.sleep(0.3)
 
     def start_node(self, name: str, node_config: Mapping[str, object], *,
-                   private_key: Path | None = None, worker: Path | None = None) -> subprocess.Popen:
+                   private_key: Path | None = None, worker: Path | None = None,
+                   superlink: str | None = None, prefix: Sequence[str] = ()) -> subprocess.Popen:
+        """SuperNode ``name`` (log ``<name>.log``), reaching ``superlink`` (default: the loopback
+        address), its command prefixed by ``prefix`` (e.g. ``ip netns exec NS``)."""
         from fl_app.launcher import free_port
         from fl_app.node_worker import NODE_CONFIG_KEY
 
@@ -532,11 +539,11 @@ class LoopbackDeployment:
         if worker is not None:
             config[NODE_CONFIG_KEY] = str(worker)
         command = supernode_command(
-            self.address, runtime_port=free_port(),
+            superlink or self.address, runtime_port=free_port(),
             root_certificates=None if self.insecure else self.certs / "ca.pem",
             private_key=private_key, insecure=self.insecure, node_config=config,
         )
-        return self._start(command, name)
+        return self._start([*prefix, *command], name)
 
     def node_id(self, name: str, timeout: float = 60.0) -> int:
         """The node id the SuperLink gave SuperNode ``name`` (from its log)."""
