@@ -545,7 +545,7 @@ class LoopbackDeployment:
         )
         return self._start([*prefix, *command], name)
 
-    def node_id(self, name: str, timeout: float = 60.0) -> int:
+    def node_id(self, name: str, timeout: float = 300.0) -> int:
         """The node id the SuperLink gave SuperNode ``name`` (from its log)."""
         import re
         import time
