@@ -102,19 +102,20 @@ def cmd_supernode(args: argparse.Namespace) -> int:
         socket_path = Path(args.worker_socket or f"/tmp/fl-keras-worker-{args.runtime_port}.sock")
         node_config["keras-worker"] = str(socket_path)
         worker = subprocess.Popen([sys.executable, "-m", "fl_app.node_worker", "--socket", str(socket_path)],
-                                  env=env, start_new_session=True)
+                                  env=env)
         print(f"Keras worker started: pid {worker.pid}, socket {socket_path}", flush=True)
     command = deploy.supernode_command(
         args.superlink, runtime_port=args.runtime_port, root_certificates=args.ca,
         private_key=args.key, insecure=args.insecure, node_config=node_config,
     )
     print("$ " + " ".join(command), flush=True)
-    supernode = subprocess.Popen(command, env=env, start_new_session=True)
+    # Both stay in this command's process group: stopping the group stops them all.
+    supernode = subprocess.Popen(command, env=env)
 
     def stop(*_):
         for process in (supernode, worker):
             if process is not None and process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
+                process.terminate()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -127,7 +128,7 @@ def cmd_supernode(args: argparse.Namespace) -> int:
                 try:
                     process.wait(timeout=15)
                 except subprocess.TimeoutExpired:
-                    os.killpg(process.pid, signal.SIGKILL)
+                    process.kill()
     return code
 
 
