@@ -18,12 +18,8 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.timeout(1200),
-    pytest.mark.skipif(os.environ.get("FL_KERAS_README_DEPLOY") != "1",
-                       reason="set FL_KERAS_README_DEPLOY=1 (uses fixed ports and the repository's deploy/)"),
-]
+opt_in = pytest.mark.skipif(os.environ.get("FL_KERAS_README_DEPLOY") != "1",
+                            reason="set FL_KERAS_README_DEPLOY=1 (uses fixed ports and the repository's deploy/)")
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,6 +39,9 @@ def test_readme_block_is_complete():
         assert step in block
 
 
+@pytest.mark.integration
+@pytest.mark.timeout(1200)
+@opt_in
 def test_readme_loopback_steps_work_verbatim():
     for port in (9092, 9094, 9095, 9096):
         with socket.socket() as probe:
