@@ -24,9 +24,12 @@ from fl_app.byzantine import poison_labels, poison_weights
 from fl_app.client import KerasClient, compile_model
 from fl_app.data import ClientData, client_data
 from fl_app.delivery import answer_export_check, is_export_check
+from fl_app.node_worker import keras_worker_mod
 from fl_app.settings import Settings
 
-app = ClientApp()
+# keras_worker_mod: in deployment, a SuperNode whose node config names a warm worker
+# (keras-worker='SOCKET') runs messages there instead of importing TensorFlow per message.
+app = ClientApp(mods=[keras_worker_mod])
 
 
 @functools.lru_cache(maxsize=4)

@@ -290,6 +290,11 @@ def client_data(settings: Settings, partition_id: int, data_path: str = "") -> C
     seed = settings.seed + 1000 * (partition_id + 1)
     path = data_path or settings.data_path
     if settings.dataset == "local-file" or data_path:
+        if not path:
+            raise DataFileError(
+                "dataset='local-file' but this node has no data file: start its SuperNode with "
+                "--node-config \"data-path='/path/to/local.npz'\" (or set data-path in the run config)"
+            )
         file = path.replace("{partition-id}", str(partition_id))
         x, y = load_local_file(file, settings.label_column)
         num_classes = settings.num_classes or int(y.max()) + 1

@@ -17,6 +17,7 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from fl_app.checkpoint import check_compatible, load_checkpoint, restore_strategy_state, save_checkpoint
 from fl_app.delivery import BestWeights, TrainReplyRecorder, finish_run
 from fl_app.federation import run_rounds
 from fl_app.outputs import RoundRecord, RunDirectory
@@ -88,11 +89,20 @@ def main(grid: Grid, context: Context) -> None:
     model = build_model(settings.model, input_shape, num_classes, settings.seed)
     evaluator = CentralEvaluator(model, *test_set) if test_set is not None else None
     initial = ArrayRecord(model.get_weights())
+    history: list[RoundRecord] = []
+    first_round = 1
+    if settings.resume_from:  # continue after the last round that the earlier run completed
+        checkpoint = load_checkpoint(settings.resume_from)
+        check_compatible(checkpoint, model.get_weights())
+        restore_strategy_state(strategy, checkpoint.strategy_state)
+        initial = ArrayRecord(checkpoint.weights)
+        history = checkpoint.history
+        first_round = checkpoint.round + 1
+        log(INFO, "Resuming from %s after round %d", settings.resume_from, checkpoint.round)
 
     run_dir = RunDirectory(settings.output_dir, settings.strategy)
     run_dir.write_json("config.json", settings.to_run_config())
     log(INFO, "Run directory: %s", run_dir.path)
-    history: list[RoundRecord] = []
     recorder = TrainReplyRecorder(grid)  # who trained last: the export check asks the others
     best = BestWeights() if settings.export_best else None
 
@@ -101,6 +111,8 @@ def main(grid: Grid, context: Context) -> None:
         run_dir.write_history(history)
         if best is not None:
             best.update(record, arrays)
+        save_checkpoint(run_dir.path, record.round, arrays.to_numpy_ndarrays(), history, strategy,
+                        dict(context.run_config))
 
     if settings.secure_aggregation:  # Flower's legacy SecAgg+ workflow (fl_app.secure_aggregation)
         from fl_app.secure_aggregation import run_secure_rounds
@@ -110,9 +122,12 @@ def main(grid: Grid, context: Context) -> None:
         arrays, _ = run_rounds(
             recorder, strategy, initial,
             num_rounds=settings.num_server_rounds,
+            first_round=first_round,
             timeout=settings.round_timeout,
             evaluate_fn=evaluator,
             on_round_end=on_round_end,
+            min_train_replies=settings.min_train_replies,
+            sampling_seed=settings.seed,
         )
 
     model.set_weights(arrays.to_numpy_ndarrays())

@@ -123,6 +123,9 @@ class Settings:
     secagg_quantization_range: int = 4194304
     fault_partition_ids: str = ""
     fault_round: int = 0
+    # Edge deployment: faults and resumable server (issue 5)
+    min_train_replies: int = 1
+    resume_from: str = ""
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> Settings:
@@ -174,6 +177,12 @@ class Settings:
         if not self.output_dir:
             raise SettingsError("output-dir must not be empty")
         self._validate_export()
+        self._validate_deployment()
+
+    def _validate_deployment(self) -> None:
+        # resume-from is checked by the server when it loads the checkpoint (fl_app.checkpoint):
+        # the clients parse the same run config and do not hold the server's run directory.
+        _at_least("min-train-replies", self.min_train_replies, 1)
 
     def _validate_strategy(self) -> None:
         from strategies.registry import StrategyNameError, check_strategy_name
@@ -332,18 +341,16 @@ class Settings:
                 "when dataset='huggingface'"
             )
         if self.dataset == "local-file":
-            if not self.data_path:
-                raise SettingsError(
-                    "data-path must name a .npz or .csv file when dataset='local-file' "
-                    "(a '{partition-id}' placeholder gives each simulated node its own file)"
-                )
-            first = Path(self.data_path.replace("{partition-id}", "0")).expanduser()
-            if first.suffix.lower() not in (".npz", ".csv"):
-                raise SettingsError(
-                    f"data-path must end in .npz or .csv, got '{self.data_path}'"
-                )
-            if not first.is_file():
-                raise SettingsError(f"data-path '{self.data_path}' does not exist ({first})")
+            # An empty data-path is the deployment case: every SuperNode names its own file
+            # (--node-config "data-path='...'") and reports a missing or bad one in its reply.
+            if self.data_path:
+                first = Path(self.data_path.replace("{partition-id}", "0")).expanduser()
+                if first.suffix.lower() not in (".npz", ".csv"):
+                    raise SettingsError(
+                        f"data-path must end in .npz or .csv, got '{self.data_path}'"
+                    )
+                if not first.is_file():
+                    raise SettingsError(f"data-path '{self.data_path}' does not exist ({first})")
             if self.num_classes < 2 or not self.input_shape:
                 raise SettingsError(
                     "dataset='local-file' needs num-classes (>= 2) and input-shape (e.g. '64' or "

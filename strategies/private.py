@@ -99,6 +99,9 @@ class DpFedAvgStrategy(AggregationStrategy):
     **kwargs : :class:`AggregationStrategy` / FedAvg arguments (server step, evaluation sampling, …)
     """
 
+    min_train_replies = 0
+    """The round loop's minimum of replies: the mechanism runs (and is accounted) on any sample."""
+
     def __init__(
         self,
         rule: Rule,

@@ -1,0 +1,101 @@
+"""Round time: simulation vs deployment (Flower's process per message) vs deployment with warm workers.
+
+One configuration for all three: N nodes, each with its own ``node-<i>.npz`` (the digits
+partitions), ``dataset='local-file'``, the MLP, 1 local epoch, FedAvg, R rounds, federated
+evaluation on every node. The figure is the server's own per-round time from ``history.json``
+(train + evaluate, sending and receiving included), first round and later rounds apart.
+
+    uv run python scripts/bench_deploy.py --nodes 3 --rounds 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from fl_app.deploy import LoopbackDeployment, write_node_files
+from fl_app.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def config(nodes: int, rounds: int, output_dir: Path) -> str:
+    return (f"num-server-rounds={rounds} dataset='local-file' num-classes=10 input-shape='8,8,1' "
+            f"local-epochs=1 min-available-clients={nodes} min-train-clients={nodes} "
+            f"min-evaluate-clients={nodes} output-dir='{output_dir}'")
+
+
+def round_times(output_dir: Path) -> list[float]:
+    run_dir = Path((output_dir / "latest").read_text().strip())
+    history = json.loads((run_dir / "history.json").read_text())
+    return [r["seconds"] for r in history if r["round"] > 0]
+
+
+def simulation(work: Path, nodes: int, rounds: int) -> list[float]:
+    out = work / "sim"
+    template = str(work / "data" / "node-{partition-id}.npz")
+    result = subprocess.run(
+        [sys.executable, "-m", "fl_app.launcher", "--app", str(ROOT), "--clients", str(nodes),
+         "--output-dir", str(out), "--", "-c", f"{config(nodes, rounds, out)} data-path='{template}'"],
+        cwd=ROOT, capture_output=True, text=True, timeout=1800,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(result.stdout[-3000:] + result.stderr[-3000:])
+    return round_times(out)
+
+
+def deployment(work: Path, nodes: int, rounds: int, warm: bool) -> list[float]:
+    name = "warm" if warm else "cold"
+    out = work / name
+    with LoopbackDeployment(work / f"deploy-{name}", ROOT) as link:
+        workers = [link.start_worker(f"node-{i}", wait=False) if warm else None for i in range(nodes)]
+        for i in range(nodes):
+            key, _ = link.node_keys(f"node-{i}")
+            worker = workers[i]
+            if warm:
+                link.wait_worker(f"node-{i}")
+            link.start_node(f"node-{i}", {"data-path": str(work / "data" / f"node-{i}.npz"), "partition-id": i},
+                            private_key=key, worker=worker)
+        for i in range(nodes):
+            link.node_id(f"node-{i}")
+        status = link.wait(link.submit(config(nodes, rounds, out)), timeout=3600)
+        if status != "finished:completed":
+            raise RuntimeError(f"{name} run ended {status}: {link.log('superlink')[-3000:]}")
+    return round_times(out)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--nodes", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--modes", default="simulation,cold,warm")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-deploy-") as tmp:
+        work = Path(tmp)
+        write_node_files(work / "data", Settings(num_partitions=args.nodes, partitioner="iid"))
+        results = {}
+        for mode in args.modes.split(","):
+            started = time.perf_counter()
+            if mode == "simulation":
+                times = simulation(work, args.nodes, args.rounds)
+            else:
+                times = deployment(work, args.nodes, args.rounds, warm=(mode == "warm"))
+            results[mode] = {
+                "first round s": round(times[0], 2),
+                "later rounds mean s": round(statistics.mean(times[1:]), 2) if len(times) > 1 else None,
+                "all rounds": [round(t, 2) for t in times],
+                "wall s (incl. start-up)": round(time.perf_counter() - started, 1),
+            }
+            print(mode, json.dumps(results[mode]), flush=True)
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""Operator commands for an edge deployment: certificates, SuperLink, node keys, SuperNodes.
+
+    uv run python scripts/edge.py certs --out deploy --hosts localhost,127.0.0.1 --nodes 3
+    uv run python scripts/edge.py superlink --certs deploy --host 0.0.0.0 --port 9092
+    uv run python scripts/edge.py connection --name edge --address 127.0.0.1:9092 --ca deploy/ca.pem
+    uv run python scripts/edge.py register --connection edge deploy/keys/node-0.pub ...
+    uv run python scripts/edge.py supernode --superlink 127.0.0.1:9092 --ca deploy/ca.pem \\
+        --key deploy/keys/node-0 --data-path /data/local.npz --runtime-port 9094
+    uv run python scripts/edge.py node-data --out deploy/data --nodes 3   # demo data files
+
+TLS and SuperNode authentication are on unless ``--insecure`` is given. See the README's
+"Deploy on edge machines" for the whole procedure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from fl_app import deploy
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    ca_pem, ca_key = out / "ca.pem", out / "ca.key"
+    if ca_pem.exists() and ca_key.exists():
+        print(f"CA kept: {ca_pem}")
+    else:
+        ca_pem, ca_key = deploy.make_ca(out)
+        print(f"CA: {ca_pem} (private key {ca_key}: keep it off the edge devices)")
+    cert, key = deploy.make_server_cert(out, ca_pem, ca_key, args.hosts.split(","))
+    print(f"SuperLink certificate for {args.hosts}: {cert}, key {key}")
+    names = [n for n in (args.node_names or "").split(",") if n] or [f"node-{i}" for i in range(args.nodes)]
+    for name in names:
+        private, public = deploy.make_node_keys(out / "keys", name)
+        print(f"SuperNode key pair: {private} (copy to the node), {public} (register it)")
+    return 0
+
+
+def cmd_node_keys(args: argparse.Namespace) -> int:
+    for name in args.names:
+        private, public = deploy.make_node_keys(args.out, name)
+        print(f"SuperNode key pair: {private}, {public}")
+    return 0
+
+
+def cmd_connection(args: argparse.Namespace) -> int:
+    home = Path(args.flwr_home or os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
+    config = deploy.write_connection(
+        home, args.name, args.address,
+        root_certificates=None if args.insecure else args.ca, insecure=args.insecure,
+    )
+    print(f"Connection '{args.name}' -> {args.address} written to {config}")
+    return 0
+
+
+def _exec(command: list[str], env: dict[str, str]) -> int:
+    print("$ " + " ".join(command), flush=True)
+    os.execvpe(command[0], command, env)
+    return 1  # not reached
+
+
+def cmd_superlink(args: argparse.Namespace) -> int:
+    if not args.insecure and not args.certs:
+        sys.exit("superlink: --certs DIR (ca.pem, superlink.pem, superlink.key) is required; "
+                 "--insecure only if you accept an unencrypted, unauthenticated link")
+    command = deploy.superlink_command(
+        host=args.host, port=args.port, certs_dir=args.certs, insecure=args.insecure,
+        node_auth=not args.no_node_auth, database=args.database, log_file=args.log_file,
+    )
+    return _exec(command, deploy.deployment_env(args.flwr_home))
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    env = deploy.deployment_env(args.flwr_home)
+    status = 0
+    for key in args.keys:
+        result = subprocess.run(deploy.register_command(key, args.connection, Path(key).stem),
+                                env=env, timeout=120)
+        status = status or result.returncode
+    return status
+
+
+def cmd_supernode(args: argparse.Namespace) -> int:
+    if not args.insecure and not args.ca:
+        sys.exit("supernode: --ca ca.pem is required; --insecure only if the SuperLink runs without TLS")
+    if not args.insecure and not args.key:
+        print("warning: no --key: the SuperLink refuses this node if it enforces node authentication",
+              file=sys.stderr)
+    node_config: dict[str, object] = {}
+    if args.data_path:
+        node_config["data-path"] = str(Path(args.data_path).expanduser().resolve())
+    if args.partition_id is not None:
+        node_config["partition-id"] = args.partition_id
+    env = deploy.deployment_env(args.flwr_home)
+    worker = None
+    if not args.no_worker:
+        socket_path = Path(args.worker_socket or f"/tmp/fl-keras-worker-{args.runtime_port}.sock")
+        node_config["keras-worker"] = str(socket_path)
+        worker = subprocess.Popen([sys.executable, "-m", "fl_app.node_worker", "--socket", str(socket_path)],
+                                  env=env)
+        print(f"Keras worker started: pid {worker.pid}, socket {socket_path}", flush=True)
+    command = deploy.supernode_command(
+        args.superlink, runtime_port=args.runtime_port, root_certificates=args.ca,
+        private_key=args.key, insecure=args.insecure, node_config=node_config,
+    )
+    print("$ " + " ".join(command), flush=True)
+    # Both stay in this command's process group: stopping the group stops them all.
+    supernode = subprocess.Popen(command, env=env)
+
+    def stop(*_):
+        for process in (supernode, worker):
+            if process is not None and process.poll() is None:
+                process.terminate()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        code = supernode.wait()
+    finally:
+        stop()
+        for process in (supernode, worker):
+            if process is not None:
+                try:
+                    process.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+    return code
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    import time
+
+    import httpx
+
+    scheme, verify = ("http", False) if args.insecure else ("https", args.ca)
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{scheme}://{args.address}/health", verify=verify, timeout=1.0).is_success:
+                print(f"SuperLink at {args.address} is up")
+                return 0
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    print(f"SuperLink at {args.address} did not answer within {args.timeout:g} s", file=sys.stderr)
+    return 1
+
+
+def cmd_node_data(args: argparse.Namespace) -> int:
+    from fl_app.settings import Settings
+
+    settings = Settings(dataset=args.dataset, num_partitions=args.nodes, partitioner=args.partitioner,
+                        seed=args.seed)
+    for path in deploy.write_node_files(args.out, settings):
+        print(path)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="scripts/edge.py", description=__doc__.split("\n")[0])
+    sub = root.add_subparsers(dest="command", required=True)
+    home = {"default": None, "help": "FLWR_HOME for the flwr CLI (default: $FLWR_HOME or ~/.flwr)"}
+
+    p = sub.add_parser("certs", help="CA, SuperLink certificate and SuperNode key pairs")
+    p.add_argument("--out", required=True, help="folder for ca.pem, superlink.pem/.key, keys/")
+    p.add_argument("--hosts", required=True,
+                   help="comma-separated names and IPs the SuperLink is reached by, e.g. localhost,127.0.0.1,10.0.0.5")
+    p.add_argument("--nodes", type=int, default=0, help="make key pairs node-0 .. node-(N-1)")
+    p.add_argument("--node-names", default="", help="or: comma-separated key names")
+    p.set_defaults(func=cmd_certs)
+
+    p = sub.add_parser("node-keys", help="one more SuperNode key pair")
+    p.add_argument("--out", required=True)
+    p.add_argument("names", nargs="+")
+    p.set_defaults(func=cmd_node_keys)
+
+    p = sub.add_parser("connection", help="a SuperLink connection for the flwr CLI")
+    p.add_argument("--flwr-home", **home)
+    p.add_argument("--name", default="edge")
+    p.add_argument("--address", required=True, help="HOST:PORT of the SuperLink")
+    p.add_argument("--ca", help="the CA certificate (ca.pem)")
+    p.add_argument("--insecure", action="store_true")
+    p.set_defaults(func=cmd_connection)
+
+    p = sub.add_parser("superlink", help="start a SuperLink (TLS and node authentication on)")
+    p.add_argument("--flwr-home", **home)
+    p.add_argument("--certs", help="folder with ca.pem, superlink.pem, superlink.key")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
+    p.add_argument("--port", type=int, default=9092)
+    p.add_argument("--database", help="SQLite file: registered nodes and runs survive a restart")
+    p.add_argument("--log-file")
+    p.add_argument("--no-node-auth", action="store_true", help="accept any SuperNode (TLS stays on)")
+    p.add_argument("--insecure", action="store_true", help="no TLS and no node authentication")
+    p.set_defaults(func=cmd_superlink)
+
+    p = sub.add_parser("register", help="register SuperNode public keys on the SuperLink")
+    p.add_argument("--flwr-home", **home)
+    p.add_argument("--connection", default="edge")
+    p.add_argument("keys", nargs="+", help="public key files (*.pub)")
+    p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("supernode", help="start a SuperNode (and its warm Keras worker)")
+    p.add_argument("--flwr-home", **home)
+    p.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
+    p.add_argument("--ca", help="the CA certificate (ca.pem)")
+    p.add_argument("--key", help="this node's private key (keys/node-<i>)")
+    p.add_argument("--data-path", help="this node's .npz (x, y) or .csv data file")
+    p.add_argument("--partition-id", type=int, default=None,
+                   help="only for pooled demo data sets; also seeds local shuffling")
+    p.add_argument("--runtime-port", type=int, default=9094, help="one free port per SuperNode on a host")
+    p.add_argument("--no-worker", action="store_true",
+                   help="import TensorFlow in every message's process (Flower's default)")
+    p.add_argument("--worker-socket", help="default /tmp/fl-keras-worker-<runtime-port>.sock")
+    p.add_argument("--insecure", action="store_true")
+    p.set_defaults(func=cmd_supernode)
+
+    p = sub.add_parser("wait", help="wait until the SuperLink answers (TLS verified with --ca)")
+    p.add_argument("--address", required=True, help="HOST:PORT of the SuperLink")
+    p.add_argument("--ca", help="the CA certificate (ca.pem)")
+    p.add_argument("--insecure", action="store_true")
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.set_defaults(func=cmd_wait)
+
+    p = sub.add_parser("node-data", help="demo: write each partition of a data set as node-<i>.npz")
+    p.add_argument("--out", required=True)
+    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--dataset", default="digits", choices=("digits", "synthetic"))
+    p.add_argument("--partitioner", default="iid", choices=("iid", "dirichlet", "shards"))
+    p.add_argument("--seed", type=int, default=42)
+    p.set_defaults(func=cmd_node_data)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""Unit tests of the deployment tooling: PKI, commands, connections, the warm worker's protocol."""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+import time
+import tomllib
+
+import numpy as np
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.supercore.task_identity import TaskIdentity
+
+from fl_app import deploy, node_worker
+from fl_app.data import DataFileError
+
+
+def test_superlink_certificate_is_signed_by_the_ca_for_the_given_hosts(tmp_path):
+    ca_pem, ca_key = deploy.make_ca(tmp_path)
+    cert_pem, key = deploy.make_server_cert(tmp_path, ca_pem, ca_key, ["localhost", "10.0.0.5", "fl.example.org"])
+    ca = x509.load_pem_x509_certificate(ca_pem.read_bytes())
+    cert = x509.load_pem_x509_certificate(cert_pem.read_bytes())
+    cert.verify_directly_issued_by(ca)  # raises if the signature or issuer is wrong
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["localhost", "fl.example.org"]
+    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.0.0.5")]
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert oct(key.stat().st_mode & 0o777) == "0o600" and oct(ca_key.stat().st_mode & 0o777) == "0o600"
+    with pytest.raises(ValueError, match="neither a host name nor an IP"):
+        deploy.make_server_cert(tmp_path, ca_pem, ca_key, ["http://x"])
+    with pytest.raises(ValueError, match="at least one host"):
+        deploy.make_server_cert(tmp_path, ca_pem, ca_key, [" "])
+
+
+def test_node_keys_are_what_flower_loads(tmp_path):
+    from flwr.cli.supernode.register import try_load_public_key
+
+    private, public = deploy.make_node_keys(tmp_path, "node-0")
+    key = load_ssh_private_key(private.read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+    assert load_ssh_public_key(public.read_bytes()).public_numbers() == key.public_key().public_numbers()
+    assert try_load_public_key(public)  # the check `flwr supernode register` runs
+    assert oct(private.stat().st_mode & 0o777) == "0o600"
+    with pytest.raises(ValueError, match="plain file name"):
+        deploy.make_node_keys(tmp_path, "../evil")
+
+
+def test_connection_config_is_valid_toml(tmp_path):
+    deploy.write_connection(tmp_path, "edge", "10.0.0.5:9092", root_certificates=tmp_path / "ca.pem")
+    deploy.write_connection(tmp_path, "lab", "127.0.0.1:9093", insecure=True, default=False)
+    config = tomllib.loads((tmp_path / "config.toml").read_text())
+    assert config["superlink"]["default"] == "edge"
+    assert config["superlink"]["edge"] == {"address": "10.0.0.5:9092",
+                                           "root-certificates": str((tmp_path / "ca.pem").resolve())}
+    assert config["superlink"]["lab"] == {"address": "127.0.0.1:9093", "insecure": True}
+    assert config["superlink"]["local"] == {"address": ":local:"}
+    with pytest.raises(ValueError, match="either root_certificates"):
+        deploy.write_connection(tmp_path, "x", "h:1")
+
+
+def test_commands_are_secure_unless_insecure_is_asked_for(tmp_path):
+    with pytest.raises(ValueError, match="needs certs_dir"):
+        deploy.superlink_command()
+    with pytest.raises(FileNotFoundError, match="ca.pem is missing"):
+        deploy.superlink_command(certs_dir=tmp_path)
+    ca, ca_key = deploy.make_ca(tmp_path)
+    deploy.make_server_cert(tmp_path, ca, ca_key, ["localhost"])
+    command = deploy.superlink_command(certs_dir=tmp_path, port=9100)
+    assert "--enable-supernode-auth" in command and "--insecure" not in command
+    assert command[command.index("--ssl-certfile") + 1] == str(tmp_path / "superlink.pem")
+    assert "--disable-runtime-dependency-installation" in command
+    assert "--insecure" in deploy.superlink_command(insecure=True)
+
+    with pytest.raises(ValueError, match="needs root_certificates"):
+        deploy.supernode_command("h:1")
+    node = deploy.supernode_command("h:9092", runtime_port=9111, root_certificates=ca, private_key="k",
+                                    node_config={"data-path": "/d/x.npz", "partition-id": 2})
+    assert node[node.index("--node-config") + 1] == 'data-path="/d/x.npz" partition-id=2'
+    assert node[node.index("--port") + 1] == "9111" and "--insecure" not in node
+    assert node[node.index("--auth-supernode-private-key") + 1] == "k"
+    with pytest.raises(ValueError, match="may not contain"):
+        deploy.format_node_config({"data-path": 'a"b'})
+
+
+def test_node_files_hold_the_simulation_partitions(tmp_path):
+    from fl_app.data import federated_data
+    from fl_app.settings import Settings
+
+    settings = Settings(num_partitions=3, partitioner="iid")
+    paths = deploy.write_node_files(tmp_path, settings)
+    data = federated_data(settings)
+    assert [p.name for p in paths] == ["node-0.npz", "node-1.npz", "node-2.npz"]
+    with np.load(paths[1]) as archive:
+        np.testing.assert_array_equal(archive["y"], data.y[data.partitions[1]])
+        assert archive["x"].shape[1:] == (8, 8, 1)
+
+
+# --------------------------------------------------------------------------- warm worker protocol
+
+worker_app = ClientApp()
+
+
+@worker_app.train()
+def _train(msg: Message, context: Context) -> Message:
+    if context.node_config.get("data-path") == "bad":
+        raise DataFileError("data file 'bad' holds no examples")
+    assert node_worker.NODE_CONFIG_KEY not in context.node_config  # the worker runs it directly
+    weights = [w * 2 for w in msg.content["arrays"].to_numpy_ndarrays()]
+    context.state["seen"] = MetricRecord({"count": 1})
+    return Message(RecordDict({"arrays": ArrayRecord(weights),
+                               "metrics": MetricRecord({"num-examples": 5})}), reply_to=msg)
+
+
+@pytest.fixture
+def worker(tmp_path):
+    socket_path = tmp_path / "w.sock"
+    thread = threading.Thread(target=node_worker.serve, args=(socket_path, f"{__name__}:worker_app"),
+                              kwargs={"warm_up": False}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not socket_path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
+    return socket_path
+
+
+def _message_and_context(socket_path, data_path="good"):
+    message = Message(RecordDict({"arrays": ArrayRecord([np.ones(3, np.float32)])}),
+                      dst_node_id=7, message_type="train")
+    context = Context(run_id=1, node_id=7, state=RecordDict(), run_config={},
+                      node_config={"data-path": data_path, node_worker.NODE_CONFIG_KEY: str(socket_path)})
+    return message, context
+
+
+def test_worker_runs_the_message_and_returns_reply_and_state(worker):
+    message, context = _message_and_context(worker)
+    calls = []
+    reply = node_worker.keras_worker_mod(message, context, lambda m, c: calls.append(m))
+    assert calls == []  # not run in-process
+    np.testing.assert_array_equal(reply.content["arrays"].to_numpy_ndarrays()[0], 2.0)
+    assert reply.metadata.reply_to_message_id == message.metadata.message_id
+    assert context.state["seen"]["count"] == 1
+
+
+def test_worker_errors_come_back_as_the_same_exception(worker):
+    message, context = _message_and_context(worker, data_path="bad")
+    with pytest.raises(DataFileError, match="holds no examples"):
+        node_worker.keras_worker_mod(message, context, lambda m, c: None)
+
+
+def test_no_worker_or_other_code_runs_in_process(worker, tmp_path, monkeypatch):
+    fallback = object()
+    message, context = _message_and_context(tmp_path / "absent.sock")
+    monkeypatch.setattr(node_worker, "CONNECT_TIMEOUT_S", 0.2)
+    assert node_worker.keras_worker_mod(message, context, lambda m, c: fallback) is fallback
+    message, context = _message_and_context(worker)
+    answer = node_worker.handle({"digest": "other code", "message": message, "context": context}, worker_app)
+    assert answer["status"] == "code-mismatch"
+
+
+def test_worker_refuses_a_client_without_the_key(worker):
+    from multiprocessing import AuthenticationError
+    from multiprocessing.connection import Client
+
+    with pytest.raises((AuthenticationError, EOFError, ConnectionError)):
+        Client(str(worker), family="AF_UNIX", authkey=b"wrong key" * 4)
+    # and it still serves the right one afterwards
+    message, context = _message_and_context(worker)
+    assert node_worker.keras_worker_mod(message, context, lambda m, c: None) is not None

@@ -1,0 +1,150 @@
+"""Integration: a real deployment on loopback, SuperLink and SuperNodes as separate processes.
+
+TLS and SuperNode authentication are on. Each SuperNode reads its own data file and runs its
+messages in a warm Keras worker (fl_app.node_worker), except the node with the corrupt file, which
+runs them the Flower way (a fresh process per message).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fl_app.deploy import LoopbackDeployment, stop_process_group, write_node_files
+from fl_app.settings import Settings
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCAL = "dataset='local-file' num-classes=10 input-shape='8,8,1' local-epochs=1"
+
+
+def _history(output_dir: Path) -> tuple[Path, list[dict]]:
+    run_dir = Path((output_dir / "latest").read_text().strip())
+    return run_dir, json.loads((run_dir / "history.json").read_text())
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.3)
+
+
+def test_tls_auth_run_survives_a_killed_node_and_a_corrupt_file(tmp_path):
+    files = write_node_files(tmp_path / "data", Settings(num_partitions=3, partitioner="iid"))
+    corrupt = tmp_path / "data" / "corrupt.npz"
+    np.savez(corrupt, x=np.zeros((20, 64), np.float32), y=np.full(20, 12))  # labels outside [0, 10)
+    out = tmp_path / "outputs"
+
+    with LoopbackDeployment(tmp_path / "deploy", ROOT) as deployment:
+        workers = [deployment.start_worker(f"node-{i}", wait=False) for i in range(3)]
+        # An unregistered key is refused: that SuperNode gives up and exits.
+        stranger_key, _ = deployment.node_keys("stranger", register=False)
+        stranger = deployment.start_node("stranger", {"data-path": str(files[0])}, private_key=stranger_key)
+        assert stranger.wait(timeout=120) != 0
+        assert "Failed to activate SuperNode" in deployment.log("stranger")
+
+        for i in range(3):
+            deployment.wait_worker(f"node-{i}")
+        nodes = {}
+        for i in range(3):
+            key, _ = deployment.node_keys(f"node-{i}")
+            nodes[i] = deployment.start_node(
+                f"node-{i}", {"data-path": str(files[i]), "partition-id": i},
+                private_key=key, worker=workers[i],
+            )
+        key, _ = deployment.node_keys("node-bad")
+        deployment.start_node("node-bad", {"data-path": str(corrupt), "partition-id": 3}, private_key=key)
+        ids = {name: deployment.node_id(name) for name in ("node-0", "node-1", "node-2", "node-bad")}
+
+        run_id = deployment.submit(
+            f"num-server-rounds=2 {LOCAL} min-available-clients=3 min-train-clients=3 "
+            f"min-evaluate-clients=3 min-train-replies=2 round-timeout=90 output-dir='{out}'"
+        )
+        # Kill node-2 (SIGKILL, no goodbye) once it has received its round-2 train message.
+        _wait_for(lambda: deployment.log("node-2").count("Receiving: train message") >= 2, 400,
+                  "node-2 to receive its round-2 train message")
+        stop_process_group(nodes[2], sig=signal.SIGKILL)
+        status = deployment.wait(run_id, timeout=420)
+        assert status == "finished:completed", deployment.log("superlink")[-3000:]
+
+    run_dir, history = _history(out)
+    assert [r["round"] for r in history] == [1, 2]
+    round1, round2 = history
+    # Round 1: three nodes trained; the corrupt file is reported by its node, with the reason.
+    assert round1["clients_replied"] == 3
+    bad = [f for f in round1["failures"] if f.startswith(f"node {ids['node-bad']}:")]
+    assert bad and "DataFileError" in bad[0] and "label 12 is outside [0, 10)" in bad[0], round1["failures"]
+    # Round 2: node-2 was killed mid-round; the others trained and the round aggregated.
+    assert round2["clients_replied"] == 2 and round2["clients_failed"] == 2, round2["failures"]
+    killed = [f for f in round2["failures"] if f.startswith(f"node {ids['node-2']}:")]
+    assert len(killed) == 1, round2["failures"]  # Node Unavailable, or no reply within round-timeout
+    assert not any("round skipped" in f for f in round2["failures"])
+    assert round2["train_loss"] is not None and round2["federated_accuracy"] > 0.5
+    assert (run_dir / "model.keras").exists() and (run_dir / "checkpoint" / "weights.npz").exists()
+
+
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
+    files = write_node_files(tmp_path / "data", Settings(num_partitions=2, partitioner="iid"))
+    config = (f"num-server-rounds=4 {LOCAL} strategy='fedadam' server-learning-rate=0.05 "
+              "min-available-clients=2 min-train-clients=2 fraction-evaluate=0.01 "
+              "min-evaluate-clients=0 round-timeout=120")
+
+    with LoopbackDeployment(tmp_path / "deploy", ROOT) as deployment:
+        workers = [deployment.start_worker(f"node-{i}", wait=False) for i in range(2)]
+        for i in range(2):
+            key, _ = deployment.node_keys(f"node-{i}")
+            deployment.wait_worker(f"node-{i}")
+            deployment.start_node(f"node-{i}", {"data-path": str(files[i]), "partition-id": i},
+                                  private_key=key, worker=workers[i])
+
+        whole = tmp_path / "whole"
+        status = deployment.wait(deployment.submit(f"{config} output-dir='{whole}'"), timeout=400)
+        assert status == "finished:completed", deployment.log("superlink")[-3000:]
+
+        # Stop the server process after round 2 of 4, then resume from its run directory.
+        parts = tmp_path / "parts"
+        run_id = deployment.submit(f"{config} output-dir='{parts}'")
+
+        def completed_round() -> int:
+            latest = parts / "latest"
+            state = Path(latest.read_text().strip()) / "checkpoint" / "state.json" if latest.exists() else None
+            return json.loads(state.read_text())["round"] if state and state.exists() else -1
+
+        _wait_for(lambda: completed_round() >= 2, 400, "round 2 of the interrupted run")
+        deployment.stop_run(run_id)
+        assert deployment.wait(run_id, timeout=120).startswith("finished:")
+        stopped_dir = Path((parts / "latest").read_text().strip())
+        assert json.loads((stopped_dir / "checkpoint" / "state.json").read_text())["round"] in (2, 3)
+
+        resumed = tmp_path / "resumed"
+        status = deployment.wait(
+            deployment.submit(f"{config} output-dir='{resumed}' resume-from='{stopped_dir}'"), timeout=400
+        )
+        assert status == "finished:completed", deployment.log("superlink")[-3000:]
+
+    whole_dir, whole_history = _history(whole)
+    resumed_dir, resumed_history = _history(resumed)
+    assert [r["round"] for r in resumed_history] == [1, 2, 3, 4]
+    with np.load(whole_dir / "checkpoint" / "weights.npz") as a, np.load(resumed_dir / "checkpoint" / "weights.npz") as b:
+        assert len(a.files) == len(b.files) == 6
+        for name in a.files:
+            np.testing.assert_allclose(a[name], b[name], rtol=1e-4, atol=1e-5)
+        moved = max(float(np.abs(a[n]).max()) for n in a.files)
+        assert moved > 0
+    # FedAdam's moments were restored, not restarted: the server state matches too.
+    for name in ("strategy.npz",):
+        with np.load(whole_dir / "checkpoint" / name) as a, np.load(resumed_dir / "checkpoint" / name) as b:
+            assert a.files and sorted(a.files) == sorted(b.files)
+            for key in a.files:
+                np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6)
+    assert [r["train_loss"] for r in resumed_history] == pytest.approx(
+        [r["train_loss"] for r in whole_history], rel=1e-4
+    )
