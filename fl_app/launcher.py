@@ -179,7 +179,13 @@ def run_status(env: dict[str, str], app: Path) -> str:
         return f"unknown ({result.stdout.strip() or result.stderr.strip()})"
     if not runs:
         return "unknown (no run listed)"
-    newest = max(runs, key=lambda r: r.get("run-id", 0) if isinstance(r.get("run-id"), int) else 0)
+    def run_id(run: dict) -> int:  # `flwr ls --format json` gives run ids as strings
+        try:
+            return int(run.get("run-id", 0))
+        except (TypeError, ValueError):
+            return 0
+
+    newest = max(runs, key=run_id)
     return str(newest.get("status", "unknown"))
 
 
