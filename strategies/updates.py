@@ -52,8 +52,14 @@ class ModelLayout:
     def size(self) -> int:
         return self.offsets[-1]
 
-    def flatten(self, record: ArrayRecord, out: np.ndarray | None = None) -> np.ndarray:
-        """The record's arrays concatenated into one float32 vector (checked against the layout)."""
+    def flatten(
+        self, record: ArrayRecord, out: np.ndarray | None = None, minus: np.ndarray | None = None
+    ) -> np.ndarray:
+        """The record's arrays concatenated into one float32 vector (checked against the layout).
+
+        With ``minus`` (a flat vector of the layout's size) it returns ``flat(record) - minus``,
+        computed in the same pass over the received bytes (one read, one write per value).
+        """
         vector = np.empty(self.size, np.float32) if out is None else out
         if tuple(record.keys()) != self.keys:
             raise ValueError(
@@ -67,7 +73,11 @@ class ModelLayout:
                     f"array '{key}' is {values.dtype}{list(values.shape)}, "
                     f"expected {self.dtypes[i]}{list(self.shapes[i])}"
                 )
-            vector[self.offsets[i]:self.offsets[i + 1]] = values.reshape(-1)
+            segment = slice(self.offsets[i], self.offsets[i + 1])
+            if minus is None:
+                vector[segment] = values.reshape(-1)
+            else:
+                np.subtract(values.reshape(-1), minus[segment], out=vector[segment], dtype=np.float32)
         return vector
 
     def unflatten(self, vector: np.ndarray) -> ArrayRecord:
@@ -162,8 +172,7 @@ def collect_updates(
             record, metrics = _reply_records(message)
             count = _num_examples(metrics)
             if decoder is None:
-                layout.flatten(record, out=row)
-                np.subtract(row, global_vector, out=row)
+                layout.flatten(record, out=row, minus=global_vector)
             else:
                 row[:] = decoder(record, layout.size)
             if not np.isfinite(row).all():

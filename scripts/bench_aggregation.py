@@ -1,0 +1,246 @@
+"""Aggregation benchmark: our rules against Flower 1.41's own Message-API strategies.
+
+For each size (K clients x P parameters, P split over four arrays like a two-layer model) the
+script builds K real reply ``Message`` objects (an ``ArrayRecord`` of new weights and a
+``MetricRecord`` with ``num-examples``), then calls ``aggregate_train`` of a Flower strategy and of
+the corresponding :class:`strategies.robust.AggregationStrategy` (built by
+``build_aggregation_strategy`` from a run config, after ``configure_train`` so that it knows the
+global arrays) on the same replies, side by side:
+
+=============  ======================================  ===========================================
+Flower         ours                                    same definition?
+=============  ======================================  ===========================================
+FedAvg         mean, weighting num-examples            yes: sum n_k w_k / sum n_k
+FedMedian      median                                  yes: np.median per coordinate
+FedTrimmedAvg  trimmed-mean, beta                      yes: floor(beta K) cut at each end
+Krum           krum, f                                 yes: n - f - 2 nearest, smallest score
+MultiKrum      multi-krum, f, m                        yes when Flower's average of the m selected
+                                                       is unweighted (weighted_by_key='unit', a
+                                                       metric equal to 1 in every reply)
+Bulyan         bulyan, f                               no: Flower selects theta = K - 2f by one
+                                                       Multi-Krum ranking, we by iterated Krum (the
+                                                       paper); the coordinate stage is the same
+=============  ======================================  ===========================================
+
+Times are the median of ``--repeats`` calls and include turning the replies into arrays (for
+ours: validation into the reused K x P float32 matrix; the first call also allocates it). Flower's
+FedMedian, FedTrimmedAvg and Bulyan consume the arrays of the replies they aggregate, so every call
+gets fresh ``Message`` objects that share the same immutable payload bytes (no copy). Peak extra
+memory is measured in a separate call under ``tracemalloc`` (NumPy reports its buffers to it):
+the peak of traced allocations during ``aggregate_train`` above what was allocated before it (the
+replies), on a fresh strategy, so our first-round buffer allocation is counted.
+
+    uv run python scripts/bench_aggregation.py                      # K in {10, 100}, P in {100k, 1M}
+    uv run python scripts/bench_aggregation.py --clients 100 --params 1000000 --rules median,krum
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import statistics
+import sys
+import time
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict  # noqa: E402
+from flwr.serverapp import strategy as flower  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+
+from strategies.robust import build_aggregation_strategy  # noqa: E402
+
+RULES = ("mean", "median", "trimmed-mean", "krum", "multi-krum", "bulyan")
+FLOWER_NAMES = {"mean": "FedAvg", "median": "FedMedian", "trimmed-mean": "FedTrimmedAvg",
+                "krum": "Krum", "multi-krum": "MultiKrum", "bulyan": "Bulyan"}
+SAME_DEFINITION = {"mean": True, "median": True, "trimmed-mean": True, "krum": True, "multi-krum": True,
+                   "bulyan": False}
+BETA = 0.2
+
+
+def _ensure_task_identity() -> None:
+    for name in ("run_id", "task_id", "node_id"):
+        if getattr(TaskIdentity, f"_{name}") is None:
+            setattr(TaskIdentity, name, 0 if name == "node_id" else 1)
+
+
+def model_shapes(num_params: int) -> list[tuple[int, ...]]:
+    """Four arrays like a two-layer dense model (kernel, bias, kernel, bias), about P values."""
+    hidden = 256
+    rest = num_params - hidden - 10
+    inputs = max(1, round(0.9 * rest / hidden))
+    outputs = max(1, (rest - inputs * hidden) // hidden)
+    return [(inputs, hidden), (hidden,), (hidden, outputs), (outputs,)]
+
+
+class Payloads:
+    """K clients' serialised arrays, built once; :meth:`replies` wraps them in fresh Messages."""
+
+    def __init__(self, num_clients: int, num_params: int, seed: int = 0) -> None:
+        _ensure_task_identity()
+        rng = np.random.default_rng(seed)
+        shapes = model_shapes(num_params)
+        self.global_arrays = [rng.standard_normal(s, dtype=np.float32) * np.float32(0.05) for s in shapes]
+        self.num_examples = rng.integers(20, 200, num_clients)
+        self.clients: list[list[tuple[str, Array]]] = []
+        for _ in range(num_clients):
+            weights = [g + rng.standard_normal(g.shape, dtype=np.float32) * np.float32(0.01)
+                       for g in self.global_arrays]
+            record = ArrayRecord(weights)
+            self.clients.append(list(record.items()))
+        self.num_params = sum(math.prod(s) for s in shapes)
+
+    def replies(self) -> list[Message]:
+        out = []
+        for node, (items, count) in enumerate(zip(self.clients, self.num_examples), start=1):
+            record = ArrayRecord(array_dict={k: Array(dtype=a.dtype, shape=tuple(a.shape), stype=a.stype, data=a.data)
+                                             for k, a in items})
+            metrics = MetricRecord({"num-examples": int(count), "unit": 1})
+            instruction = Message(content=RecordDict({"config": ConfigRecord({})}), dst_node_id=node,
+                                  message_type=MessageType.TRAIN)
+            out.append(Message(content=RecordDict({"arrays": record, "metrics": metrics}), reply_to=instruction))
+        return out
+
+
+class _Grid:
+    def __init__(self, num_nodes: int) -> None:
+        self.nodes = list(range(1, num_nodes + 1))
+
+    def get_node_ids(self) -> list[int]:
+        return self.nodes
+
+
+def byzantine_f(num_clients: int) -> int:
+    """f for Krum, Multi-Krum and Bulyan: a tenth of the clients, within Bulyan's n >= 4f + 3."""
+    return max(1, min(num_clients // 10, (num_clients - 3) // 4))
+
+
+def flower_strategy(rule: str, num_clients: int):
+    f = byzantine_f(num_clients)
+    common = dict(min_train_nodes=2, min_available_nodes=2)
+    if rule == "mean":
+        return flower.FedAvg(**common)
+    if rule == "median":
+        return flower.FedMedian(**common)
+    if rule == "trimmed-mean":
+        return flower.FedTrimmedAvg(beta=BETA, **common)
+    if rule == "krum":
+        return flower.Krum(num_malicious_nodes=f, **common)
+    if rule == "multi-krum":
+        return flower.MultiKrum(num_malicious_nodes=f, num_nodes_to_select=num_clients - f,
+                                weighted_by_key="unit", **common)
+    if rule == "bulyan":
+        return flower.Bulyan(num_malicious_nodes=f, **common)
+    raise ValueError(rule)
+
+
+def our_strategy(rule: str, num_clients: int, payloads: Payloads):
+    f = byzantine_f(num_clients)
+    config = {
+        "num-partitions": num_clients, "min-train-clients": num_clients, "min-available-clients": 2,
+        "client-weighting": "num-examples" if rule == "mean" else "uniform",
+        "trimmed-mean-beta": BETA, "krum-f": f, "multi-krum-m": num_clients - f, "bulyan-f": f,
+    }
+    strategy = build_aggregation_strategy(rule, config)
+    list(strategy.configure_train(1, ArrayRecord(payloads.global_arrays), ConfigRecord({}), _Grid(num_clients)))
+    return strategy
+
+
+def time_calls(make: Callable[[], Any], payloads: Payloads, repeats: int) -> tuple[float, float, ArrayRecord]:
+    """Median wall and CPU seconds of ``repeats`` calls of ``aggregate_train`` (one strategy, fresh
+    replies each). CPU time (``time.process_time``, one thread: run with OMP_NUM_THREADS=1) is the
+    figure to compare on a machine shared with other jobs, where wall time mostly measures waiting."""
+    strategy = make()
+    wall, cpu, result = [], [], None
+    for _ in range(repeats):
+        replies = payloads.replies()
+        gc.collect()
+        started, started_cpu = time.perf_counter(), time.process_time()
+        result, _ = strategy.aggregate_train(1, replies)
+        cpu.append(time.process_time() - started_cpu)
+        wall.append(time.perf_counter() - started)
+        del replies
+    return statistics.median(wall), statistics.median(cpu), result
+
+
+def peak_extra_bytes(make: Callable[[], Any], payloads: Payloads) -> int:
+    """tracemalloc peak during one aggregate_train on a fresh strategy, above the level before."""
+    strategy = make()
+    replies = payloads.replies()
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    strategy.aggregate_train(1, replies)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak - before
+
+
+def max_difference(ours: ArrayRecord, theirs: ArrayRecord) -> float:
+    a = np.concatenate([x.ravel() for x in ours.to_numpy_ndarrays()])
+    b = np.concatenate([x.ravel() for x in theirs.to_numpy_ndarrays()])
+    return float(np.max(np.abs(a.astype(np.float64) - b))) if a.shape == b.shape else float("inf")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", default="10,100")
+    parser.add_argument("--params", default="100000,1000000")
+    parser.add_argument("--rules", default=",".join(RULES))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-memory", action="store_true", help="skip the tracemalloc pass")
+    args = parser.parse_args()
+    rules = [r.strip() for r in args.rules.split(",")]
+    for rule in rules:
+        if rule not in RULES:
+            parser.error(f"unknown rule '{rule}'; known: {', '.join(RULES)}")
+
+    import logging
+
+    from flwr.common.logger import FLOWER_LOGGER
+
+    FLOWER_LOGGER.setLevel(logging.WARNING)  # Flower's strategies log every call at INFO
+
+    print("| K | P | Flower strategy | Flower CPU s | ours CPU s | speed-up (CPU) | Flower wall s | ours wall s "
+          "| Flower peak MB | ours peak MB | ours peak / KxP | same result? (max abs diff) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for num_clients in (int(k) for k in args.clients.split(",")):
+        for num_params in (int(p) for p in args.params.split(",")):
+            payloads = Payloads(num_clients, num_params)
+            matrix_bytes = 4 * num_clients * payloads.num_params
+            for rule in rules:
+                make_flower = lambda: flower_strategy(rule, num_clients)  # noqa: E731
+                make_ours = lambda: our_strategy(rule, num_clients, payloads)  # noqa: E731
+                flower_s, flower_cpu, flower_result = time_calls(make_flower, payloads, args.repeats)
+                ours_s, ours_cpu, ours_result = time_calls(make_ours, payloads, args.repeats)
+                difference = max_difference(ours_result, flower_result)
+                if args.no_memory:
+                    flower_mb = ours_mb = ratio = "-"
+                else:
+                    flower_peak = peak_extra_bytes(make_flower, payloads)
+                    ours_peak = peak_extra_bytes(make_ours, payloads)
+                    flower_mb, ours_mb = f"{flower_peak / 2**20:.0f}", f"{ours_peak / 2**20:.0f}"
+                    ratio = f"{ours_peak / matrix_bytes:.2f}"
+                tolerance = 1e-5
+                if SAME_DEFINITION[rule]:
+                    verdict = ("yes" if difference <= tolerance else "NO") + f" ({difference:.1e})"
+                else:
+                    verdict = f"definitions differ ({difference:.1e})"
+                print(f"| {num_clients} | {payloads.num_params} | {FLOWER_NAMES[rule]} | {flower_cpu:.3f} | "
+                      f"{ours_cpu:.3f} | {flower_cpu / ours_cpu:.1f}x | {flower_s:.2f} | {ours_s:.2f} | "
+                      f"{flower_mb} | {ours_mb} | {ratio} | {verdict} |", flush=True)
+                del flower_result, ours_result
+            del payloads
+            gc.collect()
+
+
+if __name__ == "__main__":
+    main()
