@@ -4,6 +4,9 @@ It works on Flower's legacy stack as it is (``client.to_client()``), and the Mes
 in :mod:`fl_app.client_app` adapts it. A compiled model can be reused across many clients on one
 worker: :meth:`KerasClient.fit` sets the global weights, resets the optimizer's state and re-seeds
 TensorFlow, so nothing leaks from one client (or round) to the next and Keras never retraces.
+Training and evaluation run through :mod:`fl_app.fast_train` (the model's own ``train_step`` in a
+``tf.function`` traced once, called per batch), not ``model.fit``/``model.evaluate``, whose per-call
+set-up costs far more than training a small client's data.
 
 FedProx (Li et al. 2020) adds ``mu / 2 * ||w - w_global||^2`` to the local loss; ``mu`` comes from
 the fit config key ``proximal-mu`` (Flower's ``FedProx`` strategy sends it).
@@ -19,6 +22,7 @@ from flwr.client import NumPyClient
 
 import fl_app  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 from fl_app.data import ClientData
+from fl_app.fast_train import loop_for
 
 
 class ProximalTerm:
@@ -118,18 +122,18 @@ class KerasClient(NumPyClient):
         if self.proximal is not None:
             self.proximal.set(mu, self.model)
         reset_optimizer(self.model.optimizer)
-        tf.keras.utils.set_random_seed(self.seed + int(config.get("server-round", 0)))
-        history = self.model.fit(
+        seed = self.seed + int(config.get("server-round", 0))
+        tf.keras.utils.set_random_seed(seed)
+        logs = loop_for(self.model).fit(
             self.data.x_train,
             self.data.y_train,
             epochs=int(config.get("local-epochs", self.local_epochs)),
             batch_size=int(config.get("batch-size", self.batch_size)),
-            shuffle=True,
-            verbose=0,
+            seed=seed,
         )
         metrics = {
-            "train-loss": float(history.history["loss"][-1]),
-            "train-accuracy": float(history.history["accuracy"][-1]),
+            "train-loss": logs["loss"],
+            "train-accuracy": logs["accuracy"],
             "fit-seconds": time.perf_counter() - started,
         }
         return self.model.get_weights(), len(self.data.y_train), metrics
@@ -142,10 +146,5 @@ class KerasClient(NumPyClient):
         self.model.set_weights(parameters)
         if self.proximal is not None:
             self.proximal.set(0.0, self.model)
-        loss, accuracy = self.model.evaluate(
-            self.data.x_test,
-            self.data.y_test,
-            batch_size=max(256, int(config.get("batch-size", self.batch_size))),
-            verbose=0,
-        )
+        loss, accuracy = loop_for(self.model).evaluate(self.data.x_test, self.data.y_test)
         return float(loss), len(self.data.y_test), {"accuracy": float(accuracy)}

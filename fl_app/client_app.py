@@ -101,6 +101,10 @@ def upload(
 ) -> ArrayRecord:
     """What a client sends back after training: its new weights (client-side transforms of the
     update, such as clipping, compression or encryption, replace them here)."""
+    if settings.compression != "none":  # last: compression is post-processing of what precedes it
+        from fl_app.compression import encode_upload
+
+        return encode_upload(settings, context, global_weights, weights, config)
     return ArrayRecord(weights)
 
 
@@ -133,3 +137,11 @@ def evaluate(msg: Message, context: Context) -> Message:
         {"metrics": MetricRecord({"loss": loss, **metrics, "num-examples": num_examples})}
     )
     return Message(content=content, reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """``initial-weights``: the seeded initial model, so a server without TensorFlow can start."""
+    from fl_app.initial import initial_weights_reply
+
+    return initial_weights_reply(msg, context)

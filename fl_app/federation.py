@@ -19,6 +19,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fl_app.messaging import send_and_receive
 from fl_app.outputs import RoundRecord
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
@@ -95,7 +96,7 @@ def run_rounds(
             server_round, arrays, ConfigRecord(dict(train_config or {})), grid
         ))
         record.bytes_sent = message_bytes(messages)
-        replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
+        replies = send_and_receive(grid, messages, timeout=timeout) if messages else []
         ok, failures = split_replies(replies)
         record.clients_replied, record.clients_failed = len(ok), len(failures)
         record.failures.extend(failures)
@@ -121,7 +122,7 @@ def run_rounds(
             server_round, arrays, ConfigRecord(dict(evaluate_config or {})), grid
         ))
         if eval_messages:
-            eval_replies = list(grid.send_and_receive(eval_messages, timeout=timeout))
+            eval_replies = send_and_receive(grid, eval_messages, timeout=timeout)
             _, eval_failures = split_replies(eval_replies)
             record.failures.extend(f"evaluate {line}" for line in eval_failures)
             try:

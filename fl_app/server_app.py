@@ -48,8 +48,10 @@ class CentralEvaluator:
         self.x, self.y = x, y
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        from fl_app.fast_train import loop_for
+
         self.model.set_weights(arrays.to_numpy_ndarrays())
-        loss, accuracy = self.model.evaluate(self.x, self.y, batch_size=512, verbose=0)
+        loss, accuracy = loop_for(self.model).evaluate(self.x, self.y)
         return MetricRecord({"loss": float(loss), "accuracy": float(accuracy)})
 
 
@@ -78,15 +80,17 @@ def main(grid: Grid, context: Context) -> None:
     strategy = build_strategy(settings.strategy, context.run_config)
     attach_simulated_attack(settings, strategy)
 
-    import tensorflow as tf
+    from fl_app.compression import attach_compression
+    from fl_app.initial import query_initial_arrays, server_model
 
-    from fl_app.models import build_model
-
-    input_shape, num_classes, test_set = model_spec(settings)
-    tf.keras.utils.set_random_seed(settings.seed)
-    model = build_model(settings.model, input_shape, num_classes, settings.seed)
-    evaluator = CentralEvaluator(model, *test_set) if test_set is not None else None
-    initial = ArrayRecord(model.get_weights())
+    attach_compression(settings, strategy)
+    model = evaluator = None
+    if settings.centralized_evaluation:  # TensorFlow on the server only for this
+        model, test_set = server_model(settings)
+        evaluator = CentralEvaluator(model, *test_set) if test_set is not None else None
+        initial = ArrayRecord(model.get_weights())
+    else:
+        initial = query_initial_arrays(grid, settings)
 
     run_dir = RunDirectory(settings.output_dir, settings.strategy)
     run_dir.write_json("config.json", settings.to_run_config())
@@ -105,8 +109,11 @@ def main(grid: Grid, context: Context) -> None:
         on_round_end=on_round_end,
     )
 
-    model.set_weights(arrays.to_numpy_ndarrays())
-    model.save(run_dir.file("model.keras"))
+    if model is not None:
+        model.set_weights(arrays.to_numpy_ndarrays())
+        model.save(run_dir.file("model.keras"))
+    else:  # no TensorFlow on this server: the final weights as NumPy arrays, in model order
+        np.savez(run_dir.file("weights.npz"), *arrays.to_numpy_ndarrays())
     run_dir.plot(history)
     summary = summarize(settings, history, time.perf_counter() - started, run_dir)
     run_dir.write_json("summary.json", summary)
@@ -133,7 +140,7 @@ def summarize(settings: Settings, history: list[RoundRecord], seconds: float, ru
         "seconds": round(seconds, 2),
         "mean seconds per round": round(float(np.mean([r.seconds for r in trained])), 3) if trained else None,
         "run directory": str(run_dir.path),
-        "model file": str(run_dir.file("model.keras")),
+        "model file": str(run_dir.file("model.keras" if settings.centralized_evaluation else "weights.npz")),
         "history": [str(run_dir.file("history.json")), str(run_dir.file("history.csv"))],
         "plot": str(run_dir.file("metrics.png")),
         "settings": {k: v for k, v in dataclasses.asdict(settings).items()},

@@ -92,6 +92,14 @@ class Settings:
     attack_noise_std: float = 1.0
     alie_z: float = 0.0
     ipm_epsilon: float = 0.5
+    # Fast simulation and compressed updates (issue 6: fl_app.compression, fl_app.messaging)
+    centralized_evaluation: bool = True
+    compression: str = "none"
+    compression_topk_fraction: float = 0.01
+    compression_mask_fraction: float = 0.01
+    compression_mask_rescale: bool = True
+    compression_int8_block: int = 4096
+    compression_error_feedback: bool = True
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> Settings:
@@ -128,6 +136,7 @@ class Settings:
         self._validate_data()
         self._validate_robust()
         self._validate_attack()
+        self._validate_compression()
         from fl_app.models import MODELS
 
         _one_of("model", self.model, tuple(MODELS))
@@ -194,6 +203,30 @@ class Settings:
             )
         if self.alie_z < 0:
             raise SettingsError(f"alie-z must be >= 0 (0: from the paper's formula), got {self.alie_z}")
+
+    def _validate_compression(self) -> None:
+        from strategies.codecs import CODECS, make_codec
+        from strategies.registry import ROBUST_STRATEGIES
+
+        _one_of("compression", self.compression, tuple(CODECS))
+        try:  # every codec, so that a bad parameter fails even while its codec is not chosen
+            for name in CODECS:
+                make_codec(
+                    name,
+                    topk_fraction=self.compression_topk_fraction,
+                    mask_fraction=self.compression_mask_fraction,
+                    mask_rescale=self.compression_mask_rescale,
+                    int8_block=self.compression_int8_block,
+                )
+        except ValueError as err:
+            raise SettingsError(str(err)) from err
+        if self.compression != "none" and ":" not in self.strategy and self.strategy not in ROBUST_STRATEGIES:
+            raise SettingsError(
+                f"compression='{self.compression}' needs one of our aggregation strategies, which "
+                f"decode uploads before aggregating ({', '.join(ROBUST_STRATEGIES)}; "
+                f"strategy='robust' aggregation-rule='mean' client-weighting='num-examples' is FedAvg); "
+                f"got strategy '{self.strategy}'"
+            )
 
     def attack_names(self) -> tuple[str, ...]:
         """``attack`` split at commas: attacker j (in partition-id order) runs name j mod len."""
