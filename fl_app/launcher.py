@@ -155,6 +155,13 @@ def print_summary(output_dir: Path) -> None:
             print(f"{key:<28} {value}")
 
 
+def _threads(app: Path, cpus_per_client: int) -> str:
+    """`` client-threads=N``: TensorFlow threads = the CPUs Ray gives each virtual client (only for
+    apps that have the key; a later ``-c client-threads=…`` still wins)."""
+    config = tomllib.loads((app / "pyproject.toml").read_text(encoding="utf-8"))
+    return f" client-threads={cpus_per_client}" if "client-threads" in config["tool"]["flwr"]["app"]["config"] else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="fl-keras-run",
@@ -181,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         "--federation-config",
         f"num-supernodes={clients} client-resources-num-cpus={args.cpus_per_client} "
         "client-resources-num-gpus=0",
-        "-c", f"output-dir='{output_dir}' num-partitions={clients}",
+        "-c", f"output-dir='{output_dir}' num-partitions={clients}{_threads(app, args.cpus_per_client)}",
         *flwr_args,
     ]
     started = time.perf_counter()

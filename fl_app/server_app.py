@@ -9,6 +9,7 @@ server's held-out test set, and writes the run directory (:mod:`fl_app.outputs`)
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from logging import INFO
 
@@ -138,6 +139,7 @@ def summarize(settings: Settings, history: list[RoundRecord], seconds: float, ru
         "final federated accuracy": last.federated_accuracy,
         "failed client replies": sum(r.clients_failed for r in trained),
         "seconds": round(seconds, 2),
+        "tensorflow on the server": "tensorflow" in sys.modules,
         "mean seconds per round": round(float(np.mean([r.seconds for r in trained])), 3) if trained else None,
         "run directory": str(run_dir.path),
         "model file": str(run_dir.file("model.keras" if settings.centralized_evaluation else "weights.npz")),
