@@ -132,3 +132,22 @@ def test_tree_memory_counts_this_process():
     time.sleep(0.2)
     result = sampler.stop()
     assert result["samples"] >= 1 and result["peak_rss_gib"] > 0
+
+
+def test_server_without_tensorflow_gets_initial_weights_from_a_node():
+    from fl_app.initial import initial_weights_reply, query_initial_arrays
+
+    settings = Settings(num_partitions=4)
+    contexts = {n: Context(run_id=1, node_id=n, node_config={"partition-id": n - 1, "num-partitions": 4},
+                           state=RecordDict(), run_config=settings.to_run_config()) for n in (1, 2)}
+    asked = []
+
+    def answer(message):
+        asked.append(message.metadata.dst_node_id)
+        return initial_weights_reply(message, contexts[message.metadata.dst_node_id])
+
+    arrays = query_initial_arrays(fakes.FakeGrid([2, 1], answer), settings, timeout=5)
+    assert asked == [1] and [a.shape for a in arrays.to_numpy_ndarrays()] == [(64, 128), (128,), (128, 64), (64,), (64, 10), (10,)]
+    failing = fakes.FakeGrid([1], lambda m: fakes.error_reply(1, "boom"))
+    with pytest.raises(RuntimeError, match="node 1 failed to send the initial weights: boom"):
+        query_initial_arrays(failing, settings, timeout=5)
