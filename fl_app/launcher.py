@@ -99,21 +99,43 @@ def local_superlink(env: dict[str, str], cwd: Path, log_file: Path) -> Iterator[
         stop_process_group(process)
 
 
+def _descendant_groups(root: int) -> set[int]:
+    """Process groups of ``root``'s descendants other than its own (Flower's SuperExec starts its
+    own session, so its simulation processes are not in the SuperLink's group)."""
+    from fl_app.procmem import process_tree
+
+    groups = set()
+    for pid in process_tree(root)[1:]:
+        try:
+            groups.add(os.getpgid(pid))
+        except ProcessLookupError:
+            continue
+    return groups - {root, os.getpgrp()}
+
+
 def stop_process_group(process: subprocess.Popen, timeout: float = 15.0) -> None:
-    """SIGTERM the process's group (it leads its own session), then SIGKILL after ``timeout``."""
+    """SIGTERM the process's group (it leads its own session), then SIGKILL after ``timeout``;
+    the same for the groups of its descendants (the SuperExec's session with the simulation)."""
+    groups = _descendant_groups(process.pid) if process.poll() is None else set()
+    for group in groups:
+        try:
+            os.killpg(group, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
     if process.poll() is None:
         try:
             os.killpg(process.pid, signal.SIGTERM)
         except ProcessLookupError:
-            return
+            pass
         try:
             process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             pass
-    try:  # children (the simulation, Ray workers) share the group: make sure none is left
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    for group in {process.pid, *groups}:  # children (the simulation, Ray workers): none is left
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
     if process.poll() is None:
         process.wait(timeout=timeout)
 
