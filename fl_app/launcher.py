@@ -214,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         *flwr_args,
     ]
     started = time.perf_counter()
+    # SIGTERM (e.g. a benchmark's timeout) unwinds like Ctrl-C, so the SuperLink is stopped below
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with local_superlink(env, app, flwr_home / "superlink.log") as superlink:
         print(f"Local SuperLink started: pid {superlink.pid}, "
               f"127.0.0.1:{env['FLWR_LOCAL_SUPERLINK_HTTP_API_PORT']}", flush=True)
