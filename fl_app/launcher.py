@@ -77,7 +77,7 @@ def local_superlink(env: dict[str, str], cwd: Path, log_file: Path) -> Iterator[
     """Start a simulation SuperLink on the ports in ``env``; stop it (by PID) on exit."""
     http_port = int(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"])
     command = [
-        _bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+        sys.executable, "-m", "fl_app.superlink_entry", "--insecure", "--simulation", "--isolation", "subprocess",
         "--control-api-address", f"127.0.0.1:{env['FLWR_LOCAL_CONTROL_API_PORT']}",
         "--host", "127.0.0.1", "--port", str(http_port),
         "--log-file", str(log_file),
