@@ -77,8 +77,9 @@ class TreeMemorySampler:
     (e.g. once a launcher has printed its SuperLink's PID).
     """
 
-    def __init__(self, root: int | None = None, interval: float = 0.5) -> None:
+    def __init__(self, root: int | None = None, interval: float = 0.5, extra_roots=None) -> None:
         self.root = root
+        self.extra_roots = extra_roots  # callable -> PIDs of other trees to add (e.g. a Ray cluster)
         self.interval = interval
         self.peak_rss = self.peak_pss = self.peak_processes = 0
         self.samples = 0
@@ -94,6 +95,16 @@ class TreeMemorySampler:
         if self.root is None or not os.path.exists(PROC / str(self.root)):
             return
         memory = tree_memory(self.root)
+        if self.extra_roots is not None:
+            seen = set(process_tree(self.root))
+            for root in self.extra_roots():
+                for pid in process_tree(root):
+                    if pid not in seen:
+                        seen.add(pid)
+                        r, p = memory_of(pid)
+                        memory["rss"] += r
+                        memory["pss"] += p
+                        memory["processes"] += bool(r or p)
         self.samples += 1
         self.peak_rss = max(self.peak_rss, memory["rss"])
         self.peak_pss = max(self.peak_pss, memory["pss"])
@@ -132,3 +143,16 @@ def wait_for(predicate, timeout: float, interval: float = 0.1) -> bool:
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+def pids_with_argument(fragment: str) -> list[int]:
+    """PIDs whose command line contains ``fragment`` (e.g. a private Ray temp dir)."""
+    found = []
+    for entry in PROC.iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if fragment.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found

@@ -49,6 +49,60 @@ def _round_one_done(output_dir: Path) -> bool:
         return False
 
 
+class PrivateRayCluster:
+    """A one-node Ray cluster of our own (``ray start --head --temp-dir <private>``), for machines so
+    loaded that ``ray.init()`` inside Flower's simulation times out (Ray waits 30 s, hard-coded, for
+    its raylet): ``ray start`` is retried, and the simulation joins it through ``RAY_ADDRESS``,
+    exactly as on a multi-node cluster. Stopped by the PIDs of its processes (found by the private
+    temp dir in their command lines), never with ``ray stop``, which would stop every Ray of the user.
+    """
+
+    def __init__(self, temp_dir: Path, num_cpus: int, attempts: int = 4) -> None:
+        import os as _os
+
+        from fl_app.launcher import free_port
+
+        self.temp_dir = temp_dir
+        self.temp_dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        ray = str(Path(sys.executable).parent / "ray")
+        for attempt in range(attempts):
+            done = subprocess.run(
+                [ray, "start", "--head", "--port", str(self.port), "--num-cpus", str(num_cpus),
+                 "--temp-dir", str(temp_dir), "--include-dashboard", "false", "--disable-usage-stats"],
+                capture_output=True, text=True, timeout=600,
+            )
+            if done.returncode == 0:
+                break
+            self.stop()
+            print(f"ray start failed (attempt {attempt + 1}): {done.stderr[-300:]}", flush=True)
+        else:
+            raise RuntimeError("could not start a private Ray cluster")
+        self.address = f"127.0.0.1:{self.port}"
+        _os.environ["RAY_ADDRESS"] = self.address  # inherited by the launcher and the SuperLink
+
+    def pids(self) -> list[int]:
+        from fl_app.procmem import pids_with_argument
+
+        return pids_with_argument(str(self.temp_dir))
+
+    def stop(self) -> None:
+        import os as _os
+        import signal as _signal
+
+        for sig in (_signal.SIGTERM, _signal.SIGKILL):
+            for pid in self.pids():
+                try:
+                    _os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            time.sleep(3)
+        _os.environ.pop("RAY_ADDRESS", None)
+
+
+RAY_CLUSTER: PrivateRayCluster | None = None
+
+
 def run_simulation(app: Path, clients: int, output_dir: Path, run_config: str, timeout: float) -> dict:
     """Run ``fl-keras-run --app app``; return wall times, exit code and peak memory of the tree.
 
@@ -57,7 +111,7 @@ def run_simulation(app: Path, clients: int, output_dir: Path, run_config: str, t
     """
     command = [sys.executable, "-m", "fl_app.launcher", "--app", str(app), "--clients", str(clients),
                "--output-dir", str(output_dir), "--", "-c", run_config]
-    sampler = TreeMemorySampler(interval=0.5).start()
+    sampler = TreeMemorySampler(interval=0.5, extra_roots=RAY_CLUSTER.pids if RAY_CLUSTER else None).start()
     started = time.time()
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
@@ -157,8 +211,22 @@ def main() -> None:
     parser.add_argument("-c", "--run-config", default="", help="extra run config for (a), e.g. fractions")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "benchmark")
     parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--ray-cluster", action="store_true",
+                        help="run (a) and (b) on a private Ray cluster started first (see PrivateRayCluster)")
+    parser.add_argument("--ray-cpus", type=int, default=2)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    global RAY_CLUSTER
+    if args.ray_cluster:
+        RAY_CLUSTER = PrivateRayCluster(args.out / "ray", args.ray_cpus)
+    try:
+        run_all(args)
+    finally:
+        if RAY_CLUSTER is not None:
+            RAY_CLUSTER.stop()
+
+
+def run_all(args) -> None:
     report: dict = {"rounds": args.rounds, "run_config": args.run_config, "clients": {}}
     for n in args.clients:
         entry: dict = {}
