@@ -151,3 +151,14 @@ def test_server_without_tensorflow_gets_initial_weights_from_a_node():
     failing = fakes.FakeGrid([1], lambda m: fakes.error_reply(1, "boom"))
     with pytest.raises(RuntimeError, match="node 1 failed to send the initial weights: boom"):
         query_initial_arrays(failing, settings, timeout=5)
+
+
+def test_server_modules_do_not_import_tensorflow():
+    import subprocess
+    import sys
+
+    code = ("import sys; import fl_app.server_app, fl_app.initial, fl_app.compression, fl_app.messaging, "
+            "strategies.registry; from fl_app.settings import Settings; Settings.from_run_config({}); "
+            "print('tensorflow' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]
