@@ -4,6 +4,9 @@ It works on Flower's legacy stack as it is (``client.to_client()``), and the Mes
 in :mod:`fl_app.client_app` adapts it. A compiled model can be reused across many clients on one
 worker: :meth:`KerasClient.fit` sets the global weights, resets the optimizer's state and re-seeds
 TensorFlow, so nothing leaks from one client (or round) to the next and Keras never retraces.
+Training and evaluation run through :mod:`fl_app.fast_train` (the model's own ``train_step`` in a
+``tf.function`` traced once, called per batch), not ``model.fit``/``model.evaluate``, whose per-call
+set-up costs far more than training a small client's data.
 
 FedProx (Li et al. 2020) adds ``mu / 2 * ||w - w_global||^2`` to the local loss; ``mu`` comes from
 the fit config key ``proximal-mu`` (Flower's ``FedProx`` strategy sends it).
@@ -19,6 +22,7 @@ from flwr.client import NumPyClient
 
 import fl_app  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 from fl_app.data import ClientData
+from fl_app.fast_train import loop_for
 
 
 class ProximalTerm:
@@ -70,62 +74,6 @@ def reset_optimizer(optimizer) -> None:
         variable.assign(tf.zeros_like(variable))
 
 
-_RANDOM_LAYER_WORDS = ("Dropout", "Noise", "Random")
-
-
-def has_random_layers(model) -> bool:
-    """Whether training draws random numbers inside the model (dropout, noise, random augmentation).
-
-    Only then must :meth:`KerasClient.fit` re-seed TensorFlow per fit for reproducibility: re-seeding
-    clears TensorFlow's kernel caches, so the traced train step is re-instantiated on its next call
-    (~50 ms per step here, 10x the step itself). Shuffling uses a seeded NumPy generator instead.
-    """
-    cached = getattr(model, "_fl_has_random_layers", None)
-    if cached is None:
-        cached = any(
-            any(word in type(layer).__name__ for word in _RANDOM_LAYER_WORDS)
-            for layer in _all_layers(model)
-        )
-        model._fl_has_random_layers = cached
-    return cached
-
-
-def _all_layers(model):
-    for layer in getattr(model, "layers", []):
-        yield layer
-        yield from _all_layers(layer)
-
-
-def train_epochs(model, x: np.ndarray, y: np.ndarray, *, epochs: int, batch_size: int,
-                 rng: np.random.Generator) -> dict[str, float]:
-    """``model.fit(x, y, epochs, batch_size, shuffle=True)`` without fit's per-call cost.
-
-    The same steps as Keras' ``fit``: each epoch shuffles the examples, resets the compiled
-    metrics and runs the model's own ``train_step`` (loss, added losses such as FedProx's,
-    ``optimizer.minimize``, so DP optimizers work the same) on consecutive mini-batches. But
-    ``fit`` builds a ``tf.data`` pipeline and traces its functions on every call (~0.3 s here,
-    25x the two steps of a small client); this calls one ``tf.function`` of ``train_step`` that
-    is traced once per model and reused by every client on the worker. Returns the last epoch's
-    metrics (means over its batches, as ``fit``'s history reports them).
-    """
-    import tensorflow as tf
-
-    step = getattr(model, "_fl_train_step", None)
-    if step is None:
-        step = tf.function(model.train_step, reduce_retracing=True)
-        model._fl_train_step = step
-    x = np.asarray(x)
-    y = np.asarray(y)
-    results: dict = {}
-    for _ in range(epochs):
-        model.reset_metrics()
-        order = rng.permutation(len(y))
-        for start in range(0, len(y), batch_size):
-            batch = order[start:start + batch_size]
-            results = step((tf.convert_to_tensor(x[batch]), tf.convert_to_tensor(y[batch])))
-    return {key: float(value) for key, value in results.items()}
-
-
 class KerasClient(NumPyClient):
     """Train and evaluate a compiled Keras model on one client's local data.
 
@@ -175,17 +123,18 @@ class KerasClient(NumPyClient):
         if self.proximal is not None:
             self.proximal.set(mu, self.model)
         reset_optimizer(self.model.optimizer)
-        if has_random_layers(self.model):  # re-seeding clears TF's kernel caches: only when it matters
-            tf.keras.utils.set_random_seed(self.seed + int(config.get("server-round", 0)))
-        last = train_epochs(
-            self.model, self.data.x_train, self.data.y_train,
+        seed = self.seed + int(config.get("server-round", 0))
+        tf.keras.utils.set_random_seed(seed)
+        logs = loop_for(self.model).fit(
+            self.data.x_train,
+            self.data.y_train,
             epochs=int(config.get("local-epochs", self.local_epochs)),
             batch_size=int(config.get("batch-size", self.batch_size)),
-            rng=np.random.default_rng(self.seed + int(config.get("server-round", 0))),
+            seed=seed,
         )
         metrics = {
-            "train-loss": last["loss"],
-            "train-accuracy": last["accuracy"],
+            "train-loss": logs["loss"],
+            "train-accuracy": logs["accuracy"],
             "fit-seconds": time.perf_counter() - started,
         }
         return self.model.get_weights(), len(self.data.y_train), metrics
@@ -198,10 +147,5 @@ class KerasClient(NumPyClient):
         self.model.set_weights(parameters)
         if self.proximal is not None:
             self.proximal.set(0.0, self.model)
-        loss, accuracy = self.model.evaluate(
-            self.data.x_test,
-            self.data.y_test,
-            batch_size=max(256, int(config.get("batch-size", self.batch_size))),
-            verbose=0,
-        )
+        loss, accuracy = loop_for(self.model).evaluate(self.data.x_test, self.data.y_test)
         return float(loss), len(self.data.y_test), {"accuracy": float(accuracy)}

@@ -125,6 +125,10 @@ def upload(
     from fl_app.client_privacy import private_weights
 
     weights = private_weights(settings, global_weights, weights, config)  # dp-mode client-clipping / local DP
+    if settings.compression != "none":  # last: compression is post-processing of what precedes it
+        from fl_app.compression import encode_upload
+
+        return encode_upload(settings, context, global_weights, weights, config)
     return ArrayRecord(weights)
 
 
@@ -179,3 +183,11 @@ def evaluate(msg: Message, context: Context) -> Message:
         {"metrics": MetricRecord({"loss": loss, **metrics, "num-examples": num_examples})}
     )
     return Message(content=content, reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """``initial-weights``: the seeded initial model, so a server without TensorFlow can start."""
+    from fl_app.initial import initial_weights_reply
+
+    return initial_weights_reply(msg, context)

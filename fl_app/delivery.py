@@ -357,7 +357,7 @@ def finish_run(*, grid, recorder: TrainReplyRecorder | None, settings, model, fi
         model.set_weights(final_weights)
     keras_file = run_dir.file("model.keras")
     card = render(
-        settings, history, parameters=int(model.count_params()),
+        settings, history, parameters=int(sum(w.size for w in final_weights)),
         keras_size=keras_file.stat().st_size if keras_file.exists() else None,
         export_report=report, num_server_test=len(test_set[1]) if test_set is not None else None,
     )

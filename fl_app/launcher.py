@@ -78,7 +78,7 @@ def local_superlink(env: dict[str, str], cwd: Path, log_file: Path) -> Iterator[
     """Start a simulation SuperLink on the ports in ``env``; stop it (by PID) on exit."""
     http_port = int(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"])
     command = [
-        _bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+        sys.executable, "-m", "fl_app.superlink_entry", "--insecure", "--simulation", "--isolation", "subprocess",
         "--control-api-address", f"127.0.0.1:{env['FLWR_LOCAL_CONTROL_API_PORT']}",
         "--host", "127.0.0.1", "--port", str(http_port),
         "--log-file", str(log_file),
@@ -101,27 +101,14 @@ def local_superlink(env: dict[str, str], cwd: Path, log_file: Path) -> Iterator[
 
 
 def descendants(pid: int) -> list[int]:
-    """PIDs of every live descendant of ``pid`` (Linux ``/proc``; empty elsewhere).
+    """PIDs of every live descendant of ``pid``.
 
     Flower's SuperLink starts its SuperExec in a process group of its own, and that one starts the
     simulation (and Ray), so killing the SuperLink's group alone would leave them running.
     """
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="utf-8") as handle:
-                ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    found, stack = [], [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
+    from fl_app.procmem import process_tree
+
+    return process_tree(pid)[1:]
 
 
 def _signal_all(pids: list[int], sig: int) -> None:
@@ -210,6 +197,13 @@ def print_summary(output_dir: Path) -> None:
             print(f"{key:<28} {value}")
 
 
+def _threads(app: Path, cpus_per_client: int) -> str:
+    """`` client-threads=N``: TensorFlow threads = the CPUs Ray gives each virtual client (only for
+    apps that have the key; a later ``-c client-threads=…`` still wins)."""
+    config = tomllib.loads((app / "pyproject.toml").read_text(encoding="utf-8"))
+    return f" client-threads={cpus_per_client}" if "client-threads" in config["tool"]["flwr"]["app"]["config"] else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="fl-keras-run",
@@ -238,10 +232,12 @@ def main(argv: list[str] | None = None) -> int:
         "--federation-config",
         f"num-supernodes={clients} client-resources-num-cpus={args.cpus_per_client} "
         "client-resources-num-gpus=0",
-        "-c", f"output-dir='{output_dir}' num-partitions={clients}",
+        "-c", f"output-dir='{output_dir}' num-partitions={clients}{_threads(app, args.cpus_per_client)}",
         *flwr_args,
     ]
     started = time.perf_counter()
+    # SIGTERM (e.g. a benchmark's timeout) unwinds like Ctrl-C, so the SuperLink is stopped below
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with local_superlink(env, app, flwr_home / "superlink.log") as superlink:
         print(f"Local SuperLink started: pid {superlink.pid}, "
               f"127.0.0.1:{env['FLWR_LOCAL_SUPERLINK_HTTP_API_PORT']}", flush=True)

@@ -88,6 +88,9 @@ def run_local_federation(
     config = settings.to_run_config()
     strategy = build_strategy(settings.strategy, config)
     attach_simulated_attack(settings, strategy)
+    from fl_app.compression import attach_compression
+
+    attach_compression(settings, strategy)
     input_shape, num_classes, test_set = model_spec(settings)
     tf.keras.utils.set_random_seed(settings.seed)
     model = build_model(settings.model, input_shape, num_classes, settings.seed)

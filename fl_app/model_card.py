@@ -60,25 +60,31 @@ def _fields_with_prefix(settings: Settings, prefixes: tuple[str, ...]) -> dict[s
 
 
 def privacy_lines(settings: Settings, history: list[RoundRecord]) -> list[str]:
-    """The privacy guarantee: (epsilon, delta) and level when DP ran, else a plain 'none'."""
-    fields = _fields_with_prefix(settings, PRIVACY_PREFIXES)
+    """The privacy guarantee: (epsilon, delta) and level for each mechanism that ran, else 'none'."""
     epsilon = next((r.extra["epsilon"] for r in reversed(history) if "epsilon" in r.extra), None)
-    delta = getattr(settings, "dp_delta", None)
-    noise = getattr(settings, "dp_noise_multiplier", None)
-    level = next((getattr(settings, n) for n in ("dp_level", "dp_mode", "dp") if hasattr(settings, n)), None)
-    active = epsilon is not None or bool(noise) or bool(level and level not in ("none", "off", ""))
-    if not active:
+    example_epsilon = next(
+        (r.extra["dp-sgd-epsilon-max"] for r in reversed(history) if "dp-sgd-epsilon-max" in r.extra), None
+    )
+    user_level = settings.strategy == "dp-fedavg" or settings.secure_aggregation
+    example_level = settings.dp_sgd_noise_multiplier > 0
+    if not (user_level or example_level or epsilon is not None):
         return ["- none: no differential privacy was configured (no formal guarantee)"]
+    rounds = sum(1 for r in history if r.round > 0)
     lines = []
-    if epsilon is not None:
-        lines.append(f"- guarantee: (epsilon = {_fmt(float(epsilon))}, delta = {_fmt(delta)})-DP after "
-                     f"{sum(1 for r in history if r.round > 0)} rounds (accounted by the strategy)")
-    else:
-        lines.append(f"- no epsilon was reported by the strategy; target epsilon "
-                     f"{_fmt(getattr(settings, 'dp_target_epsilon', None))}, delta {_fmt(delta)}")
-    if level is not None:
-        lines.append(f"- level: {level}")
-    lines.extend(f"- `{_key(k)}` = {_fmt(v)}" for k, v in fields.items() if k not in ("dp_level", "dp_mode"))
+    if user_level or epsilon is not None:
+        if epsilon is not None:
+            lines.append(f"- user level ({settings.dp_mode}): (epsilon = {_fmt(float(epsilon))}, delta = "
+                         f"{_fmt(settings.dp_delta)})-DP after {rounds} rounds, accounted with "
+                         f"{settings.dp_accounting.upper()} for {settings.dp_sampling} client sampling")
+        else:
+            lines.append(f"- user level ({settings.dp_mode}): no epsilon was reported; target epsilon "
+                         f"{_fmt(settings.dp_target_epsilon)}, delta {_fmt(settings.dp_delta)}")
+    if example_level:
+        value = "not reported" if example_epsilon is None else f"epsilon = {_fmt(float(example_epsilon))}"
+        lines.append(f"- example level (DP-SGD on the clients): largest client {value}, delta = "
+                     f"{_fmt(settings.dp_delta)}")
+    fields = _fields_with_prefix(settings, PRIVACY_PREFIXES)
+    lines.extend(f"- `{_key(k)}` = {_fmt(v)}" for k, v in fields.items())
     return lines
 
 

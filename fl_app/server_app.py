@@ -9,6 +9,7 @@ server's held-out test set, and writes the run directory (:mod:`fl_app.outputs`)
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from logging import INFO
 
@@ -20,6 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 from fl_app.checkpoint import check_compatible, load_checkpoint, restore_strategy_state, save_checkpoint
 from fl_app.delivery import BestWeights, TrainReplyRecorder, finish_run
 from fl_app.federation import run_rounds
+from fl_app.messaging import ShortPollGrid
 from fl_app.outputs import RoundRecord, RunDirectory
 from fl_app.settings import Settings
 from strategies.registry import build_strategy
@@ -50,8 +52,10 @@ class CentralEvaluator:
         self.x, self.y = x, y
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        from fl_app.fast_train import loop_for
+
         self.model.set_weights(arrays.to_numpy_ndarrays())
-        loss, accuracy = self.model.evaluate(self.x, self.y, batch_size=512, verbose=0)
+        loss, accuracy = loop_for(self.model).evaluate(self.x, self.y)
         return MetricRecord({"loss": float(loss), "accuracy": float(accuracy)})
 
 
@@ -79,21 +83,26 @@ def main(grid: Grid, context: Context) -> None:
     settings = Settings.from_run_config(context.run_config)
     strategy = build_strategy(settings.strategy, context.run_config)
     attach_simulated_attack(settings, strategy)
+    grid = ShortPollGrid(grid)  # Flower's grid sleeps 3 s between polls for replies
 
-    import tensorflow as tf
+    from fl_app.compression import attach_compression
+    from fl_app.initial import query_initial_arrays, server_model
 
-    from fl_app.models import build_model
-
-    input_shape, num_classes, test_set = model_spec(settings)
-    tf.keras.utils.set_random_seed(settings.seed)
-    model = build_model(settings.model, input_shape, num_classes, settings.seed)
-    evaluator = CentralEvaluator(model, *test_set) if test_set is not None else None
-    initial = ArrayRecord(model.get_weights())
+    attach_compression(settings, strategy)
+    model = evaluator = test_set = None
+    # TensorFlow on the server only for centralized evaluation and for exporting the model
+    if settings.centralized_evaluation or settings.export_formats():
+        model, test_set = server_model(settings)
+        if settings.centralized_evaluation and test_set is not None:
+            evaluator = CentralEvaluator(model, *test_set)
+        initial = ArrayRecord(model.get_weights())
+    else:
+        initial = query_initial_arrays(grid, settings)
     history: list[RoundRecord] = []
     first_round = 1
     if settings.resume_from:  # continue after the last round that the earlier run completed
         checkpoint = load_checkpoint(settings.resume_from)
-        check_compatible(checkpoint, model.get_weights())
+        check_compatible(checkpoint, initial.to_numpy_ndarrays())
         restore_strategy_state(strategy, checkpoint.strategy_state)
         initial = ArrayRecord(checkpoint.weights)
         history = checkpoint.history
@@ -130,8 +139,11 @@ def main(grid: Grid, context: Context) -> None:
             sampling_seed=settings.seed,
         )
 
-    model.set_weights(arrays.to_numpy_ndarrays())
-    model.save(run_dir.file("model.keras"))
+    if model is not None:
+        model.set_weights(arrays.to_numpy_ndarrays())
+        model.save(run_dir.file("model.keras"))
+    else:  # no TensorFlow on this server: the final weights as NumPy arrays, in model order
+        np.savez(run_dir.file("weights.npz"), *arrays.to_numpy_ndarrays())
     run_dir.plot(history)
     export_report = finish_run(
         grid=recorder, recorder=recorder, settings=settings, model=model,
@@ -179,9 +191,11 @@ def summarize(settings: Settings, history: list[RoundRecord], seconds: float, ru
         "final federated accuracy": last.federated_accuracy,
         "failed client replies": sum(r.clients_failed for r in trained),
         "seconds": round(seconds, 2),
+        "tensorflow on the server": "tensorflow" in sys.modules,
         "mean seconds per round": round(float(np.mean([r.seconds for r in trained])), 3) if trained else None,
         "run directory": str(run_dir.path),
-        "model file": str(run_dir.file("model.keras")),
+        "model file": str(run_dir.file("model.keras") if run_dir.file("model.keras").exists()
+                          else run_dir.file("weights.npz")),
         "history": [str(run_dir.file("history.json")), str(run_dir.file("history.csv"))],
         "plot": str(run_dir.file("metrics.png")),
         "settings": {k: v for k, v in dataclasses.asdict(settings).items()},

@@ -126,6 +126,14 @@ class Settings:
     # Edge deployment: faults and resumable server (issue 5)
     min_train_replies: int = 1
     resume_from: str = ""
+    # Fast simulation and compressed updates (issue 6: fl_app.compression, fl_app.messaging)
+    centralized_evaluation: bool = True
+    compression: str = "none"
+    compression_topk_fraction: float = 0.01
+    compression_mask_fraction: float = 0.01
+    compression_mask_rescale: bool = True
+    compression_int8_block: int = 4096
+    compression_error_feedback: bool = True
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> Settings:
@@ -163,6 +171,7 @@ class Settings:
         self._validate_robust()
         self._validate_attack()
         self._validate_privacy()
+        self._validate_compression()
         from fl_app.models import MODELS
 
         _one_of("model", self.model, tuple(MODELS))
@@ -292,6 +301,29 @@ class Settings:
         if bad:
             raise SettingsError(f"fault-partition-ids {bad} are not in [0, num-partitions = {self.num_partitions})")
         return ids
+    def _validate_compression(self) -> None:
+        from strategies.codecs import CODECS, make_codec
+        from strategies.registry import ROBUST_STRATEGIES
+
+        _one_of("compression", self.compression, tuple(CODECS))
+        try:  # every codec, so that a bad parameter fails even while its codec is not chosen
+            for name in CODECS:
+                make_codec(
+                    name,
+                    topk_fraction=self.compression_topk_fraction,
+                    mask_fraction=self.compression_mask_fraction,
+                    mask_rescale=self.compression_mask_rescale,
+                    int8_block=self.compression_int8_block,
+                )
+        except ValueError as err:
+            raise SettingsError(str(err)) from err
+        if self.compression != "none" and ":" not in self.strategy and self.strategy not in ROBUST_STRATEGIES:
+            raise SettingsError(
+                f"compression='{self.compression}' needs one of our aggregation strategies, which "
+                f"decode uploads before aggregating ({', '.join(ROBUST_STRATEGIES)}; "
+                f"strategy='robust' aggregation-rule='mean' client-weighting='num-examples' is FedAvg); "
+                f"got strategy '{self.strategy}'"
+            )
 
     def attack_names(self) -> tuple[str, ...]:
         """``attack`` split at commas: attacker j (in partition-id order) runs name j mod len."""

@@ -1,0 +1,6 @@
+"""Flower quickstart-tensorflow style baseline (see pyproject.toml)."""
+
+import os
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

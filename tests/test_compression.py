@@ -1,0 +1,89 @@
+"""Compressed uploads: client encoding with error feedback in context.state, server decoding."""
+
+import numpy as np
+import pytest
+from flwr.app import Context, RecordDict
+
+import tests.fakes as fakes  # noqa: F401  (task identity for messages)
+from fl_app.compression import STATE_KEY, UpdateDecoder, attach_compression, codec_from_settings, encode_upload
+from fl_app.settings import Settings
+from strategies.registry import build_strategy
+
+RNG = np.random.default_rng(0)
+GLOBAL = [RNG.normal(size=(200, 10)).astype(np.float32), RNG.normal(size=10).astype(np.float32)]
+WEIGHTS = [g + RNG.normal(scale=0.1, size=g.shape).astype(np.float32) for g in GLOBAL]
+UPDATE = np.concatenate([(w - g).ravel() for w, g in zip(WEIGHTS, GLOBAL)])
+
+
+def context(settings):
+    return Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(),
+                   run_config=settings.to_run_config())
+
+
+def settings(name, **kw):
+    return Settings(compression=name, strategy="robust", **kw)
+
+
+@pytest.mark.parametrize(("name", "tolerance"), [("none", 0.0), ("float16", 1e-3), ("int8", 0.02)])
+def test_unbiased_codecs_round_trip(name, tolerance):
+    s = settings(name, compression_int8_block=64)
+    record = encode_upload(s, context(s), GLOBAL, WEIGHTS, {"server-round": 3})
+    decoded = UpdateDecoder(codec_from_settings(s))(record, UPDATE.size)
+    assert np.max(np.abs(decoded - UPDATE)) <= tolerance + 1e-7
+
+
+def test_top_k_sends_few_bytes_and_keeps_the_rest_in_context_state():
+    s = settings("top-k", compression_topk_fraction=0.05)
+    ctx = context(s)
+    record = encode_upload(s, ctx, GLOBAL, WEIGHTS, {"server-round": 1})
+    assert record.count_bytes() < 0.2 * UPDATE.nbytes
+    decoder = UpdateDecoder(codec_from_settings(s))
+    sent = decoder(record, UPDATE.size)
+    residual = ctx.state.array_records[STATE_KEY].to_numpy_ndarrays()[0]
+    np.testing.assert_allclose(sent + residual, UPDATE, atol=1e-6)  # nothing lost, only delayed
+    second = decoder(encode_upload(s, ctx, GLOBAL, WEIGHTS, {"server-round": 2}), UPDATE.size)
+    total = ctx.state.array_records[STATE_KEY].to_numpy_ndarrays()[0] + sent + second
+    np.testing.assert_allclose(total, 2 * UPDATE, atol=1e-5)
+
+
+def test_error_feedback_can_be_switched_off():
+    s = settings("top-k", compression_error_feedback=False)
+    ctx = context(s)
+    encode_upload(s, ctx, GLOBAL, WEIGHTS, {"server-round": 1})
+    assert STATE_KEY not in ctx.state.array_records
+
+
+def test_random_mask_decodes_with_the_round_seed():
+    s = settings("random-mask", compression_mask_fraction=0.5, compression_mask_rescale=False)
+    record = encode_upload(s, context(s), GLOBAL, WEIGHTS, {"server-round": 4})
+    decoder = UpdateDecoder(codec_from_settings(s))
+    decoder.server_round = 4
+    decoded = decoder(record, UPDATE.size)
+    kept = decoded != 0
+    assert 0.3 < kept.mean() < 0.7
+    np.testing.assert_allclose(decoded[kept], UPDATE[kept])
+
+
+def test_only_our_aggregation_strategies_can_decode():
+    s = Settings(compression="top-k", strategy="robust")
+    strategy = build_strategy("robust", s.to_run_config())
+    decoder = attach_compression(s, strategy)
+    assert strategy.decoder is decoder
+    flower = build_strategy("fedavg", Settings().to_run_config())
+    with pytest.raises(ValueError, match="needs one of our aggregation strategies"):
+        attach_compression(s, flower)
+    assert attach_compression(Settings(), flower) is None
+
+
+def test_compressed_federation_uploads_fewer_bytes_and_learns():
+    from fl_app.local_grid import run_local_federation
+
+    base = {"num-partitions": 3, "partitioner": "iid", "local-epochs": 1, "num-server-rounds": 2,
+            "min-train-clients": 3, "min-evaluate-clients": 3, "min-available-clients": 3,
+            "strategy": "robust", "client-weighting": "num-examples"}
+    _, plain = run_local_federation(base)
+    _, sparse = run_local_federation({**base, "compression": "top-k", "compression-topk-fraction": 0.05})
+    assert plain[1].bytes_received > 8 * sparse[1].bytes_received > 0
+    assert sparse[1].bytes_sent == plain[1].bytes_sent  # the downlink carries full weights
+    assert sparse[2].clients_replied == 3 and not sparse[2].failures
+    assert sparse[2].centralized_accuracy > sparse[0].centralized_accuracy + 0.1
