@@ -23,6 +23,8 @@ from flwr.clientapp import ClientApp
 from fl_app.byzantine import poison_labels, poison_weights
 from fl_app.client import KerasClient, compile_model
 from fl_app.data import ClientData, client_data
+from fl_app.encrypted_client import encrypted_upload, reply_metrics
+from fl_app.encrypted_client import global_weights as received_global_weights
 from fl_app.settings import Settings
 
 app = ClientApp()
@@ -100,7 +102,11 @@ def upload(
     settings: Settings, context: Context, global_weights: list, weights: list, config: dict
 ) -> ArrayRecord:
     """What a client sends back after training: its new weights (client-side transforms of the
-    update, such as clipping, compression or encryption, replace them here)."""
+    update, such as clipping, compression or encryption, replace them here).
+
+    Encryption must stay the last transform: clipping and DP noise act on the plaintext update first."""
+    if settings.homomorphic_encryption != "none":
+        return encrypted_upload(settings, context, global_weights, weights, config)
     return ArrayRecord(weights)
 
 
@@ -111,13 +117,14 @@ def train(msg: Message, context: Context) -> Message:
     settings = settings_from_context(context)
     partition_id = partition_id_of(context)
     config = dict(msg.content["config"]) if "config" in msg.content else {}
-    global_weights = msg.content["arrays"].to_numpy_ndarrays()
+    global_weights = received_global_weights(settings, context, msg)
     weights, num_examples, metrics = client.fit(global_weights, config)
     weights = poison_weights(settings, partition_id, global_weights, weights, int(config.get("server-round", 0)))
     content = RecordDict(
         {
-            "arrays": upload(settings, context, global_weights, weights, config),
-            "metrics": MetricRecord({**metrics, "partition-id": partition_id, "num-examples": num_examples}),
+            "arrays": upload(settings, context, global_weights, weights, {**config, "num-examples": num_examples}),
+            "metrics": MetricRecord({**metrics, **reply_metrics(settings, context),
+                                     "partition-id": partition_id, "num-examples": num_examples}),
         }
     )
     return Message(content=content, reply_to=msg)
@@ -128,7 +135,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global weights in ``msg`` on the local test split."""
     client = make_client(context)
     config = dict(msg.content["config"]) if "config" in msg.content else {}
-    loss, num_examples, metrics = client.evaluate(msg.content["arrays"].to_numpy_ndarrays(), config)
+    global_weights = received_global_weights(settings_from_context(context), context, msg)
+    loss, num_examples, metrics = client.evaluate(global_weights, config)
     content = RecordDict(
         {"metrics": MetricRecord({"loss": loss, **metrics, "num-examples": num_examples})}
     )

@@ -70,13 +70,24 @@ def attach_simulated_attack(settings: Settings, strategy) -> None:
     strategy.update_hooks.append(OmniscientAttack(settings))
 
 
+def make_strategy(settings: Settings, run_config) -> object:
+    """The configured strategy; with homomorphic encryption the server loads only the public key
+    (``he-public-key-path``; ``he-secret-key-path`` is never read here)."""
+    if settings.homomorphic_encryption != "none":
+        from strategies.encrypted import build_encrypted_strategy
+
+        return build_encrypted_strategy(run_config)
+    strategy = build_strategy(settings.strategy, run_config)
+    attach_simulated_attack(settings, strategy)
+    return strategy
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the federation that the run config describes."""
     started = time.perf_counter()
     settings = Settings.from_run_config(context.run_config)
-    strategy = build_strategy(settings.strategy, context.run_config)
-    attach_simulated_attack(settings, strategy)
+    strategy = make_strategy(settings, context.run_config)
 
     import tensorflow as tf
 
@@ -85,7 +96,9 @@ def main(grid: Grid, context: Context) -> None:
     input_shape, num_classes, test_set = model_spec(settings)
     tf.keras.utils.set_random_seed(settings.seed)
     model = build_model(settings.model, input_shape, num_classes, settings.seed)
-    evaluator = CentralEvaluator(model, *test_set) if test_set is not None else None
+    # with encryption the server never holds the model after round 0: no centralized evaluation
+    encrypted = settings.homomorphic_encryption != "none"
+    evaluator = CentralEvaluator(model, *test_set) if test_set is not None and not encrypted else None
     initial = ArrayRecord(model.get_weights())
 
     run_dir = RunDirectory(settings.output_dir, settings.strategy)
@@ -105,10 +118,15 @@ def main(grid: Grid, context: Context) -> None:
         on_round_end=on_round_end,
     )
 
-    model.set_weights(arrays.to_numpy_ndarrays())
-    model.save(run_dir.file("model.keras"))
+    if encrypted:  # G_0 + the encrypted chain; a key holder runs scripts/decrypt_model.py
+        model_file = strategy.save_encrypted_model(run_dir.file("encrypted-model.npz"))
+    else:
+        model.set_weights(arrays.to_numpy_ndarrays())
+        model_file = run_dir.file("model.keras")
+        model.save(model_file)
     run_dir.plot(history)
     summary = summarize(settings, history, time.perf_counter() - started, run_dir)
+    summary["model file"] = str(model_file)
     run_dir.write_json("summary.json", summary)
     log(INFO, "")
     for key, value in summary.items():
