@@ -69,7 +69,7 @@ OUT_OF_DATE = "he-state-out-of-date"
 # "he-chain" the ciphertexts of the deltas, "config" the chain's metadata below.
 CHAIN_KEY = "he-chain"
 CFG_TARGET = "he-version"            # the version the client reaches after applying the chain
-CFG_FROM = "he-from-version"         # the version the chain starts from (0: G_0 is included)
+CFG_FROM = "he-from-version"         # the version the chain starts from (G_0 is sent to unknown nodes)
 CFG_WEIGHTS = "he-total-weights"     # W_j for j = from+1 .. target
 CFG_SUMMANDS = "he-summands"         # K_j for j = from+1 .. target
 CFG_WEIGHTING = "he-client-weighting"
@@ -328,11 +328,12 @@ class EncryptedFedAvg(FedAvg):
         """One message per node with the part of the chain it lacks (shared records per start)."""
         assert self.initial is not None
         target = self.version
-        by_start: dict[int, tuple[ArrayRecord, ArrayRecord, ConfigRecord]] = {}
+        by_start: dict[tuple[int, bool], tuple[ArrayRecord, ArrayRecord, ConfigRecord]] = {}
         messages = []
         for node_id in node_ids:
-            start = min(self.node_versions.get(node_id, 0), target)
-            if start not in by_start:
+            confirmed = self.node_versions.get(node_id)  # None: unknown node, it gets G_0 too
+            start = 0 if confirmed is None else min(confirmed, target)
+            if (start, confirmed is None) not in by_start:
                 deltas = self.deltas[start:target]
                 chain_config = ConfigRecord({
                     **dict(config),
@@ -341,9 +342,9 @@ class EncryptedFedAvg(FedAvg):
                     CFG_SUMMANDS: [d.summands for d in deltas] or [0],
                     CFG_WEIGHTING: self.weighting, CFG_CLIP: self.clip_norm,
                 })
-                model = self.initial if start == 0 else ArrayRecord()
-                by_start[start] = (model, chain_record(deltas, start + 1), chain_config)
-            model, chain, chain_config = by_start[start]
+                model = self.initial if confirmed is None else ArrayRecord()
+                by_start[start, confirmed is None] = (model, chain_record(deltas, start + 1), chain_config)
+            model, chain, chain_config = by_start[start, confirmed is None]
             self._chain_bytes_sent += chain.count_bytes()
             content = RecordDict({self.arrayrecord_key: model, CHAIN_KEY: chain, self.configrecord_key: chain_config})
             messages.append(Message(content=content, message_type=message_type, dst_node_id=node_id))
@@ -437,7 +438,7 @@ class EncryptedFedAvg(FedAvg):
             "he-version": self.version,
             "he-aggregation-seconds": aggregation_seconds,
             "he-ciphertext-bytes": int(sum(uploaded)),
-            "he-ciphertext-bytes-per-client": int(uploaded[0]),
+            "he-ciphertext-bytes-per-client": int(np.mean(uploaded)),  # CKKS sizes vary (compressed)
             "he-sum-bytes": int(sum(len(b) for b in total)),
             "he-total-weight": total_weight,
             # encrypted sums sent to clients since the last aggregation (evaluate r-1 + train r)
