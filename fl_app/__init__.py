@@ -9,8 +9,3 @@ import os
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-# TenSEAL (CKKS, strategies.homomorphic) bundles its own protobuf: loading a TenSEAL context
-# segfaults when TensorFlow was imported first, and works when TenSEAL was. So TenSEAL is loaded
-# here, before anything can import TensorFlow (measured: ~0.2 s of CPU).
-import tenseal  # noqa: E402,F401
