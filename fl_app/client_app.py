@@ -25,6 +25,8 @@ from fl_app.client import KerasClient, compile_model
 from fl_app.data import ClientData, client_data
 from fl_app.delivery import answer_export_check, is_export_check
 from fl_app.node_worker import keras_worker_mod
+from fl_app.encrypted_client import encrypted_upload, reply_metrics
+from fl_app.encrypted_client import global_weights as received_global_weights
 from fl_app.settings import Settings
 
 # keras_worker_mod: in deployment, a SuperNode whose node config names a warm worker
@@ -121,11 +123,16 @@ def upload(
     settings: Settings, context: Context, global_weights: list, weights: list, config: dict
 ) -> ArrayRecord:
     """What a client sends back after training: its new weights (client-side transforms of the
-    update, such as clipping, compression or encryption, replace them here)."""
+    update, such as clipping, compression or encryption, replace them here).
+
+    Order: clipping and DP noise act on the plaintext update first; compression or encryption
+    (never both) last."""
     from fl_app.client_privacy import private_weights
 
     weights = private_weights(settings, global_weights, weights, config)  # dp-mode client-clipping / local DP
-    if settings.compression != "none":  # last: compression is post-processing of what precedes it
+    if settings.homomorphic_encryption != "none":
+        return encrypted_upload(settings, context, global_weights, weights, config)
+    if settings.compression != "none":  # compression is post-processing of what precedes it
         from fl_app.compression import encode_upload
 
         return encode_upload(settings, context, global_weights, weights, config)
@@ -154,14 +161,15 @@ def train(msg: Message, context: Context) -> Message:
     partition_id = partition_id_of(context)
     config = dict(msg.content["config"]) if "config" in msg.content else {}
     maybe_fail(settings, partition_id, int(config.get("server-round", 0)))
-    global_weights = msg.content["arrays"].to_numpy_ndarrays()
+    global_weights = received_global_weights(settings, context, msg)
     weights, num_examples, metrics = client.fit(global_weights, config)
     metrics.update(dp_sgd_report(settings, num_examples, int(config.get("server-round", 0))))
     weights = poison_weights(settings, partition_id, global_weights, weights, int(config.get("server-round", 0)))
     content = RecordDict(
         {
-            "arrays": upload(settings, context, global_weights, weights, config),
-            "metrics": MetricRecord({**metrics, "partition-id": partition_id, "num-examples": num_examples}),
+            "arrays": upload(settings, context, global_weights, weights, {**config, "num-examples": num_examples}),
+            "metrics": MetricRecord({**metrics, **reply_metrics(settings, context),
+                                     "partition-id": partition_id, "num-examples": num_examples}),
         }
     )
     return Message(content=content, reply_to=msg)
@@ -178,7 +186,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     if is_export_check(msg):  # the exported TFLite model, checked before it ships
         return answer_export_check(msg, client, settings_from_context(context).client_threads)
     config = dict(msg.content["config"]) if "config" in msg.content else {}
-    loss, num_examples, metrics = client.evaluate(msg.content["arrays"].to_numpy_ndarrays(), config)
+    global_weights = received_global_weights(settings_from_context(context), context, msg)
+    loss, num_examples, metrics = client.evaluate(global_weights, config)
     content = RecordDict(
         {"metrics": MetricRecord({"loss": loss, **metrics, "num-examples": num_examples})}
     )

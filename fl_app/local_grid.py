@@ -81,16 +81,12 @@ def run_local_federation(
 
     from fl_app.federation import run_rounds
     from fl_app.models import build_model
-    from fl_app.server_app import CentralEvaluator, attach_simulated_attack, model_spec
-    from strategies.registry import build_strategy
+    from fl_app.server_app import CentralEvaluator, make_strategy, model_spec
 
     settings = Settings.from_run_config(run_config)
     config = settings.to_run_config()
-    strategy = build_strategy(settings.strategy, config)
-    attach_simulated_attack(settings, strategy)
-    from fl_app.compression import attach_compression
-
-    attach_compression(settings, strategy)
+    strategy = make_strategy(settings, config)
+    evaluate_centrally = evaluate_centrally and settings.homomorphic_encryption == "none"
     input_shape, num_classes, test_set = model_spec(settings)
     tf.keras.utils.set_random_seed(settings.seed)
     model = build_model(settings.model, input_shape, num_classes, settings.seed)

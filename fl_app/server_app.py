@@ -76,24 +76,38 @@ def attach_simulated_attack(settings: Settings, strategy) -> None:
     strategy.update_hooks.append(OmniscientAttack(settings))
 
 
+def make_strategy(settings: Settings, run_config) -> object:
+    """The configured strategy; with homomorphic encryption the server loads only the public key
+    (``he-public-key-path``; ``he-secret-key-path`` is never read here)."""
+    if settings.homomorphic_encryption != "none":
+        from strategies.encrypted import build_encrypted_strategy
+
+        return build_encrypted_strategy(run_config)
+    from fl_app.compression import attach_compression
+
+    strategy = build_strategy(settings.strategy, run_config)
+    attach_simulated_attack(settings, strategy)
+    attach_compression(settings, strategy)
+    return strategy
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the federation that the run config describes."""
     started = time.perf_counter()
     settings = Settings.from_run_config(context.run_config)
-    strategy = build_strategy(settings.strategy, context.run_config)
-    attach_simulated_attack(settings, strategy)
+    strategy = make_strategy(settings, context.run_config)
     grid = ShortPollGrid(grid)  # Flower's grid sleeps 3 s between polls for replies
 
-    from fl_app.compression import attach_compression
     from fl_app.initial import query_initial_arrays, server_model
 
-    attach_compression(settings, strategy)
     model = evaluator = test_set = None
+    encrypted = settings.homomorphic_encryption != "none"
     # TensorFlow on the server only for centralized evaluation and for exporting the model
     if settings.centralized_evaluation or settings.export_formats():
         model, test_set = server_model(settings)
-        if settings.centralized_evaluation and test_set is not None:
+        # with encryption the server never holds the model after round 0: no centralized evaluation
+        if settings.centralized_evaluation and test_set is not None and not encrypted:
             evaluator = CentralEvaluator(model, *test_set)
         initial = ArrayRecord(model.get_weights())
     else:
@@ -139,11 +153,15 @@ def main(grid: Grid, context: Context) -> None:
             sampling_seed=settings.seed,
         )
 
-    if model is not None:
+    if encrypted:  # G_0 + the encrypted chain; a key holder runs scripts/decrypt_model.py
+        model_file = strategy.save_encrypted_model(run_dir.file("encrypted-model.npz"))
+    elif model is not None:
         model.set_weights(arrays.to_numpy_ndarrays())
-        model.save(run_dir.file("model.keras"))
+        model_file = run_dir.file("model.keras")
+        model.save(model_file)
     else:  # no TensorFlow on this server: the final weights as NumPy arrays, in model order
-        np.savez(run_dir.file("weights.npz"), *arrays.to_numpy_ndarrays())
+        model_file = run_dir.file("weights.npz")
+        np.savez(model_file, *arrays.to_numpy_ndarrays())
     run_dir.plot(history)
     export_report = finish_run(
         grid=recorder, recorder=recorder, settings=settings, model=model,
@@ -151,6 +169,7 @@ def main(grid: Grid, context: Context) -> None:
         test_set=test_set,
     )
     summary = summarize(settings, history, time.perf_counter() - started, run_dir)
+    summary["model file"] = str(model_file)
     summary["model card"] = str(run_dir.file("model_card.md"))
     if export_report is not None:
         summary["export ready"] = export_report["ready"]

@@ -134,6 +134,15 @@ class Settings:
     compression_mask_rescale: bool = True
     compression_int8_block: int = 4096
     compression_error_feedback: bool = True
+    # Encrypted aggregation (issue 7; strategies.encrypted, strategies.homomorphic)
+    homomorphic_encryption: str = "none"
+    he_public_key_path: str = ""
+    he_secret_key_path: str = ""
+    he_client_weighting: str = "num-examples"
+    he_clip_norm: float = 0.0
+    he_ckks_poly_degree: int = 8192
+    he_ckks_scale_bits: int = 40
+    he_paillier_key_bits: int = 3072
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> Settings:
@@ -172,6 +181,7 @@ class Settings:
         self._validate_attack()
         self._validate_privacy()
         self._validate_compression()
+        self._validate_encryption()
         from fl_app.models import MODELS
 
         _one_of("model", self.model, tuple(MODELS))
@@ -324,6 +334,29 @@ class Settings:
                 f"strategy='robust' aggregation-rule='mean' client-weighting='num-examples' is FedAvg); "
                 f"got strategy '{self.strategy}'"
             )
+    def _validate_encryption(self) -> None:
+        from strategies.encrypted import HE_WEIGHTINGS, EncryptionConfigError, check_encryption_compatible
+        from strategies.homomorphic import HE_STANDARD_MAX_COEFF_BITS
+
+        _one_of("he-client-weighting", self.he_client_weighting, HE_WEIGHTINGS)
+        if self.he_clip_norm < 0:
+            raise SettingsError(f"he-clip-norm must be >= 0 (0: off), got {self.he_clip_norm}")
+        degrees = sorted(HE_STANDARD_MAX_COEFF_BITS[128])
+        if self.he_ckks_poly_degree not in degrees:
+            raise SettingsError(
+                f"he-ckks-poly-degree must be one of {', '.join(map(str, degrees))}; got {self.he_ckks_poly_degree}"
+            )
+        if not 20 <= self.he_ckks_scale_bits <= 60:
+            raise SettingsError(f"he-ckks-scale-bits must be in [20, 60], got {self.he_ckks_scale_bits}")
+        if self.he_paillier_key_bits < 2048 or self.he_paillier_key_bits % 2:
+            raise SettingsError(
+                "he-paillier-key-bits must be even and >= 2048 (112-bit security; 3072 gives 128-bit), "
+                f"got {self.he_paillier_key_bits}"
+            )
+        try:
+            check_encryption_compatible(self.to_run_config())
+        except EncryptionConfigError as err:
+            raise SettingsError(str(err)) from err
 
     def attack_names(self) -> tuple[str, ...]:
         """``attack`` split at commas: attacker j (in partition-id order) runs name j mod len."""

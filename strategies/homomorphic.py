@@ -60,7 +60,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-import tenseal as ts
+from strategies.tenseal_loader import tenseal as ts
 from phe import paillier
 
 SchemeName = Literal["ckks", "paillier"]
