@@ -166,11 +166,7 @@ def run_rounds(
         result = evaluate_fn(0, arrays)
         record.centralized_loss = _metric(result, "loss")
         record.centralized_accuracy = _metric(result, "accuracy")
-        record.seconds = time.perf_counter() - started
-        history.append(record)
-        _log_round(record, num_rounds)
-        if on_round_end is not None:
-            on_round_end(record, arrays)
+        _close_round(record, started, history, num_rounds, on_round_end, arrays)
 
     for server_round in range(first_round, num_rounds + 1):
         record = RoundRecord(round=server_round)
@@ -250,12 +246,18 @@ def run_rounds(
             record.centralized_loss = _metric(result, "loss")
             record.centralized_accuracy = _metric(result, "accuracy")
 
-        record.seconds = time.perf_counter() - started
-        history.append(record)
-        _log_round(record, num_rounds)
-        if on_round_end is not None:
-            on_round_end(record, arrays)
+        _close_round(record, started, history, num_rounds, on_round_end, arrays)
     return arrays, history
+
+
+def _close_round(record: RoundRecord, started: float, history: list[RoundRecord], num_rounds: int,
+                 on_round_end: RoundCallback | None, arrays: ArrayRecord) -> None:
+    """Time, keep, log and report a finished round."""
+    record.seconds = time.perf_counter() - started
+    history.append(record)
+    _log_round(record, num_rounds)
+    if on_round_end is not None:
+        on_round_end(record, arrays)
 
 
 def _fmt(value: float | None) -> str:

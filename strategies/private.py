@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Mapping
-from logging import INFO, WARNING
+from logging import INFO
 from typing import Any
 
 import numpy as np
@@ -60,7 +60,7 @@ from strategies.preaggregation import clip_rows_to_norm
 from strategies.robust import AggregationStrategy, Rule, round_params
 from strategies.rules import RULES, check_rule_conditions
 from strategies.stopping import PrivacyBudgetExhausted
-from strategies.updates import ModelLayout, collect_updates
+from strategies.updates import ModelLayout
 
 DP_MODES = ("central", "client-clipping", "local-gaussian", "local-laplace")
 SERVER_NOISE_MODES = ("central", "client-clipping")
@@ -299,14 +299,7 @@ class DpFedAvgStrategy(AggregationStrategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         if self._layout is None or self._global is None or self._round_spec is None:
             raise RuntimeError("aggregate_train called before configure_train")
-        replies = list(replies)
-        collected = collect_updates(
-            replies, self._layout, self._global, self._buffer,
-            max_norm=self.max_update_norm, decoder=self.decoder,
-        )
-        self.last_rejections = [line for line in collected.rejections if ": client error: " not in line]
-        for line in collected.rejections:
-            log(WARNING, "Round %d: %s", server_round, line)
+        collected = self.collect(server_round, replies)
         if collected.count:
             for hook in self.update_hooks:
                 hook(server_round, collected)

@@ -135,14 +135,7 @@ class AggregationStrategy(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         if self._layout is None or self._global is None:
             raise RuntimeError("aggregate_train called before configure_train")
-        replies = list(replies)
-        collected = collect_updates(
-            replies, self._layout, self._global, self._buffer,
-            max_norm=self.max_update_norm, decoder=self.decoder,
-        )
-        self.last_rejections = [line for line in collected.rejections if ": client error: " not in line]
-        for line in collected.rejections:
-            log(WARNING, "Round %d: %s", server_round, line)
+        collected = self.collect(server_round, replies)
         measurements: dict[str, float] = {
             "accepted-replies": collected.count,
             "rejected-replies": len(collected.rejections),
@@ -175,6 +168,17 @@ class AggregationStrategy(FedAvg):
         metrics.update(measurements)
         metrics["update-norm"] = float(np.linalg.norm(aggregate))
         return self._layout.unflatten(new_global), metrics
+
+    def collect(self, server_round: int, replies: Iterable[Message]) -> CollectedUpdates:
+        """Validate the replies into the update matrix; log and remember the rejected ones."""
+        collected = collect_updates(
+            list(replies), self._layout, self._global, self._buffer,
+            max_norm=self.max_update_norm, decoder=self.decoder,
+        )
+        self.last_rejections = [line for line in collected.rejections if ": client error: " not in line]
+        for line in collected.rejections:
+            log(WARNING, "Round %d: %s", server_round, line)
+        return collected
 
     def finalize_update(
         self, server_round: int, aggregate: np.ndarray, collected: CollectedUpdates,
