@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from strategies.homomorphic import generate_keys
-from tests.helpers import ROOT, process_group_alive, run_launcher, superlink_pid
+from tests.helpers import ROOT, assert_launcher_cleaned_up, run_launcher
 
 pytestmark = pytest.mark.integration
 
@@ -34,7 +34,7 @@ def test_ckks_federation_of_four_clients_matches_plaintext_fedavg(tmp_path):
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
     assert "run status: finished:completed" in output
-    assert not process_group_alive(superlink_pid(output))
+    assert_launcher_cleaned_up(output)
 
     run_dir = tmp_path / (out / "latest").read_text().strip()
     history = json.loads((run_dir / "history.json").read_text())

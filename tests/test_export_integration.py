@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import process_group_alive, run_launcher, superlink_pid
+from tests.helpers import assert_launcher_cleaned_up, run_launcher
 
 pytestmark = pytest.mark.integration
 
@@ -20,7 +20,7 @@ def test_run_exports_checks_and_writes_model_card(tmp_path):
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
     assert "run status: finished:completed" in output
-    assert not process_group_alive(superlink_pid(output))
+    assert_launcher_cleaned_up(output)
 
     run_dir = Path((out / "latest").read_text().strip())
     assert (run_dir / "model.keras").is_file()

@@ -14,7 +14,7 @@ from fl_app.local_grid import LocalGrid
 from fl_app.secure_aggregation import run_secure_rounds, wait_for_nodes
 from fl_app.settings import Settings, SettingsError
 from strategies.dp_mechanisms import insecure_seeded_generator
-from tests.helpers import process_group_alive, run_launcher, superlink_pid
+from tests.helpers import assert_launcher_cleaned_up, run_launcher
 
 class CopyingGrid(LocalGrid):
     """LocalGrid that gives every node its own copy of a message, as the wire does (secaggplus_mod
@@ -113,7 +113,7 @@ def test_secure_aggregation_simulation_with_a_dropout(tmp_path):
     ])
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
-    assert not process_group_alive(superlink_pid(output))
+    assert_launcher_cleaned_up(output)
     run_dir = tmp_path / (out / "latest").read_text().strip()
     history = json.loads((run_dir / "history.json").read_text())
     assert [r["round"] for r in history] == [0, 1, 2, 3]

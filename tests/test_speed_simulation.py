@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT, process_group_alive, run_launcher, superlink_pid
+from tests.helpers import ROOT, assert_launcher_cleaned_up, run_launcher
 
 pytestmark = pytest.mark.integration
 
@@ -23,7 +23,7 @@ def test_compressed_run_without_tensorflow_on_the_server(tmp_path):
     ])
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
-    assert not process_group_alive(superlink_pid(output))
+    assert_launcher_cleaned_up(output)
     run_dir = out.parent / (out / "latest").read_text().strip()
     history = json.loads((run_dir / "history.json").read_text())
     assert [r["round"] for r in history] == [1, 2]  # no round 0: nothing evaluated on the server
