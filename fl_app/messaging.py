@@ -22,7 +22,7 @@ from flwr.app import Message
 
 POLL_INITIAL_S = 0.01
 POLL_GROWTH = 1.5
-POLL_MAXIMUM_S = 0.5
+POLL_MAXIMUM_S = 0.1
 
 
 def poll_delays(initial: float = POLL_INITIAL_S, growth: float = POLL_GROWTH,
