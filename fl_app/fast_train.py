@@ -9,9 +9,10 @@ of ~110 examples took ~0.5 s, of which the ~20 optimizer steps take a few millis
 ``train_step`` (so a custom ``train_step``, the compiled loss with ``model.losses`` such as the
 FedProx term, and the optimizer's own ``minimize``, e.g. a DP-SGD optimizer, all still apply) and
 one ``tf.function`` for a forward pass. Both are traced once per input signature (batch dimension
-left open, so clients of different sizes share the trace). One call runs a whole epoch in the graph
-(``train_step`` on the gathered batches of a permutation), so a small client pays neither
-``model.fit``'s per-call set-up nor a Python round trip per batch.
+left open, so clients of different sizes share the trace). One call runs many batches in the graph
+(``train_step`` on gathered batches of seeded permutations): a fit is two calls, the epochs before
+the last and then the last, so a small client pays neither ``model.fit``'s per-call set-up nor a
+Python round trip per batch or per epoch.
 
 Shuffling uses NumPy's ``Generator(PCG64(seed))``: the order of the batches depends only on the
 seed, so a reused model gives the same result as a fresh one.
@@ -59,35 +60,36 @@ class CompiledLoop:
             tf.TensorSpec((None, *y.shape[1:]), tf.as_dtype(y.dtype)),
         )
 
-    def _train_epoch(self, x: np.ndarray, y: np.ndarray):
-        """One epoch in one graph: ``train_step`` on ``x[order[i b:(i+1) b]]`` for every batch i."""
+    def _train_batches(self, x: np.ndarray, y: np.ndarray):
+        """Many batches in one graph: ``train_step`` on ``x[order[starts[i]:starts[i+1]]]`` for
+        every i, so several epochs (each its own permutation, its last batch possibly partial) cost
+        one call."""
         key = (x.shape[1:], x.dtype.str, y.shape[1:], y.dtype.str)
-        epoch = self._train_steps.get(key)
-        if epoch is None:
+        batches = self._train_steps.get(key)
+        if batches is None:
             import tensorflow as tf
 
             model = self.model
 
-            def train_epoch(xs, ys, order, batch_size):
-                steps = (tf.shape(order)[0] + batch_size - 1) // batch_size
-                first = order[:batch_size]
+            def train_batches(xs, ys, order, starts):
+                first = order[starts[0]:starts[1]]
                 # the first step outside the loop: on the first trace it creates the optimizer's
                 # and the metrics' variables, which a while-loop body may not do
                 logs = model.train_step((tf.gather(xs, first), tf.gather(ys, first)))
-                for i in tf.range(1, steps):
-                    index = order[i * batch_size:(i + 1) * batch_size]
+                for i in tf.range(1, tf.shape(starts)[0] - 1):
+                    index = order[starts[i]:starts[i + 1]]
                     logs = model.train_step((tf.gather(xs, index), tf.gather(ys, index)))
                 return logs
 
-            epoch = self._train_steps[key] = tf.function(
-                train_epoch,
+            batches = self._train_steps[key] = tf.function(
+                train_batches,
                 input_signature=(
                     *self._signature(x, y),
                     tf.TensorSpec((None,), tf.int32),
-                    tf.TensorSpec((), tf.int32),
+                    tf.TensorSpec((None,), tf.int32),
                 ),
             )
-        return epoch
+        return batches
 
     def _eval_step(self, x: np.ndarray, y: np.ndarray):
         key = (x.shape[1:], x.dtype.str, y.shape[1:], y.dtype.str)
@@ -123,20 +125,25 @@ class CompiledLoop:
 
         Returns the last epoch's logs as ``model.fit``'s history has them (e.g. ``loss``,
         ``accuracy``: running means over the epoch's batches, the loss including ``model.losses``).
+        The epochs before the last run in one call and the last in another, with the metrics reset
+        in between: two calls per fit whatever ``epochs`` is (a client with one batch per epoch
+        paid ~1.4 ms per call).
         """
         n = len(y)
         if n == 0:
             raise ValueError("no training examples")
+        if epochs < 1:
+            raise ValueError(f"local-epochs must be >= 1, got {epochs}")
         import tensorflow as tf
 
-        epoch = self._train_epoch(x, y)
+        train = self._train_batches(x, y)
         xs, ys = tf.convert_to_tensor(x), tf.convert_to_tensor(y)
-        batch = tf.constant(int(batch_size), tf.int32)
         rng = np.random.Generator(np.random.PCG64(seed))
-        logs: dict[str, Any] = {}
-        for _ in range(epochs):
-            self.model.reset_metrics()
-            logs = epoch(xs, ys, rng.permutation(n).astype(np.int32), batch)
+        orders = [rng.permutation(n).astype(np.int32) for _ in range(epochs)]
+        if epochs > 1:
+            train(xs, ys, np.concatenate(orders[:-1]), _batch_starts(n, batch_size, epochs - 1))
+        self.model.reset_metrics()
+        logs = train(xs, ys, orders[-1], _batch_starts(n, batch_size, 1))
         return {key: float(value) for key, value in logs.items()}
 
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -152,3 +159,13 @@ class CompiledLoop:
             loss_sum += float(loss) * len(yb)
             correct += float(hits)
         return loss_sum / n, correct / n
+
+
+def _batch_starts(n: int, batch_size: int, epochs: int) -> np.ndarray:
+    """Where each batch starts in ``epochs`` concatenated permutations of ``n`` examples, then
+    the end: ``[0, b, 2b, …, n, n + b, …, epochs n]`` (an epoch's last batch may be partial)."""
+    if batch_size < 1:
+        raise ValueError(f"batch-size must be >= 1, got {batch_size}")
+    within = np.arange(0, n, batch_size, dtype=np.int32)
+    starts = (within[None, :] + n * np.arange(epochs, dtype=np.int32)[:, None]).reshape(-1)
+    return np.append(starts, np.int32(epochs * n))

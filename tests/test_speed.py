@@ -48,6 +48,37 @@ def test_compiled_fit_learns_and_is_traced_once_for_all_client_sizes(compiled):
     model.set_weights(initial)
 
 
+def test_compiled_fit_equals_train_on_batch_in_the_same_order(compiled):
+    """The fused fit (all epochs but the last in one call) runs exactly the batches that a slow
+    loop of ``train_on_batch`` runs over the same seeded permutations, partial batches included,
+    and reports the last epoch's running metrics."""
+    from fl_app.client import reset_optimizer
+
+    model, _ = compiled
+    initial = model.get_weights()
+    data = client_data(SETTINGS, 3)
+    x, y = data.x_train[:45], data.y_train[:45]  # batches of 16: 16, 16, 13 per epoch
+
+    reset_optimizer(model.optimizer)
+    logs = loop_for(model).fit(x, y, epochs=3, batch_size=16, seed=7)
+    fused = model.get_weights()
+
+    model.set_weights(initial)
+    reset_optimizer(model.optimizer)
+    rng = np.random.Generator(np.random.PCG64(7))
+    for _ in range(3):
+        model.reset_metrics()
+        order = rng.permutation(len(y))
+        for start in range(0, len(y), 16):
+            index = order[start:start + 16]
+            expected_logs = model.train_on_batch(x[index], y[index], reset_metrics=False, return_dict=True)
+    for a, b in zip(fused, model.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert logs["loss"] == pytest.approx(expected_logs["loss"], rel=1e-5)
+    assert logs["accuracy"] == pytest.approx(expected_logs["accuracy"])
+    model.set_weights(initial)
+
+
 class PollingGrid:
     """Replies become available ``delay`` seconds after the push, like a SuperLink's."""
 
