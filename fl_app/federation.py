@@ -254,6 +254,7 @@ def _close_round(record: RoundRecord, started: float, history: list[RoundRecord]
                  on_round_end: RoundCallback | None, arrays: ArrayRecord) -> None:
     """Time, keep, log and report a finished round."""
     record.seconds = time.perf_counter() - started
+    record.finished_at = time.time()
     history.append(record)
     _log_round(record, num_rounds)
     if on_round_end is not None:

@@ -28,7 +28,8 @@ class RoundRecord:
     """What happened in one round (``round`` 0 is the initial model)."""
 
     round: int
-    seconds: float = 0.0
+    seconds: float = 0.0  # from sending the round's first message to its last evaluation
+    finished_at: float = 0.0  # Unix time at that moment; differences include the writes between rounds
     centralized_loss: float | None = None
     centralized_accuracy: float | None = None
     federated_loss: float | None = None

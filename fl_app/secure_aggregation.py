@@ -368,6 +368,7 @@ def run_secure_rounds(
             compat.arrayrecord_to_parameters(legacy.state.array_records[MAIN_PARAMS_RECORD], keep_input=True)))
         record = strategy.records[server_round]
         record.seconds = time.perf_counter() - started
+        record.finished_at = time.time()
         history.append(record)
         log(INFO, "[round %d/%d] secure aggregation of %s clients | central acc %s | epsilon %s",
             server_round, settings.num_server_rounds, record.extra.get("secure-aggregation-clients"),
