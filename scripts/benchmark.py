@@ -3,7 +3,8 @@
 For each client count N, on the same data, model, clients and rounds:
 
 (a) our app in Flower's simulation engine (``fl-keras-run``, i.e. ``flwr run`` on a private
-    SuperLink): per-round seconds from its history, time to the end of round 1 (start-up);
+    SuperLink): per-round seconds end to end (the differences of its history's ``finished_at``,
+    so the writes between rounds count), time to the end of round 1 (start-up);
 (b) ``scripts/baseline_app`` in the style of Flower's ``quickstart-tensorflow`` example (a fresh
     Keras model built and compiled per message, ``model.fit``/``model.evaluate``, Flower's FedAvg and
     ``strategy.start``) in the same engine, the same way;
@@ -15,8 +16,8 @@ the run's SuperLink (SuperExec, simulation/ServerApp, Ray's GCS and raylet, Ray 
 twice a second (:mod:`fl_app.procmem`). Steady state is the median of rounds 2..R. Printed: a
 table, the ratios (b)/(a) and (a)/(c) per sample-epoch, and a JSON file with everything.
 
-    uv run python scripts/benchmark.py --clients 10 50 --rounds 6 --out benchmark.json
-    uv run python scripts/benchmark.py --clients 200 --rounds 5 --only a \\
+    uv run python scripts/benchmark.py --clients 10 50 --rounds 8 --out benchmark.json
+    uv run python scripts/benchmark.py --clients 200 --rounds 10 --only a \\
         -c "dataset='synthetic' fraction-train=0.1 fraction-evaluate=0.1 min-evaluate-clients=2"
 """
 
