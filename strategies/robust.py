@@ -179,7 +179,7 @@ class AggregationStrategy(FedAvg):
             "accepted-replies": collected.count,
             "rejected-replies": len(collected.rejections),
         }
-        reason = self._cannot_aggregate(collected.count)
+        reason = self._cannot_aggregate(collected.count, len(collected.rejections))
         if reason:
             log(WARNING, "Round %d skipped, the global model is kept: %s", server_round, reason)
             return None, MetricRecord({**measurements, "round-skipped": 1})
@@ -211,7 +211,9 @@ class AggregationStrategy(FedAvg):
             measurements["bounded-replies"] = int(np.sum(norms > measurements["norm-bound"]))
         elif self.fixed_norm_bound is not None:
             measurements["bounded-replies"] = int(np.sum(norm_bound(updates, self.fixed_norm_bound)))
-        params = round_params(self.rule_name, self.rule_params, collected.count)
+        params = round_params(self.rule_name, self.rule_params, collected.count, len(collected.rejections))
+        if "f" in params and params["f"] != self.rule_params.get("f", params["f"]):
+            measurements["rule-f"] = params["f"]
         return np.asarray(self.rule(updates, weights, **params), dtype=np.float32)
 
     def collect(self, server_round: int, replies: Iterable[Message]) -> CollectedUpdates:
@@ -260,12 +262,14 @@ class AggregationStrategy(FedAvg):
 
     # ----------------------------------------------------------------------------- pieces
 
-    def _cannot_aggregate(self, count: int) -> str:
+    def _cannot_aggregate(self, count: int, faults: int = 0) -> str:
         if count < self.min_valid_replies:
             return f"{count} valid replies, min-valid-replies is {self.min_valid_replies}"
         if self.rule_name in RULES:
             try:
-                check_rule_conditions(self.rule_name, count, round_params(self.rule_name, self.rule_params, count))
+                check_rule_conditions(
+                    self.rule_name, count, round_params(self.rule_name, self.rule_params, count, faults)
+                )
             except ValueError as err:
                 return f"{count} valid replies are too few for {self.rule_name}: {err}"
         return ""
@@ -387,8 +391,19 @@ def build_aggregation_strategy(
     return AggregationStrategy(rule, **kwargs)
 
 
-def round_params(name: str, params: Mapping[str, Any], num_replies: int) -> dict[str, Any]:
-    """The rule's parameters for a round of ``num_replies``: Multi-Krum's m = 0/None is n - f."""
+def round_params(name: str, params: Mapping[str, Any], num_replies: int, faults: int = 0) -> dict[str, Any]:
+    """The rule's parameters for a round of ``num_replies`` valid replies.
+
+    Multi-Krum's m = 0/None is n - f. ``faults`` is the number of replies rejected this round
+    (invalid, or a client error): each comes from one of the up-to-f faulty clients the rule is
+    configured for, so at most ``f - faults`` of them remain among the valid replies, and Krum,
+    Multi-Krum and Bulyan run with that f. Their conditions then still hold whenever they held
+    for all replies (e.g. n - r > 2(f - r) + 2 if n > 2f + 2), so clients that send NaN or wrong
+    shapes cannot stall the training by shrinking n below 4f + 3 (Bulyan) or 2f + 3 (Krum).
+    """
+    params = dict(params)
+    if name in ("krum", "multi-krum", "bulyan") and faults > 0 and "f" in params:
+        params["f"] = max(0, int(params["f"]) - faults)
     if name == "multi-krum" and params.get("m") is None:
-        return {**params, "m": max(1, num_replies - int(params.get("f", 0)))}
-    return dict(params)
+        params["m"] = max(1, num_replies - int(params.get("f", 0)))
+    return params
