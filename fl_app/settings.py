@@ -143,6 +143,8 @@ class Settings:
     he_ckks_poly_degree: int = 8192
     he_ckks_scale_bits: int = 40
     he_paillier_key_bits: int = 3072
+    # Issue 3 (finish): server-side aggregation speed (strategies.robust)
+    aggregation_threads: int = 1
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> Settings:
@@ -197,6 +199,10 @@ class Settings:
             raise SettingsError("output-dir must not be empty")
         self._validate_export()
         self._validate_deployment()
+        self._validate_aggregation_speed()
+
+    def _validate_aggregation_speed(self) -> None:
+        _at_least("aggregation-threads", self.aggregation_threads, 0)
 
     def _validate_deployment(self) -> None:
         # resume-from is checked by the server when it loads the checkpoint (fl_app.checkpoint):

@@ -23,7 +23,10 @@ Bulyan         bulyan, f                               no: Flower selects theta 
 =============  ======================================  ===========================================
 
 Times are the median of ``--repeats`` calls and include turning the replies into arrays (for
-ours: validation into the reused K x P float32 matrix; the first call also allocates it). Flower's
+ours: validation into the reused K x P float32 matrix, the first call also allocating it; or,
+for the plain weighted mean, validation and the weighted sum straight from the reply bytes).
+BLAS runs with ``--threads`` threads (default 1) for both sides, set with threadpoolctl, and the
+figure compared is CPU time, which a machine shared with other jobs does not inflate much. Flower's
 FedMedian, FedTrimmedAvg and Bulyan consume the arrays of the replies they aggregate, so every call
 gets fresh ``Message`` objects that share the same immutable payload bytes (no copy). Peak extra
 memory is measured in a separate call under ``tracemalloc`` (NumPy reports its buffers to it):
@@ -64,6 +67,7 @@ FLOWER_NAMES = {"mean": "FedAvg", "median": "FedMedian", "trimmed-mean": "FedTri
 SAME_DEFINITION = {"mean": True, "median": True, "trimmed-mean": True, "krum": True, "multi-krum": True,
                    "bulyan": False}
 BETA = 0.2
+THREADS = 1  # BLAS threads of both sides (--threads)
 
 
 def _ensure_task_identity() -> None:
@@ -148,6 +152,7 @@ def our_strategy(rule: str, num_clients: int, payloads: Payloads):
         "num-partitions": num_clients, "min-train-clients": num_clients, "min-available-clients": 2,
         "client-weighting": "num-examples" if rule == "mean" else "uniform",
         "trimmed-mean-beta": BETA, "krum-f": f, "multi-krum-m": num_clients - f, "bulyan-f": f,
+        "aggregation-threads": THREADS,
     }
     strategy = build_aggregation_strategy(rule, config)
     list(strategy.configure_train(1, ArrayRecord(payloads.global_arrays), ConfigRecord({}), _Grid(num_clients)))
@@ -156,8 +161,8 @@ def our_strategy(rule: str, num_clients: int, payloads: Payloads):
 
 def time_calls(make: Callable[[], Any], payloads: Payloads, repeats: int) -> tuple[float, float, ArrayRecord]:
     """Median wall and CPU seconds of ``repeats`` calls of ``aggregate_train`` (one strategy, fresh
-    replies each). CPU time (``time.process_time``, one thread: run with OMP_NUM_THREADS=1) is the
-    figure to compare on a machine shared with other jobs, where wall time mostly measures waiting."""
+    replies each). CPU time (``time.process_time``) is the figure to compare on a machine shared
+    with other jobs, where wall time mostly measures waiting."""
     strategy = make()
     wall, cpu, result = [], [], None
     for _ in range(repeats):
@@ -191,13 +196,19 @@ def max_difference(ours: ArrayRecord, theirs: ArrayRecord) -> float:
 
 
 def main() -> None:
+    global THREADS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", default="10,100")
     parser.add_argument("--params", default="100000,1000000")
     parser.add_argument("--rules", default=",".join(RULES))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-memory", action="store_true", help="skip the tracemalloc pass")
+    parser.add_argument("--threads", type=int, default=THREADS, help="BLAS threads of both sides")
     args = parser.parse_args()
+    THREADS = args.threads
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=args.threads, user_api="blas")
     rules = [r.strip() for r in args.rules.split(",")]
     for rule in rules:
         if rule not in RULES:

@@ -2,7 +2,8 @@
 
 Every cell is a whole federation run in this process through the real ClientApp handlers
 (:func:`fl_app.local_grid.run_local_federation`, no Ray, no ``flwr run``): ``num-partitions``
-IID clients (default 20), a fraction of them Byzantine, one aggregation rule of
+IID clients (default 20), a fraction of them Byzantine, ``num-server-rounds`` 20 rounds of one
+local epoch each (the same protocol for every cell; ``--rounds`` changes it for all), one aggregation rule of
 :class:`strategies.robust.AggregationStrategy` (the ``mean`` row with ``num-examples`` weights is
 FedAvg; omniscient attacks need our strategy), and the final model evaluated once on the server's
 held-out test set. Rule parameters follow the number of attackers ``a = floor(fraction * n)``:
@@ -45,7 +46,7 @@ FRACTIONS = (0.1, 0.2, 0.3)
 BASE_CONFIG: dict[str, Any] = {
     "dataset": "digits", "partitioner": "iid", "num-partitions": 20, "model": "mlp",
     "local-epochs": 1, "batch-size": 16, "learning-rate": 0.01, "optimizer": "adam",
-    "num-server-rounds": 10, "fraction-train": 1.0,
+    "num-server-rounds": 20, "fraction-train": 1.0,
     "min-train-clients": 20, "min-available-clients": 20,
     "fraction-evaluate": 0.01, "min-evaluate-clients": 0,  # no federated evaluation: final central only
     "strategy": "robust", "seed": 42,
@@ -144,11 +145,18 @@ def _present(results: dict[str, Any], fraction: float, index: int) -> list[str]:
             if any(key.split("|")[0] == f"{fraction:g}" and key.split("|")[1 + index] == name for key in cells)]
 
 
+def _protocol(results: dict[str, Any]) -> str:
+    """The protocol every cell shares, e.g. '20 rounds x 1 local epoch'."""
+    config = results.get("config", {})
+    return (f"{config.get('num-server-rounds', '?')} rounds x {config.get('local-epochs', '?')} local epoch(s), "
+            f"final accuracy")
+
+
 def markdown_table(results: dict[str, Any], fraction: float) -> str:
     """Rows: rules; columns: attacks; cells: final accuracy ('…' where the cell has not run)."""
     cells = results["cells"]
     rules, attacks = _present(results, fraction, 0), _present(results, fraction, 1)
-    lines = [f"| rule \\ attack (fraction {fraction:g}) | " + " | ".join(attacks) + " |",
+    lines = [f"| rule \\ attack (fraction {fraction:g}, {_protocol(results)}) | " + " | ".join(attacks) + " |",
              "|---|" + "---|" * len(attacks)]
     for rule in rules:
         row = []
@@ -187,7 +195,9 @@ def heatmap(results: dict[str, Any], fraction: float, path: Path) -> None:
             text = "–" if np.isnan(grid[i, j]) else f"{grid[i, j]:.2f}"
             ax.text(j, i, text, ha="center", va="center", fontsize=8)
     n = results.get("num-partitions", 20)
-    ax.set_title(f"Final accuracy, digits, {n} IID clients, {math.floor(fraction * n + 1e-9)} attackers")
+    rounds = results.get("config", {}).get("num-server-rounds", "?")
+    ax.set_title(f"Final accuracy, digits, {n} IID clients, {math.floor(fraction * n + 1e-9)} attackers, "
+                 f"{rounds} rounds")
     fig.colorbar(image, ax=ax, fraction=0.03)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -196,6 +206,7 @@ def heatmap(results: dict[str, Any], fraction: float, path: Path) -> None:
 
 def report(results: dict[str, Any], fractions: list[float], out_dir: Path) -> str:
     parts = []
+    out_dir.mkdir(parents=True, exist_ok=True)
     for fraction in fractions:
         if not _present(results, fraction, 0):
             continue
@@ -229,8 +240,12 @@ def main() -> None:
     path = out_dir / "results.json"
     results = load_results(path)
     for other in filter(None, args.merge.split(",")):  # e.g. cells run by a second process
-        for key, cell in load_results(Path(other))["cells"].items():
+        merged = load_results(Path(other))
+        for key, cell in merged["cells"].items():
             results["cells"].setdefault(key, cell)
+        for key in ("config", "num-partitions"):
+            if key in merged:
+                results.setdefault(key, merged[key])
     base = {**BASE_CONFIG, "num-server-rounds": args.rounds, **parse_overrides(args.run_config)}
 
     if not args.report_only:

@@ -19,6 +19,8 @@ Sampling, evaluation and metric aggregation are FedAvg's.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterable, Mapping
 from logging import INFO, WARNING
@@ -31,8 +33,15 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from strategies.preaggregation import QuantileNormBound, norm_bound
-from strategies.rules import RULES, check_rule_conditions
-from strategies.updates import CollectedUpdates, Decoder, ModelLayout, UpdateBuffer, collect_updates
+from strategies.rules import RULES, check_rule_conditions, weighted_mean
+from strategies.updates import (
+    CollectedUpdates,
+    Decoder,
+    ModelLayout,
+    UpdateBuffer,
+    collect_updates,
+    stream_weighted_mean,
+)
 
 Rule = Callable[..., np.ndarray]
 UpdateHook = Callable[[int, CollectedUpdates], None]
@@ -55,6 +64,24 @@ def client_weights(num_examples: np.ndarray, weighting: str, cap_ratio: float = 
     raise ValueError(f"client-weighting must be one of {', '.join(WEIGHTINGS)}; got '{weighting}'")
 
 
+@functools.cache
+def _threadpools() -> Any:
+    from threadpoolctl import ThreadpoolController  # a dependency of scikit-learn
+
+    return ThreadpoolController()
+
+
+def blas_thread_limit(threads: int | None) -> contextlib.AbstractContextManager:
+    """A context that runs BLAS with ``threads`` threads (None: leave the library's setting).
+
+    On a server that shares its cores (a simulation's clients, other jobs), one thread keeps
+    the aggregation's CPU use and timing predictable; a dedicated server can use them all.
+    """
+    if threads is None:
+        return contextlib.nullcontext()
+    return _threadpools().limit(limits=threads, user_api="blas")
+
+
 class AggregationStrategy(FedAvg):
     """Validation → pre-aggregation → ``rule`` → server step, on Flower's Message API.
 
@@ -71,6 +98,8 @@ class AggregationStrategy(FedAvg):
     server_learning_rate, server_momentum : eta and beta of the server step (1, 0: plain update)
     min_valid_replies : skip a round with fewer valid replies
     decoder : decodes compressed uploads (ArrayRecord, P) -> update; None: replies carry weights
+    blas_threads : BLAS threads while aggregating (Gram matrix, matrix-vector products); None:
+        the library's default (all cores)
     **sampling : FedAvg's ``fraction_train``, ``min_train_nodes``, …
     """
 
@@ -89,6 +118,7 @@ class AggregationStrategy(FedAvg):
         server_momentum: float = 0.0,
         min_valid_replies: int = 1,
         decoder: Decoder | None = None,
+        blas_threads: int | None = None,
         **sampling: Any,
     ) -> None:
         super().__init__(**sampling)
@@ -107,8 +137,10 @@ class AggregationStrategy(FedAvg):
         self.server_momentum = server_momentum
         self.min_valid_replies = max(1, min_valid_replies)
         self.decoder = decoder
+        self.blas_threads = blas_threads
         self.update_hooks: list[UpdateHook] = []
         self._buffer = UpdateBuffer()
+        self._stream_out: np.ndarray | None = None  # the streamed mean's reused vector
         self._layout: ModelLayout | None = None
         self._global: np.ndarray | None = None
         self._momentum: np.ndarray | None = None
@@ -135,29 +167,26 @@ class AggregationStrategy(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         if self._layout is None or self._global is None:
             raise RuntimeError("aggregate_train called before configure_train")
-        collected = self.collect(server_round, replies)
+        with blas_thread_limit(self.blas_threads):
+            return self._aggregate_train(server_round, list(replies))
+
+    def _aggregate_train(
+        self, server_round: int, replies: list[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        streamed = self._stream_mean(server_round, replies) if self._streams_mean() else None
+        collected, aggregate = streamed if streamed is not None else (self.collect(server_round, replies), None)
         measurements: dict[str, float] = {
             "accepted-replies": collected.count,
             "rejected-replies": len(collected.rejections),
         }
-        reason = self._cannot_aggregate(collected.count)
+        reason = self._cannot_aggregate(collected.count, len(collected.rejections))
         if reason:
             log(WARNING, "Round %d skipped, the global model is kept: %s", server_round, reason)
             return None, MetricRecord({**measurements, "round-skipped": 1})
 
-        for hook in self.update_hooks:
-            hook(server_round, collected)
-        updates = collected.updates
         weights = client_weights(collected.num_examples, self.weighting, self.cap_ratio)
-        if self.adaptive_bound is not None:
-            measurements["norm-bound"] = self.adaptive_bound.bound
-            norms = self.adaptive_bound.clip(updates)
-            measurements["bounded-replies"] = int(np.sum(norms > measurements["norm-bound"]))
-        elif self.fixed_norm_bound is not None:
-            measurements["bounded-replies"] = int(np.sum(norm_bound(updates, self.fixed_norm_bound)))
-
-        params = round_params(self.rule_name, self.rule_params, collected.count)
-        aggregate = np.asarray(self.rule(updates, weights, **params), dtype=np.float32)
+        if aggregate is None:
+            aggregate = self._apply_rule(server_round, collected, weights, measurements)
         if aggregate.shape != (self._layout.size,) or not np.isfinite(aggregate).all():
             log(WARNING, "Round %d skipped: rule %s returned a non-finite or mis-shaped update",
                 server_round, self.rule_name)
@@ -169,16 +198,60 @@ class AggregationStrategy(FedAvg):
         metrics["update-norm"] = float(np.linalg.norm(aggregate))
         return self._layout.unflatten(new_global), metrics
 
+    def _apply_rule(
+        self, server_round: int, collected: CollectedUpdates, weights: np.ndarray, measurements: dict[str, float]
+    ) -> np.ndarray:
+        """Hooks, norm bound and the rule on the update matrix."""
+        for hook in self.update_hooks:
+            hook(server_round, collected)
+        updates = collected.updates
+        if self.adaptive_bound is not None:
+            measurements["norm-bound"] = self.adaptive_bound.bound
+            norms = self.adaptive_bound.clip(updates)
+            measurements["bounded-replies"] = int(np.sum(norms > measurements["norm-bound"]))
+        elif self.fixed_norm_bound is not None:
+            measurements["bounded-replies"] = int(np.sum(norm_bound(updates, self.fixed_norm_bound)))
+        params = round_params(self.rule_name, self.rule_params, collected.count, len(collected.rejections))
+        if "f" in params and params["f"] != self.rule_params.get("f", params["f"]):
+            measurements["rule-f"] = params["f"]
+        return np.asarray(self.rule(updates, weights, **params), dtype=np.float32)
+
     def collect(self, server_round: int, replies: Iterable[Message]) -> CollectedUpdates:
         """Validate the replies into the update matrix; log and remember the rejected ones."""
         collected = collect_updates(
             list(replies), self._layout, self._global, self._buffer,
             max_norm=self.max_update_norm, decoder=self.decoder,
         )
+        self._log_rejections(server_round, collected)
+        return collected
+
+    def _streams_mean(self) -> bool:
+        """Whether the round is a plain weighted mean that needs no update matrix: the rule is
+        :func:`~strategies.rules.weighted_mean` and no hook, bound, norm limit or decoder
+        looks at single updates, and no subclass's ``finalize_update`` may want them."""
+        return (self.rule is weighted_mean and not self.update_hooks and self.decoder is None
+                and type(self).finalize_update is AggregationStrategy.finalize_update
+                and self.max_update_norm is None and self.fixed_norm_bound is None
+                and self.adaptive_bound is None)
+
+    def _stream_mean(
+        self, server_round: int, replies: list[Message]
+    ) -> tuple[CollectedUpdates, np.ndarray | None] | None:
+        """The weighted mean straight from the reply bytes (:func:`stream_weighted_mean`)."""
+        if self._stream_out is None or self._stream_out.shape != (self._layout.size,):
+            self._stream_out = np.empty(self._layout.size, np.float32)
+        streamed = stream_weighted_mean(
+            replies, self._layout, self._global,
+            lambda counts: client_weights(counts, self.weighting, self.cap_ratio), self._stream_out,
+        )
+        if streamed is not None:
+            self._log_rejections(server_round, streamed[0])
+        return streamed
+
+    def _log_rejections(self, server_round: int, collected: CollectedUpdates) -> None:
         self.last_rejections = [line for line in collected.rejections if ": client error: " not in line]
         for line in collected.rejections:
             log(WARNING, "Round %d: %s", server_round, line)
-        return collected
 
     def finalize_update(
         self, server_round: int, aggregate: np.ndarray, collected: CollectedUpdates,
@@ -189,12 +262,14 @@ class AggregationStrategy(FedAvg):
 
     # ----------------------------------------------------------------------------- pieces
 
-    def _cannot_aggregate(self, count: int) -> str:
+    def _cannot_aggregate(self, count: int, faults: int = 0) -> str:
         if count < self.min_valid_replies:
             return f"{count} valid replies, min-valid-replies is {self.min_valid_replies}"
         if self.rule_name in RULES:
             try:
-                check_rule_conditions(self.rule_name, count, round_params(self.rule_name, self.rule_params, count))
+                check_rule_conditions(
+                    self.rule_name, count, round_params(self.rule_name, self.rule_params, count, faults)
+                )
             except ValueError as err:
                 return f"{count} valid replies are too few for {self.rule_name}: {err}"
         return ""
@@ -309,14 +384,26 @@ def build_aggregation_strategy(
         server_learning_rate=float(run_config.get("server-learning-rate", 1.0)),
         server_momentum=float(run_config.get("server-momentum", 0.0)),
         min_valid_replies=int(run_config.get("min-valid-replies", 1)),
+        blas_threads=int(run_config.get("aggregation-threads", 1)) or None,
         **sampling_kwargs(run_config),
     )
     kwargs.update(overrides)
     return AggregationStrategy(rule, **kwargs)
 
 
-def round_params(name: str, params: Mapping[str, Any], num_replies: int) -> dict[str, Any]:
-    """The rule's parameters for a round of ``num_replies``: Multi-Krum's m = 0/None is n - f."""
+def round_params(name: str, params: Mapping[str, Any], num_replies: int, faults: int = 0) -> dict[str, Any]:
+    """The rule's parameters for a round of ``num_replies`` valid replies.
+
+    Multi-Krum's m = 0/None is n - f. ``faults`` is the number of replies rejected this round
+    (invalid, or a client error): each comes from one of the up-to-f faulty clients the rule is
+    configured for, so at most ``f - faults`` of them remain among the valid replies, and Krum,
+    Multi-Krum and Bulyan run with that f. Their conditions then still hold whenever they held
+    for all replies (e.g. n - r > 2(f - r) + 2 if n > 2f + 2), so clients that send NaN or wrong
+    shapes cannot stall the training by shrinking n below 4f + 3 (Bulyan) or 2f + 3 (Krum).
+    """
+    params = dict(params)
+    if name in ("krum", "multi-krum", "bulyan") and faults > 0 and "f" in params:
+        params["f"] = max(0, int(params["f"]) - faults)
     if name == "multi-krum" and params.get("m") is None:
-        return {**params, "m": max(1, num_replies - int(params.get("f", 0)))}
-    return dict(params)
+        params["m"] = max(1, num_replies - int(params.get("f", 0)))
+    return params

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.common.constant import SType
 
 from strategies.codecs import payload_from_array_record
 
@@ -37,20 +38,53 @@ class ModelLayout:
     shapes: tuple[tuple[int, ...], ...]
     dtypes: tuple[np.dtype, ...]
     offsets: tuple[int, ...]  # offsets[i]:offsets[i+1] is array i in the flat vector
+    headers: tuple[bytes, ...] = ()  # the global arrays' .npy headers (b"" where unknown)
 
     @classmethod
     def of(cls, record: ArrayRecord) -> ModelLayout:
-        keys, shapes, dtypes, offsets = [], [], [], [0]
+        """The layout of ``record``, with each array's ``.npy`` header for :meth:`views`."""
+        keys, shapes, dtypes, offsets, headers = [], [], [], [0], []
         for key, array in record.items():
             keys.append(key)
             shapes.append(tuple(array.shape))
             dtypes.append(np.dtype(array.dtype))
             offsets.append(offsets[-1] + math.prod(array.shape))
-        return cls(tuple(keys), tuple(shapes), tuple(dtypes), tuple(offsets))
+            headers.append(_npy_header(array, key))
+        return cls(tuple(keys), tuple(shapes), tuple(dtypes), tuple(offsets), tuple(headers))
 
     @property
     def size(self) -> int:
         return self.offsets[-1]
+
+    def views(self, record: ArrayRecord) -> list[np.ndarray]:
+        """Flat read-only views of the record's arrays on the received bytes (no copy), checked
+        against the layout (names, dtypes, shapes, byte counts).
+
+        A reply serialised like the global model (the same ``.npy`` header, byte for byte) is
+        read without parsing its header; any other header is parsed and checked as untrusted.
+        """
+        if tuple(record.keys()) != self.keys:
+            raise ValueError(
+                f"arrays are named {list(record.keys())[:5]}…, expected {list(self.keys)[:5]}… "
+                f"({len(record)} arrays, expected {len(self.keys)})"
+            )
+        views = []
+        for i, (key, array) in enumerate(record.items()):
+            count, dtype = self.offsets[i + 1] - self.offsets[i], self.dtypes[i]
+            header = self.headers[i] if self.headers else b""
+            data = array.data
+            if (header and isinstance(data, bytes) and array.stype == SType.NUMPY and len(data) == len(header) + count * dtype.itemsize
+                    and data.startswith(header)):
+                views.append(np.frombuffer(data, dtype, count=count, offset=len(header)))
+                continue
+            values = _array_view(array, key)
+            if values.shape != self.shapes[i] or values.dtype != dtype:
+                raise ValueError(
+                    f"array '{key}' is {values.dtype}{list(values.shape)}, "
+                    f"expected {dtype}{list(self.shapes[i])}"
+                )
+            views.append(values.reshape(-1))
+        return views
 
     def flatten(
         self, record: ArrayRecord, out: np.ndarray | None = None, minus: np.ndarray | None = None
@@ -61,23 +95,12 @@ class ModelLayout:
         computed in the same pass over the received bytes (one read, one write per value).
         """
         vector = np.empty(self.size, np.float32) if out is None else out
-        if tuple(record.keys()) != self.keys:
-            raise ValueError(
-                f"arrays are named {list(record.keys())[:5]}…, expected {list(self.keys)[:5]}… "
-                f"({len(record)} arrays, expected {len(self.keys)})"
-            )
-        for i, (key, array) in enumerate(record.items()):
-            values = _array_view(array, key)
-            if values.shape != self.shapes[i] or values.dtype != self.dtypes[i]:
-                raise ValueError(
-                    f"array '{key}' is {values.dtype}{list(values.shape)}, "
-                    f"expected {self.dtypes[i]}{list(self.shapes[i])}"
-                )
+        for i, values in enumerate(self.views(record)):
             segment = slice(self.offsets[i], self.offsets[i + 1])
             if minus is None:
-                vector[segment] = values.reshape(-1)
+                vector[segment] = values
             else:
-                np.subtract(values.reshape(-1), minus[segment], out=vector[segment], dtype=np.float32)
+                np.subtract(values, minus[segment], out=vector[segment], dtype=np.float32)
         return vector
 
     def unflatten(self, vector: np.ndarray) -> ArrayRecord:
@@ -89,6 +112,14 @@ class ModelLayout:
             )
         }
         return ArrayRecord(array_dict=arrays)
+
+
+def _npy_header(array: Array, key: str) -> bytes:
+    """The ``.npy`` header of a (trusted) array's bytes; b"" if it is not NumPy-serialised."""
+    if array.stype != SType.NUMPY:
+        return b""
+    values = _array_view(array, key)
+    return bytes(array.data[: len(array.data) - values.nbytes])
 
 
 def _array_view(array: Array, key: str) -> np.ndarray:
@@ -112,7 +143,7 @@ class UpdateBuffer:
 class CollectedUpdates:
     """The validated updates of one round and what was rejected."""
 
-    updates: np.ndarray  # K x P float32, a view into the reused buffer
+    updates: np.ndarray | None  # K x P float32, a view into the reused buffer; None when streamed
     num_examples: np.ndarray  # K, as reported (untrusted)
     node_ids: list[int]
     metrics: list[MetricRecord]
@@ -140,6 +171,22 @@ def _num_examples(metrics: MetricRecord) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"num-examples must be a positive number, got {value!r}")
     return float(value)
+
+
+def _finite_norm(vector: np.ndarray) -> float:
+    """L2 norm of a float32 vector, or a ValueError if it holds NaN or Inf.
+
+    One BLAS dot product reads the vector once: its result is finite exactly when every value
+    is finite, except when squares of huge finite values overflow float32, which the slow
+    check tells apart (the norm is then taken in float64).
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        squares = float(np.dot(vector, vector))
+    if math.isfinite(squares):
+        return math.sqrt(squares)
+    if not np.isfinite(vector).all():
+        raise ValueError("the update holds NaN or infinite values")
+    return float(np.linalg.norm(vector.astype(np.float64)))
 
 
 def collect_updates(
@@ -175,12 +222,9 @@ def collect_updates(
                 layout.flatten(record, out=row, minus=global_vector)
             else:
                 row[:] = decoder(record, layout.size)
-            if not np.isfinite(row).all():
-                raise ValueError("the update holds NaN or infinite values")
-            if max_norm is not None:
-                norm = float(np.linalg.norm(row))
-                if norm > max_norm:
-                    raise ValueError(f"update norm {norm:.4g} exceeds max-update-norm {max_norm:.4g}")
+            norm = _finite_norm(row)
+            if max_norm is not None and norm > max_norm:
+                raise ValueError(f"update norm {norm:.4g} exceeds max-update-norm {max_norm:.4g}")
         except ValueError as err:
             rejections.append(f"node {node}: rejected: {err}")
             continue
@@ -190,3 +234,80 @@ def collect_updates(
     return CollectedUpdates(
         matrix[: len(node_ids)], np.asarray(examples, np.float64), node_ids, metrics_list, rejections
     )
+
+
+_STREAM_CHUNK = 65536  # values per chunk of the streamed sum: a few hundred kB, cache-resident
+
+
+def _weighted_sum(rows: list[list[np.ndarray]], coefficients: np.ndarray, layout: ModelLayout,
+                  out: np.ndarray) -> np.ndarray:
+    """``out = sum_k c_k x_k`` for replies given as flat per-array views (float32).
+
+    Chunk by chunk of each array, so that the partial sum and the scaled chunk stay in cache
+    while every reply's bytes are read once.
+    """
+    scaled = np.empty(min(_STREAM_CHUNK, layout.size), np.float32)
+    for i in range(len(layout.keys)):
+        base, size = layout.offsets[i], layout.offsets[i + 1] - layout.offsets[i]
+        for start in range(0, size, _STREAM_CHUNK):
+            stop = min(start + _STREAM_CHUNK, size)
+            total, part = out[base + start: base + stop], scaled[: stop - start]
+            np.multiply(rows[0][i][start:stop], coefficients[0], out=total)
+            for views, coefficient in zip(rows[1:], coefficients[1:]):
+                np.multiply(views[i][start:stop], coefficient, out=part)
+                total += part
+    return out
+
+
+def stream_weighted_mean(
+    replies: Iterable[Message],
+    layout: ModelLayout,
+    global_vector: np.ndarray,
+    weigh: Callable[[np.ndarray], np.ndarray],
+    out: np.ndarray,
+) -> tuple[CollectedUpdates, np.ndarray | None] | None:
+    """Validate ``replies`` and return their weighted mean update without the K x P matrix.
+
+    ``mean = sum_k a_k x_k - (sum_k a_k) w`` with ``a = weigh(n) / sum(weigh(n))`` (float32)
+    and ``x_k`` read straight from the received bytes (:meth:`ModelLayout.views`): the same
+    validation as :func:`collect_updates` without ``max_norm`` or a decoder, one read of each
+    reply and no per-client row. NaN and Inf are found from the result (any non-finite input
+    makes it non-finite); the replies that hold them are then rejected and the sum redone.
+    Returns ``(collected, mean)`` (``collected.updates`` is None; ``mean`` None when no reply
+    is valid), or None if the result overflowed float32 without any non-finite input (e.g. an
+    update ``x_k - w`` beyond float32), for the caller to fall back to :func:`collect_updates`.
+    """
+    replies = list(replies)
+    accepted: list[tuple[int, int, MetricRecord, float, list[np.ndarray]]] = []
+    rejections: list[tuple[int, str]] = []
+    for index, message in enumerate(replies):
+        node = message.metadata.src_node_id
+        if message.has_error():
+            rejections.append((index, f"node {node}: client error: {message.error.reason}"))
+            continue
+        try:
+            record, metrics = _reply_records(message)
+            accepted.append((index, node, metrics, _num_examples(metrics), layout.views(record)))
+        except ValueError as err:
+            rejections.append((index, f"node {node}: rejected: {err}"))
+    mean: np.ndarray | None = None
+    while accepted:
+        weights = np.asarray(weigh(np.asarray([entry[3] for entry in accepted], np.float64)), np.float64)
+        coefficients = (weights / weights.sum()).astype(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):  # found below, from the result
+            mean = _weighted_sum([entry[4] for entry in accepted], coefficients, layout, out)
+            mean -= np.float32(coefficients.sum(dtype=np.float64)) * global_vector
+        if np.isfinite(mean).all():
+            break
+        finite = [all(np.isfinite(view).all() for view in entry[4]) for entry in accepted]
+        if all(finite):
+            return None
+        rejections += [(entry[0], f"node {entry[1]}: rejected: the update holds NaN or infinite values")
+                       for entry, ok in zip(accepted, finite) if not ok]
+        accepted = [entry for entry, ok in zip(accepted, finite) if ok]
+        mean = None
+    collected = CollectedUpdates(
+        None, np.asarray([entry[3] for entry in accepted], np.float64), [entry[1] for entry in accepted],
+        [entry[2] for entry in accepted], [line for _, line in sorted(rejections)],
+    )
+    return collected, mean

@@ -1,0 +1,52 @@
+"""Rejected replies count against f: faulty clients cannot stall Krum or Bulyan by shrinking n."""
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord
+
+from strategies.robust import build_aggregation_strategy, round_params
+from strategies.rules import bulyan, multi_krum
+from tests.fakes import FakeGrid, error_reply, reply
+
+SHAPES = [(3, 2), (2,)]
+
+
+def flat(arrays):
+    return np.concatenate([np.asarray(a).ravel() for a in arrays])
+
+
+def run_round(strategy, global_arrays, replies):
+    list(strategy.configure_train(1, ArrayRecord(global_arrays), ConfigRecord({}), FakeGrid(range(20), lambda m: m)))
+    return strategy.aggregate_train(1, replies)
+
+
+def test_round_params_lower_f_by_the_rejected_replies():
+    assert round_params("bulyan", {"f": 4}, 16, faults=4) == {"f": 0}
+    assert round_params("krum", {"f": 2}, 9, faults=1) == {"f": 1}
+    assert round_params("multi-krum", {"f": 2, "m": None}, 9, faults=1) == {"f": 1, "m": 8}
+    assert round_params("krum", {"f": 1}, 3, faults=5) == {"f": 0}
+    assert round_params("trimmed-mean", {"beta": 0.2}, 8, faults=2) == {"beta": 0.2}
+
+
+def test_bulyan_aggregates_the_valid_replies_when_faulty_ones_are_rejected():
+    rng = np.random.default_rng(0)
+    g = [np.zeros(s, np.float32) for s in SHAPES]
+    honest = [[rng.standard_normal(s).astype(np.float32) for s in SHAPES] for _ in range(6)]
+    nan = [np.full(s, np.nan, np.float32) for s in SHAPES]
+    replies = [reply(i, w) for i, w in enumerate(honest)] + [reply(6, nan), error_reply(7, "crashed")]
+    strategy = build_aggregation_strategy("bulyan", {"bulyan-f": 2, "num-partitions": 11, "min-train-clients": 11})
+    new, metrics = run_round(strategy, g, replies)
+    assert new is not None and metrics["rejected-replies"] == 2 and metrics["rule-f"] == 0
+    updates = np.stack([flat(w) for w in honest])
+    np.testing.assert_allclose(flat(new.to_numpy_ndarrays()), bulyan(updates, np.ones(6), 0), rtol=1e-6, atol=1e-6)
+
+
+def test_multi_krum_keeps_f_for_the_faults_it_has_not_seen():
+    rng = np.random.default_rng(1)
+    g = [np.zeros(s, np.float32) for s in SHAPES]
+    clients = [[rng.standard_normal(s).astype(np.float32) for s in SHAPES] for _ in range(8)]
+    replies = [reply(i, w) for i, w in enumerate(clients)] + [reply(8, [g[0].ravel(), g[1]])]
+    strategy = build_aggregation_strategy("multi-krum", {"krum-f": 2, "num-partitions": 9, "min-train-clients": 9})
+    new, metrics = run_round(strategy, g, replies)
+    assert metrics["rule-f"] == 1
+    updates = np.stack([flat(w) for w in clients])
+    np.testing.assert_allclose(flat(new.to_numpy_ndarrays()), multi_krum(updates, np.ones(8), 1, 7), rtol=1e-6, atol=1e-6)
