@@ -66,7 +66,7 @@ def client_weights(num_examples: np.ndarray, weighting: str, cap_ratio: float = 
 
 @functools.cache
 def _threadpools() -> Any:
-    from threadpoolctl import ThreadpoolController  # a dependency of scikit-learn
+    from threadpoolctl import ThreadpoolController
 
     return ThreadpoolController()
 
