@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import re
 import subprocess
@@ -11,10 +13,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_launcher(args: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
-    """Run ``fl-keras-run`` (through this interpreter) and return the finished process."""
+def run_launcher(args: list[str], timeout: float = 900, app: Path = ROOT) -> subprocess.CompletedProcess:
+    """Run ``fl-keras-run --app app`` (through this interpreter) and return the finished process."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    command = [sys.executable, "-m", "fl_app.launcher", "--app", str(ROOT), *args]
+    command = [sys.executable, "-m", "fl_app.launcher", "--app", str(app), *args]
     with subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True) as process:
         try:
@@ -74,3 +76,24 @@ def assert_launcher_cleaned_up(output: str) -> None:
     assert not process_group_alive(superlink_pid(output)), "the launcher left its SuperLink running"
     leftovers = processes_using_port(superlink_port(output))
     assert not leftovers, f"processes of the run are still alive: {leftovers}"
+
+
+@dataclasses.dataclass(frozen=True)
+class FinishedRun:
+    """A completed ``fl-keras-run``: its console output, run directory and history.json."""
+
+    output: str
+    run_dir: Path
+    history: list[dict]
+
+
+def run_to_completion(out: Path, clients: int, run_config: str) -> FinishedRun:
+    """Run the app on ``clients`` simulated clients with ``run_config`` (``flwr run -c`` syntax),
+    writing under ``out``; assert that the run completed and left no process behind."""
+    proc = run_launcher(["--clients", str(clients), "--output-dir", str(out), "--", "-c", run_config])
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    assert "run status: finished:completed" in output
+    assert_launcher_cleaned_up(output)
+    run_dir = out.parent / (out / "latest").read_text().strip()  # relative to out's parent, or absolute
+    return FinishedRun(output, run_dir, json.loads((run_dir / "history.json").read_text()))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from strategies.homomorphic import generate_keys
-from tests.helpers import ROOT, assert_launcher_cleaned_up, run_launcher
+from tests.helpers import ROOT, run_to_completion
 
 pytestmark = pytest.mark.integration
 
@@ -24,20 +24,13 @@ def test_ckks_federation_of_four_clients_matches_plaintext_fedavg(tmp_path):
     secret, public = generate_keys("ckks", max_clients=16)
     (tmp_path / "secret.key").write_bytes(secret)
     (tmp_path / "public.key").write_bytes(public)
-    out = tmp_path / "outputs"
     run_config = " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in CONFIG.items())
-    proc = run_launcher([
-        "--clients", "4", "--output-dir", str(out), "--",
-        "-c", f"{run_config} homomorphic-encryption='ckks' he-public-key-path='{tmp_path / 'public.key'}' "
-              f"he-secret-key-path='{tmp_path / 'secret.key'}'",
-    ])
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-4000:]
-    assert "run status: finished:completed" in output
-    assert_launcher_cleaned_up(output)
-
-    run_dir = tmp_path / (out / "latest").read_text().strip()
-    history = json.loads((run_dir / "history.json").read_text())
+    run = run_to_completion(
+        tmp_path / "outputs", 4,
+        f"{run_config} homomorphic-encryption='ckks' he-public-key-path='{tmp_path / 'public.key'}' "
+        f"he-secret-key-path='{tmp_path / 'secret.key'}'",
+    )
+    run_dir, history = run.run_dir, run.history
     assert [r["round"] for r in history] == [1, 2, 3]  # no round 0: the server cannot evaluate
     for record in history:
         assert record["clients_replied"] == 4 and record["clients_failed"] == 0, record["failures"]

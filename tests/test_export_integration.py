@@ -1,28 +1,21 @@
 """Integration: a real simulation through the launcher with export='tflite'."""
 
 import json
-from pathlib import Path
 
 import pytest
 
-from tests.helpers import assert_launcher_cleaned_up, run_launcher
+from tests.helpers import run_to_completion
 
 pytestmark = pytest.mark.integration
 
 
 def test_run_exports_checks_and_writes_model_card(tmp_path):
-    out = tmp_path / "outputs"
-    proc = run_launcher([
-        "--clients", "3", "--output-dir", str(out), "--",
-        "-c", "num-server-rounds=2 local-epochs=2 fraction-train=0.5 min-train-clients=2 "
-              "min-available-clients=3 partitioner='iid' export='tflite' export-tolerance=0.05",
-    ])
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-4000:]
-    assert "run status: finished:completed" in output
-    assert_launcher_cleaned_up(output)
-
-    run_dir = Path((out / "latest").read_text().strip())
+    run = run_to_completion(
+        tmp_path / "outputs", 3,
+        "num-server-rounds=2 local-epochs=2 fraction-train=0.5 min-train-clients=2 "
+        "min-available-clients=3 partitioner='iid' export='tflite' export-tolerance=0.05",
+    )
+    run_dir = run.run_dir
     assert (run_dir / "model.keras").is_file()
     sizes = {v: (run_dir / "export" / f"final_{v}.tflite").stat().st_size for v in ("float32", "int8")}
     assert sizes["int8"] < 0.5 * sizes["float32"]
@@ -43,7 +36,7 @@ def test_run_exports_checks_and_writes_model_card(tmp_path):
     assert final["tflite"]["float32"]["argmax_agreement_with_keras"] >= 0.999
     assert report["ready"] is True, report["reasons"]
 
-    history = json.loads((run_dir / "history.json").read_text())
+    history = run.history
     assert abs(final["keras"]["centralized_accuracy"] - history[-1]["centralized_accuracy"]) < 1e-6
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["export ready"] is True

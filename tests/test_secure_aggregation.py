@@ -14,7 +14,7 @@ from fl_app.local_grid import LocalGrid
 from fl_app.secure_aggregation import run_secure_rounds, wait_for_nodes
 from fl_app.settings import Settings, SettingsError
 from strategies.dp_mechanisms import insecure_seeded_generator
-from tests.helpers import assert_launcher_cleaned_up, run_launcher
+from tests.helpers import run_to_completion
 
 class CopyingGrid(LocalGrid):
     """LocalGrid that gives every node its own copy of a message, as the wire does (secaggplus_mod
@@ -104,18 +104,13 @@ def test_too_few_nodes_fail_fast_with_a_clear_error():
 
 @pytest.mark.integration
 def test_secure_aggregation_simulation_with_a_dropout(tmp_path):
-    out = tmp_path / "outputs"
-    proc = run_launcher([
-        "--clients", "5", "--output-dir", str(out), "--",
-        "-c", "strategy='dp-fedavg' dp-mode='client-clipping' dp-sampling='fixed-size' secure-aggregation=true "
-              "num-server-rounds=3 local-epochs=1 min-train-clients=5 min-available-clients=5 partitioner='iid' "
-              "dp-noise-multiplier=0.5 dp-clip-norm=2.0 fault-partition-ids='1' fault-round=2",
-    ])
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-4000:]
-    assert_launcher_cleaned_up(output)
-    run_dir = tmp_path / (out / "latest").read_text().strip()
-    history = json.loads((run_dir / "history.json").read_text())
+    run = run_to_completion(
+        tmp_path / "outputs", 5,
+        "strategy='dp-fedavg' dp-mode='client-clipping' dp-sampling='fixed-size' secure-aggregation=true "
+        "num-server-rounds=3 local-epochs=1 min-train-clients=5 min-available-clients=5 partitioner='iid' "
+        "dp-noise-multiplier=0.5 dp-clip-norm=2.0 fault-partition-ids='1' fault-round=2",
+    )
+    run_dir, history = run.run_dir, run.history
     assert [r["round"] for r in history] == [0, 1, 2, 3]
     assert [r["extra"]["secure-aggregation-clients"] for r in history[1:]] == [5, 4, 5]
     epsilons = [r["extra"]["epsilon"] for r in history[1:]]

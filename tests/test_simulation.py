@@ -5,25 +5,18 @@ import json
 import numpy as np
 import pytest
 
-from tests.helpers import assert_launcher_cleaned_up, run_launcher
+from tests.helpers import assert_launcher_cleaned_up, run_launcher, run_to_completion
 
 pytestmark = pytest.mark.integration
 
 
 def test_flwr_run_simulation_writes_history_and_model(tmp_path):
-    out = tmp_path / "outputs"
-    proc = run_launcher([
-        "--clients", "3", "--output-dir", str(out), "--",
-        "-c", "num-server-rounds=2 local-epochs=1 min-train-clients=3 min-available-clients=3 "
-              "partitioner='iid' strategy='strategies.examples:MinExamplesFedAvg'",
-    ])
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-4000:]
-    assert "run status: finished:completed" in output
-    assert_launcher_cleaned_up(output)
-
-    run_dir = (out / "latest").read_text().strip()
-    history = json.loads((tmp_path / run_dir / "history.json").read_text())
+    run = run_to_completion(
+        tmp_path / "outputs", 3,
+        "num-server-rounds=2 local-epochs=1 min-train-clients=3 min-available-clients=3 "
+        "partitioner='iid' strategy='strategies.examples:MinExamplesFedAvg'",
+    )
+    history = run.history
     assert [r["round"] for r in history] == [0, 1, 2]
     for record in history[1:]:
         assert record["clients_replied"] == 3 and record["clients_failed"] == 0
@@ -31,17 +24,17 @@ def test_flwr_run_simulation_writes_history_and_model(tmp_path):
         assert 0.0 <= record["centralized_accuracy"] <= 1.0
         assert record["federated_accuracy"] is not None
     assert history[2]["centralized_accuracy"] > history[0]["centralized_accuracy"] + 0.2
-    csv_lines = (tmp_path / run_dir / "history.csv").read_text().strip().splitlines()
+    csv_lines = (run.run_dir / "history.csv").read_text().strip().splitlines()
     assert len(csv_lines) == 4 and csv_lines[0].startswith("round,")
 
     import tensorflow as tf
 
-    model = tf.keras.models.load_model(tmp_path / run_dir / "model.keras")
+    model = tf.keras.models.load_model(run.run_dir / "model.keras")
     assert model.output_shape == (None, 10)
-    summary = json.loads((tmp_path / run_dir / "summary.json").read_text())
+    summary = json.loads((run.run_dir / "summary.json").read_text())
     assert summary["rounds"] == 2
     assert np.isclose(summary["final centralized accuracy"], history[-1]["centralized_accuracy"])
-    assert (tmp_path / run_dir / "metrics.png").stat().st_size > 1000
+    assert (run.run_dir / "metrics.png").stat().st_size > 1000
 
 
 def test_bad_run_config_fails_before_training(tmp_path):

@@ -2,30 +2,23 @@
 both through a real ``flwr run`` (via the launcher)."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT, assert_launcher_cleaned_up, run_launcher
+from tests.helpers import ROOT, assert_launcher_cleaned_up, run_launcher, run_to_completion
 
 pytestmark = pytest.mark.integration
 
 
 def test_compressed_run_without_tensorflow_on_the_server(tmp_path):
-    out = tmp_path / "outputs"
-    proc = run_launcher([
-        "--clients", "3", "--output-dir", str(out), "--",
-        "-c", "num-server-rounds=2 local-epochs=1 min-train-clients=3 min-available-clients=3 "
-              "partitioner='iid' strategy='robust' client-weighting='num-examples' "
-              "compression='top-k' compression-topk-fraction=0.05 centralized-evaluation=false",
-    ])
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-4000:]
-    assert_launcher_cleaned_up(output)
-    run_dir = out.parent / (out / "latest").read_text().strip()
-    history = json.loads((run_dir / "history.json").read_text())
+    run = run_to_completion(
+        tmp_path / "outputs", 3,
+        "num-server-rounds=2 local-epochs=1 min-train-clients=3 min-available-clients=3 "
+        "partitioner='iid' strategy='robust' client-weighting='num-examples' "
+        "compression='top-k' compression-topk-fraction=0.05 centralized-evaluation=false",
+    )
+    run_dir, history = run.run_dir, run.history
     assert [r["round"] for r in history] == [1, 2]  # no round 0: nothing evaluated on the server
     for record in history:
         assert record["clients_replied"] == 3 and not record["failures"]
@@ -42,12 +35,12 @@ def test_compressed_run_without_tensorflow_on_the_server(tmp_path):
 
 
 def test_quickstart_style_baseline_app_runs(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "fl_app.launcher", "--app", str(ROOT / "scripts" / "baseline_app"),
-         "--clients", "2", "--output-dir", str(tmp_path), "--", "-c", "num-server-rounds=1 local-epochs=1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    proc = run_launcher(
+        ["--clients", "2", "--output-dir", str(tmp_path), "--", "-c", "num-server-rounds=1 local-epochs=1"],
+        app=ROOT / "scripts" / "baseline_app",
     )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
+    assert_launcher_cleaned_up(output)
     times = json.loads((tmp_path / "baseline-times.json").read_text())
     assert len(times["round_ends"]) == 2  # round 0 (before training) and round 1
