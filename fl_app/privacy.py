@@ -41,10 +41,10 @@ def _secret_graph_seed() -> Iterator[None]:
     config's public ``seed`` (``tf.keras.utils.set_random_seed``): anyone who knows the run
     config could replay DP-SGD's noise and subtract it. Eager execution is left as it is.
     """
-    graph = tf.compat.v1.get_default_graph()
     if tf.executing_eagerly():
         yield
         return
+    graph = tf.compat.v1.get_default_graph()
     public_seed = graph.seed
     graph.seed = secrets.randbits(62)
     try:

@@ -5,7 +5,7 @@ import time
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, Context, RecordDict
+from flwr.app import Context, RecordDict
 
 import tests.fakes as fakes
 from fl_app.client import compile_model
