@@ -13,17 +13,18 @@ optimizers are imported from their submodules.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import secrets
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable
+from typing import Any
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 sys.skip_tf_privacy_import = True  # type: ignore[attr-defined]
 
 import tensorflow as tf  # noqa: E402
+from tensorflow_privacy.privacy.dp_query import gaussian_query  # noqa: E402
 from tensorflow_privacy.privacy.optimizers import (  # noqa: E402
     dp_optimizer_keras,
     dp_optimizer_keras_vectorized,
@@ -32,44 +33,85 @@ from tensorflow_privacy.privacy.optimizers import (  # noqa: E402
 from strategies.accounting import AccountingMethod, dpsgd_epsilon  # noqa: E402
 
 
-@contextlib.contextmanager
-def _secret_graph_seed() -> Iterator[None]:
-    """While a ``tf.function`` is traced, seed its random ops from :mod:`secrets`.
+class _NoiseSource:
+    """A :class:`tf.random.Generator` seeded from :mod:`secrets`, kept out of Keras' tracking.
 
-    A random op without its own seed takes ``(graph seed, op counter)`` as its Philox key when
-    traced, and the graph seed is TensorFlow's global seed, which the app sets from the run
-    config's public ``seed`` (``tf.keras.utils.set_random_seed``): anyone who knows the run
-    config could replay DP-SGD's noise and subtract it. Eager execution is left as it is.
+    The generator's Philox state lives in a ``tf.Variable`` that every draw advances, so the noise
+    never repeats: not when TensorFlow's global seed is public (the app sets it from the run
+    config's ``seed``), and not when ``tf.random.set_seed`` re-instantiates the compiled functions,
+    which resets the state of TensorFlow's stateful random kernels and so replays the noise of
+    seeded ``tf.random.normal`` ops. A plain holder (not a ``Trackable``) keeps the variable out of
+    the optimizer's variables, which :func:`fl_app.client.reset_optimizer` zeroes before every fit.
     """
-    if tf.executing_eagerly():
-        yield
-        return
-    graph = tf.compat.v1.get_default_graph()
-    public_seed = graph.seed
-    graph.seed = secrets.randbits(62)
-    try:
-        yield
-    finally:
-        graph.seed = public_seed
+
+    def __init__(self) -> None:
+        self.generator = tf.random.Generator.from_seed(secrets.randbits(63))
+
+    def normal(self, shape: tf.Tensor, stddev: float, dtype: tf.DType) -> tf.Tensor:
+        return self.generator.normal(shape, stddev=stddev, dtype=dtype)
 
 
-def _with_secret_noise(optimizer: tf.keras.optimizers.Optimizer) -> tf.keras.optimizers.Optimizer:
-    """``optimizer`` with its noise (drawn in ``_compute_gradients``) secretly seeded."""
-    compute_gradients = optimizer._compute_gradients
+def _secretly_noised(base: type, noiseless: Callable[[float], dict[str, Any]]) -> type:
+    """``base`` (a TF Privacy Keras DP optimizer class) with its Gaussian noise from a :class:`_NoiseSource`.
 
-    def _compute_gradients(loss, var_list, grad_loss=None, tape=None):
-        with _secret_graph_seed():
-            return compute_gradients(loss, var_list, grad_loss=grad_loss, tape=tape)
+    TF Privacy clips each microbatch's gradient to ``C``, sums, adds ``N(0, (z C)^2)`` drawn with
+    ``tf.random.normal`` and divides by the number of microbatches ``k``. The subclass builds
+    ``base`` without noise (``noiseless(C)`` gives its constructor arguments; clipping, summing and
+    dividing unchanged) and adds ``N(0, (z C)^2) / k`` itself: the same distribution, drawn from a
+    source that nobody can replay.
+    """
 
-    optimizer._compute_gradients = _compute_gradients
-    return optimizer
+    class SecretlyNoised(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *, l2_norm_clip: float, noise_multiplier: float,
+                     num_microbatches: int | None = None, **kwargs: Any) -> None:
+            super().__init__(**noiseless(l2_norm_clip), num_microbatches=num_microbatches, **kwargs)
+            self.dp_l2_norm_clip = l2_norm_clip
+            self.dp_noise_multiplier = noise_multiplier
+            self.dp_microbatches = num_microbatches
+            self.dp_noise = _NoiseSource()
+
+        def _compute_gradients(self, loss, var_list, grad_loss=None, tape=None):
+            if callable(loss):  # evaluated here: the noise's divisor is the loss's batch size
+                tape = tape if tape is not None else tf.GradientTape()
+                with tape:
+                    if not callable(var_list):
+                        tape.watch(var_list)
+                    loss = loss()
+                    if callable(var_list):
+                        var_list = var_list()
+            grads_and_vars = super()._compute_gradients(loss, var_list, grad_loss=grad_loss, tape=tape)
+            stddev = self.dp_l2_norm_clip * self.dp_noise_multiplier
+            if stddev == 0:
+                return grads_and_vars
+            microbatches = self.dp_microbatches or tf.shape(loss)[0]
+            return [
+                (g + self.dp_noise.normal(tf.shape(g), stddev, g.dtype) / tf.cast(microbatches, g.dtype), v)
+                for g, v in grads_and_vars
+            ]
+
+        def get_config(self) -> dict[str, Any]:
+            return {**super().get_config(), "l2_norm_clip": self.dp_l2_norm_clip,
+                    "noise_multiplier": self.dp_noise_multiplier}
+
+    SecretlyNoised.__name__ = SecretlyNoised.__qualname__ = f"SecretlyNoised{base.__name__}"
+    return SecretlyNoised
+
+
+def _noiseless_query(l2_norm_clip: float) -> dict[str, Any]:
+    return {"dp_sum_query": gaussian_query.GaussianSumQuery(l2_norm_clip, 0.0)}
+
+
+def _noiseless_vectorized(l2_norm_clip: float) -> dict[str, Any]:
+    return {"l2_norm_clip": l2_norm_clip, "noise_multiplier": 0.0}
 
 
 _OPTIMIZERS = {
-    ("sgd", False): dp_optimizer_keras.DPKerasSGDOptimizer,
-    ("adam", False): dp_optimizer_keras.DPKerasAdamOptimizer,
-    ("sgd", True): dp_optimizer_keras_vectorized.VectorizedDPKerasSGDOptimizer,
-    ("adam", True): dp_optimizer_keras_vectorized.VectorizedDPKerasAdamOptimizer,
+    ("sgd", False): _secretly_noised(dp_optimizer_keras.GenericDPSGDOptimizer, _noiseless_query),
+    ("adam", False): _secretly_noised(dp_optimizer_keras.GenericDPAdamOptimizer, _noiseless_query),
+    ("sgd", True): _secretly_noised(dp_optimizer_keras_vectorized.VectorizedDPKerasSGDOptimizer,
+                                    _noiseless_vectorized),
+    ("adam", True): _secretly_noised(dp_optimizer_keras_vectorized.VectorizedDPKerasAdamOptimizer,
+                                     _noiseless_vectorized),
 }
 
 
@@ -81,7 +123,7 @@ def make_dp_optimizer(
     num_microbatches: int | None = None,
     vectorized: bool = True,
 ) -> tf.keras.optimizers.Optimizer:
-    """A TF Privacy DP-SGD optimizer (``DPKeras*`` or ``VectorizedDPKeras*``) for ``model.fit``.
+    """A TF Privacy DP-SGD optimizer (``GenericDP*`` or ``VectorizedDPKeras*``, noised by :class:`_NoiseSource`).
 
     Args:
         name: ``"sgd"`` or ``"adam"``.
@@ -98,7 +140,8 @@ def make_dp_optimizer(
             CPU vectorized vs 0.181 s plain with SGD, 0.159 s vs 0.182 s with Adam.
 
     Compile the model with :func:`dp_loss`: the optimizer needs per-example losses. The noise
-    ops are seeded from :mod:`secrets` when traced, whatever TensorFlow's global seed.
+    comes from a generator seeded by :mod:`secrets` whose state survives ``tf.random.set_seed``
+    and optimizer resets (see :class:`_NoiseSource`).
     """
     key = (name, bool(vectorized))
     if key not in _OPTIMIZERS:
@@ -110,12 +153,12 @@ def make_dp_optimizer(
         raise ValueError(f"noise_multiplier must be >= 0 for DP-SGD, got {noise_multiplier}")
     if num_microbatches is not None and num_microbatches < 1:
         raise ValueError(f"num_microbatches must be None or >= 1, got {num_microbatches}")
-    return _with_secret_noise(_OPTIMIZERS[key](
+    return _OPTIMIZERS[key](
         l2_norm_clip=float(l2_norm_clip),
         noise_multiplier=float(noise_multiplier),
         num_microbatches=num_microbatches,
         learning_rate=float(learning_rate),
-    ))
+    )
 
 
 def dp_loss() -> tf.keras.losses.Loss:

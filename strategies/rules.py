@@ -460,7 +460,11 @@ def geometric_median(
       not the median;
     * it stops after ``max_iter`` steps or once a step moves ``v`` by at most ``tol`` times the
       weighted median of the distances ``|v - x_i|``, a scale set by the honest majority (RFA's
-      relative change of the objective is dominated by the outliers' distances and stops early).
+      relative change of the objective is dominated by the outliers' distances and stops early);
+    * it then returns the row ``x_k`` nearest to ``v`` instead of ``v`` when that row is the exact
+      median, by Vardi & Zhang's condition ``|sum_{i: x_i != x_k} a_i (x_i - x_k) / |x_i - x_k|| <=
+      sum_{i: x_i = x_k} a_i`` (see :func:`_row_is_geometric_median`): Weiszfeld's steps approach
+      such a row at a linear rate that tends to 1 as the condition becomes tight.
     """
     updates = _as_update_matrix(updates)
     coefficients = _normalised(_as_weights(weights, updates.shape[0]))
@@ -484,7 +488,24 @@ def geometric_median(
         if np.linalg.norm(median - previous) <= tol * scale:
             break
         distances = row_norms(updates, median)
+    nearest = int(np.argmin(row_norms(updates, median)))
+    if _row_is_geometric_median(updates, coefficients, nearest, eps):
+        return updates[nearest].copy()
     return median
+
+
+def _row_is_geometric_median(updates: np.ndarray, coefficients: np.ndarray, k: int, eps: float) -> bool:
+    """Whether row ``x_k`` minimises ``sum_i a_i |v - x_i|`` (Vardi & Zhang 2000, Theorem 1).
+
+    With ``eta`` the weight of the rows within ``eps`` of ``x_k`` (``x_k`` included) and
+    ``R = sum_{others} a_i (x_i - x_k) / |x_i - x_k|`` the others' pull, ``x_k`` is a minimiser
+    exactly when ``|R| <= eta``: no direction lowers the objective.
+    """
+    distances = row_norms(updates, updates[k])
+    others = distances > eps
+    pull = np.where(others, coefficients / np.maximum(distances, eps), 0.0)
+    resultant = pull.astype(np.float32) @ updates - np.float32(pull.sum()) * updates[k]
+    return float(np.linalg.norm(resultant)) <= float(coefficients[~others].sum())
 
 
 def centered_clipping(

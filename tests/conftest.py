@@ -9,6 +9,13 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# No per-example deadline: on a shared 2-core machine a TensorFlow-heavy example can take seconds.
+# CI (``.ci/run`` sets HYPOTHESIS_PROFILE=ci) also derandomizes, so that its run is reproducible.
+settings.register_profile("dev", deadline=None)
+settings.register_profile("ci", deadline=None, derandomize=True, database=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -62,3 +62,19 @@ def test_noise_is_not_reproducible_from_the_run_config(vectorized):
     x, y = batch(32)
     step_first, step_second = one_step(first, weights, x, y), one_step(second, weights, x, y)
     assert np.std(step_first - step_second) > 0.5 * np.sqrt(2.0) * Z * CLIP / 32
+
+
+@pytest.mark.parametrize("vectorized", [True, False])
+def test_noise_does_not_repeat_after_tensorflow_is_reseeded(vectorized):
+    """``tf.random.set_seed`` (which Keras' ``set_random_seed`` calls, as the app does whenever a
+    worker builds a model) re-instantiates compiled functions and so resets TensorFlow's stateful
+    random kernels: noise from seeded ``tf.random.normal`` ops would then repeat step for step."""
+    import tensorflow as tf
+
+    model = compiled_dp_logreg(vectorized, fresh=True)
+    weights = model.get_weights()
+    x, y = batch(32)
+    before = one_step(model, weights, x, y)
+    tf.random.set_seed(0)
+    after = one_step(model, weights, x, y)
+    assert np.std(after - before) > 0.5 * np.sqrt(2.0) * Z * CLIP / 32

@@ -46,12 +46,12 @@ def test_dp_sgd_learns_digits_and_reports_the_accounted_epsilon(digits):
         loss=dp_loss(),
         metrics=["accuracy"],
     )
-    model.fit(x_train, y_train, batch_size=32, epochs=2, verbose=0)
+    model.fit(x_train, y_train, batch_size=32, epochs=5, verbose=0)
     _, accuracy = model.evaluate(x_test, y_test, verbose=0)
-    assert accuracy > 0.5  # chance is 0.1
+    assert accuracy > 0.6  # chance is 0.1; the noise is secret, so this varies: 0.81-0.90 in 10 runs
 
-    epsilon = example_level_epsilon(len(x_train), 32, 1.1, 2, 1e-5)
-    steps = 2 * math.ceil(len(x_train) / 32)
+    epsilon = example_level_epsilon(len(x_train), 32, 1.1, 5, 1e-5)
+    steps = 5 * math.ceil(len(x_train) / 32)
     q = 32 / len(x_train)
     event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(1.1))
     expected = dp_accounting.rdp.RdpAccountant().compose(event, steps).get_epsilon(1e-5)

@@ -161,7 +161,7 @@ def test_measured_noise_std_is_z_c_over_m():
         assert metrics["noise-std"] == pytest.approx(1.3 * 0.7 / 8)
     measured = float(np.std(np.concatenate(deltas)))
     assert measured == pytest.approx(1.3 * 0.7 / 8, rel=0.05)
-    assert abs(measured / (1.3 * 0.7 / 8) - 1) < 0.01  # 60,000 draws: ~0.3% standard error
+    assert abs(measured / (1.3 * 0.7 / 8) - 1) < 0.015  # 60,000 draws: 0.29% standard error, 5 sigma
 
 
 def test_target_epsilon_stops_at_the_last_round_that_fits():

@@ -214,6 +214,19 @@ def test_geometric_median_minimises_weighted_distances(data):
         assert objective <= ref_geometric_median_objective(x, w, candidate) * (1 + 1e-4) + 1e-6
 
 
+def test_geometric_median_is_exactly_a_row_that_holds_the_balance():
+    """Found by Hypothesis: the third row outweighs the others' pull by 0.05%, so it is the median,
+    and Weiszfeld approaches it so slowly that 1,000 steps left the objective 0.02% too high."""
+    x = np.array([[-0.20974219, -0.35609388], [-0.255995, 0.03576972], [-0.89443547, -1.5229446]], np.float32)
+    w = np.array([3.88414598, 0.54385203, 4.42636233])
+    np.testing.assert_array_equal(rules.geometric_median(x, w, max_iter=1000, tol=1e-8), x[2])
+    lighter = w * np.array([1.0, 1.0, 0.99])  # now the others' pull wins: the median is not a row
+    result = rules.geometric_median(x, lighter, max_iter=1000, tol=1e-8)
+    assert all(np.linalg.norm(result - row) > 0.1 for row in x)
+    objective = ref_geometric_median_objective(x, lighter, result)
+    assert all(objective < ref_geometric_median_objective(x, lighter, row) for row in x)
+
+
 def test_geometric_median_in_one_dimension_is_the_weighted_median():
     x = np.array([[0.0], [1.0], [10.0], [11.0]], dtype=np.float32)
     median = rules.geometric_median

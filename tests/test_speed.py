@@ -107,7 +107,7 @@ def test_send_and_receive_returns_soon_after_the_replies_arrive():
     started = time.monotonic()
     replies = send_and_receive(grid, [fakes.instruction(n) for n in (1, 2, 3)], timeout=10)
     elapsed = time.monotonic() - started
-    assert len(replies) == 3 and 0.2 <= elapsed < 1.0  # Flower's own loop sleeps 3 s here
+    assert len(replies) == 3 and 0.2 <= elapsed < 2.0  # Flower's own loop sleeps 3 s here; ~0.3 s idle
     assert grid.pulls < 20
 
 
@@ -115,7 +115,7 @@ def test_send_and_receive_stops_at_the_timeout_with_what_arrived():
     grid = PollingGrid(delay=0.0, lose=1)  # the first message never gets a reply
     started = time.monotonic()
     replies = send_and_receive(grid, [fakes.instruction(n) for n in (1, 2)], timeout=0.3)
-    assert len(replies) == 1 and time.monotonic() - started < 1.0
+    assert len(replies) == 1 and time.monotonic() - started < 2.0
 
 
 def test_poll_delays_grow_to_the_cap():
