@@ -33,6 +33,10 @@ memory is measured in a separate call under ``tracemalloc`` (NumPy reports its b
 the peak of traced allocations during ``aggregate_train`` above what was allocated before it (the
 replies), on a fresh strategy, so our first-round buffer allocation is counted.
 
+After the FedAvg row of each size, a "read floor" row times one bare weighted pass over the reply
+values (no validation, no messages, no result): Flower's FedAvg time over it is the largest
+speed-up any implementation could show at that size on this machine's memory bandwidth.
+
     uv run python scripts/bench_aggregation.py                      # K in {10, 100}, P in {100k, 1M}
     uv run python scripts/bench_aggregation.py --clients 100 --params 1000000 --rules median,krum
 """
@@ -60,6 +64,7 @@ from flwr.serverapp import strategy as flower  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from strategies.robust import build_aggregation_strategy  # noqa: E402
+from strategies.updates import ModelLayout, _weighted_sum  # noqa: E402  (the floor's inner loop)
 
 RULES = ("mean", "median", "trimmed-mean", "krum", "multi-krum", "bulyan")
 FLOWER_NAMES = {"mean": "FedAvg", "median": "FedMedian", "trimmed-mean": "FedTrimmedAvg",
@@ -176,6 +181,25 @@ def time_calls(make: Callable[[], Any], payloads: Payloads, repeats: int) -> tup
     return statistics.median(wall), statistics.median(cpu), result
 
 
+def read_floor(payloads: Payloads, repeats: int) -> tuple[float, float]:
+    """Median wall and CPU seconds of the least work any weighted mean of the replies must do: one
+    pass ``sum_k c_k x_k`` over every reply's values, as the streamed mean sums them (BLAS saxpy on
+    cache-resident chunks), but with no validation, no subtraction of the global weights and no
+    result record. ``Flower FedAvg / floor`` bounds the speed-up any implementation can show here."""
+    replies = payloads.replies()
+    layout = ModelLayout.of(ArrayRecord(payloads.global_arrays))
+    views = [layout.views(message.content.array_records["arrays"]) for message in replies]
+    coefficients = np.full(len(views), 1.0 / len(views), np.float32)
+    out = np.empty(layout.size, np.float32)
+    wall, cpu = [], []
+    for _ in range(repeats):
+        started, started_cpu = time.perf_counter(), time.process_time()
+        _weighted_sum(views, coefficients, layout, out)
+        cpu.append(time.process_time() - started_cpu)
+        wall.append(time.perf_counter() - started)
+    return statistics.median(wall), statistics.median(cpu)
+
+
 def peak_extra_bytes(make: Callable[[], Any], payloads: Payloads) -> int:
     """tracemalloc peak during one aggregate_train on a fresh strategy, above the level before."""
     strategy = make()
@@ -249,6 +273,11 @@ def main() -> None:
                       f"{ours_cpu:.3f} | {flower_cpu / ours_cpu:.1f}x | {flower_s:.2f} | {ours_s:.2f} | "
                       f"{flower_mb} | {ours_mb} | {ratio} | {verdict} |", flush=True)
                 del flower_result, ours_result
+                if rule == "mean":
+                    floor_s, floor_cpu = read_floor(payloads, args.repeats)
+                    print(f"| {num_clients} | {payloads.num_params} | read floor (one pass, no checks) | - | "
+                          f"{floor_cpu:.3f} | FedAvg/floor {flower_cpu / floor_cpu:.1f}x | - | {floor_s:.2f} | "
+                          "- | - | - | - |", flush=True)
             del payloads
             gc.collect()
 
