@@ -35,7 +35,11 @@ replies), on a fresh strategy, so our first-round buffer allocation is counted.
 
 After the FedAvg row of each size, a "read floor" row times one bare weighted pass over the reply
 values (no validation, no messages, no result): Flower's FedAvg time over it is the largest
-speed-up any implementation could show at that size on this machine's memory bandwidth.
+speed-up any implementation could show at that size on this machine's memory bandwidth. After the
+Krum row, a "Gram floor" row times ``X @ X.T`` alone, the float32 matrix product that Flower's
+Krum, Multi-Krum and Bulyan do and that any exact pairwise-distance rule needs. Flower's times
+vary by 2x from call to call (its copies of the K x P matrix are fresh allocations), so the
+speed-up is given at Flower's median and over Flower's range.
 
     uv run python scripts/bench_aggregation.py                      # K in {10, 100}, P in {100k, 1M}
     uv run python scripts/bench_aggregation.py --clients 100 --params 1000000 --rules median,krum
@@ -164,21 +168,27 @@ def our_strategy(rule: str, num_clients: int, payloads: Payloads):
     return strategy
 
 
-def time_calls(make: Callable[[], Any], payloads: Payloads, repeats: int) -> tuple[float, float, ArrayRecord]:
-    """Median wall and CPU seconds of ``repeats`` calls of ``aggregate_train`` (one strategy, fresh
-    replies each). CPU time (``time.process_time``) is the figure to compare on a machine shared
-    with other jobs, where wall time mostly measures waiting."""
-    strategy = make()
-    wall, cpu, result = [], [], None
+def time_calls(
+    makers: tuple[Callable[[], Any], ...], payloads: Payloads, repeats: int
+) -> list[tuple[float, float, float, float, ArrayRecord]]:
+    """For each strategy maker: (median wall s, median CPU s, smallest and largest CPU s, last result) of
+    ``repeats`` calls of ``aggregate_train`` on fresh replies. The strategies take turns call by
+    call, so that a change of the machine's speed (it is shared) reaches all of them alike. CPU
+    time (``time.process_time``) is the figure to compare; wall time mostly measures waiting."""
+    strategies = [make() for make in makers]
+    wall: list[list[float]] = [[] for _ in makers]
+    cpu: list[list[float]] = [[] for _ in makers]
+    results: list[Any] = [None] * len(makers)
     for _ in range(repeats):
-        replies = payloads.replies()
-        gc.collect()
-        started, started_cpu = time.perf_counter(), time.process_time()
-        result, _ = strategy.aggregate_train(1, replies)
-        cpu.append(time.process_time() - started_cpu)
-        wall.append(time.perf_counter() - started)
-        del replies
-    return statistics.median(wall), statistics.median(cpu), result
+        for i, strategy in enumerate(strategies):
+            replies = payloads.replies()
+            gc.collect()
+            started, started_cpu = time.perf_counter(), time.process_time()
+            results[i], _ = strategy.aggregate_train(1, replies)
+            cpu[i].append(time.process_time() - started_cpu)
+            wall[i].append(time.perf_counter() - started)
+            del replies
+    return [(statistics.median(w), statistics.median(c), min(c), max(c), r) for w, c, r in zip(wall, cpu, results)]
 
 
 def read_floor(payloads: Payloads, repeats: int) -> tuple[float, float]:
@@ -195,6 +205,21 @@ def read_floor(payloads: Payloads, repeats: int) -> tuple[float, float]:
     for _ in range(repeats):
         started, started_cpu = time.perf_counter(), time.process_time()
         _weighted_sum(views, coefficients, layout, out)
+        cpu.append(time.process_time() - started_cpu)
+        wall.append(time.perf_counter() - started)
+    return statistics.median(wall), statistics.median(cpu)
+
+
+def gram_floor(payloads: Payloads, repeats: int) -> tuple[float, float]:
+    """Median wall and CPU seconds of ``X @ X.T`` for the K x P float32 matrix of the replies,
+    built beforehand: the one step of Flower's Krum, Multi-Krum and Bulyan (``compute_distances``)
+    that any exact pairwise-distance rule must do, at the BLAS's float32 peak."""
+    layout = ModelLayout.of(ArrayRecord(payloads.global_arrays))
+    matrix = np.stack([layout.flatten(m.content.array_records["arrays"]) for m in payloads.replies()])
+    wall, cpu = [], []
+    for _ in range(repeats):
+        started, started_cpu = time.perf_counter(), time.process_time()
+        _ = matrix @ matrix.T
         cpu.append(time.process_time() - started_cpu)
         wall.append(time.perf_counter() - started)
     return statistics.median(wall), statistics.median(cpu)
@@ -225,7 +250,7 @@ def main() -> None:
     parser.add_argument("--clients", default="10,100")
     parser.add_argument("--params", default="100000,1000000")
     parser.add_argument("--rules", default=",".join(RULES))
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-memory", action="store_true", help="skip the tracemalloc pass")
     parser.add_argument("--threads", type=int, default=THREADS, help="BLAS threads of both sides")
     args = parser.parse_args()
@@ -244,7 +269,8 @@ def main() -> None:
 
     FLOWER_LOGGER.setLevel(logging.WARNING)  # Flower's strategies log every call at INFO
 
-    print("| K | P | Flower strategy | Flower CPU s | ours CPU s | speed-up (CPU) | Flower wall s | ours wall s "
+    print("| K | P | Flower strategy | Flower CPU s (min-max) | ours CPU s (min-max) | speed-up (CPU, medians; "
+          "Flower min-max / ours median) | Flower wall s | ours wall s "
           "| Flower peak MB | ours peak MB | ours peak / KxP | same result? (max abs diff) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for num_clients in (int(k) for k in args.clients.split(",")):
@@ -254,8 +280,9 @@ def main() -> None:
             for rule in rules:
                 make_flower = lambda: flower_strategy(rule, num_clients)  # noqa: E731
                 make_ours = lambda: our_strategy(rule, num_clients, payloads)  # noqa: E731
-                flower_s, flower_cpu, flower_result = time_calls(make_flower, payloads, args.repeats)
-                ours_s, ours_cpu, ours_result = time_calls(make_ours, payloads, args.repeats)
+                flower_times, ours_times = time_calls((make_flower, make_ours), payloads, args.repeats)
+                flower_s, flower_cpu, flower_min, flower_max, flower_result = flower_times
+                ours_s, ours_cpu, ours_min, ours_max, ours_result = ours_times
                 difference = max_difference(ours_result, flower_result)
                 if args.no_memory:
                     flower_mb = ours_mb = ratio = "-"
@@ -269,14 +296,19 @@ def main() -> None:
                     verdict = ("yes" if difference <= tolerance else "NO") + f" ({difference:.1e})"
                 else:
                     verdict = f"definitions differ ({difference:.1e})"
-                print(f"| {num_clients} | {payloads.num_params} | {FLOWER_NAMES[rule]} | {flower_cpu:.3f} | "
-                      f"{ours_cpu:.3f} | {flower_cpu / ours_cpu:.1f}x | {flower_s:.2f} | {ours_s:.2f} | "
-                      f"{flower_mb} | {ours_mb} | {ratio} | {verdict} |", flush=True)
+                print(f"| {num_clients} | {payloads.num_params} | {FLOWER_NAMES[rule]} | {flower_cpu:.3f} "
+                      f"({flower_min:.3f}-{flower_max:.3f}) | {ours_cpu:.3f} ({ours_min:.3f}-{ours_max:.3f}) | "
+                      f"**{flower_cpu / ours_cpu:.1f}x** ({flower_min / ours_cpu:.1f}-{flower_max / ours_cpu:.1f}x) | "
+                      f"{flower_s:.2f} | {ours_s:.2f} | {flower_mb} | {ours_mb} | {ratio} | {verdict} |", flush=True)
                 del flower_result, ours_result
-                if rule == "mean":
-                    floor_s, floor_cpu = read_floor(payloads, args.repeats)
-                    print(f"| {num_clients} | {payloads.num_params} | read floor (one pass, no checks) | - | "
-                          f"{floor_cpu:.3f} | FedAvg/floor {flower_cpu / floor_cpu:.1f}x | - | {floor_s:.2f} | "
+                floors = {"mean": ("read floor (one pass, no checks)", read_floor),
+                          "krum": ("Gram floor (X X^T alone)", gram_floor)}
+                if rule in floors:
+                    label, measure = floors[rule]
+                    floor_s, floor_cpu = measure(payloads, args.repeats)
+                    print(f"| {num_clients} | {payloads.num_params} | {label} | - | {floor_cpu:.3f} | "
+                          f"{FLOWER_NAMES[rule]}/floor {flower_cpu / floor_cpu:.1f}x "
+                          f"({flower_min / floor_cpu:.1f}-{flower_max / floor_cpu:.1f}x) | - | {floor_s:.2f} | "
                           "- | - | - | - |", flush=True)
             del payloads
             gc.collect()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 from scipy.linalg.blas import saxpy  # at import, so that BLAS thread limits (threadpoolctl) see its library
@@ -174,6 +174,26 @@ def _num_examples(metrics: MetricRecord) -> float:
     return float(value)
 
 
+def _screened(
+    replies: Iterable[Message], rejections: list[tuple[int, str]]
+) -> Iterator[tuple[int, int, ArrayRecord, MetricRecord, float]]:
+    """``(index, node, arrays, metrics, num-examples)`` of each reply that is not an error and holds
+    one ArrayRecord and one MetricRecord with a valid ``num-examples``; every other reply is
+    appended to ``rejections`` as ``(index, "node <id>: <reason>")``."""
+    for index, message in enumerate(replies):
+        node = message.metadata.src_node_id
+        if message.has_error():
+            rejections.append((index, f"node {node}: client error: {message.error.reason}"))
+            continue
+        try:
+            record, metrics = _reply_records(message)
+            count = _num_examples(metrics)
+        except ValueError as err:
+            rejections.append((index, f"node {node}: rejected: {err}"))
+            continue
+        yield index, node, record, metrics, count
+
+
 def _finite_norm(vector: np.ndarray) -> float:
     """L2 norm of a float32 vector, or a ValueError if it holds NaN or Inf.
 
@@ -209,16 +229,10 @@ def collect_updates(
     node_ids: list[int] = []
     metrics_list: list[MetricRecord] = []
     examples: list[float] = []
-    rejections: list[str] = []
-    for message in replies:
-        node = message.metadata.src_node_id
-        if message.has_error():
-            rejections.append(f"node {node}: client error: {message.error.reason}")
-            continue
+    rejections: list[tuple[int, str]] = []
+    for index, node, record, metrics, count in _screened(replies, rejections):
         row = matrix[len(node_ids)]
         try:
-            record, metrics = _reply_records(message)
-            count = _num_examples(metrics)
             if decoder is None:
                 layout.flatten(record, out=row, minus=global_vector)
             else:
@@ -227,13 +241,14 @@ def collect_updates(
             if max_norm is not None and norm > max_norm:
                 raise ValueError(f"update norm {norm:.4g} exceeds max-update-norm {max_norm:.4g}")
         except ValueError as err:
-            rejections.append(f"node {node}: rejected: {err}")
+            rejections.append((index, f"node {node}: rejected: {err}"))
             continue
         node_ids.append(node)
         metrics_list.append(metrics)
         examples.append(count)
     return CollectedUpdates(
-        matrix[: len(node_ids)], np.asarray(examples, np.float64), node_ids, metrics_list, rejections
+        matrix[: len(node_ids)], np.asarray(examples, np.float64), node_ids, metrics_list,
+        [line for _, line in sorted(rejections)],
     )
 
 
@@ -280,14 +295,9 @@ def stream_weighted_mean(
     replies = list(replies)
     accepted: list[tuple[int, int, MetricRecord, float, list[np.ndarray]]] = []
     rejections: list[tuple[int, str]] = []
-    for index, message in enumerate(replies):
-        node = message.metadata.src_node_id
-        if message.has_error():
-            rejections.append((index, f"node {node}: client error: {message.error.reason}"))
-            continue
+    for index, node, record, metrics, count in _screened(replies, rejections):
         try:
-            record, metrics = _reply_records(message)
-            accepted.append((index, node, metrics, _num_examples(metrics), layout.views(record)))
+            accepted.append((index, node, metrics, count, layout.views(record)))
         except ValueError as err:
             rejections.append((index, f"node {node}: rejected: {err}"))
     mean: np.ndarray | None = None
