@@ -389,28 +389,6 @@ def write_node_files(directory: str | Path, settings=None) -> list[Path]:
 # --------------------------------------------------------------------------- loopback harness
 
 
-def stop_process_group(process: subprocess.Popen, timeout: float = 15.0, sig: int | None = None) -> None:
-    """Stop a process started by :func:`start` and its group (by PID): ``sig`` (default
-    SIGTERM), SIGKILL after ``timeout``."""
-    import signal
-
-    if process.poll() is None:
-        try:
-            os.killpg(process.pid, sig or signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    if process.poll() is None:
-        process.wait(timeout=timeout)
-
-
 class LoopbackDeployment:
     """A SuperLink and SuperNodes as real processes on 127.0.0.1, with TLS and node authentication
     (unless ``insecure``): for tests, benchmarks and trying a deployment on one machine.
@@ -485,8 +463,10 @@ class LoopbackDeployment:
             time.sleep(0.3)
 
     def close(self) -> None:
+        from fl_app.launcher import stop_process_tree
+
         for process in reversed(self.processes):
-            stop_process_group(process)
+            stop_process_tree(process)
 
     def _start(self, command: Sequence[str], name: str) -> subprocess.Popen:
         process = start(command, self.env, self.root / f"{name}.log", cwd=self.app)

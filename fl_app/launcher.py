@@ -131,16 +131,17 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def stop_process_tree(process: subprocess.Popen, timeout: float = 15.0) -> None:
-    """Stop ``process`` and all its descendants: SIGTERM, then SIGKILL after ``timeout`` seconds.
+def stop_process_tree(process: subprocess.Popen, timeout: float = 15.0, sig: int = signal.SIGTERM) -> None:
+    """Stop ``process`` (a session leader), its process group and all its descendants, by PID:
+    ``sig`` (default SIGTERM; SIGKILL simulates a crash), then SIGKILL after ``timeout`` seconds.
 
     The tree is collected before anything is signalled, since orphans are re-parented to init.
     """
     tree = descendants(process.pid)
     if process.poll() is None:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-    _signal_all(tree, signal.SIGTERM)
+            os.killpg(process.pid, sig)
+    _signal_all(tree, sig)
     deadline = time.monotonic() + timeout
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=timeout)

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fl_app.deploy import LoopbackDeployment, stop_process_group, write_node_files
+from fl_app.deploy import LoopbackDeployment, write_node_files
+from fl_app.launcher import stop_process_tree
 from fl_app.settings import Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
@@ -71,7 +72,7 @@ def test_tls_auth_run_survives_a_killed_node_and_a_corrupt_file(tmp_path):
         # Kill node-2 (SIGKILL, no goodbye) once it has received its round-2 train message.
         _wait_for(lambda: deployment.log("node-2").count("Receiving: train message") >= 2, 400,
                   "node-2 to receive its round-2 train message")
-        stop_process_group(nodes[2], sig=signal.SIGKILL)
+        stop_process_tree(nodes[2], sig=signal.SIGKILL)
         status = deployment.wait(run_id, timeout=420)
         assert status == "finished:completed", deployment.log("superlink")[-3000:]
 
