@@ -470,8 +470,8 @@ def geometric_median(
     coefficients = _normalised(_as_weights(weights, updates.shape[0]))
     max_iter, eps, tol = _check_geometric_median(max_iter, eps, tol)
     median = coordinate_median(updates, weights)
-    distances = row_norms(updates, median)
     for _ in range(max_iter):
+        distances = row_norms(updates, median)
         near = distances <= eps
         pull = np.where(near, 0.0, coefficients / np.maximum(distances, eps))
         total_pull = pull.sum()
@@ -487,7 +487,6 @@ def geometric_median(
         scale = max(_weighted_median(distances, coefficients), eps)
         if np.linalg.norm(median - previous) <= tol * scale:
             break
-        distances = row_norms(updates, median)
     nearest = int(np.argmin(row_norms(updates, median)))
     if _row_is_geometric_median(updates, coefficients, nearest, eps):
         return updates[nearest].copy()

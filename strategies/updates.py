@@ -292,7 +292,6 @@ def stream_weighted_mean(
     is valid), or None if the result overflowed float32 without any non-finite input (e.g. an
     update ``x_k - w`` beyond float32), for the caller to fall back to :func:`collect_updates`.
     """
-    replies = list(replies)
     accepted: list[tuple[int, int, MetricRecord, float, list[np.ndarray]]] = []
     rejections: list[tuple[int, str]] = []
     for index, node, record, metrics, count in _screened(replies, rejections):
