@@ -3,7 +3,7 @@
 For each size (K clients x P parameters, P split over four arrays like a two-layer model) the
 script builds K real reply ``Message`` objects (an ``ArrayRecord`` of new weights and a
 ``MetricRecord`` with ``num-examples``), then calls ``aggregate_train`` of a Flower strategy and of
-the corresponding :class:`strategies.robust.AggregationStrategy` (built by
+the corresponding :class:`strategies.aggregation.strategy.AggregationStrategy` (built by
 ``build_aggregation_strategy`` from a run config, after ``configure_train`` so that it knows the
 global arrays) on the same replies, side by side:
 
@@ -48,6 +48,7 @@ speed-up is given at Flower's median and over Flower's range.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import math
 import statistics
@@ -67,14 +68,26 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import strategy as flower  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
-from strategies.robust import build_aggregation_strategy  # noqa: E402
-from strategies.updates import ModelLayout, _weighted_sum  # noqa: E402  (the floor's inner loop)
+from strategies.aggregation.strategy import build_aggregation_strategy  # noqa: E402
+from strategies.core.update_matrix import ModelLayout, _weighted_sum  # noqa: E402  (the floor's inner loop)
 
 RULES = ("mean", "median", "trimmed-mean", "krum", "multi-krum", "bulyan")
-FLOWER_NAMES = {"mean": "FedAvg", "median": "FedMedian", "trimmed-mean": "FedTrimmedAvg",
-                "krum": "Krum", "multi-krum": "MultiKrum", "bulyan": "Bulyan"}
-SAME_DEFINITION = {"mean": True, "median": True, "trimmed-mean": True, "krum": True, "multi-krum": True,
-                   "bulyan": False}
+FLOWER_NAMES = {
+    "mean": "FedAvg",
+    "median": "FedMedian",
+    "trimmed-mean": "FedTrimmedAvg",
+    "krum": "Krum",
+    "multi-krum": "MultiKrum",
+    "bulyan": "Bulyan",
+}
+SAME_DEFINITION = {
+    "mean": True,
+    "median": True,
+    "trimmed-mean": True,
+    "krum": True,
+    "multi-krum": True,
+    "bulyan": False,
+}
 BETA = 0.2
 THREADS = 1  # BLAS threads of both sides (--threads)
 
@@ -105,8 +118,9 @@ class Payloads:
         self.num_examples = rng.integers(20, 200, num_clients)
         self.clients: list[list[tuple[str, Array]]] = []
         for _ in range(num_clients):
-            weights = [g + rng.standard_normal(g.shape, dtype=np.float32) * np.float32(0.01)
-                       for g in self.global_arrays]
+            weights = [
+                g + rng.standard_normal(g.shape, dtype=np.float32) * np.float32(0.01) for g in self.global_arrays
+            ]
             record = ArrayRecord(weights)
             self.clients.append(list(record.items()))
         self.num_params = sum(math.prod(s) for s in shapes)
@@ -114,11 +128,13 @@ class Payloads:
     def replies(self) -> list[Message]:
         out = []
         for node, (items, count) in enumerate(zip(self.clients, self.num_examples), start=1):
-            record = ArrayRecord(array_dict={k: Array(dtype=a.dtype, shape=tuple(a.shape), stype=a.stype, data=a.data)
-                                             for k, a in items})
+            record = ArrayRecord(
+                array_dict={k: Array(dtype=a.dtype, shape=tuple(a.shape), stype=a.stype, data=a.data) for k, a in items}
+            )
             metrics = MetricRecord({"num-examples": int(count), "unit": 1})
-            instruction = Message(content=RecordDict({"config": ConfigRecord({})}), dst_node_id=node,
-                                  message_type=MessageType.TRAIN)
+            instruction = Message(
+                content=RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type=MessageType.TRAIN
+            )
             out.append(Message(content=RecordDict({"arrays": record, "metrics": metrics}), reply_to=instruction))
         return out
 
@@ -148,8 +164,9 @@ def flower_strategy(rule: str, num_clients: int):
     if rule == "krum":
         return flower.Krum(num_malicious_nodes=f, **common)
     if rule == "multi-krum":
-        return flower.MultiKrum(num_malicious_nodes=f, num_nodes_to_select=num_clients - f,
-                                weighted_by_key="unit", **common)
+        return flower.MultiKrum(
+            num_malicious_nodes=f, num_nodes_to_select=num_clients - f, weighted_by_key="unit", **common
+        )
     if rule == "bulyan":
         return flower.Bulyan(num_malicious_nodes=f, **common)
     raise ValueError(rule)
@@ -158,9 +175,14 @@ def flower_strategy(rule: str, num_clients: int):
 def our_strategy(rule: str, num_clients: int, payloads: Payloads):
     f = byzantine_f(num_clients)
     config = {
-        "num-partitions": num_clients, "min-train-clients": num_clients, "min-available-clients": 2,
+        "num-partitions": num_clients,
+        "min-train-clients": num_clients,
+        "min-available-clients": 2,
         "client-weighting": "num-examples" if rule == "mean" else "uniform",
-        "trimmed-mean-beta": BETA, "krum-f": f, "multi-krum-m": num_clients - f, "bulyan-f": f,
+        "trimmed-mean-beta": BETA,
+        "krum-f": f,
+        "multi-krum-m": num_clients - f,
+        "bulyan-f": f,
         "aggregation-threads": THREADS,
     }
     strategy = build_aggregation_strategy(rule, config)
@@ -269,17 +291,19 @@ def main() -> None:
 
     FLOWER_LOGGER.setLevel(logging.WARNING)  # Flower's strategies log every call at INFO
 
-    print("| K | P | Flower strategy | Flower CPU s (min-max) | ours CPU s (min-max) | speed-up (CPU, medians; "
-          "Flower min-max / ours median) | Flower wall s | ours wall s "
-          "| Flower peak MB | ours peak MB | ours peak / KxP | same result? (max abs diff) |")
+    print(
+        "| K | P | Flower strategy | Flower CPU s (min-max) | ours CPU s (min-max) | speed-up (CPU, medians; "
+        "Flower min-max / ours median) | Flower wall s | ours wall s "
+        "| Flower peak MB | ours peak MB | ours peak / KxP | same result? (max abs diff) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for num_clients in (int(k) for k in args.clients.split(",")):
         for num_params in (int(p) for p in args.params.split(",")):
             payloads = Payloads(num_clients, num_params)
             matrix_bytes = 4 * num_clients * payloads.num_params
             for rule in rules:
-                make_flower = lambda: flower_strategy(rule, num_clients)  # noqa: E731
-                make_ours = lambda: our_strategy(rule, num_clients, payloads)  # noqa: E731
+                make_flower = functools.partial(flower_strategy, rule, num_clients)
+                make_ours = functools.partial(our_strategy, rule, num_clients, payloads)
                 flower_times, ours_times = time_calls((make_flower, make_ours), payloads, args.repeats)
                 flower_s, flower_cpu, flower_min, flower_max, flower_result = flower_times
                 ours_s, ours_cpu, ours_min, ours_max, ours_result = ours_times
@@ -296,20 +320,28 @@ def main() -> None:
                     verdict = ("yes" if difference <= tolerance else "NO") + f" ({difference:.1e})"
                 else:
                     verdict = f"definitions differ ({difference:.1e})"
-                print(f"| {num_clients} | {payloads.num_params} | {FLOWER_NAMES[rule]} | {flower_cpu:.3f} "
-                      f"({flower_min:.3f}-{flower_max:.3f}) | {ours_cpu:.3f} ({ours_min:.3f}-{ours_max:.3f}) | "
-                      f"**{flower_cpu / ours_cpu:.1f}x** ({flower_min / ours_cpu:.1f}-{flower_max / ours_cpu:.1f}x) | "
-                      f"{flower_s:.2f} | {ours_s:.2f} | {flower_mb} | {ours_mb} | {ratio} | {verdict} |", flush=True)
+                print(
+                    f"| {num_clients} | {payloads.num_params} | {FLOWER_NAMES[rule]} | {flower_cpu:.3f} "
+                    f"({flower_min:.3f}-{flower_max:.3f}) | {ours_cpu:.3f} ({ours_min:.3f}-{ours_max:.3f}) | "
+                    f"**{flower_cpu / ours_cpu:.1f}x** ({flower_min / ours_cpu:.1f}-{flower_max / ours_cpu:.1f}x) | "
+                    f"{flower_s:.2f} | {ours_s:.2f} | {flower_mb} | {ours_mb} | {ratio} | {verdict} |",
+                    flush=True,
+                )
                 del flower_result, ours_result
-                floors = {"mean": ("read floor (one pass, no checks)", read_floor),
-                          "krum": ("Gram floor (X X^T alone)", gram_floor)}
+                floors = {
+                    "mean": ("read floor (one pass, no checks)", read_floor),
+                    "krum": ("Gram floor (X X^T alone)", gram_floor),
+                }
                 if rule in floors:
                     label, measure = floors[rule]
                     floor_s, floor_cpu = measure(payloads, args.repeats)
-                    print(f"| {num_clients} | {payloads.num_params} | {label} | - | {floor_cpu:.3f} | "
-                          f"{FLOWER_NAMES[rule]}/floor {flower_cpu / floor_cpu:.1f}x "
-                          f"({flower_min / floor_cpu:.1f}-{flower_max / floor_cpu:.1f}x) | - | {floor_s:.2f} | "
-                          "- | - | - | - |", flush=True)
+                    print(
+                        f"| {num_clients} | {payloads.num_params} | {label} | - | {floor_cpu:.3f} | "
+                        f"{FLOWER_NAMES[rule]}/floor {flower_cpu / floor_cpu:.1f}x "
+                        f"({flower_min / floor_cpu:.1f}-{flower_max / floor_cpu:.1f}x) | - | {floor_s:.2f} | "
+                        "- | - | - | - |",
+                        flush=True,
+                    )
             del payloads
             gc.collect()
 

@@ -19,16 +19,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from fl_app.deploy import LoopbackDeployment, write_node_files
-from fl_app.settings import Settings
+from fl_app.config.settings import Settings
+from fl_app.deploy.operator import LoopbackDeployment, write_node_files
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def config(nodes: int, rounds: int, output_dir: Path) -> str:
-    return (f"num-server-rounds={rounds} dataset='local-file' num-classes=10 input-shape='8,8,1' "
-            f"local-epochs=1 min-available-clients={nodes} min-train-clients={nodes} "
-            f"min-evaluate-clients={nodes} output-dir='{output_dir}'")
+    return (
+        f"num-server-rounds={rounds} dataset='local-file' num-classes=10 input-shape='8,8,1' "
+        f"local-epochs=1 min-available-clients={nodes} min-train-clients={nodes} "
+        f"min-evaluate-clients={nodes} output-dir='{output_dir}'"
+    )
 
 
 def round_times(output_dir: Path) -> list[float]:
@@ -41,9 +43,24 @@ def simulation(work: Path, nodes: int, rounds: int) -> list[float]:
     out = work / "sim"
     template = str(work / "data" / "node-{partition-id}.npz")
     result = subprocess.run(
-        [sys.executable, "-m", "fl_app.launcher", "--app", str(ROOT), "--clients", str(nodes),
-         "--output-dir", str(out), "--", "-c", f"{config(nodes, rounds, out)} data-path='{template}'"],
-        cwd=ROOT, capture_output=True, text=True, timeout=1800,
+        [
+            sys.executable,
+            "-m",
+            "fl_app.deploy.launcher",
+            "--app",
+            str(ROOT),
+            "--clients",
+            str(nodes),
+            "--output-dir",
+            str(out),
+            "--",
+            "-c",
+            f"{config(nodes, rounds, out)} data-path='{template}'",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1800,
     )
     if result.returncode != 0:
         raise RuntimeError(result.stdout[-3000:] + result.stderr[-3000:])
@@ -60,8 +77,12 @@ def deployment(work: Path, nodes: int, rounds: int, warm: bool) -> list[float]:
             worker = workers[i]
             if warm:
                 link.wait_worker(f"node-{i}")
-            link.start_node(f"node-{i}", {"data-path": str(work / "data" / f"node-{i}.npz"), "partition-id": i},
-                            private_key=key, worker=worker)
+            link.start_node(
+                f"node-{i}",
+                {"data-path": str(work / "data" / f"node-{i}.npz"), "partition-id": i},
+                private_key=key,
+                worker=worker,
+            )
         for i in range(nodes):
             link.node_id(f"node-{i}")
         status = link.wait(link.submit(config(nodes, rounds, out)), timeout=3600)

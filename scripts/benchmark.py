@@ -13,7 +13,7 @@ For each client count N, on the same data, model, clients and rounds:
 
 Peak memory of (a) and (b) is the peak over time of the summed RSS and PSS of every process under
 the run's SuperLink (SuperExec, simulation/ServerApp, Ray's GCS and raylet, Ray actors), sampled
-twice a second (:mod:`fl_app.procmem`). Steady state is the median of rounds 2..R. Printed: a
+twice a second (:mod:`fl_app.deploy.process_tools`). Steady state is the median of rounds 2..R. Printed: a
 table, the ratios (b)/(a) and (a)/(c) per sample-epoch, and a JSON file with everything.
 
     uv run python scripts/benchmark.py --clients 10 50 --rounds 8 --out benchmark.json
@@ -24,6 +24,7 @@ table, the ratios (b)/(a) and (a)/(c) per sample-epoch, and a JSON file with eve
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import re
 import statistics
@@ -36,7 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fl_app.procmem import TreeMemorySampler  # noqa: E402
+
+from fl_app.deploy.process_tools import TreeMemorySampler  # noqa: E402
 
 BASELINE_APP = ROOT / "scripts" / "baseline_app"
 
@@ -61,7 +63,7 @@ class PrivateRayCluster:
     def __init__(self, temp_dir: Path, num_cpus: int, attempts: int = 4) -> None:
         import os as _os
 
-        from fl_app.launcher import free_port
+        from fl_app.deploy.launcher import free_port
 
         self.temp_dir = temp_dir
         self.temp_dir.mkdir(parents=True, exist_ok=True)
@@ -69,9 +71,23 @@ class PrivateRayCluster:
         ray = str(Path(sys.executable).parent / "ray")
         for attempt in range(attempts):
             done = subprocess.run(
-                [ray, "start", "--head", "--port", str(self.port), "--num-cpus", str(num_cpus),
-                 "--temp-dir", str(temp_dir), "--include-dashboard", "false", "--disable-usage-stats"],
-                capture_output=True, text=True, timeout=600,
+                [
+                    ray,
+                    "start",
+                    "--head",
+                    "--port",
+                    str(self.port),
+                    "--num-cpus",
+                    str(num_cpus),
+                    "--temp-dir",
+                    str(temp_dir),
+                    "--include-dashboard",
+                    "false",
+                    "--disable-usage-stats",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=600,
             )
             if done.returncode == 0:
                 break
@@ -83,7 +99,7 @@ class PrivateRayCluster:
         _os.environ["RAY_ADDRESS"] = self.address  # inherited by the launcher and the SuperLink
 
     def pids(self) -> list[int]:
-        from fl_app.procmem import pids_with_argument
+        from fl_app.deploy.process_tools import pids_with_argument
 
         return pids_with_argument(str(self.temp_dir))
 
@@ -110,8 +126,20 @@ def run_simulation(app: Path, clients: int, output_dir: Path, run_config: str, t
     ``first_round_end_s``: seconds from the launch to the moment round 1's record appeared in our
     app's history (polled every 0.2 s; absent for the baseline, which records its own times).
     """
-    command = [sys.executable, "-m", "fl_app.launcher", "--app", str(app), "--clients", str(clients),
-               "--output-dir", str(output_dir), "--", "-c", run_config]
+    command = [
+        sys.executable,
+        "-m",
+        "fl_app.deploy.launcher",
+        "--app",
+        str(app),
+        "--clients",
+        str(clients),
+        "--output-dir",
+        str(output_dir),
+        "--",
+        "-c",
+        run_config,
+    ]
     sampler = TreeMemorySampler(interval=0.5, extra_roots=RAY_CLUSTER.pids if RAY_CLUSTER else None).start()
     started = time.time()
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -166,7 +194,7 @@ def ours(clients: int, rounds: int, out: Path, extra: str, timeout: float) -> di
         result["run_dir"] = str(run_dir)
     trained = [r for r in history if r["round"] > 0]
     ends = [r["finished_at"] for r in history]
-    result["round_s"] = [round(b - a, 3) for a, b in zip(ends, ends[1:])]
+    result["round_s"] = [round(b - a, 3) for a, b in itertools.pairwise(ends)]
     result["in_round_s"] = [round(r["seconds"], 3) for r in trained]
     result["bytes_up_per_round"] = [r["bytes_received"] for r in trained]
     result["bytes_down_per_round"] = [r["bytes_sent"] for r in trained]
@@ -181,7 +209,7 @@ def baseline(clients: int, rounds: int, out: Path, extra: str, timeout: float) -
     if times_file.exists():
         times = json.loads(times_file.read_text())
         ends = times["round_ends"]  # ends[0]: round 0 (before training); ends[i]: end of round i
-        result["round_s"] = [round(b - a, 3) for a, b in zip(ends, ends[1:])]
+        result["round_s"] = [round(b - a, 3) for a, b in itertools.pairwise(ends)]
         if len(ends) > 1:
             result["first_round_end_s"] = round(ends[1] - result["started"], 2)
     return result
@@ -190,15 +218,21 @@ def baseline(clients: int, rounds: int, out: Path, extra: str, timeout: float) -
 def centralized(clients: int, rounds: int, local_epochs: int, extra: str) -> dict:
     """(c): model.fit on the pooled client train data for rounds x local-epochs epochs."""
     epochs = rounds * local_epochs
-    command = [sys.executable, str(ROOT / "scripts" / "centralized.py"), "--epochs", str(epochs),
-               "-c", f"num-partitions={clients} {extra}".strip()]
+    command = [
+        sys.executable,
+        str(ROOT / "scripts" / "centralized.py"),
+        "--epochs",
+        str(epochs),
+        "-c",
+        f"num-partitions={clients} {extra}".strip(),
+    ]
     sampler = TreeMemorySampler(interval=0.5)
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     sampler.root = process.pid
     sampler.start()
     stdout, _ = process.communicate(timeout=3600)
     memory = sampler.stop()
-    result = json.loads(stdout[stdout.index("{"):])
+    result = json.loads(stdout[stdout.index("{") :])
     return {**result, **memory}
 
 
@@ -217,8 +251,11 @@ def main() -> None:
     parser.add_argument("-c", "--run-config", default="", help="extra run config for (a), e.g. fractions")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "benchmark")
     parser.add_argument("--timeout", type=float, default=3600)
-    parser.add_argument("--ray-cluster", action="store_true",
-                        help="run (a) and (b) on a private Ray cluster started first (see PrivateRayCluster)")
+    parser.add_argument(
+        "--ray-cluster",
+        action="store_true",
+        help="run (a) and (b) on a private Ray cluster started first (see PrivateRayCluster)",
+    )
     parser.add_argument("--ray-cpus", type=int, default=2)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -268,8 +305,10 @@ def print_entry(n: int, entry: dict) -> None:
             continue
         seconds = r.get("steady_round_s", r.get("round_equivalent_s"))
         startup = r.get("first_round_end_s", "-")
-        print(f"{label:<34}{seconds!s:>15}{startup!s:>12}{r.get('peak_rss_gib', '-')!s:>14}"
-              f"{r.get('peak_pss_gib', '-')!s:>14}")
+        print(
+            f"{label:<34}{seconds!s:>15}{startup!s:>12}{r.get('peak_rss_gib', '-')!s:>14}"
+            f"{r.get('peak_pss_gib', '-')!s:>14}"
+        )
     for key in ("b_over_a", "a_over_c_per_sample_epoch"):
         if key in entry:
             print(f"{key}: {entry[key]}")

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 import fl_app  # noqa: F401
-from fl_app.data import client_data, federated_data
-from fl_app.settings import Settings
+from fl_app.config.settings import Settings
+from fl_app.task.data import client_data, federated_data
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,8 +34,7 @@ def parse_overrides(text: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-c", "--run-config", default="", help="overrides, as for flwr run -c")
-    parser.add_argument("--epochs", type=int, default=None,
-                        help="default: num-server-rounds x local-epochs")
+    parser.add_argument("--epochs", type=int, default=None, help="default: num-server-rounds x local-epochs")
     args = parser.parse_args()
 
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
@@ -44,8 +43,8 @@ def main() -> None:
 
     import tensorflow as tf
 
-    from fl_app.client import compile_model
-    from fl_app.models import build_model, make_optimizer
+    from fl_app.task.keras_client import compile_model
+    from fl_app.task.models import build_model, make_optimizer
 
     data = federated_data(settings)
     parts = [client_data(settings, i) for i in range(settings.num_partitions)]
@@ -64,9 +63,13 @@ def main() -> None:
     seconds = time.perf_counter() - started
     loss, accuracy = model.evaluate(data.x_server_test, data.y_server_test, verbose=0)
     result = {
-        "model": settings.model, "train examples": int(len(y)), "epochs": epochs,
-        "test examples": int(len(data.y_server_test)), "test accuracy": round(float(accuracy), 4),
-        "test loss": round(float(loss), 4), "training seconds": round(seconds, 2),
+        "model": settings.model,
+        "train examples": int(len(y)),
+        "epochs": epochs,
+        "test examples": int(len(data.y_server_test)),
+        "test accuracy": round(float(accuracy), 4),
+        "test loss": round(float(loss), 4),
+        "training seconds": round(seconds, 2),
         "seconds per epoch": round(seconds / epochs, 4),
     }
     print(json.dumps(result, indent=2))

@@ -33,10 +33,10 @@ def main() -> None:
     import numpy as np
     import tensorflow as tf
 
-    from fl_app.client import KerasClient, compile_model
-    from fl_app.data import client_data
-    from fl_app.models import build_model, make_optimizer
-    from fl_app.settings import Settings
+    from fl_app.config.settings import Settings
+    from fl_app.task.data import client_data
+    from fl_app.task.keras_client import KerasClient, compile_model
+    from fl_app.task.models import build_model, make_optimizer
 
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
@@ -46,8 +46,11 @@ def main() -> None:
 
     def fresh():
         model = build_model("mlp", (8, 8, 1), 10, s.seed)
-        model.compile(optimizer=make_optimizer("adam", s.learning_rate),
-                      loss=tf.keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
+        model.compile(
+            optimizer=make_optimizer("adam", s.learning_rate),
+            loss=tf.keras.losses.SparseCategoricalCrossentropy(),
+            metrics=["accuracy"],
+        )
         return model
 
     initial = fresh().get_weights()
@@ -56,39 +59,56 @@ def main() -> None:
 
     def quickstart():
         for d in data:
-            m = fresh(); m.set_weights(initial); m.fit(d.x_train, d.y_train, epochs=epochs, batch_size=batch, verbose=0)
+            m = fresh()
+            m.set_weights(initial)
+            m.fit(d.x_train, d.y_train, epochs=epochs, batch_size=batch, verbose=0)
         for d in data:
-            m = fresh(); m.set_weights(initial); m.evaluate(d.x_test, d.y_test, verbose=0)
+            m = fresh()
+            m.set_weights(initial)
+            m.evaluate(d.x_test, d.y_test, verbose=0)
 
     def keras_reused():
         for d in data:
-            reused.set_weights(initial); reused.fit(d.x_train, d.y_train, epochs=epochs, batch_size=batch, verbose=0)
+            reused.set_weights(initial)
+            reused.fit(d.x_train, d.y_train, epochs=epochs, batch_size=batch, verbose=0)
         for d in data:
-            reused.set_weights(initial); reused.evaluate(d.x_test, d.y_test, verbose=0)
+            reused.set_weights(initial)
+            reused.evaluate(d.x_test, d.y_test, verbose=0)
 
     def app():
         for i, d in enumerate(data):
-            KerasClient(ours, d, local_epochs=epochs, batch_size=batch, seed=i, proximal=proximal).fit(initial, {"server-round": 1})
+            KerasClient(ours, d, local_epochs=epochs, batch_size=batch, seed=i, proximal=proximal).fit(
+                initial, {"server-round": 1}
+            )
         for i, d in enumerate(data):
             KerasClient(ours, d, local_epochs=epochs, batch_size=batch, seed=i, proximal=proximal).evaluate(initial, {})
 
-    x = np.concatenate([d.x_train for d in data]); y = np.concatenate([d.y_train for d in data])
+    x = np.concatenate([d.x_train for d in data])
+    y = np.concatenate([d.y_train for d in data])
     central = fresh()
 
     def centralized():
         central.fit(x, y, epochs=epochs, batch_size=batch, verbose=0)
 
     results = {}
-    for name, fn in (("quickstart style", quickstart), ("reused model, model.fit", keras_reused),
-                     ("this app (KerasClient)", app), ("centralized, same sample-epochs", centralized)):
+    for name, fn in (
+        ("quickstart style", quickstart),
+        ("reused model, model.fit", keras_reused),
+        ("this app (KerasClient)", app),
+        ("centralized, same sample-epochs", centralized),
+    ):
         fn()  # warm-up: imports, tracing
         times = []
         for _ in range(args.repeats):
-            started = time.perf_counter(); fn(); times.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - started)
         results[name] = round(statistics.median(times), 3)
         print(f"{name:<34} {results[name]:8.3f} s per round (median of {args.repeats})", flush=True)
     results["quickstart / app"] = round(results["quickstart style"] / results["this app (KerasClient)"], 2)
-    results["app / centralized"] = round(results["this app (KerasClient)"] / results["centralized, same sample-epochs"], 2)
+    results["app / centralized"] = round(
+        results["this app (KerasClient)"] / results["centralized, same sample-epochs"], 2
+    )
     print(json.dumps(results, indent=2))
 
 

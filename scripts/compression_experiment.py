@@ -1,6 +1,6 @@
 """Accuracy and upload bytes of every codec on the default federation (in-process, no Ray).
 
-Runs the app's ClientApp handlers through :func:`fl_app.local_grid.run_local_federation` with
+Runs the app's ClientApp handlers through :func:`fl_app.simulation.local_grid.run_local_federation` with
 ``strategy='robust' aggregation-rule='mean' client-weighting='num-examples'`` (FedAvg, the strategy
 that decodes) and one codec per row, for the same rounds, data and seeds; writes a JSON table and
 prints it (Markdown). The seed also draws the Dirichlet partition, so one seed's final accuracy
@@ -32,15 +32,20 @@ ROWS = {
     "float16": {"compression": "float16"},
     "int8": {"compression": "int8"},
     "top-k 1% + EF": {"compression": "top-k", "compression-topk-fraction": 0.01},
-    "top-k 1% no EF": {"compression": "top-k", "compression-topk-fraction": 0.01,
-                       "compression-error-feedback": False},
+    "top-k 1% no EF": {"compression": "top-k", "compression-topk-fraction": 0.01, "compression-error-feedback": False},
     "top-k 10% + EF": {"compression": "top-k", "compression-topk-fraction": 0.1},
-    "top-k 1% + EF, server lr 2": {"compression": "top-k", "compression-topk-fraction": 0.01,
-                                    "server-learning-rate": 2.0},
+    "top-k 1% + EF, server lr 2": {
+        "compression": "top-k",
+        "compression-topk-fraction": 0.01,
+        "server-learning-rate": 2.0,
+    },
     "top-k 2% + EF": {"compression": "top-k", "compression-topk-fraction": 0.02},
     "random-mask 10% rescaled": {"compression": "random-mask", "compression-mask-fraction": 0.1},
-    "random-mask 10% + EF": {"compression": "random-mask", "compression-mask-fraction": 0.1,
-                             "compression-mask-rescale": False},
+    "random-mask 10% + EF": {
+        "compression": "random-mask",
+        "compression-mask-fraction": 0.1,
+        "compression-mask-rescale": False,
+    },
 }
 
 
@@ -52,10 +57,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "compression.json")
     args = parser.parse_args()
 
-    from fl_app.local_grid import run_local_federation
+    from fl_app.simulation.local_grid import run_local_federation
 
-    base = {"strategy": "robust", "aggregation-rule": "mean", "client-weighting": "num-examples",
-            "num-server-rounds": args.rounds}
+    base = {
+        "strategy": "robust",
+        "aggregation-rule": "mean",
+        "client-weighting": "num-examples",
+        "num-server-rounds": args.rounds,
+    }
     table = json.loads(args.out.read_text()) if args.out.exists() else {}
     for name in args.rows:
         for seed in args.seeds:
@@ -66,7 +75,9 @@ def main() -> None:
             _, history = run_local_federation({**base, **ROWS[name], "seed": seed})
             trained = [r for r in history if r.round > 0]
             table[key] = {
-                "row": name, "seed": seed, "config": ROWS[name],
+                "row": name,
+                "seed": seed,
+                "config": ROWS[name],
                 "final_accuracy": trained[-1].centralized_accuracy,
                 "accuracy_per_round": [r.centralized_accuracy for r in trained],
                 "bytes_up_per_round": sum(r.bytes_received for r in trained) / len(trained),
@@ -82,14 +93,17 @@ def main() -> None:
 
 def print_table(table: dict, rows: list[str], seeds: list[int], rounds: int) -> None:
     """Markdown: mean and spread over the seeds of the final accuracy, bytes and their ratio."""
+
     def runs(name: str) -> list[dict]:
         return [table[f"{name} | seed {seed}"] for seed in seeds if f"{name} | seed {seed}" in table]
 
     reference = runs("none")
     reference_accuracy = statistics.mean(r["final_accuracy"] for r in reference) if reference else None
     reference_bytes = reference[0]["bytes_up_per_round"] if reference else None
-    print(f"\n| codec | accuracy after {rounds} rounds, mean of {len(seeds)} seeds (min-max) | "
-          "change vs none, points | bytes up / round | reduction |")
+    print(
+        f"\n| codec | accuracy after {rounds} rounds, mean of {len(seeds)} seeds (min-max) | "
+        "change vs none, points | bytes up / round | reduction |"
+    )
     print("|---|---|---|---|---|")
     for name in rows:
         done = runs(name)
@@ -100,8 +114,8 @@ def print_table(table: dict, rows: list[str], seeds: list[int], rounds: int) -> 
         change = f"{100 * (mean - reference_accuracy):+.2f}" if reference_accuracy is not None else "-"
         up = statistics.mean(r["bytes_up_per_round"] for r in done)
         ratio = f"{reference_bytes / up:.1f}x" if reference_bytes else "-"
-        print(f"| {name} | {mean:.4f} ({min(accuracies):.4f}-{max(accuracies):.4f}) | {change} | "
-              f"{up:.0f} | {ratio} |")
+        print(f"| {name} | {mean:.4f} ({min(accuracies):.4f}-{max(accuracies):.4f}) | {change} | {up:.0f} | {ratio} |")
+
 
 if __name__ == "__main__":
     main()

@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import fl_app  # noqa: E402,F401  (loads TenSEAL before TensorFlow)
-from strategies.encrypted import load_encrypted_model, reconstruct  # noqa: E402
-from strategies.homomorphic import load_client_scheme  # noqa: E402
+import fl_app  # noqa: F401  (loads TenSEAL before TensorFlow)
+from strategies.encrypted.schemes import load_client_scheme
+from strategies.encrypted.strategy import load_encrypted_model, reconstruct
 
 
 def run_directory(path: Path) -> Path:
@@ -47,7 +47,7 @@ def decrypt_weights(model_file: Path, secret_key: Path) -> tuple[dict, list]:
     final = reconstruct(scheme, flat, chain)
     arrays, start = [], 0
     for array in initial:
-        arrays.append(final[start:start + array.size].reshape(array.shape).astype(array.dtype))
+        arrays.append(final[start : start + array.size].reshape(array.shape).astype(array.dtype))
         start += array.size
     return meta, arrays
 
@@ -65,9 +65,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from flwr.app import ArrayRecord
 
-    from fl_app.models import build_model
-    from fl_app.server_app import CentralEvaluator, model_spec
-    from fl_app.settings import Settings
+    from fl_app.config.settings import Settings
+    from fl_app.server.evaluation import CentralEvaluator, model_spec
+    from fl_app.task.models import build_model
 
     settings = Settings.from_run_config(json.loads((run_dir / "config.json").read_text()))
     input_shape, num_classes, test_set = model_spec(settings)

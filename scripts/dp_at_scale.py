@@ -1,7 +1,7 @@
 """Central DP-FedAvg at scale: 1,000 synthetic clients, Poisson sampling q = 0.1, 50 rounds.
 
 Runs, in this process and through the app's real ClientApp handlers and strategy
-(:func:`fl_app.local_grid.run_local_federation`), the same federation twice on the same data,
+(:func:`fl_app.simulation.local_grid.run_local_federation`), the same federation twice on the same data,
 clients and sampling:
 
 * **private**: ``strategy='dp-fedavg'``, ``dp-mode='central'``, Poisson sampling at rate q (about
@@ -14,7 +14,7 @@ clients and sampling:
 It also fits a centralized multinomial logistic regression (scikit-learn) on the union of the
 clients' training data and scores it on the same held-out server test set: the ceiling that
 shows the data are neither trivial nor impossible (synthetic Gaussian class clusters, see
-:func:`fl_app.data.make_synthetic_arrays`; 32 features and 10 classes give about 0.80).
+:func:`fl_app.task.data.make_synthetic_arrays`; 32 features and 10 classes give about 0.80).
 
     uv run python scripts/dp_at_scale.py                      # 1,000 clients, q 0.1, 50 rounds, eps 5
     uv run python scripts/dp_at_scale.py --rounds 5 --clients 200   # a quick look
@@ -36,23 +36,37 @@ from typing import Any
 def run_config(args: argparse.Namespace, private: bool) -> dict[str, Any]:
     """The federation's run config; ``private=False`` gives the non-private counterpart."""
     config: dict[str, Any] = {
-        "dataset": "synthetic", "partitioner": "iid", "num-partitions": args.clients,
-        "synthetic-samples-per-client": args.samples, "synthetic-features": args.features,
-        "synthetic-classes": args.classes, "test-fraction": 0.0, "seed": args.seed,
-        "model": args.model, "local-epochs": args.epochs, "batch-size": args.batch_size,
-        "optimizer": "sgd", "learning-rate": args.lr, "server-learning-rate": args.server_lr,
-        "num-server-rounds": args.rounds, "fraction-train": args.q,
-        "min-train-clients": 1, "min-available-clients": 1, "fraction-evaluate": 1e-6,
-        "min-evaluate-clients": 0, "strategy": "dp-fedavg", "dp-mode": "central",
-        "dp-sampling": "poisson", "dp-delta": args.delta,
+        "dataset": "synthetic",
+        "partitioner": "iid",
+        "num-partitions": args.clients,
+        "synthetic-samples-per-client": args.samples,
+        "synthetic-features": args.features,
+        "synthetic-classes": args.classes,
+        "test-fraction": 0.0,
+        "seed": args.seed,
+        "model": args.model,
+        "local-epochs": args.epochs,
+        "batch-size": args.batch_size,
+        "optimizer": "sgd",
+        "learning-rate": args.lr,
+        "server-learning-rate": args.server_lr,
+        "num-server-rounds": args.rounds,
+        "fraction-train": args.q,
+        "min-train-clients": 1,
+        "min-available-clients": 1,
+        "fraction-evaluate": 1e-6,
+        "min-evaluate-clients": 0,
+        "strategy": "dp-fedavg",
+        "dp-mode": "central",
+        "dp-sampling": "poisson",
+        "dp-delta": args.delta,
     }
     if not private:
         config.update({"dp-noise-multiplier": 0.0, "dp-clip-norm": 1e6})
     elif args.noise > 0:
         config.update({"dp-noise-multiplier": args.noise, "dp-clip-norm": args.clip})
     else:
-        config.update({"dp-noise-multiplier": 0.0, "dp-target-epsilon": args.target_epsilon,
-                       "dp-clip-norm": args.clip})
+        config.update({"dp-noise-multiplier": 0.0, "dp-target-epsilon": args.target_epsilon, "dp-clip-norm": args.clip})
     return config
 
 
@@ -60,8 +74,8 @@ def centralized_ceiling(config: dict[str, Any]) -> float:
     """Test accuracy of a logistic regression fit on all clients' training data at once."""
     from sklearn.linear_model import LogisticRegression
 
-    from fl_app.data import federated_data
-    from fl_app.settings import Settings
+    from fl_app.config.settings import Settings
+    from fl_app.task.data import federated_data
 
     data = federated_data(Settings.from_run_config(config))
     flat = data.x.reshape(len(data.x), -1)
@@ -70,7 +84,7 @@ def centralized_ceiling(config: dict[str, Any]) -> float:
 
 
 def run(config: dict[str, Any], label: str) -> dict[str, Any]:
-    from fl_app.local_grid import run_local_federation
+    from fl_app.simulation.local_grid import run_local_federation
 
     started = time.perf_counter()
     _, history = run_local_federation(config)
@@ -79,7 +93,8 @@ def run(config: dict[str, Any], label: str) -> dict[str, Any]:
     last = history[-1]
     private = label == "private"
     return {
-        "run": label, "rounds": len(trained),
+        "run": label,
+        "rounds": len(trained),
         "accuracy": round(last.centralized_accuracy, 4),
         "mean accuracy, last 5 rounds": round(statistics.mean(r.centralized_accuracy for r in history[-5:]), 4),
         "epsilon (RDP)": round(last.extra["epsilon-rdp"], 3) if private else float("inf"),

@@ -3,13 +3,13 @@
 The noise multiplier and the clip norm stay fixed (z = 1.1, C = 1.0 by default); everything else
 that decides utility and privacy spend is swept: model, optimizer, learning rate, batch size,
 local epochs, rounds, partitioner and each client's local test share. Every setting runs
-twice in this process through :func:`fl_app.local_grid.run_local_federation` (the app's real
+twice in this process through :func:`fl_app.simulation.local_grid.run_local_federation` (the app's real
 ClientApp handlers and FedAvg): with DP-SGD and without it (same data, clients, seeds), so each
 row shows the price of privacy next to its non-private counterpart.
 
 Epsilon is the example-level epsilon at ``--delta`` of the client that spent the most (the smallest
 client: largest sampling rate q = B / n): ``rounds * local-epochs * ceil(n / B)`` Poisson-sampled
-Gaussian steps with rate ``q = B / n`` and multiplier z (:func:`fl_app.privacy.example_level_epsilon`),
+Gaussian steps with rate ``q = B / n`` and multiplier z (:func:`fl_app.task.dp_sgd.example_level_epsilon`),
 by RDP (what the history reports as ``dp-sgd-epsilon-max``) and by PLD. More steps spend more.
 
 Time per local epoch is measured side by side in one process: the same client's data, the same
@@ -45,29 +45,49 @@ from typing import Any
 def federation_config(args: argparse.Namespace, setting: dict[str, Any], noise: float) -> dict[str, Any]:
     """Run config of one federation: every one of 10 clients trains in every round."""
     return {
-        "dataset": "digits", "num-partitions": args.clients, "partitioner": args.partitioner,
-        "test-fraction": args.test_fraction, "num-server-rounds": setting["rounds"],
-        "local-epochs": setting["epochs"], "batch-size": setting["batch"], "model": setting["model"],
-        "optimizer": setting["optimizer"], "learning-rate": setting["lr"],
-        "min-train-clients": args.clients, "min-available-clients": args.clients,
-        "min-evaluate-clients": 0, "fraction-evaluate": 1e-6, "seed": args.seed,
-        "dp-sgd-noise-multiplier": noise, "dp-sgd-l2-clip": args.clip,
-        "dp-sgd-microbatches": args.microbatches, "dp-delta": args.delta,
+        "dataset": "digits",
+        "num-partitions": args.clients,
+        "partitioner": args.partitioner,
+        "test-fraction": args.test_fraction,
+        "num-server-rounds": setting["rounds"],
+        "local-epochs": setting["epochs"],
+        "batch-size": setting["batch"],
+        "model": setting["model"],
+        "optimizer": setting["optimizer"],
+        "learning-rate": setting["lr"],
+        "min-train-clients": args.clients,
+        "min-available-clients": args.clients,
+        "min-evaluate-clients": 0,
+        "fraction-evaluate": 1e-6,
+        "seed": args.seed,
+        "dp-sgd-noise-multiplier": noise,
+        "dp-sgd-l2-clip": args.clip,
+        "dp-sgd-microbatches": args.microbatches,
+        "dp-delta": args.delta,
     }
 
 
 def largest_epsilon(config: dict[str, Any], method: str) -> tuple[float, int]:
     """(epsilon, n) of the client whose DP-SGD spends the most example-level privacy."""
-    from fl_app.data import client_data
-    from fl_app.privacy import example_level_epsilon
-    from fl_app.settings import Settings
+    from fl_app.config.settings import Settings
+    from fl_app.task.data import client_data
+    from fl_app.task.dp_sgd import example_level_epsilon
 
     settings = Settings.from_run_config(config)
     sizes = [len(client_data(settings, i).y_train) for i in range(settings.num_partitions)]
     epsilons = [
-        (example_level_epsilon(n, settings.batch_size, settings.dp_sgd_noise_multiplier,
-                               settings.local_epochs * settings.num_server_rounds, settings.dp_delta,
-                               num_microbatches=settings.dp_sgd_microbatches or None, method=method), n)
+        (
+            example_level_epsilon(
+                n,
+                settings.batch_size,
+                settings.dp_sgd_noise_multiplier,
+                settings.local_epochs * settings.num_server_rounds,
+                settings.dp_delta,
+                num_microbatches=settings.dp_sgd_microbatches or None,
+                method=method,
+            ),
+            n,
+        )
         for n in sizes
     ]
     return max(epsilons)
@@ -78,21 +98,27 @@ def epoch_seconds(config: dict[str, Any], repeats: int) -> dict[str, float]:
     plain optimizers, and without DP-SGD, alternated epoch by epoch."""
     import dataclasses
 
-    from fl_app import client_app
-    from fl_app.client import reset_optimizer
-    from fl_app.data import client_data
-    from fl_app.fast_train import loop_for
-    from fl_app.settings import Settings
+    from fl_app.client import node_client
+    from fl_app.config.settings import Settings
+    from fl_app.task.compiled_loop import loop_for
+    from fl_app.task.data import client_data
+    from fl_app.task.keras_client import reset_optimizer
 
     settings = Settings.from_run_config(config)
     data = client_data(settings, 0)
     models = {}
-    dp_key = client_app._dp_sgd_key(dataclasses.replace(settings, dp_sgd_vectorized=True))
+    dp_key = node_client.dp_sgd_key(dataclasses.replace(settings, dp_sgd_vectorized=True))
     keys = {"dp": dp_key, "dp non-vectorized": (*dp_key[:3], False), "plain": None}
     for label, key in keys.items():
-        model, _ = client_app._compiled_model(
-            settings.model, tuple(data.x_train.shape[1:]), data.num_classes, settings.optimizer,
-            settings.learning_rate, settings.seed, settings.client_threads, key,
+        model, _ = node_client.compiled_model(
+            settings.model,
+            tuple(data.x_train.shape[1:]),
+            data.num_classes,
+            settings.optimizer,
+            settings.learning_rate,
+            settings.seed,
+            settings.client_threads,
+            key,
         )
         models[label] = model
     seconds: dict[str, list[float]] = {label: [] for label in models}
@@ -108,12 +134,15 @@ def epoch_seconds(config: dict[str, Any], repeats: int) -> dict[str, float]:
 
 def final_accuracy(config: dict[str, Any]) -> tuple[float, float, float | None]:
     """(final centralized accuracy, wall seconds, the history's dp-sgd-epsilon-max)."""
-    from fl_app.local_grid import run_local_federation
+    from fl_app.simulation.local_grid import run_local_federation
 
     started = time.perf_counter()
     _, history = run_local_federation(config)
-    return (history[-1].centralized_accuracy, time.perf_counter() - started,
-            history[-1].extra.get("dp-sgd-epsilon-max"))
+    return (
+        history[-1].centralized_accuracy,
+        time.perf_counter() - started,
+        history[-1].extra.get("dp-sgd-epsilon-max"),
+    )
 
 
 def measure(args: argparse.Namespace, setting: dict[str, Any]) -> dict[str, Any]:
@@ -124,17 +153,24 @@ def measure(args: argparse.Namespace, setting: dict[str, Any]) -> dict[str, Any]
     epsilon_pld, _ = largest_epsilon(private, "pld")
     times = epoch_seconds(private, args.timing_epochs)
     return {
-        **setting, "partitioner": args.partitioner, "test-fraction": args.test_fraction,
-        "z": args.noise, "clip": args.clip, "accuracy": round(accuracy, 4),
+        **setting,
+        "partitioner": args.partitioner,
+        "test-fraction": args.test_fraction,
+        "z": args.noise,
+        "clip": args.clip,
+        "accuracy": round(accuracy, 4),
         "non-private accuracy": round(plain_accuracy, 4),
-        "epsilon (RDP)": round(epsilon_rdp, 3), "epsilon (PLD)": round(epsilon_pld, 3),
+        "epsilon (RDP)": round(epsilon_rdp, 3),
+        "epsilon (PLD)": round(epsilon_pld, 3),
         "history epsilon": round(reported, 3) if reported is not None else None,
         "smallest client n": n,
         "steps": setting["rounds"] * setting["epochs"] * -(-n // setting["batch"]),
-        "epoch s (DP)": round(times["dp"], 5), "epoch s (plain)": round(times["plain"], 5),
+        "epoch s (DP)": round(times["dp"], 5),
+        "epoch s (plain)": round(times["plain"], 5),
         "epoch ratio": round(times["dp"] / times["plain"], 2),
         "epoch s (DP, non-vectorized)": round(times["dp non-vectorized"], 5),
-        "run s (DP)": round(seconds, 1), "run s (plain)": round(plain_seconds, 1),
+        "run s (DP)": round(seconds, 1),
+        "run s (plain)": round(plain_seconds, 1),
     }
 
 
@@ -145,12 +181,16 @@ def settings_grid(args: argparse.Namespace) -> list[dict[str, Any]]:
         lrs[name] = [float(v) for v in values.split(",")]
     grid = []
     for model, optimizer, batch, epochs, rounds in itertools.product(
-        args.models.split(","), args.optimizers.split(","), _ints(args.batch_sizes),
-        _ints(args.epochs), _ints(args.rounds),
+        args.models.split(","),
+        args.optimizers.split(","),
+        _ints(args.batch_sizes),
+        _ints(args.epochs),
+        _ints(args.rounds),
     ):
         for lr in lrs.get(optimizer, []):
-            grid.append({"model": model, "optimizer": optimizer, "lr": lr, "batch": batch,
-                         "epochs": epochs, "rounds": rounds})
+            grid.append(
+                {"model": model, "optimizer": optimizer, "lr": lr, "batch": batch, "epochs": epochs, "rounds": rounds}
+            )
     return grid
 
 
@@ -175,8 +215,12 @@ def main() -> None:
     parser.add_argument("--epochs", default="1")
     parser.add_argument("--rounds", default="10")
     parser.add_argument("--partitioner", default="iid")
-    parser.add_argument("--test-fraction", type=float, default=0.0,
-                        help="each client's local test share (0: the server's held-out set evaluates)")
+    parser.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.0,
+        help="each client's local test share (0: the server's held-out set evaluates)",
+    )
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--noise", type=float, default=1.1)
     parser.add_argument("--clip", type=float, default=1.0)

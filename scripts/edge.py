@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fl_app import deploy
+from fl_app.deploy import operator as deploy
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
@@ -51,8 +51,11 @@ def cmd_node_keys(args: argparse.Namespace) -> int:
 def cmd_connection(args: argparse.Namespace) -> int:
     home = Path(args.flwr_home or os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
     config = deploy.write_connection(
-        home, args.name, args.address,
-        root_certificates=None if args.insecure else args.ca, insecure=args.insecure,
+        home,
+        args.name,
+        args.address,
+        root_certificates=None if args.insecure else args.ca,
+        insecure=args.insecure,
     )
     print(f"Connection '{args.name}' -> {args.address} written to {config}")
     return 0
@@ -66,11 +69,18 @@ def _exec(command: list[str], env: dict[str, str]) -> int:
 
 def cmd_superlink(args: argparse.Namespace) -> int:
     if not args.insecure and not args.certs:
-        sys.exit("superlink: --certs DIR (ca.pem, superlink.pem, superlink.key) is required; "
-                 "--insecure only if you accept an unencrypted, unauthenticated link")
+        sys.exit(
+            "superlink: --certs DIR (ca.pem, superlink.pem, superlink.key) is required; "
+            "--insecure only if you accept an unencrypted, unauthenticated link"
+        )
     command = deploy.superlink_command(
-        host=args.host, port=args.port, certs_dir=args.certs, insecure=args.insecure,
-        node_auth=not args.no_node_auth, database=args.database, log_file=args.log_file,
+        host=args.host,
+        port=args.port,
+        certs_dir=args.certs,
+        insecure=args.insecure,
+        node_auth=not args.no_node_auth,
+        database=args.database,
+        log_file=args.log_file,
     )
     return _exec(command, deploy.deployment_env(args.flwr_home))
 
@@ -79,8 +89,7 @@ def cmd_register(args: argparse.Namespace) -> int:
     env = deploy.deployment_env(args.flwr_home)
     status = 0
     for key in args.keys:
-        result = subprocess.run(deploy.register_command(key, args.connection, Path(key).stem),
-                                env=env, timeout=120)
+        result = subprocess.run(deploy.register_command(key, args.connection, Path(key).stem), env=env, timeout=120)
         status = status or result.returncode
     return status
 
@@ -89,8 +98,7 @@ def cmd_supernode(args: argparse.Namespace) -> int:
     if not args.insecure and not args.ca:
         sys.exit("supernode: --ca ca.pem is required; --insecure only if the SuperLink runs without TLS")
     if not args.insecure and not args.key:
-        print("warning: no --key: the SuperLink refuses this node if it enforces node authentication",
-              file=sys.stderr)
+        print("warning: no --key: the SuperLink refuses this node if it enforces node authentication", file=sys.stderr)
     node_config: dict[str, object] = {}
     if args.data_path:
         node_config["data-path"] = str(Path(args.data_path).expanduser().resolve())
@@ -101,12 +109,17 @@ def cmd_supernode(args: argparse.Namespace) -> int:
     if not args.no_worker:
         socket_path = Path(args.worker_socket or f"/tmp/fl-keras-worker-{args.runtime_port}.sock")
         node_config["keras-worker"] = str(socket_path)
-        worker = subprocess.Popen([sys.executable, "-m", "fl_app.node_worker", "--socket", str(socket_path)],
-                                  env=env)
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "fl_app.deploy.node_worker", "--socket", str(socket_path)], env=env
+        )
         print(f"Keras worker started: pid {worker.pid}, socket {socket_path}", flush=True)
     command = deploy.supernode_command(
-        args.superlink, runtime_port=args.runtime_port, root_certificates=args.ca,
-        private_key=args.key, insecure=args.insecure, node_config=node_config,
+        args.superlink,
+        runtime_port=args.runtime_port,
+        root_certificates=args.ca,
+        private_key=args.key,
+        insecure=args.insecure,
+        node_config=node_config,
     )
     print("$ " + " ".join(command), flush=True)
     # Both stay in this command's process group: stopping the group stops them all.
@@ -152,10 +165,9 @@ def cmd_wait(args: argparse.Namespace) -> int:
 
 
 def cmd_node_data(args: argparse.Namespace) -> int:
-    from fl_app.settings import Settings
+    from fl_app.config.settings import Settings
 
-    settings = Settings(dataset=args.dataset, num_partitions=args.nodes, partitioner=args.partitioner,
-                        seed=args.seed)
+    settings = Settings(dataset=args.dataset, num_partitions=args.nodes, partitioner=args.partitioner, seed=args.seed)
     for path in deploy.write_node_files(args.out, settings):
         print(path)
     return 0
@@ -168,8 +180,11 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("certs", help="CA, SuperLink certificate and SuperNode key pairs")
     p.add_argument("--out", required=True, help="folder for ca.pem, superlink.pem/.key, keys/")
-    p.add_argument("--hosts", required=True,
-                   help="comma-separated names and IPs the SuperLink is reached by, e.g. localhost,127.0.0.1,10.0.0.5")
+    p.add_argument(
+        "--hosts",
+        required=True,
+        help="comma-separated names and IPs the SuperLink is reached by, e.g. localhost,127.0.0.1,10.0.0.5",
+    )
     p.add_argument("--nodes", type=int, default=0, help="make key pairs node-0 .. node-(N-1)")
     p.add_argument("--node-names", default="", help="or: comma-separated key names")
     p.set_defaults(func=cmd_certs)
@@ -210,11 +225,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ca", help="the CA certificate (ca.pem)")
     p.add_argument("--key", help="this node's private key (keys/node-<i>)")
     p.add_argument("--data-path", help="this node's .npz (x, y) or .csv data file")
-    p.add_argument("--partition-id", type=int, default=None,
-                   help="only for pooled demo data sets; also seeds local shuffling")
+    p.add_argument(
+        "--partition-id", type=int, default=None, help="only for pooled demo data sets; also seeds local shuffling"
+    )
     p.add_argument("--runtime-port", type=int, default=9094, help="one free port per SuperNode on a host")
-    p.add_argument("--no-worker", action="store_true",
-                   help="import TensorFlow in every message's process (Flower's default)")
+    p.add_argument(
+        "--no-worker", action="store_true", help="import TensorFlow in every message's process (Flower's default)"
+    )
     p.add_argument("--worker-socket", help="default /tmp/fl-keras-worker-<runtime-port>.sock")
     p.add_argument("--insecure", action="store_true")
     p.set_defaults(func=cmd_supernode)

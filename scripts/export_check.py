@@ -28,18 +28,19 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", type=Path, default=None, help="default: the path in outputs/latest")
-    parser.add_argument("--calibration-samples", type=int, default=None,
-                        help="default: the run's export-calibration-samples")
+    parser.add_argument(
+        "--calibration-samples", type=int, default=None, help="default: the run's export-calibration-samples"
+    )
     parser.add_argument("--calibration-seeds", type=int, default=3, help="int8 conversions to measure")
     args = parser.parse_args()
     run_dir = args.run_dir or Path((ROOT / "outputs" / "latest").read_text().strip())
 
     import tensorflow as tf
 
-    from fl_app.export import to_tflite
-    from fl_app.server_app import model_spec
-    from fl_app.settings import Settings
-    from fl_app.tflite_infer import TFLitePredictor
+    from fl_app.config.settings import Settings
+    from fl_app.delivery.export import to_tflite
+    from fl_app.delivery.tflite import TFLitePredictor
+    from fl_app.server.evaluation import model_spec
 
     settings = Settings.from_run_config(json.loads((run_dir / "config.json").read_text()))
     _, _, test_set = model_spec(settings)
@@ -69,10 +70,16 @@ def main() -> None:
     started = time.perf_counter()
     result = {
         "run directory": str(run_dir),
-        "model": settings.model, "dataset": settings.dataset, "strategy": settings.strategy,
-        "rounds": settings.num_server_rounds, "test examples": int(len(y)),
-        "keras": {"accuracy": round(keras_acc, 4), "parameters": int(model.count_params()),
-                  "model.keras bytes": (run_dir / "model.keras").stat().st_size},
+        "model": settings.model,
+        "dataset": settings.dataset,
+        "strategy": settings.strategy,
+        "rounds": settings.num_server_rounds,
+        "test examples": int(len(y)),
+        "keras": {
+            "accuracy": round(keras_acc, 4),
+            "parameters": int(model.count_params()),
+            "model.keras bytes": (run_dir / "model.keras").stat().st_size,
+        },
         "tflite float32": measure(to_tflite(model, "float32")),
         "tflite int8": [],
     }

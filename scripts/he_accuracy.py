@@ -1,7 +1,7 @@
 """Accuracy of encrypted aggregation against plaintext FedAvg on the same federation.
 
 Runs the default federation (digits, 10 clients, Dirichlet alpha 0.5, MLP, 5 local epochs, FedAvg
-weights) twice in this process through the real ClientApp handlers (:mod:`fl_app.local_grid`):
+weights) twice in this process through the real ClientApp handlers (:mod:`fl_app.simulation.local_grid`):
 once in plaintext, once with ``homomorphic-encryption`` (fresh keys in a temporary directory).
 The encrypted run's final model is reconstructed with the secret key (as
 ``scripts/decrypt_model.py`` does) and both final models are evaluated on the server's held-out
@@ -24,8 +24,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import fl_app  # noqa: E402,F401  (loads TenSEAL before TensorFlow)
-from strategies.homomorphic import generate_keys, load_client_scheme  # noqa: E402
+import fl_app  # noqa: F401  (loads TenSEAL before TensorFlow)
+from strategies.encrypted.schemes import generate_keys, load_client_scheme
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,17 +41,22 @@ def main(argv: list[str] | None = None) -> int:
 
     from flwr.app import ArrayRecord
 
-    from fl_app.federation import run_rounds
-    from fl_app.local_grid import LocalGrid, run_local_federation
-    from fl_app.models import build_model
-    from fl_app.server_app import CentralEvaluator, make_strategy, model_spec
-    from fl_app.settings import Settings
-    from strategies.encrypted import reconstruct
+    from fl_app.config.settings import Settings
+    from fl_app.server.evaluation import CentralEvaluator, model_spec
+    from fl_app.server.round_loop import run_rounds
+    from fl_app.server.strategy_setup import make_strategy
+    from fl_app.simulation.local_grid import LocalGrid, run_local_federation
+    from fl_app.task.models import build_model
+    from strategies.encrypted.strategy import reconstruct
 
     base = {
-        "num-partitions": args.clients, "min-train-clients": args.clients,
-        "min-evaluate-clients": args.clients, "min-available-clients": args.clients,
-        "num-server-rounds": args.rounds, "model": args.model, "seed": args.seed,
+        "num-partitions": args.clients,
+        "min-train-clients": args.clients,
+        "min-evaluate-clients": args.clients,
+        "min-available-clients": args.clients,
+        "num-server-rounds": args.rounds,
+        "model": args.model,
+        "seed": args.seed,
     }
     started = time.perf_counter()
     plain_arrays, plain_history = run_local_federation({**base, "strategy": "fedavg"}, evaluate_centrally=False)
@@ -63,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         (Path(keys) / "secret.key").write_bytes(secret)
         (Path(keys) / "public.key").write_bytes(public)
         config = {
-            **base, "homomorphic-encryption": args.scheme,
+            **base,
+            "homomorphic-encryption": args.scheme,
             "he-public-key-path": str(Path(keys) / "public.key"),
             "he-secret-key-path": str(Path(keys) / "secret.key"),
             "he-paillier-key-bits": args.paillier_bits,
@@ -79,31 +85,35 @@ def main(argv: list[str] | None = None) -> int:
         initial = model.get_weights()
         started = time.perf_counter()
         _, he_history = run_rounds(
-            LocalGrid(run_config, settings.num_partitions), strategy, ArrayRecord(initial),
+            LocalGrid(run_config, settings.num_partitions),
+            strategy,
+            ArrayRecord(initial),
             num_rounds=settings.num_server_rounds,
         )
         he_seconds = time.perf_counter() - started
-        flat = reconstruct(
-            load_client_scheme(secret), np.concatenate([w.ravel() for w in initial]), strategy.deltas
-        )
+        flat = reconstruct(load_client_scheme(secret), np.concatenate([w.ravel() for w in initial]), strategy.deltas)
 
     weights, offset = [], 0
     for w in initial:
-        weights.append(flat[offset:offset + w.size].reshape(w.shape))
+        weights.append(flat[offset : offset + w.size].reshape(w.shape))
         offset += w.size
     evaluator = CentralEvaluator(model, *test_set)
     plain_eval = evaluator(args.rounds, plain_arrays)
     he_eval = evaluator(args.rounds, ArrayRecord(weights))
     difference = max(float(np.max(np.abs(a - b))) for a, b in zip(weights, plain_arrays.to_numpy_ndarrays()))
     result = {
-        "scheme": args.scheme, "model": args.model, "clients": args.clients, "rounds": args.rounds,
+        "scheme": args.scheme,
+        "model": args.model,
+        "clients": args.clients,
+        "rounds": args.rounds,
         "plaintext server-test accuracy": plain_eval["accuracy"],
         f"{args.scheme} server-test accuracy": he_eval["accuracy"],
         "accuracy difference (points)": 100 * (he_eval["accuracy"] - plain_eval["accuracy"]),
         "plaintext last federated accuracy": plain_history[-1].federated_accuracy,
         f"{args.scheme} last federated accuracy": he_history[-1].federated_accuracy,
         "max |weight difference|": difference,
-        "plaintext seconds": plain_seconds, f"{args.scheme} seconds": he_seconds,
+        "plaintext seconds": plain_seconds,
+        f"{args.scheme} seconds": he_seconds,
         "failed replies": sum(r.clients_failed for r in he_history),
         f"{args.scheme} per-round extra": [r.extra for r in he_history],
     }

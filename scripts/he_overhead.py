@@ -39,14 +39,14 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
-from strategies.homomorphic import generate_keys, load_client_scheme, load_server_scheme  # noqa: E402
+from strategies.encrypted.schemes import generate_keys, load_client_scheme, load_server_scheme
 
 MODEL_INPUTS = {"logreg": (64,), "mlp": (64,), "cnn": (8, 8, 1)}
 
 
 def parameter_count(model: str) -> int:
     """Parameters of ``model`` on digits (8x8 images, 10 classes)."""
-    from fl_app.models import build_model
+    from fl_app.task.models import build_model
 
     built = build_model(model, MODEL_INPUTS[model], 10, 0)
     return int(sum(np.prod(w.shape) for w in built.get_weights()))
@@ -117,8 +117,7 @@ def measure(scheme: str, size: int, clients: int, key_params: dict, subset: int 
         "measured-parameters": measured,
         "extrapolated": measured < size,
     }
-    for name, timer in (("client-encrypt", encrypt), ("server-aggregation", aggregate),
-                        ("client-decrypt", decrypt)):
+    for name, timer in (("client-encrypt", encrypt), ("server-aggregation", aggregate), ("client-decrypt", decrypt)):
         row[f"{name}-seconds"] = timer.wall * scale
         row[f"{name}-cpu-seconds"] = timer.cpu * scale
     return row
@@ -155,9 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=10, help="K, clients per round (default 10)")
     parser.add_argument("--paillier-bits", type=int, default=3072)
     parser.add_argument(
-        "--paillier-subset", type=int, default=0,
+        "--paillier-subset",
+        type=int,
+        default=0,
         help="time Paillier on the first N parameters of larger models and scale linearly by the "
-             "number of ciphertexts (0: measure everything; rows say when they are extrapolated)",
+        "number of ciphertexts (0: measure everything; rows say when they are extrapolated)",
     )
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     args = parser.parse_args(argv)
@@ -167,9 +168,13 @@ def main(argv: list[str] | None = None) -> int:
         size = parameter_count(model)
         wall, cpu = plaintext_aggregation_seconds(size, args.clients)
         plain = {
-            "model": model, "size": size, "scheme": "plaintext",
-            "server-aggregation-seconds": wall, "server-aggregation-cpu-seconds": cpu,
-            "upload-bytes-per-client": 4 * size, "download-bytes-per-client": 4 * size,
+            "model": model,
+            "size": size,
+            "scheme": "plaintext",
+            "server-aggregation-seconds": wall,
+            "server-aggregation-cpu-seconds": cpu,
+            "upload-bytes-per-client": 4 * size,
+            "download-bytes-per-client": 4 * size,
             "plaintext-bytes-per-round": 2 * 4 * size * args.clients,
         }
         rows.append(plain)

@@ -1,4 +1,4 @@
-"""Generate the key pair for encrypted aggregation (``strategies.homomorphic``).
+"""Generate the key pair for encrypted aggregation (``strategies.encrypted.schemes``).
 
 Writes two files into ``--out-dir``:
 
@@ -21,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-from strategies.homomorphic import (
+from strategies.encrypted.schemes import (
     SCHEMES,
     CkksParameters,
     PaillierParameters,
@@ -44,9 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=ckks.max_clients,
         help="most client updates the server may add (default %(default)s)",
     )
-    parser.add_argument(
-        "--force", action="store_true", help="overwrite existing key files in --out-dir"
-    )
+    parser.add_argument("--force", action="store_true", help="overwrite existing key files in --out-dir")
     group = parser.add_argument_group("paillier")
     group.add_argument(
         "--paillier-bits",
@@ -58,9 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--paillier-value-bits", type=int, default=paillier.value_bits)
     group = parser.add_argument_group("ckks")
     group.add_argument("--ckks-poly-degree", type=int, default=ckks.poly_modulus_degree)
-    group.add_argument(
-        "--ckks-coeff-mod-bit-sizes", type=int, nargs="+", default=list(ckks.coeff_mod_bit_sizes)
-    )
+    group.add_argument("--ckks-coeff-mod-bit-sizes", type=int, nargs="+", default=list(ckks.coeff_mod_bit_sizes))
     group.add_argument("--ckks-scale-bits", type=int, default=ckks.scale_bits)
     return parser.parse_args(argv)
 

@@ -1,6 +1,6 @@
 """Privacy against utility: accuracy against epsilon for central DP-FedAvg and for DP-SGD.
 
-Every federation runs in this process through :func:`fl_app.local_grid.run_local_federation` (the
+Every federation runs in this process through :func:`fl_app.simulation.local_grid.run_local_federation` (the
 app's real ClientApp handlers and strategies, no Ray). Each finished run is appended to
 ``<out>/results.jsonl`` as soon as it ends, and the table (``results.md``) and the plot
 (``privacy_utility.png``) are rewritten after every run, so a long sweep can be watched and
@@ -26,13 +26,28 @@ from typing import Any
 
 def central_config(args: argparse.Namespace, target: float) -> dict[str, Any]:
     config: dict[str, Any] = {
-        "dataset": "synthetic", "partitioner": "iid", "num-partitions": args.clients,
-        "synthetic-samples-per-client": args.samples, "synthetic-features": 32, "synthetic-classes": 10,
-        "model": args.model, "local-epochs": 1, "batch-size": args.batch_size, "optimizer": "sgd",
-        "learning-rate": args.lr, "num-server-rounds": args.rounds, "fraction-train": args.q,
-        "min-train-clients": 1, "min-available-clients": 1, "fraction-evaluate": 1e-6,
-        "min-evaluate-clients": 0, "test-fraction": 0.0, "server-learning-rate": args.server_lr,
-        "strategy": "dp-fedavg", "dp-clip-norm": args.clip, "dp-delta": args.delta,
+        "dataset": "synthetic",
+        "partitioner": "iid",
+        "num-partitions": args.clients,
+        "synthetic-samples-per-client": args.samples,
+        "synthetic-features": 32,
+        "synthetic-classes": 10,
+        "model": args.model,
+        "local-epochs": 1,
+        "batch-size": args.batch_size,
+        "optimizer": "sgd",
+        "learning-rate": args.lr,
+        "num-server-rounds": args.rounds,
+        "fraction-train": args.q,
+        "min-train-clients": 1,
+        "min-available-clients": 1,
+        "fraction-evaluate": 1e-6,
+        "min-evaluate-clients": 0,
+        "test-fraction": 0.0,
+        "server-learning-rate": args.server_lr,
+        "strategy": "dp-fedavg",
+        "dp-clip-norm": args.clip,
+        "dp-delta": args.delta,
     }
     if target > 0:
         config.update({"dp-noise-multiplier": 0.0, "dp-target-epsilon": target})
@@ -43,16 +58,25 @@ def central_config(args: argparse.Namespace, target: float) -> dict[str, Any]:
 
 def dpsgd_config(args: argparse.Namespace, noise: float) -> dict[str, Any]:
     return {
-        "num-partitions": 10, "partitioner": "iid", "num-server-rounds": args.rounds,
-        "local-epochs": args.epochs, "min-train-clients": 10, "min-available-clients": 10,
-        "min-evaluate-clients": 0, "fraction-evaluate": 1e-6, "learning-rate": args.lr,
-        "optimizer": args.optimizer, "batch-size": args.batch_size,
-        "dp-sgd-noise-multiplier": noise, "dp-sgd-l2-clip": args.clip, "dp-delta": args.delta,
+        "num-partitions": 10,
+        "partitioner": "iid",
+        "num-server-rounds": args.rounds,
+        "local-epochs": args.epochs,
+        "min-train-clients": 10,
+        "min-available-clients": 10,
+        "min-evaluate-clients": 0,
+        "fraction-evaluate": 1e-6,
+        "learning-rate": args.lr,
+        "optimizer": args.optimizer,
+        "batch-size": args.batch_size,
+        "dp-sgd-noise-multiplier": noise,
+        "dp-sgd-l2-clip": args.clip,
+        "dp-delta": args.delta,
     }
 
 
 def run_one(kind: str, config: dict[str, Any], label: float) -> dict[str, Any]:
-    from fl_app.local_grid import run_local_federation
+    from fl_app.simulation.local_grid import run_local_federation
 
     started = time.perf_counter()
     _, history = run_local_federation(config)
@@ -60,8 +84,11 @@ def run_one(kind: str, config: dict[str, Any], label: float) -> dict[str, Any]:
     trained = [r for r in history if r.round > 0]
     last = history[-1]
     row: dict[str, Any] = {
-        "kind": kind, "setting": label, "rounds": len(trained),
-        "accuracy": last.centralized_accuracy, "seconds": round(seconds, 1),
+        "kind": kind,
+        "setting": label,
+        "rounds": len(trained),
+        "accuracy": last.centralized_accuracy,
+        "seconds": round(seconds, 1),
     }
     if kind == "central":
         row["epsilon"] = last.extra.get("epsilon", float("inf")) if label > 0 else float("inf")
@@ -71,7 +98,9 @@ def run_one(kind: str, config: dict[str, Any], label: float) -> dict[str, Any]:
         row["epsilon"] = last.extra.get("dp-sgd-epsilon-max", float("inf"))
         per_epoch = [r.extra["fit-seconds"] / config["local-epochs"] for r in trained[1:] if "fit-seconds" in r.extra]
         row["seconds per local epoch"] = round(statistics.median(per_epoch), 4) if per_epoch else None
-    row["accuracy per round"] = [round(r.centralized_accuracy, 4) for r in history if r.centralized_accuracy is not None]
+    row["accuracy per round"] = [
+        round(r.centralized_accuracy, 4) for r in history if r.centralized_accuracy is not None
+    ]
     return row
 
 
@@ -90,8 +119,10 @@ def write_outputs(out: Path, rows: list[dict[str, Any]]) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, kind, title in ((axes[0], "central", "central DP-FedAvg (user level)"),
-                            (axes[1], "dpsgd", "DP-SGD (example level)")):
+    for ax, kind, title in (
+        (axes[0], "central", "central DP-FedAvg (user level)"),
+        (axes[1], "dpsgd", "DP-SGD (example level)"),
+    ):
         points = sorted((r["epsilon"], r["accuracy"]) for r in rows if r["kind"] == kind and r["accuracy"] is not None)
         private = [(e, a) for e, a in points if e != float("inf")]
         if private:

@@ -1,10 +1,10 @@
 """Robustness matrix: aggregation rules x Byzantine attacks, final accuracy on digits.
 
 Every cell is a whole federation run in this process through the real ClientApp handlers
-(:func:`fl_app.local_grid.run_local_federation`, no Ray, no ``flwr run``): ``num-partitions``
+(:func:`fl_app.simulation.local_grid.run_local_federation`, no Ray, no ``flwr run``): ``num-partitions``
 IID clients (default 20), a fraction of them Byzantine, ``num-server-rounds`` 20 rounds of one
 local epoch each (the same protocol for every cell; ``--rounds`` changes it for all), one aggregation rule of
-:class:`strategies.robust.AggregationStrategy` (the ``mean`` row with ``num-examples`` weights is
+:class:`strategies.aggregation.strategy.AggregationStrategy` (the ``mean`` row with ``num-examples`` weights is
 FedAvg; omniscient attacks need our strategy), and the final model evaluated once on the server's
 held-out test set. Rule parameters follow the number of attackers ``a = floor(fraction * n)``:
 
@@ -38,18 +38,27 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-RULES = ("mean", "median", "trimmed-mean", "krum", "multi-krum", "bulyan", "geometric-median",
-         "centered-clipping")
+RULES = ("mean", "median", "trimmed-mean", "krum", "multi-krum", "bulyan", "geometric-median", "centered-clipping")
 ATTACKS = ("none", "label-flip", "sign-flip", "gaussian", "scaling", "alie", "ipm", "nan", "wrong-shapes")
 FRACTIONS = (0.1, 0.2, 0.3)
 
 BASE_CONFIG: dict[str, Any] = {
-    "dataset": "digits", "partitioner": "iid", "num-partitions": 20, "model": "mlp",
-    "local-epochs": 1, "batch-size": 16, "learning-rate": 0.01, "optimizer": "adam",
-    "num-server-rounds": 20, "fraction-train": 1.0,
-    "min-train-clients": 20, "min-available-clients": 20,
-    "fraction-evaluate": 0.01, "min-evaluate-clients": 0,  # no federated evaluation: final central only
-    "strategy": "robust", "seed": 42,
+    "dataset": "digits",
+    "partitioner": "iid",
+    "num-partitions": 20,
+    "model": "mlp",
+    "local-epochs": 1,
+    "batch-size": 16,
+    "learning-rate": 0.01,
+    "optimizer": "adam",
+    "num-server-rounds": 20,
+    "fraction-train": 1.0,
+    "min-train-clients": 20,
+    "min-available-clients": 20,
+    "fraction-evaluate": 0.01,
+    "min-evaluate-clients": 0,  # no federated evaluation: final central only
+    "strategy": "robust",
+    "seed": 42,
 }
 
 
@@ -94,14 +103,16 @@ class FinalEvaluator:
     def __init__(self, config: dict[str, Any]) -> None:
         import tensorflow as tf
 
-        from fl_app.models import build_model
-        from fl_app.server_app import CentralEvaluator, model_spec
-        from fl_app.settings import Settings
+        from fl_app.config.settings import Settings
+        from fl_app.server.evaluation import CentralEvaluator, model_spec
+        from fl_app.task.models import build_model
 
         settings = Settings.from_run_config(config)
         input_shape, num_classes, test_set = model_spec(settings)
         tf.keras.utils.set_random_seed(settings.seed)
-        self.evaluate = CentralEvaluator(build_model(settings.model, input_shape, num_classes, settings.seed), *test_set)
+        self.evaluate = CentralEvaluator(
+            build_model(settings.model, input_shape, num_classes, settings.seed), *test_set
+        )
 
     def __call__(self, arrays) -> tuple[float, float]:
         result = self.evaluate(0, arrays)
@@ -111,7 +122,7 @@ class FinalEvaluator:
 def run_cell(config: dict[str, Any], evaluator: FinalEvaluator) -> dict[str, Any]:
     import numpy as np
 
-    from fl_app.local_grid import run_local_federation
+    from fl_app.simulation.local_grid import run_local_federation
 
     started = time.perf_counter()
     arrays, history = run_local_federation(config, evaluate_centrally=False)
@@ -120,7 +131,9 @@ def run_cell(config: dict[str, Any], evaluator: FinalEvaluator) -> dict[str, Any
     accuracy, loss = evaluator(arrays) if finite else (float("nan"), float("nan"))
     rounds = [r for r in history if r.round > 0]
     return {
-        "accuracy": accuracy, "loss": loss, "seconds": round(seconds, 1),
+        "accuracy": accuracy,
+        "loss": loss,
+        "seconds": round(seconds, 1),
         "rounds": len(rounds),
         "skipped-rounds": sum(int(r.extra.get("round-skipped", 0)) for r in rounds),
         "rejected-replies": sum(int(r.extra.get("rejected-replies", 0)) for r in rounds),
@@ -141,23 +154,30 @@ def save_results(path: Path, results: dict[str, Any]) -> None:
 
 def _present(results: dict[str, Any], fraction: float, index: int) -> list[str]:
     cells = results["cells"]
-    return [name for name in (RULES, ATTACKS)[index]
-            if any(key.split("|")[0] == f"{fraction:g}" and key.split("|")[1 + index] == name for key in cells)]
+    return [
+        name
+        for name in (RULES, ATTACKS)[index]
+        if any(key.split("|")[0] == f"{fraction:g}" and key.split("|")[1 + index] == name for key in cells)
+    ]
 
 
 def _protocol(results: dict[str, Any]) -> str:
     """The protocol every cell shares, e.g. '20 rounds x 1 local epoch'."""
     config = results.get("config", {})
-    return (f"{config.get('num-server-rounds', '?')} rounds x {config.get('local-epochs', '?')} local epoch(s), "
-            f"final accuracy")
+    return (
+        f"{config.get('num-server-rounds', '?')} rounds x {config.get('local-epochs', '?')} local epoch(s), "
+        f"final accuracy"
+    )
 
 
 def markdown_table(results: dict[str, Any], fraction: float) -> str:
     """Rows: rules; columns: attacks; cells: final accuracy ('…' where the cell has not run)."""
     cells = results["cells"]
     rules, attacks = _present(results, fraction, 0), _present(results, fraction, 1)
-    lines = [f"| rule \\ attack (fraction {fraction:g}, {_protocol(results)}) | " + " | ".join(attacks) + " |",
-             "|---|" + "---|" * len(attacks)]
+    lines = [
+        f"| rule \\ attack (fraction {fraction:g}, {_protocol(results)}) | " + " | ".join(attacks) + " |",
+        "|---|" + "---|" * len(attacks),
+    ]
     for rule in rules:
         row = []
         for attack in attacks:
@@ -196,8 +216,9 @@ def heatmap(results: dict[str, Any], fraction: float, path: Path) -> None:
             ax.text(j, i, text, ha="center", va="center", fontsize=8)
     n = results.get("num-partitions", 20)
     rounds = results.get("config", {}).get("num-server-rounds", "?")
-    ax.set_title(f"Final accuracy, digits, {n} IID clients, {math.floor(fraction * n + 1e-9)} attackers, "
-                 f"{rounds} rounds")
+    ax.set_title(
+        f"Final accuracy, digits, {n} IID clients, {math.floor(fraction * n + 1e-9)} attackers, {rounds} rounds"
+    )
     fig.colorbar(image, ax=ax, fraction=0.03)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -249,8 +270,9 @@ def main() -> None:
     base = {**BASE_CONFIG, "num-server-rounds": args.rounds, **parse_overrides(args.run_config)}
 
     if not args.report_only:
-        import fl_app  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
         import tensorflow as tf
+
+        import fl_app  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
         tf.config.threading.set_inter_op_parallelism_threads(args.threads)
@@ -271,8 +293,10 @@ def main() -> None:
                     cell["note"] = note
                     results["cells"][key] = cell
                     save_results(path, results)
-                    print(f"[robustness] {key}: acc {cell['accuracy']:.4f} ({cell.get('seconds', '-')} s) {note}",
-                          flush=True)
+                    print(
+                        f"[robustness] {key}: acc {cell['accuracy']:.4f} ({cell.get('seconds', '-')} s) {note}",
+                        flush=True,
+                    )
     print(report(results, fractions, out_dir))
 
 

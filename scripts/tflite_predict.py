@@ -10,7 +10,7 @@ an app on a phone would call it) and, when the file has labels, the accuracy.
 
 The data file is ``.npz`` with an array ``x`` (and optionally ``y``), or a CSV with a header (the
 label column, when present, is left out of the features). On a device, copy this script,
-``fl_app/tflite_infer.py`` (into the same folder; the only module it takes from this project:
+``fl_app/delivery/tflite.py`` (into the same folder; the only module it takes from this project:
 numpy and the interpreter, nothing else) and the ``.tflite`` file.
 """
 
@@ -26,17 +26,17 @@ import numpy as np
 
 
 def load_tflite_infer():
-    """``tflite_infer.py`` from beside this script (on a device) or from ``fl_app/``, loaded by
+    """``tflite.py`` from beside this script (on a device) or from ``fl_app/delivery/``, loaded by
     path: importing the ``fl_app`` package would set ``TF_USE_LEGACY_KERAS=1``, and TensorFlow
     then loads ``tf_keras`` at import, which an interpreter-only program has no use for."""
     here = Path(__file__).resolve().parent
-    for candidate in (here / "tflite_infer.py", here.parent / "fl_app" / "tflite_infer.py"):
+    for candidate in (here / "tflite.py", here.parent / "fl_app" / "delivery" / "tflite.py"):
         if candidate.is_file():
             spec = importlib.util.spec_from_file_location("tflite_infer", candidate)
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
             return module
-    raise SystemExit("tflite_infer.py not found beside this script nor in ../fl_app/")
+    raise SystemExit("tflite.py not found beside this script nor in ../fl_app/delivery/")
 
 
 TFLitePredictor = load_tflite_infer().TFLitePredictor
@@ -97,15 +97,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"model        {args.model} ({predictor.size_bytes / 1024:.1f} KiB, input "
-          f"{predictor.input_dtype} {predictor.example_shape}, interpreter {predictor.interpreter_package})")
+    print(
+        f"model        {args.model} ({predictor.size_bytes / 1024:.1f} KiB, input "
+        f"{predictor.input_dtype} {predictor.example_shape}, interpreter {predictor.interpreter_package})"
+    )
     print(f"examples     {len(x)}")
     for i in range(min(args.show, len(x))):
         label = f" (label {y[i]})" if y is not None else ""
         print(f"  #{i}: class {predicted[i]} p={probabilities[i, predicted[i]]:.3f}{label}")
     ms = result["latency_per_example_ms"]
-    print(f"latency      {ms['median']:.3f} ms per example (median; p90 {ms['p90']:.3f}, "
-          f"mean {ms['mean']:.3f}; one example per invoke)")
+    print(
+        f"latency      {ms['median']:.3f} ms per example (median; p90 {ms['p90']:.3f}, "
+        f"mean {ms['mean']:.3f}; one example per invoke)"
+    )
     if y is not None:
         print(f"accuracy     {result['accuracy']:.4f}")
     return 0

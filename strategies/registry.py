@@ -16,7 +16,6 @@ Nothing here imports TensorFlow.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -31,22 +30,20 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
+from strategies.core.loading import StrategyNameError, load_object
+from strategies.core.sampling import sampling_kwargs
+
+__all__ = [
+    "StrategyNameError",
+    "build_strategy",
+    "check_strategy_name",
+    "load_object",
+    "register_strategy",
+    "sampling_kwargs",
+    "strategy_names",
+]
+
 StrategyFactory = Callable[[Mapping[str, Any]], Strategy]
-
-
-class StrategyNameError(ValueError):
-    """A strategy name or dotted path that does not resolve to a strategy."""
-
-
-def sampling_kwargs(run_config: Mapping[str, Any]) -> dict[str, Any]:
-    """The node-sampling arguments every Flower Message-API strategy takes."""
-    return {
-        "fraction_train": float(run_config.get("fraction-train", 1.0)),
-        "fraction_evaluate": float(run_config.get("fraction-evaluate", 1.0)),
-        "min_train_nodes": int(run_config.get("min-train-clients", 2)),
-        "min_evaluate_nodes": int(run_config.get("min-evaluate-clients", 2)),
-        "min_available_nodes": int(run_config.get("min-available-clients", 2)),
-    }
 
 
 def _fedopt_kwargs(run_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -57,11 +54,11 @@ def _fedopt_kwargs(run_config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _aggregation(rule: str | None) -> StrategyFactory:
-    """Factory of :class:`strategies.robust.AggregationStrategy` for ``rule`` (None: the
+    """Factory of :class:`strategies.aggregation.strategy.AggregationStrategy` for ``rule`` (None: the
     run config's ``aggregation-rule``)."""
 
     def factory(run_config: Mapping[str, Any]) -> Strategy:
-        from strategies.robust import build_aggregation_strategy
+        from strategies.aggregation.strategy import build_aggregation_strategy
 
         return build_aggregation_strategy(rule or str(run_config.get("aggregation-rule", "mean")), run_config)
 
@@ -70,9 +67,7 @@ def _aggregation(rule: str | None) -> StrategyFactory:
 
 BUILTIN_STRATEGIES: dict[str, StrategyFactory] = {
     "fedavg": lambda rc: FedAvg(**sampling_kwargs(rc)),
-    "fedprox": lambda rc: FedProx(
-        **sampling_kwargs(rc), proximal_mu=float(rc.get("proximal-mu", 0.0))
-    ),
+    "fedprox": lambda rc: FedProx(**sampling_kwargs(rc), proximal_mu=float(rc.get("proximal-mu", 0.0))),
     "fedadam": lambda rc: FedAdam(**sampling_kwargs(rc), **_fedopt_kwargs(rc)),
     "fedyogi": lambda rc: FedYogi(**sampling_kwargs(rc), **_fedopt_kwargs(rc)),
     "fedadagrad": lambda rc: FedAdagrad(**sampling_kwargs(rc), **_fedopt_kwargs(rc)),
@@ -85,13 +80,23 @@ BUILTIN_STRATEGIES: dict[str, StrategyFactory] = {
 
 ROBUST_STRATEGIES: dict[str, StrategyFactory] = {
     "robust": _aggregation(None),
-    **{name: _aggregation(name) for name in (
-        "median", "trimmed-mean", "krum", "multi-krum", "bulyan", "geometric-median", "centered-clipping",
-    )},
+    **{
+        name: _aggregation(name)
+        for name in (
+            "median",
+            "trimmed-mean",
+            "krum",
+            "multi-krum",
+            "bulyan",
+            "geometric-median",
+            "centered-clipping",
+        )
+    },
 }
 
+
 def _dp_fedavg(run_config: Mapping[str, Any]) -> Strategy:
-    from strategies.private import build_dp_strategy
+    from strategies.private.dp_fedavg import build_dp_strategy
 
     return build_dp_strategy(run_config)
 
@@ -113,35 +118,13 @@ def strategy_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def load_object(path: str, *, key: str = "strategy") -> Any:
-    """Import ``package.module:Name`` and return the named attribute."""
-    module_name, _, attr = path.partition(":")
-    if not module_name or not attr:
-        raise StrategyNameError(
-            f"{key} '{path}' is not of the form 'package.module:Name'"
-        )
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise StrategyNameError(f"{key} '{path}': cannot import module '{module_name}' ({err})") from err
-    obj: Any = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise StrategyNameError(f"{key} '{path}': module '{module_name}' has no attribute '{attr}'")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise StrategyNameError(f"{key} '{path}' names {type(obj).__name__}, which is not callable")
-    return obj
-
-
 def check_strategy_name(name: str) -> None:
     """Raise :class:`StrategyNameError` unless ``name`` resolves to a strategy."""
     if ":" in name:
         load_object(name)
     elif name not in _REGISTRY:
         raise StrategyNameError(
-            f"unknown strategy '{name}'; known: {', '.join(strategy_names())}, "
-            "or a dotted path 'package.module:Name'"
+            f"unknown strategy '{name}'; known: {', '.join(strategy_names())}, or a dotted path 'package.module:Name'"
         )
 
 
@@ -159,7 +142,6 @@ def build_strategy(name: str, run_config: Mapping[str, Any]) -> Strategy:
         strategy = obj(run_config)
     if not isinstance(strategy, Strategy):
         raise StrategyNameError(
-            f"strategy '{name}' returned {type(strategy).__name__}, not a "
-            "flwr.serverapp.strategy.Strategy"
+            f"strategy '{name}' returned {type(strategy).__name__}, not a flwr.serverapp.strategy.Strategy"
         )
     return strategy

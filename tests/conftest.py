@@ -6,10 +6,10 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import pytest  # noqa: E402
-from hypothesis import settings  # noqa: E402
+import pytest
+from hypothesis import settings
 
 # No per-example deadline: on a shared 2-core machine a TensorFlow-heavy example can take seconds.
 # CI (``.ci/run`` sets HYPOTHESIS_PROFILE=ci) also derandomizes, so that its run is reproducible.

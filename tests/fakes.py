@@ -14,12 +14,10 @@ TaskIdentity.task_id = TaskIdentity._task_id or 1
 
 
 def instruction(node_id: int, message_type: str = MessageType.TRAIN) -> Message:
-    return Message(content=RecordDict({"config": ConfigRecord({})}), dst_node_id=node_id,
-                   message_type=message_type)
+    return Message(content=RecordDict({"config": ConfigRecord({})}), dst_node_id=node_id, message_type=message_type)
 
 
-def reply(node_id: int, arrays: list[np.ndarray] | ArrayRecord, num_examples: float = 10,
-          **metrics: float) -> Message:
+def reply(node_id: int, arrays: list[np.ndarray] | ArrayRecord, num_examples: float = 10, **metrics: float) -> Message:
     record = arrays if isinstance(arrays, ArrayRecord) else ArrayRecord(arrays)
     content = RecordDict({"arrays": record, "metrics": MetricRecord({**metrics, "num-examples": num_examples})})
     return Message(content=content, reply_to=instruction(node_id))

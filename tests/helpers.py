@@ -16,9 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_launcher(args: list[str], timeout: float = 900, app: Path = ROOT) -> subprocess.CompletedProcess:
     """Run ``fl-keras-run --app app`` (through this interpreter) and return the finished process."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    command = [sys.executable, "-m", "fl_app.launcher", "--app", str(app), *args]
-    with subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True) as process:
+    command = [sys.executable, "-m", "fl_app.deploy.launcher", "--app", str(app), *args]
+    with subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as process:
         try:
             stdout, stderr = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -28,7 +29,7 @@ def run_launcher(args: list[str], timeout: float = 900, app: Path = ROOT) -> sub
             except subprocess.TimeoutExpired:
                 process.kill()
                 stdout, stderr = process.communicate()
-            raise AssertionError(f"the launcher ran past {timeout} s:\n{(stdout + stderr)[-4000:]}")
+            raise AssertionError(f"the launcher ran past {timeout} s:\n{(stdout + stderr)[-4000:]}") from None
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 

@@ -1,4 +1,4 @@
-"""Tests of strategies.accounting: epsilon equals an independent dp_accounting computation."""
+"""Tests of strategies.private.accounting: epsilon equals an independent dp_accounting computation."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import dp_accounting
 import pytest
 from dp_accounting import pld, rdp
 
-from strategies.accounting import (
+from strategies.private.accounting import (
     DpFedAvgRound,
     LocalGaussianRound,
     LocalLaplaceRound,
@@ -53,9 +53,7 @@ def test_fixed_size_epsilon_is_replace_one_without_replacement_with_half_noise_m
     # Replacing one client moves the clipped sum by up to 2C, so noise / sensitivity = z / 2.
     z, num_clients, m, rounds = 2.0, 500, 50, 40
     ours = accountant_with(DpFedAvgRound(z, num_clients, m, "fixed-size"), rounds)
-    event = dp_accounting.SampledWithoutReplacementDpEvent(
-        num_clients, m, dp_accounting.GaussianDpEvent(z / 2)
-    )
+    event = dp_accounting.SampledWithoutReplacementDpEvent(num_clients, m, dp_accounting.GaussianDpEvent(z / 2))
     expected = rdp.RdpAccountant(neighboring_relation=REPLACE_ONE).compose(event, rounds)
     assert ours.epsilon(DELTA, "rdp") == pytest.approx(expected.get_epsilon(DELTA), rel=1e-9)
     assert ours.neighboring_relation is REPLACE_ONE
@@ -147,8 +145,16 @@ def test_thousand_rounds_are_one_compact_entry():
     for _ in range(1000):
         accountant.add_round(spec)
     assert accountant.state_dict()["rounds"] == [
-        {"spec": {"kind": "dp-fedavg", "noise_multiplier": 1.1, "num_clients": 1000,
-                  "clients_per_round": 100.0, "sampling": "poisson"}, "count": 1000}
+        {
+            "spec": {
+                "kind": "dp-fedavg",
+                "noise_multiplier": 1.1,
+                "num_clients": 1000,
+                "clients_per_round": 100.0,
+                "sampling": "poisson",
+            },
+            "count": 1000,
+        }
     ]
     assert accountant.ledger == dp_accounting.ComposedDpEvent(
         [dp_accounting.SelfComposedDpEvent(spec.to_dp_event(), 1000)]
@@ -163,9 +169,7 @@ def test_mixing_neighbouring_relations_is_refused():
         accountant.add_round(DpFedAvgRound(1.0, 100, 10, "fixed-size"))
 
 
-@pytest.mark.parametrize(
-    "sampling, method", [("poisson", "rdp"), ("poisson", "pld"), ("fixed-size", "rdp")]
-)
+@pytest.mark.parametrize("sampling, method", [("poisson", "rdp"), ("poisson", "pld"), ("fixed-size", "rdp")])
 def test_calibrated_noise_multiplier_is_the_smallest_that_fits(sampling, method):
     target, rounds, num_clients, m = 4.0, 40, 1000, 50
 
@@ -174,8 +178,13 @@ def test_calibrated_noise_multiplier_is_the_smallest_that_fits(sampling, method)
         return accountant_with(spec, rounds).epsilon(DELTA, method)
 
     z = calibrate_noise_multiplier(
-        target, DELTA, rounds, num_clients=num_clients, clients_per_round=m,
-        sampling=sampling, method=method,
+        target,
+        DELTA,
+        rounds,
+        num_clients=num_clients,
+        clients_per_round=m,
+        sampling=sampling,
+        method=method,
     )
     assert epsilon(z) <= target
     assert epsilon(0.98 * z) > target
@@ -214,7 +223,7 @@ def test_dpsgd_epsilon_matches_tensorflow_privacy(used_microbatching):
 
 def test_pure_modules_do_not_import_tensorflow():
     code = (
-        "import sys, strategies.accounting, strategies.dp_mechanisms; "
+        "import sys, strategies.private.accounting, strategies.private.mechanisms; "
         "sys.exit('tensorflow' in sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
@@ -231,11 +240,15 @@ def test_dpsgd_counts_partial_last_batch_as_a_step():
     "kwargs, message",
     [
         (dict(noise_multiplier=1.0, num_clients=10, clients_per_round=11), "clients_per_round"),
-        (dict(noise_multiplier=1.0, num_clients=10, clients_per_round=2.5,
-              sampling="fixed-size"), "integer for fixed-size"),
+        (
+            dict(noise_multiplier=1.0, num_clients=10, clients_per_round=2.5, sampling="fixed-size"),
+            "integer for fixed-size",
+        ),
         (dict(noise_multiplier=-1.0, num_clients=10, clients_per_round=2), "noise_multiplier"),
-        (dict(noise_multiplier=1.0, num_clients=10, clients_per_round=2, sampling="shuffle"),
-         "sampling must be one of"),
+        (
+            dict(noise_multiplier=1.0, num_clients=10, clients_per_round=2, sampling="shuffle"),
+            "sampling must be one of",
+        ),
     ],
 )
 def test_invalid_round_specs_name_the_parameter(kwargs, message):

@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fl_app import attacks
+from fl_app.attacks import catalogue as attacks
+from fl_app.config.choices import select_attackers
 
 
 @pytest.fixture
@@ -26,12 +27,8 @@ OWN = np.array([0.5, -1.0, 2.0], dtype=np.float32)
 
 def test_sign_flip_scaling_and_nan(rng):
     np.testing.assert_array_equal(attacks.sign_flip(OWN, rng=rng, honest_updates=None), -OWN)
-    np.testing.assert_array_equal(
-        attacks.sign_flip(OWN, rng=rng, honest_updates=None, scale=4.0), [-2.0, 4.0, -8.0]
-    )
-    np.testing.assert_array_equal(
-        attacks.scaling(OWN, rng=rng, honest_updates=None, factor=10.0), [5.0, -10.0, 20.0]
-    )
+    np.testing.assert_array_equal(attacks.sign_flip(OWN, rng=rng, honest_updates=None, scale=4.0), [-2.0, 4.0, -8.0])
+    np.testing.assert_array_equal(attacks.scaling(OWN, rng=rng, honest_updates=None, factor=10.0), [5.0, -10.0, 20.0])
     nan = attacks.nan_update(OWN, rng=rng, honest_updates=None)
     assert nan.shape == OWN.shape and nan.dtype == np.float32 and np.all(np.isnan(nan))
     np.testing.assert_array_equal(OWN, [0.5, -1.0, 2.0])  # inputs are not modified
@@ -39,6 +36,7 @@ def test_sign_flip_scaling_and_nan(rng):
 
 def test_gaussian_noise_replaces_the_update_with_seeded_noise():
     own = np.full(20_000, 7.0, dtype=np.float32)
+
     def noise(seed):
         rng = np.random.default_rng(seed)
         return attacks.gaussian_noise(own, rng=rng, honest_updates=None, sigma=3.0)
@@ -81,12 +79,8 @@ def test_alie_z_rejects_impossible_counts(n, f):
 
 
 def test_ipm_is_minus_epsilon_times_the_honest_mean(rng):
-    np.testing.assert_allclose(
-        attacks.ipm(OWN, rng=rng, honest_updates=HONEST, epsilon=0.5), [-1.0, 0.5, -1.0]
-    )
-    np.testing.assert_allclose(
-        attacks.ipm(OWN, rng=rng, honest_updates=HONEST), [-0.2, 0.1, -0.2], rtol=1e-6
-    )
+    np.testing.assert_allclose(attacks.ipm(OWN, rng=rng, honest_updates=HONEST, epsilon=0.5), [-1.0, 0.5, -1.0])
+    np.testing.assert_allclose(attacks.ipm(OWN, rng=rng, honest_updates=HONEST), [-0.2, 0.1, -0.2], rtol=1e-6)
 
 
 @pytest.mark.parametrize(("attack", "params"), [(attacks.alie, {"z": 1.0}), (attacks.ipm, {})])
@@ -132,7 +126,14 @@ def test_wrong_shapes_never_match_the_model():
 
 def test_registry_names_and_levels():
     assert set(attacks.ATTACKS) == {
-        "label-flip", "sign-flip", "gaussian", "scaling", "alie", "ipm", "nan", "wrong-shapes",
+        "label-flip",
+        "sign-flip",
+        "gaussian",
+        "scaling",
+        "alie",
+        "ipm",
+        "nan",
+        "wrong-shapes",
     }
     assert attacks.ATTACKS["label-flip"].level == "data"
     assert attacks.ATTACKS["wrong-shapes"].level == "arrays"
@@ -146,33 +147,31 @@ def test_registry_names_and_levels():
 
 
 def test_attacks_module_does_not_import_tensorflow():
-    code = "import sys, fl_app.attacks; print('tensorflow' in sys.modules)"
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    )
+    code = "import sys, fl_app.attacks.catalogue; print('tensorflow' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
 
 
 @settings(max_examples=50, deadline=None)
 @given(st.integers(1, 200), st.floats(0.0, 1.0), st.integers(0, 2**32 - 1))
 def test_select_attackers_is_deterministic_and_sized(n, fraction, seed):
-    chosen = attacks.select_attackers(n, fraction=fraction, seed=seed)
-    assert chosen == attacks.select_attackers(n, fraction=fraction, seed=seed)
+    chosen = select_attackers(n, fraction=fraction, seed=seed)
+    assert chosen == select_attackers(n, fraction=fraction, seed=seed)
     assert len(chosen) == math.floor(fraction * n + 1e-9)
     assert all(isinstance(i, int) and 0 <= i < n for i in chosen)
 
 
 def test_select_attackers_fraction_rounding_and_seeds():
-    assert len(attacks.select_attackers(100, fraction=0.29)) == 29  # 0.29 * 100 = 28.999...
-    assert len(attacks.select_attackers(10, fraction=0.25)) == 2
-    draws = {attacks.select_attackers(20, fraction=0.3, seed=s) for s in range(10)}
+    assert len(select_attackers(100, fraction=0.29)) == 29  # 0.29 * 100 = 28.999...
+    assert len(select_attackers(10, fraction=0.25)) == 2
+    draws = {select_attackers(20, fraction=0.3, seed=s) for s in range(10)}
     assert len(draws) > 1  # the seed matters
-    assert attacks.select_attackers(5) == frozenset()
+    assert select_attackers(5) == frozenset()
 
 
 def test_select_attackers_explicit_ids():
-    assert attacks.select_attackers(10, ids=[3, 0, 7]) == frozenset({0, 3, 7})
-    assert attacks.select_attackers(10, ids=[]) == frozenset()
+    assert select_attackers(10, ids=[3, 0, 7]) == frozenset({0, 3, 7})
+    assert select_attackers(10, ids=[]) == frozenset()
 
 
 @pytest.mark.parametrize(
@@ -190,5 +189,5 @@ def test_select_attackers_explicit_ids():
 )
 def test_select_attackers_errors_name_the_run_config_keys(kwargs, fragment):
     with pytest.raises(ValueError) as error:
-        attacks.select_attackers(10, **kwargs)
+        select_attackers(10, **kwargs)
     assert fragment in str(error.value)

@@ -3,9 +3,9 @@
 import numpy as np
 from flwr.app import MetricRecord
 
-from fl_app.byzantine import OmniscientAttack, poison_labels, poison_weights
-from fl_app.settings import Settings
-from strategies.updates import CollectedUpdates
+from fl_app.attacks.poisoning import OmniscientAttack, poison_labels, poison_weights
+from fl_app.config.settings import Settings
+from strategies.core.update_matrix import CollectedUpdates
 
 G = [np.zeros((2, 2), np.float32), np.zeros(3, np.float32)]
 W = [np.ones((2, 2), np.float32), np.full(3, 2.0, np.float32)]
@@ -40,8 +40,13 @@ def test_omniscient_alie_rewrites_only_attacker_rows():
     s = settings(attack="alie", attack_ids="0,1", alie_z=1.0)
     updates = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
     honest = updates[2:].copy()
-    collected = CollectedUpdates(updates, np.ones(5), list(range(5)),
-                                 [MetricRecord({"partition-id": i, "num-examples": 1}) for i in range(5)], [])
+    collected = CollectedUpdates(
+        updates,
+        np.ones(5),
+        list(range(5)),
+        [MetricRecord({"partition-id": i, "num-examples": 1}) for i in range(5)],
+        [],
+    )
     OmniscientAttack(s)(1, collected)
     expected = honest.mean(0) - 1.0 * honest.std(0)
     np.testing.assert_allclose(updates[0], expected, rtol=1e-5)

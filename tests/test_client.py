@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from flwr.client import NumPyClient
 
-from fl_app.client import KerasClient, compile_model
-from fl_app.data import client_data
-from fl_app.models import build_model, make_optimizer
-from fl_app.settings import Settings
+from fl_app.config.settings import Settings
+from fl_app.task.data import client_data
+from fl_app.task.keras_client import KerasClient, compile_model
+from fl_app.task.models import build_model, make_optimizer
 
 SETTINGS = Settings(num_partitions=4, partitioner="iid", local_epochs=2)
 
@@ -20,8 +20,9 @@ def compiled():
 
 def make_client(compiled, partition_id=0, **kwargs):
     model, proximal = compiled
-    return KerasClient(model, client_data(SETTINGS, partition_id), local_epochs=2, batch_size=32,
-                       seed=1, proximal=proximal, **kwargs)
+    return KerasClient(
+        model, client_data(SETTINGS, partition_id), local_epochs=2, batch_size=32, seed=1, proximal=proximal, **kwargs
+    )
 
 
 def test_fit_evaluate_round_trip(compiled):

@@ -1,4 +1,4 @@
-"""Tests of the update compression codecs (strategies/codecs.py)."""
+"""Tests of the update compression codecs (strategies/compression/codecs.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from strategies.codecs import (
+from strategies.compression.codecs import (
     CODECS,
     Codec,
     ErrorFeedback,
@@ -112,10 +112,7 @@ def test_int8_stochastic_rounding_is_unbiased():
     codec = Int8Codec(block=update.size)
     trials = 3000
     mean = np.mean(
-        [
-            codec.decode(codec.encode(update, round_seed=7, client_seed=c), 8, round_seed=7)
-            for c in range(trials)
-        ],
+        [codec.decode(codec.encode(update, round_seed=7, client_seed=c), 8, round_seed=7) for c in range(trials)],
         axis=0,
     )
     # Each value's rounding variance is at most scale**2 / 4: allow 5 standard errors.
@@ -264,10 +261,7 @@ def test_random_mask_decode_is_unbiased_with_rescale_and_shrunk_without():
 
     def mean_decode(codec: RandomMaskCodec) -> np.ndarray:
         return np.mean(
-            [
-                codec.decode(codec.encode(update, round_seed=3, client_seed=c), 16, round_seed=3)
-                for c in range(trials)
-            ],
+            [codec.decode(codec.encode(update, round_seed=3, client_seed=c), 16, round_seed=3) for c in range(trials)],
             axis=0,
         )
 
@@ -299,9 +293,7 @@ def test_every_codec_survives_an_array_record_round_trip(codec):
     payload = codec.encode(update, round_seed=9, client_seed=12)
     received = payload_from_array_record(payload_to_array_record(payload))
     assert set(received) == codec.payload_keys
-    np.testing.assert_array_equal(
-        codec.decode(received, 3000, round_seed=9), codec.decode(payload, 3000, round_seed=9)
-    )
+    np.testing.assert_array_equal(codec.decode(received, 3000, round_seed=9), codec.decode(payload, 3000, round_seed=9))
 
 
 def test_array_record_with_a_forged_header_is_rejected_before_allocation():
@@ -309,16 +301,10 @@ def test_array_record_with_a_forged_header_is_rejected_before_allocation():
     header = {"descr": "<f4", "fortran_order": False, "shape": (4 * 10**12,)}  # 16 TB
     np.lib.format.write_array_header_1_0(buffer, header)
     forged = buffer.getvalue() + np.zeros(4, dtype=np.float32).tobytes()
-    record = ArrayRecord(
-        array_dict={
-            "values": Array(dtype="float32", shape=(4,), stype="numpy.ndarray", data=forged)
-        }
-    )
+    record = ArrayRecord(array_dict={"values": Array(dtype="float32", shape=(4,), stype="numpy.ndarray", data=forged)})
     with pytest.raises(ValueError, match="declares shape"):
         payload_from_array_record(record)
-    record = ArrayRecord(
-        array_dict={"values": Array(dtype="float32", shape=(4,), stype="torch", data=b"")}
-    )
+    record = ArrayRecord(array_dict={"values": Array(dtype="float32", shape=(4,), stype="torch", data=b"")})
     with pytest.raises(ValueError, match="serialisation type"):
         payload_from_array_record(record)
 
@@ -328,9 +314,7 @@ def test_array_record_with_a_forged_header_is_rejected_before_allocation():
 def test_array_record_with_garbage_bytes_raises_value_error_only(tail):
     for data in (tail, b"\x93NUMPY\x01\x00" + tail):
         record = ArrayRecord(
-            array_dict={
-                "values": Array(dtype="float32", shape=(1,), stype="numpy.ndarray", data=data)
-            }
+            array_dict={"values": Array(dtype="float32", shape=(1,), stype="numpy.ndarray", data=data)}
         )
         try:
             payload = payload_from_array_record(record)
@@ -477,9 +461,7 @@ def test_random_mask_decode_rejects_a_wrong_seed_or_an_overflowing_value():
         codec.decode({**good, "seed": np.array([6], np.int64)}, SIZE, round_seed=5)
     # Another seed gives another mask: its size no longer matches the values sent.
     other_seed = next(
-        s
-        for s in range(7, 100)
-        if codec.mask(SIZE, round_seed=5, client_seed=s).sum() != good["values"].size
+        s for s in range(7, 100) if codec.mask(SIZE, round_seed=5, client_seed=s).sum() != good["values"].size
     )
     with pytest.raises(ValueError, match=r"payload\['values'\] must have shape"):
         codec.decode({**good, "seed": np.array([other_seed], np.uint64)}, SIZE, round_seed=5)

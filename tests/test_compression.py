@@ -5,8 +5,10 @@ import pytest
 from flwr.app import Context, RecordDict
 
 import tests.fakes as fakes  # noqa: F401  (task identity for messages)
-from fl_app.compression import STATE_KEY, UpdateDecoder, attach_compression, codec_from_settings, encode_upload
-from fl_app.settings import Settings
+from fl_app.client.compression import STATE_KEY, encode_upload
+from fl_app.config.settings import Settings, codec_from_settings
+from fl_app.server.strategy_setup import attach_compression
+from strategies.compression.decoder import UpdateDecoder
 from strategies.registry import build_strategy
 
 RNG = np.random.default_rng(0)
@@ -16,8 +18,9 @@ UPDATE = np.concatenate([(w - g).ravel() for w, g in zip(WEIGHTS, GLOBAL)])
 
 
 def context(settings):
-    return Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(),
-                   run_config=settings.to_run_config())
+    return Context(
+        run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config=settings.to_run_config()
+    )
 
 
 def settings(name, **kw):
@@ -76,11 +79,19 @@ def test_only_our_aggregation_strategies_can_decode():
 
 
 def test_compressed_federation_uploads_fewer_bytes_and_learns():
-    from fl_app.local_grid import run_local_federation
+    from fl_app.simulation.local_grid import run_local_federation
 
-    base = {"num-partitions": 3, "partitioner": "iid", "local-epochs": 1, "num-server-rounds": 2,
-            "min-train-clients": 3, "min-evaluate-clients": 3, "min-available-clients": 3,
-            "strategy": "robust", "client-weighting": "num-examples"}
+    base = {
+        "num-partitions": 3,
+        "partitioner": "iid",
+        "local-epochs": 1,
+        "num-server-rounds": 2,
+        "min-train-clients": 3,
+        "min-evaluate-clients": 3,
+        "min-available-clients": 3,
+        "strategy": "robust",
+        "client-weighting": "num-examples",
+    }
     _, plain = run_local_federation(base)
     _, sparse = run_local_federation({**base, "compression": "top-k", "compression-topk-fraction": 0.05})
     assert plain[1].bytes_received > 8 * sparse[1].bytes_received > 0

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from fl_app.data import (
+from fl_app.config.settings import Settings
+from fl_app.task.data import (
     DataFileError,
     client_data,
     federated_data,
@@ -11,7 +12,6 @@ from fl_app.data import (
     load_local_file,
     partition_indices,
 )
-from fl_app.settings import Settings
 
 
 def labels(n=2000, classes=10, seed=0):
@@ -78,8 +78,14 @@ def test_digits_federation_and_client_split():
 
 
 def test_synthetic_is_learnable_and_sized():
-    settings = Settings(dataset="synthetic", num_partitions=4, synthetic_samples_per_client=50,
-                        synthetic_features=6, synthetic_classes=3, partitioner="iid")
+    settings = Settings(
+        dataset="synthetic",
+        num_partitions=4,
+        synthetic_samples_per_client=50,
+        synthetic_features=6,
+        synthetic_classes=3,
+        partitioner="iid",
+    )
     data = federated_data(settings)
     assert data.input_shape == (6,) and data.num_classes == 3
     assert sum(len(p) for p in data.partitions) == len(data.y) >= 200
@@ -92,7 +98,9 @@ def test_local_npz_and_csv(tmp_path):
     xa, ya = load_local_file(tmp_path / "a.npz")
     assert np.allclose(xa, x) and np.array_equal(ya, y)
     table = np.column_stack([x, y])
-    np.savetxt(tmp_path / "a.csv", table, delimiter=",", header="f0,f1,label,f3,f4"[:0] + "f0,f1,f2,f3,label", comments="")
+    np.savetxt(
+        tmp_path / "a.csv", table, delimiter=",", header="f0,f1,label,f3,f4"[:0] + "f0,f1,f2,f3,label", comments=""
+    )
     xc, yc = load_local_file(tmp_path / "a.csv", "label")
     assert xc.shape == (20, 4) and np.array_equal(yc, y)
 
@@ -103,7 +111,10 @@ def test_local_npz_and_csv(tmp_path):
         (lambda p: np.savez(p.with_suffix(".npz"), x=np.zeros((3, 2))), "lacks array(s) y"),
         (lambda p: np.savez(p.with_suffix(".npz"), x=np.zeros((0, 2)), y=np.zeros(0)), "holds no examples"),
         (lambda p: np.savez(p.with_suffix(".npz"), x=np.zeros((3, 2)), y=np.zeros(2)), "x has 3 rows but y has 2"),
-        (lambda p: np.savez(p.with_suffix(".npz"), x=np.zeros((2, 2)), y=np.array([0.5, 1.0])), "labels y must be integers"),
+        (
+            lambda p: np.savez(p.with_suffix(".npz"), x=np.zeros((2, 2)), y=np.array([0.5, 1.0])),
+            "labels y must be integers",
+        ),
         (lambda p: np.savez(p.with_suffix(".npz"), x=np.zeros((2, 2)), y=np.array([-1, 1])), "labels must be >= 0"),
         (lambda p: np.savez(p.with_suffix(".npz"), x=np.array([["a", "b"]]), y=np.array([0])), "x must be numeric"),
         (lambda p: p.with_suffix(".npz").write_bytes(b"not a zip file"), "cannot be read"),
@@ -122,8 +133,9 @@ def test_bad_local_file_says_why(tmp_path, writer, fragment):
 
 def test_local_file_label_range_checked(tmp_path):
     np.savez(tmp_path / "n0.npz", x=np.zeros((5, 4)), y=np.array([0, 1, 2, 3, 9]))
-    settings = Settings(dataset="local-file", data_path=str(tmp_path / "n{partition-id}.npz"),
-                        num_classes=4, input_shape="4")
+    settings = Settings(
+        dataset="local-file", data_path=str(tmp_path / "n{partition-id}.npz"), num_classes=4, input_shape="4"
+    )
     with pytest.raises(DataFileError, match=r"label 9 is outside \[0, 4\) \(num-classes\)"):
         client_data(settings, 0)
 

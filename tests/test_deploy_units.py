@@ -16,8 +16,9 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore.task_identity import TaskIdentity
 
-from fl_app import deploy, node_worker
-from fl_app.data import DataFileError
+from fl_app.deploy import node_worker
+from fl_app.deploy import operator as deploy
+from fl_app.task.data import DataFileError
 
 
 def test_superlink_certificate_is_signed_by_the_ca_for_the_given_hosts(tmp_path):
@@ -55,8 +56,10 @@ def test_connection_config_is_valid_toml(tmp_path):
     deploy.write_connection(tmp_path, "lab", "127.0.0.1:9093", insecure=True, default=False)
     config = tomllib.loads((tmp_path / "config.toml").read_text())
     assert config["superlink"]["default"] == "edge"
-    assert config["superlink"]["edge"] == {"address": "10.0.0.5:9092",
-                                           "root-certificates": str((tmp_path / "ca.pem").resolve())}
+    assert config["superlink"]["edge"] == {
+        "address": "10.0.0.5:9092",
+        "root-certificates": str((tmp_path / "ca.pem").resolve()),
+    }
     assert config["superlink"]["lab"] == {"address": "127.0.0.1:9093", "insecure": True}
     assert config["superlink"]["local"] == {"address": ":local:"}
     with pytest.raises(ValueError, match="either root_certificates"):
@@ -78,8 +81,13 @@ def test_commands_are_secure_unless_insecure_is_asked_for(tmp_path):
 
     with pytest.raises(ValueError, match="needs root_certificates"):
         deploy.supernode_command("h:1")
-    node = deploy.supernode_command("h:9092", runtime_port=9111, root_certificates=ca, private_key="k",
-                                    node_config={"data-path": "/d/x.npz", "partition-id": 2})
+    node = deploy.supernode_command(
+        "h:9092",
+        runtime_port=9111,
+        root_certificates=ca,
+        private_key="k",
+        node_config={"data-path": "/d/x.npz", "partition-id": 2},
+    )
     assert node[node.index("--node-config") + 1] == 'data-path="/d/x.npz" partition-id=2'
     assert node[node.index("--port") + 1] == "9111" and "--insecure" not in node
     assert node[node.index("--auth-supernode-private-key") + 1] == "k"
@@ -88,8 +96,8 @@ def test_commands_are_secure_unless_insecure_is_asked_for(tmp_path):
 
 
 def test_node_files_hold_the_simulation_partitions(tmp_path):
-    from fl_app.data import federated_data
-    from fl_app.settings import Settings
+    from fl_app.config.settings import Settings
+    from fl_app.task.data import federated_data
 
     settings = Settings(num_partitions=3, partitioner="iid")
     paths = deploy.write_node_files(tmp_path, settings)
@@ -112,15 +120,17 @@ def _train(msg: Message, context: Context) -> Message:
     assert node_worker.NODE_CONFIG_KEY not in context.node_config  # the worker runs it directly
     weights = [w * 2 for w in msg.content["arrays"].to_numpy_ndarrays()]
     context.state["seen"] = MetricRecord({"count": 1})
-    return Message(RecordDict({"arrays": ArrayRecord(weights),
-                               "metrics": MetricRecord({"num-examples": 5})}), reply_to=msg)
+    return Message(
+        RecordDict({"arrays": ArrayRecord(weights), "metrics": MetricRecord({"num-examples": 5})}), reply_to=msg
+    )
 
 
 @pytest.fixture
 def worker(tmp_path):
     socket_path = tmp_path / "w.sock"
-    thread = threading.Thread(target=node_worker.serve, args=(socket_path, f"{__name__}:worker_app"),
-                              kwargs={"warm_up": False}, daemon=True)
+    thread = threading.Thread(
+        target=node_worker.serve, args=(socket_path, f"{__name__}:worker_app"), kwargs={"warm_up": False}, daemon=True
+    )
     thread.start()
     deadline = time.monotonic() + 10
     while not socket_path.exists() and time.monotonic() < deadline:
@@ -130,10 +140,16 @@ def worker(tmp_path):
 
 
 def _message_and_context(socket_path, data_path="good"):
-    message = Message(RecordDict({"arrays": ArrayRecord([np.ones(3, np.float32)])}),
-                      dst_node_id=7, message_type="train")
-    context = Context(run_id=1, node_id=7, state=RecordDict(), run_config={},
-                      node_config={"data-path": data_path, node_worker.NODE_CONFIG_KEY: str(socket_path)})
+    message = Message(
+        RecordDict({"arrays": ArrayRecord([np.ones(3, np.float32)])}), dst_node_id=7, message_type="train"
+    )
+    context = Context(
+        run_id=1,
+        node_id=7,
+        state=RecordDict(),
+        run_config={},
+        node_config={"data-path": data_path, node_worker.NODE_CONFIG_KEY: str(socket_path)},
+    )
     return message, context
 
 

@@ -1,7 +1,7 @@
 """Integration: a real deployment on loopback, SuperLink and SuperNodes as separate processes.
 
 TLS and SuperNode authentication are on. Each SuperNode reads its own data file and runs its
-messages in a warm Keras worker (fl_app.node_worker), except the node with the corrupt file, which
+messages in a warm Keras worker (fl_app.deploy.node_worker), except the node with the corrupt file, which
 runs them the Flower way (a fresh process per message).
 """
 
@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fl_app.deploy import LoopbackDeployment, write_node_files
-from fl_app.launcher import stop_process_tree
-from fl_app.settings import Settings
+from fl_app.config.settings import Settings
+from fl_app.deploy.launcher import stop_process_tree
+from fl_app.deploy.operator import LoopbackDeployment, write_node_files
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -58,8 +58,10 @@ def test_tls_auth_run_survives_a_killed_node_and_a_corrupt_file(tmp_path):
         for i in range(3):
             key, _ = deployment.node_keys(f"node-{i}")
             nodes[i] = deployment.start_node(
-                f"node-{i}", {"data-path": str(files[i]), "partition-id": i},
-                private_key=key, worker=workers[i],
+                f"node-{i}",
+                {"data-path": str(files[i]), "partition-id": i},
+                private_key=key,
+                worker=workers[i],
             )
         key, _ = deployment.node_keys("node-bad")
         deployment.start_node("node-bad", {"data-path": str(corrupt), "partition-id": 3}, private_key=key)
@@ -70,8 +72,11 @@ def test_tls_auth_run_survives_a_killed_node_and_a_corrupt_file(tmp_path):
             f"min-evaluate-clients=3 min-train-replies=2 round-timeout=90 output-dir='{out}'"
         )
         # Kill node-2 (SIGKILL, no goodbye) once it has received its round-2 train message.
-        _wait_for(lambda: deployment.log("node-2").count("Receiving: train message") >= 2, 400,
-                  "node-2 to receive its round-2 train message")
+        _wait_for(
+            lambda: deployment.log("node-2").count("Receiving: train message") >= 2,
+            400,
+            "node-2 to receive its round-2 train message",
+        )
         stop_process_tree(nodes[2], sig=signal.SIGKILL)
         status = deployment.wait(run_id, timeout=420)
         assert status == "finished:completed", deployment.log("superlink")[-3000:]
@@ -94,17 +99,20 @@ def test_tls_auth_run_survives_a_killed_node_and_a_corrupt_file(tmp_path):
 
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
     files = write_node_files(tmp_path / "data", Settings(num_partitions=2, partitioner="iid"))
-    config = (f"num-server-rounds=4 {LOCAL} strategy='fedadam' server-learning-rate=0.05 "
-              "min-available-clients=2 min-train-clients=2 fraction-evaluate=0.01 "
-              "min-evaluate-clients=0 round-timeout=120")
+    config = (
+        f"num-server-rounds=4 {LOCAL} strategy='fedadam' server-learning-rate=0.05 "
+        "min-available-clients=2 min-train-clients=2 fraction-evaluate=0.01 "
+        "min-evaluate-clients=0 round-timeout=120"
+    )
 
     with LoopbackDeployment(tmp_path / "deploy", ROOT) as deployment:
         workers = [deployment.start_worker(f"node-{i}", wait=False) for i in range(2)]
         for i in range(2):
             key, _ = deployment.node_keys(f"node-{i}")
             deployment.wait_worker(f"node-{i}")
-            deployment.start_node(f"node-{i}", {"data-path": str(files[i]), "partition-id": i},
-                                  private_key=key, worker=workers[i])
+            deployment.start_node(
+                f"node-{i}", {"data-path": str(files[i]), "partition-id": i}, private_key=key, worker=workers[i]
+            )
 
         whole = tmp_path / "whole"
         status = deployment.wait(deployment.submit(f"{config} output-dir='{whole}'"), timeout=400)
@@ -134,7 +142,10 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
     whole_dir, whole_history = _history(whole)
     resumed_dir, resumed_history = _history(resumed)
     assert [r["round"] for r in resumed_history] == [1, 2, 3, 4]
-    with np.load(whole_dir / "checkpoint" / "weights.npz") as a, np.load(resumed_dir / "checkpoint" / "weights.npz") as b:
+    with (
+        np.load(whole_dir / "checkpoint" / "weights.npz") as a,
+        np.load(resumed_dir / "checkpoint" / "weights.npz") as b,
+    ):
         assert len(a.files) == len(b.files) == 6
         for name in a.files:
             np.testing.assert_allclose(a[name], b[name], rtol=1e-4, atol=1e-5)

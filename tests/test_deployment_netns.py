@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from fl_app.deploy import LoopbackDeployment, write_node_files
-from fl_app.settings import Settings
+from fl_app.config.settings import Settings
+from fl_app.deploy.operator import LoopbackDeployment, write_node_files
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -51,14 +51,16 @@ def namespaces():
     try:
         for i in range(NODES):
             ns, outer, inner = f"flk{tag}n{i}", f"flk{tag}r{i}", f"flk{tag}n{i}"
-            for args in (("netns", "add", ns),
-                         ("link", "add", outer, "type", "veth", "peer", "name", inner),
-                         ("link", "set", inner, "netns", ns),
-                         ("addr", "add", f"10.231.{i}.1/30", "dev", outer),
-                         ("link", "set", outer, "up"),
-                         ("-n", ns, "addr", "add", f"10.231.{i}.2/30", "dev", inner),
-                         ("-n", ns, "link", "set", inner, "up"),
-                         ("-n", ns, "link", "set", "lo", "up")):
+            for args in (
+                ("netns", "add", ns),
+                ("link", "add", outer, "type", "veth", "peer", "name", inner),
+                ("link", "set", inner, "netns", ns),
+                ("addr", "add", f"10.231.{i}.1/30", "dev", outer),
+                ("link", "set", outer, "up"),
+                ("-n", ns, "addr", "add", f"10.231.{i}.2/30", "dev", inner),
+                ("-n", ns, "link", "set", inner, "up"),
+                ("-n", ns, "link", "set", "lo", "up"),
+            ):
                 result = _ip(*args)
                 assert result.returncode == 0, f"ip {' '.join(args)}: {result.stderr}"
                 if args[0] == "netns":
@@ -80,8 +82,10 @@ def test_node_on_another_network_stack_loses_its_link_mid_round(tmp_path, namesp
             key, _ = deployment.node_keys(f"node-{i}")
             deployment.wait_worker(f"node-{i}")
             deployment.start_node(
-                f"node-{i}", {"data-path": str(files[i]), "partition-id": i},
-                private_key=key, worker=workers[i],
+                f"node-{i}",
+                {"data-path": str(files[i]), "partition-id": i},
+                private_key=key,
+                worker=workers[i],
                 superlink=f"{space['superlink_ip']}:{deployment.port}",
                 prefix=["ip", "netns", "exec", space["ns"]],
             )

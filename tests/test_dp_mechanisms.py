@@ -1,4 +1,4 @@
-"""Tests of strategies.dp_mechanisms: clipping bounds, noise scales, secure randomness."""
+"""Tests of strategies.private.mechanisms: clipping bounds, noise scales, secure randomness."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from strategies.dp_mechanisms import (
+from strategies.private.mechanisms import (
     AdaptiveClipState,
     clip_l1,
     clip_to_norm,
@@ -29,12 +29,8 @@ def update_matrices(draw):
     """K x P float32 matrices whose rows span many orders of magnitude (some under C, some over)."""
     k = draw(st.integers(1, 6))
     p = draw(st.integers(1, 40))
-    base = draw(
-        hnp.arrays(np.float32, (k, p), elements=st.floats(-1, 1, width=32, allow_subnormal=False))
-    )
-    row_scale = draw(
-        hnp.arrays(np.float32, (k, 1), elements=st.sampled_from([0.0, 1e-3, 0.1, 1.0, 10.0, 1e3]))
-    )
+    base = draw(hnp.arrays(np.float32, (k, p), elements=st.floats(-1, 1, width=32, allow_subnormal=False)))
+    row_scale = draw(hnp.arrays(np.float32, (k, 1), elements=st.sampled_from([0.0, 1e-3, 0.1, 1.0, 10.0, 1e3])))
     return base * row_scale
 
 
@@ -154,8 +150,7 @@ def test_adaptive_clip_step_follows_the_formula():
 
 def test_adaptive_clip_converges_to_the_target_quantile():
     rng = insecure_seeded_generator(3)
-    state = AdaptiveClipState(clip_norm=0.01, target_quantile=0.7, learning_rate=0.2,
-                              count_noise_std=2.0)
+    state = AdaptiveClipState(clip_norm=0.01, target_quantile=0.7, learning_rate=0.2, count_noise_std=2.0)
     for _ in range(400):
         state.update(rng.lognormal(0.0, 0.5, size=100), 100, rng)
     true_quantile = float(np.exp(0.5 * 0.5244))  # 0.7 quantile of lognormal(0, 0.5)

@@ -1,7 +1,7 @@
 """DP-SGD as the ClientApp compiles it: noise of std z C / B on the mean gradient, unpredictable.
 
-Both tests train through the app's own path (``client_app._compiled_model`` with a DP-SGD key,
-then :class:`fl_app.fast_train.CompiledLoop`), one step of plain SGD with learning rate 1 on a
+Both tests train through the app's own path (``node_client.compiled_model`` with a DP-SGD key,
+then :class:`fl_app.task.compiled_loop.CompiledLoop`), one step of plain SGD with learning rate 1 on a
 batch of ``B`` examples. Two steps from the same weights on the same batch differ only by their
 noise: ``w1 - w2 = (n2 - n1) / B`` with ``n_i ~ N(0, (z C)^2 I)``, so every coordinate of the
 difference has std ``sqrt(2) z C / B``.
@@ -12,9 +12,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fl_app import client_app
-from fl_app.client import reset_optimizer
-from fl_app.fast_train import loop_for
+from fl_app.client import node_client
+from fl_app.task.compiled_loop import loop_for
+from fl_app.task.keras_client import reset_optimizer
 
 Z, CLIP = 1.1, 1.0
 INPUT_SHAPE = (8, 8, 1)  # digits-shaped; logreg has 64 x 10 + 10 = 650 parameters
@@ -22,7 +22,7 @@ INPUT_SHAPE = (8, 8, 1)  # digits-shaped; logreg has 64 x 10 + 10 = 650 paramete
 
 def compiled_dp_logreg(vectorized: bool, fresh: bool = False):
     args = ("logreg", INPUT_SHAPE, 10, "sgd", 1.0, 42, 1, (Z, CLIP, 0, vectorized))
-    compile_ = client_app._compiled_model.__wrapped__ if fresh else client_app._compiled_model
+    compile_ = node_client.compiled_model.__wrapped__ if fresh else node_client.compiled_model
     model, _ = compile_(*args)
     return model
 

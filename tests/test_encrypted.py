@@ -9,19 +9,19 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from fl_app.settings import Settings, SettingsError
-from strategies import encrypted as protocol
-from strategies.encrypted import (
+from fl_app.config.settings import Settings, SettingsError
+from strategies.encrypted import strategy as protocol
+from strategies.encrypted.schemes import generate_keys, load_client_scheme, load_server_scheme
+from strategies.encrypted.strategy import (
     EncryptedFedAvg,
     EncryptionConfigError,
     apply_delta,
     build_encrypted_strategy,
     ciphertexts_to_record,
     clip_update,
-    record_to_ciphertexts,
     reconstruct,
+    record_to_ciphertexts,
 )
-from strategies.homomorphic import generate_keys, load_client_scheme, load_server_scheme
 from tests.fakes import FakeGrid
 
 SHAPES = [(30, 10), (10,)]
@@ -49,7 +49,8 @@ def keys(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
 def he_config(keys, scheme: str, **overrides) -> dict:
     secret, public = keys[scheme]
     config = {
-        "homomorphic-encryption": scheme, "he-public-key-path": str(public),
+        "homomorphic-encryption": scheme,
+        "he-public-key-path": str(public),
         "he-secret-key-path": str(secret),
     }
     if scheme == "paillier":
@@ -82,11 +83,13 @@ def test_protocol_pieces():
 # ------------------------------------------------------------------------------ the strategy
 
 
-def encrypted_reply(message: Message, scheme, update: np.ndarray, num_examples: int,
-                    version: int = 0, **extra) -> Message:
+def encrypted_reply(
+    message: Message, scheme, update: np.ndarray, num_examples: int, version: int = 0, **extra
+) -> Message:
     ciphertexts = scheme.encrypt(num_examples * update.astype(np.float64))
-    metrics = MetricRecord({"num-examples": num_examples, protocol.MET_BASE: version,
-                            protocol.MET_ENCRYPT: 0.5, **extra})
+    metrics = MetricRecord(
+        {"num-examples": num_examples, protocol.MET_BASE: version, protocol.MET_ENCRYPT: 0.5, **extra}
+    )
     content = RecordDict({"arrays": ciphertexts_to_record(ciphertexts), "metrics": metrics})
     return Message(content=content, reply_to=message)
 
@@ -121,10 +124,9 @@ def test_decrypted_sum_is_the_weighted_mean(keys, scheme_name):
     expected_mean = np.average(np.stack(updates).astype(np.float64), axis=0, weights=counts)
     delta = strategy.deltas[0]
     decrypted = client.decrypt_sum(list(delta.ciphertexts), SIZE, delta.summands) / delta.total_weight
-    if scheme_name == "ckks":
-        tolerance = 1e-6  # CKKS error ~1e-8 per summand at scale 2^40, then float32 rounding
-    else:  # quantisation: K * 2^-(f+1) on the sum, f = 20 fraction bits, divided by W
-        tolerance = 4 * 2.0**-21 / sum(counts) + 1e-7
+    # CKKS: error ~1e-8 per summand at scale 2^40, then float32 rounding; Paillier: quantisation,
+    # K * 2^-(f+1) on the sum, f = 20 fraction bits, divided by W
+    tolerance = 1e-6 if scheme_name == "ckks" else 4 * 2.0**-21 / sum(counts) + 1e-7
     assert np.max(np.abs(decrypted - expected_mean)) <= tolerance
     new_global = reconstruct(client, flat(initial.to_numpy_ndarrays()), strategy.deltas)
     assert np.allclose(new_global, flat(initial.to_numpy_ndarrays()) + expected_mean, atol=2e-6)
@@ -139,10 +141,15 @@ def test_bad_replies_are_rejected_with_node_ids(keys):
     good = encrypted_reply(messages[0], client, update, 10)
     stale = encrypted_reply(messages[1], client, update, 10, version=7)
     short = encrypted_reply(messages[2], client, update[:100], 10)
-    garbage = Message(RecordDict({
-        "arrays": ciphertexts_to_record([b"not a ciphertext"]),
-        "metrics": MetricRecord({"num-examples": 10, protocol.MET_BASE: 0}),
-    }), reply_to=messages[3])
+    garbage = Message(
+        RecordDict(
+            {
+                "arrays": ciphertexts_to_record([b"not a ciphertext"]),
+                "metrics": MetricRecord({"num-examples": 10, protocol.MET_BASE: 0}),
+            }
+        ),
+        reply_to=messages[3],
+    )
     _, metrics = strategy.aggregate_train(1, [good, stale, short, garbage])
     assert metrics["accepted-replies"] == 1 and metrics["rejected-replies"] == 3
     lines = " ".join(strategy.last_rejections)
@@ -187,7 +194,7 @@ def test_chain_catches_up_nodes_and_resets_out_of_date_ones(keys):
 
 
 def test_server_side_scheme_cannot_decrypt(keys):
-    for scheme_name, (secret, public) in keys.items():
+    for scheme_name, (secret, _public) in keys.items():
         client = load_client_scheme(secret.read_bytes())
         server = build_encrypted_strategy(he_config(keys, scheme_name)).scheme
         assert not server.can_decrypt
@@ -213,7 +220,7 @@ def test_server_refuses_the_secret_key_and_never_reads_it(keys, monkeypatch):
         return original(self)
 
     monkeypatch.setattr(Path, "read_bytes", recording_read_bytes)
-    from fl_app.server_app import make_strategy
+    from fl_app.server.strategy_setup import make_strategy
 
     config = he_config(keys, "ckks")
     strategy = make_strategy(Settings.from_run_config(config), config)
@@ -232,8 +239,10 @@ def test_server_refuses_the_secret_key_and_never_reads_it(keys, monkeypatch):
         ({"strategy": "krum"}, "cannot run strategy='krum'"),
         ({"strategy": "bulyan"}, "cannot run strategy='bulyan'"),
         ({"strategy": "trimmed-mean"}, "cannot run strategy='trimmed-mean'"),
-        ({"strategy": "robust", "aggregation-rule": "geometric-median"},
-         "cannot run strategy='robust' with aggregation-rule='geometric-median'"),
+        (
+            {"strategy": "robust", "aggregation-rule": "geometric-median"},
+            "cannot run strategy='robust' with aggregation-rule='geometric-median'",
+        ),
         ({"strategy": "fedadam"}, "cannot run strategy='fedadam'"),
         ({"strategy": "robust", "norm-bound": 1.0}, "norm-bound=1.0 needs the plaintext updates"),
         ({"server-momentum": 0.9}, "server-momentum=0.9 needs the plaintext aggregate"),
@@ -250,12 +259,17 @@ def test_plaintext_rules_are_refused_with_encryption(overrides, fragment):
 
 
 def test_allowed_strategies_and_key_parameter_checks(keys):
-    for overrides in ({"strategy": "fedavg"}, {"strategy": "fedprox", "proximal-mu": 0.1},
-                      {"strategy": "robust", "aggregation-rule": "mean"}):
+    for overrides in (
+        {"strategy": "fedavg"},
+        {"strategy": "fedprox", "proximal-mu": 0.1},
+        {"strategy": "robust", "aggregation-rule": "mean"},
+    ):
         Settings.from_run_config({"homomorphic-encryption": "paillier", **overrides})
     strategy = build_encrypted_strategy(he_config(keys, "ckks", strategy="fedprox", **{"proximal-mu": 0.1}))
     assert strategy.train_config == {"proximal-mu": 0.1}
-    with pytest.raises(EncryptionConfigError, match="he-paillier-key-bits=3072 but the key file was generated with 2048"):
+    with pytest.raises(
+        EncryptionConfigError, match="he-paillier-key-bits=3072 but the key file was generated with 2048"
+    ):
         build_encrypted_strategy(he_config(keys, "paillier", **{"he-paillier-key-bits": 3072}))
     with pytest.raises(EncryptionConfigError, match="holds a paillier key"):
         build_encrypted_strategy(he_config(keys, "ckks", **{"he-public-key-path": str(keys["paillier"][1])}))
@@ -270,10 +284,11 @@ def run_encrypted(config: dict, num_rounds: int, first_round: int = 1, grid=None
     """An encrypted federation in this process; returns (strategy, grid, history, initial)."""
     import tensorflow as tf
 
-    from fl_app.federation import run_rounds
-    from fl_app.local_grid import LocalGrid
-    from fl_app.models import build_model
-    from fl_app.server_app import make_strategy, model_spec
+    from fl_app.server.evaluation import model_spec
+    from fl_app.server.round_loop import run_rounds
+    from fl_app.server.strategy_setup import make_strategy
+    from fl_app.simulation.local_grid import LocalGrid
+    from fl_app.task.models import build_model
 
     settings = Settings.from_run_config(config)
     run_config = settings.to_run_config()
@@ -287,13 +302,18 @@ def run_encrypted(config: dict, num_rounds: int, first_round: int = 1, grid=None
 
 
 BASE = {
-    "num-partitions": 4, "partitioner": "iid", "local-epochs": 1, "model": "logreg",
-    "min-train-clients": 2, "min-evaluate-clients": 2, "min-available-clients": 4,
+    "num-partitions": 4,
+    "partitioner": "iid",
+    "local-epochs": 1,
+    "model": "logreg",
+    "min-train-clients": 2,
+    "min-evaluate-clients": 2,
+    "min-available-clients": 4,
 }
 
 
 def test_paillier_federation_matches_plaintext_fedavg(keys):
-    from fl_app.local_grid import run_local_federation
+    from fl_app.simulation.local_grid import run_local_federation
 
     config = {**BASE, **he_config(keys, "paillier")}
     strategy, grid, history, initial = run_encrypted(config, num_rounds=3)
@@ -306,8 +326,13 @@ def test_paillier_federation_matches_plaintext_fedavg(keys):
     for context in grid.contexts.values():  # every client holds the same decrypted global model
         assert np.array_equal(flat(context.state["he-global"].to_numpy_ndarrays()), final)
     record = history[-1].extra
-    for key in ("he-aggregation-seconds", "he-encrypt-seconds-mean", "he-decrypt-seconds-mean",
-                "he-ciphertext-bytes", "he-chain-bytes-sent"):
+    for key in (
+        "he-aggregation-seconds",
+        "he-encrypt-seconds-mean",
+        "he-decrypt-seconds-mean",
+        "he-ciphertext-bytes",
+        "he-chain-bytes-sent",
+    ):
         assert record[key] > 0, key
     assert history[-1].federated_accuracy is not None
 
@@ -324,8 +349,13 @@ def test_partial_participation_and_a_client_that_lost_its_state(keys):
     # node 1 loses its state: its next message fails with out-of-date, the one after brings G_0 again
     strategy.fraction_train = strategy.fraction_evaluate = 1.0
     strategy.node_versions[1] = strategy.version
-    grid.contexts[1] = Context(run_id=1, node_id=1, node_config=grid.contexts[1].node_config,
-                               state=RecordDict(), run_config=grid.contexts[1].run_config)
+    grid.contexts[1] = Context(
+        run_id=1,
+        node_id=1,
+        node_config=grid.contexts[1].node_config,
+        state=RecordDict(),
+        run_config=grid.contexts[1].run_config,
+    )
     _, _, more, _ = run_encrypted(config, num_rounds=5, first_round=4, grid=grid, strategy=strategy)
     assert more[0].clients_failed == 1 and protocol.OUT_OF_DATE in more[0].failures[0]
     assert more[1].clients_failed == 0 and more[1].clients_replied == 4 and not more[1].failures

@@ -9,14 +9,19 @@ import sys
 import numpy as np
 import pytest
 
-from strategies.homomorphic import generate_keys
+from strategies.encrypted.schemes import generate_keys
 from tests.helpers import ROOT, run_to_completion
 
 pytestmark = pytest.mark.integration
 
 CONFIG = {
-    "num-server-rounds": 3, "local-epochs": 1, "num-partitions": 4, "partitioner": "iid",
-    "min-train-clients": 4, "min-evaluate-clients": 4, "min-available-clients": 4,
+    "num-server-rounds": 3,
+    "local-epochs": 1,
+    "num-partitions": 4,
+    "partitioner": "iid",
+    "min-train-clients": 4,
+    "min-evaluate-clients": 4,
+    "min-available-clients": 4,
 }
 
 
@@ -26,7 +31,8 @@ def test_ckks_federation_of_four_clients_matches_plaintext_fedavg(tmp_path):
     (tmp_path / "public.key").write_bytes(public)
     run_config = " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in CONFIG.items())
     run = run_to_completion(
-        tmp_path / "outputs", 4,
+        tmp_path / "outputs",
+        4,
         f"{run_config} homomorphic-encryption='ckks' he-public-key-path='{tmp_path / 'public.key'}' "
         f"he-secret-key-path='{tmp_path / 'secret.key'}'",
     )
@@ -45,16 +51,27 @@ def test_ckks_federation_of_four_clients_matches_plaintext_fedavg(tmp_path):
 
     decrypted = tmp_path / "decrypted.keras"
     script = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "decrypt_model.py"), str(run_dir),
-         "--secret-key", str(tmp_path / "secret.key"), "--out", str(decrypted), "--evaluate"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "decrypt_model.py"),
+            str(run_dir),
+            "--secret-key",
+            str(tmp_path / "secret.key"),
+            "--out",
+            str(decrypted),
+            "--evaluate",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert script.returncode == 0, script.stderr[-3000:]
     assert "decrypted global version 3 (ckks)" in script.stdout and "server test set: accuracy" in script.stdout
 
     import tensorflow as tf
 
-    from fl_app.local_grid import run_local_federation
+    from fl_app.simulation.local_grid import run_local_federation
 
     encrypted = tf.keras.models.load_model(decrypted).get_weights()
     plain, _ = run_local_federation({**CONFIG, "strategy": "fedavg"}, evaluate_centrally=False)

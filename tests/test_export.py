@@ -13,8 +13,8 @@ import pytest
 from flwr.app import Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fl_app.data import load_digits_arrays, stratified_split
-from fl_app.settings import Settings, SettingsError
+from fl_app.config.settings import Settings, SettingsError
+from fl_app.task.data import load_digits_arrays, stratified_split
 from tests.helpers import ROOT
 
 
@@ -30,20 +30,21 @@ def trained_cnn(digits):
     """The app's CNN trained centrally on digits for a few epochs (~97% test accuracy)."""
     import tensorflow as tf
 
-    from fl_app.models import build_model
+    from fl_app.task.models import build_model
 
     x, y, _, _ = digits
     tf.keras.utils.set_random_seed(0)
     model = build_model("cnn", (8, 8, 1), 10, seed=0)
-    model.compile(optimizer=tf.keras.optimizers.Adam(0.003),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.compile(
+        optimizer=tf.keras.optimizers.Adam(0.003), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
+    )
     model.fit(x, y, epochs=8, batch_size=32, verbose=0)
     return model
 
 
 @pytest.fixture(scope="module")
 def tflite_models(trained_cnn, digits):
-    from fl_app.export import to_tflite
+    from fl_app.delivery.export import to_tflite
 
     x, _, _, _ = digits
     calibration = x[np.random.default_rng(0).permutation(len(x))[:200]]
@@ -60,9 +61,9 @@ def task_identity():
 
 
 def test_float32_tflite_matches_keras(trained_cnn, tflite_models, digits):
-    from fl_app.tflite_infer import TFLitePredictor
+    from fl_app.delivery.tflite import TFLitePredictor
 
-    _, _, x_test, y_test = digits
+    _, _, x_test, _y_test = digits
     keras_prob = trained_cnn.predict(x_test, verbose=0)
     predictor = TFLitePredictor(tflite_models["float32"])
     tflite_prob = predictor.predict(x_test)
@@ -73,7 +74,7 @@ def test_float32_tflite_matches_keras(trained_cnn, tflite_models, digits):
 
 
 def test_int8_is_integer_small_and_within_one_point(trained_cnn, tflite_models, digits):
-    from fl_app.tflite_infer import TFLitePredictor
+    from fl_app.delivery.tflite import TFLitePredictor
 
     _, _, x_test, y_test = digits
     keras_acc = float(np.mean(np.argmax(trained_cnn.predict(x_test, verbose=0), -1) == y_test))
@@ -87,7 +88,7 @@ def test_int8_is_integer_small_and_within_one_point(trained_cnn, tflite_models, 
 
 
 def test_int8_needs_a_representative_sample(trained_cnn):
-    from fl_app.export import ExportError, to_tflite
+    from fl_app.delivery.export import ExportError, to_tflite
 
     with pytest.raises(ExportError, match="representative sample"):
         to_tflite(trained_cnn, "int8", None)
@@ -96,11 +97,12 @@ def test_int8_needs_a_representative_sample(trained_cnn):
 def test_export_model_writes_every_format(trained_cnn, digits, tmp_path):
     import tensorflow as tf
 
-    from fl_app.export import export_model
+    from fl_app.delivery.export import export_model
 
     x, _, x_test, _ = digits
-    result = export_model(trained_cnn, "final", tmp_path, ("keras", "savedmodel", "tflite"),
-                          ("float32", "int8"), x[:50])
+    result = export_model(
+        trained_cnn, "final", tmp_path, ("keras", "savedmodel", "tflite"), ("float32", "int8"), x[:50]
+    )
     assert result.errors == []
     assert set(result.files) == {"keras", "savedmodel", "tflite-float32", "tflite-int8"}
     assert (tmp_path / "final_int8.tflite").read_bytes() == result.tflite["int8"]
@@ -121,7 +123,7 @@ class FakeGrid:
         return list(self.clients)
 
     def send_and_receive(self, messages, *, timeout=None):
-        from fl_app.delivery import answer_export_check, is_export_check
+        from fl_app.delivery.shipping import answer_export_check, is_export_check
 
         replies = []
         for msg in messages:
@@ -134,8 +136,8 @@ class FakeGrid:
 def make_clients(trained_cnn, digits, node_ids):
     import tensorflow as tf
 
-    from fl_app.client import KerasClient, compile_model
-    from fl_app.data import ClientData
+    from fl_app.task.data import ClientData
+    from fl_app.task.keras_client import KerasClient, compile_model
 
     x, y, _, _ = digits
     model = tf.keras.models.clone_model(trained_cnn)
@@ -148,15 +150,21 @@ def make_clients(trained_cnn, digits, node_ids):
 
 
 def test_deliver_checks_on_clients_that_did_not_train(trained_cnn, digits, tmp_path, task_identity):
-    from fl_app.delivery import CheckInputs, TrainReplyRecorder, deliver
+    from fl_app.delivery.shipping import CheckInputs, TrainReplyRecorder, deliver
 
     _, _, x_test, y_test = digits
     grid = FakeGrid(make_clients(trained_cnn, digits, [11, 22, 33]))
     recorder = TrainReplyRecorder(grid)
     recorder.last_train_nodes = {22}
     report = deliver(
-        grid=recorder, recorder=recorder, model=trained_cnn, weights={"final": trained_cnn.get_weights()},
-        directory=tmp_path, formats=("tflite",), tflite_types=("float32", "int8"), calibration_samples=100,
+        grid=recorder,
+        recorder=recorder,
+        model=trained_cnn,
+        weights={"final": trained_cnn.get_weights()},
+        directory=tmp_path,
+        formats=("tflite",),
+        tflite_types=("float32", "int8"),
+        calibration_samples=100,
         inputs=CheckInputs(tolerance=0.02, test_set=(x_test, y_test), seed=1),
     )
     assert report["ready"], report["reasons"]
@@ -177,15 +185,19 @@ def test_deliver_checks_on_clients_that_did_not_train(trained_cnn, digits, tmp_p
 
 def test_impossible_tolerance_marks_not_ready_and_keeps_the_model(trained_cnn, digits, tmp_path, task_identity):
     """finish_run with a tolerance no model can meet: not ready, with reasons; nothing lost."""
-    from fl_app.delivery import BestWeights, TrainReplyRecorder, finish_run
-    from fl_app.outputs import RoundRecord, RunDirectory
+    from fl_app.delivery.shipping import BestWeights, TrainReplyRecorder, finish_run
+    from fl_app.server.run_directory import RoundRecord, RunDirectory
 
     _, _, x_test, y_test = digits
     run_dir = RunDirectory(tmp_path, "fedavg")
     trained_cnn.save(run_dir.file("model.keras"))
     keras_bytes = run_dir.file("model.keras").read_bytes()
     settings = dataclasses.replace(
-        Settings(), export="tflite", export_tflite_types="float32", export_best=True, model="cnn",
+        Settings(),
+        export="tflite",
+        export_tflite_types="float32",
+        export_best=True,
+        model="cnn",
         export_tolerance=-0.5,  # TFLite would have to beat Keras by 50 points: impossible
     )
     grid = FakeGrid(make_clients(trained_cnn, digits, [1, 2]))
@@ -198,12 +210,19 @@ def test_impossible_tolerance_marks_not_ready_and_keeps_the_model(trained_cnn, d
     for record in history:
         best.update(record, ArrayRecord(trained_cnn.get_weights()))
     assert best.round == 1
-    report = finish_run(grid=recorder, recorder=recorder, settings=settings, model=trained_cnn,
-                        final_weights=trained_cnn.get_weights(), best=best, history=history,
-                        run_dir=run_dir, test_set=(x_test, y_test))
+    report = finish_run(
+        grid=recorder,
+        recorder=recorder,
+        settings=settings,
+        model=trained_cnn,
+        final_weights=trained_cnn.get_weights(),
+        best=best,
+        history=history,
+        run_dir=run_dir,
+        test_set=(x_test, y_test),
+    )
     assert report["ready"] is False
-    assert any("final float32: centralized accuracy" in r and "below the Keras model's" in r
-               for r in report["reasons"])
+    assert any("final float32: centralized accuracy" in r and "below the Keras model's" in r for r in report["reasons"])
     assert any("best float32: federated accuracy" in r for r in report["reasons"])
     assert "falls back to all clients" in report["federated_check"]["selection"]
     written = json.loads(run_dir.file("export_check.json").read_text())
@@ -217,8 +236,8 @@ def test_impossible_tolerance_marks_not_ready_and_keeps_the_model(trained_cnn, d
 
 
 def test_model_card_reads_privacy_and_robustness_fields():
-    from fl_app.model_card import render
-    from fl_app.outputs import RoundRecord
+    from fl_app.delivery.model_card import render
+    from fl_app.server.run_directory import RoundRecord
 
     @dataclasses.dataclass(frozen=True)
     class WithDP(Settings):  # the keys other branches add, as they will look
@@ -236,7 +255,7 @@ def test_model_card_reads_privacy_and_robustness_fields():
 
 
 def test_check_node_selection():
-    from fl_app.delivery import select_check_nodes
+    from fl_app.delivery.shipping import select_check_nodes
 
     nodes, why = select_check_nodes([5, 1, 3, 4], {1, 3}, 1.0, seed=0)
     assert nodes == [4, 5] and "2 of 4 clients did not reply" in why
@@ -249,7 +268,7 @@ def test_check_node_selection():
 def test_recorder_remembers_train_replies_only(task_identity):
     from flwr.app import ConfigRecord, MessageType
 
-    from fl_app.delivery import TrainReplyRecorder
+    from fl_app.delivery.shipping import TrainReplyRecorder
 
     class EchoGrid:
         def get_node_ids(self):
@@ -259,8 +278,10 @@ def test_recorder_remembers_train_replies_only(task_identity):
             return [Message(content=RecordDict(), reply_to=m) for m in messages]
 
     recorder = TrainReplyRecorder(EchoGrid())
-    train = [Message(content=RecordDict({"config": ConfigRecord()}), message_type=MessageType.TRAIN,
-                     dst_node_id=n) for n in (1, 3)]
+    train = [
+        Message(content=RecordDict({"config": ConfigRecord()}), message_type=MessageType.TRAIN, dst_node_id=n)
+        for n in (1, 3)
+    ]
     recorder.send_and_receive(train, timeout=1)
     evaluate = [Message(content=RecordDict(), message_type=MessageType.EVALUATE, dst_node_id=2)]
     recorder.send_and_receive(evaluate, timeout=1)
@@ -301,7 +322,11 @@ def test_inference_script_runs_without_keras(tflite_models, digits, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}  # as on a device
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "tflite_predict.py"), str(model), str(data), "--json"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -11,7 +11,8 @@ pytestmark = pytest.mark.integration
 
 def test_run_exports_checks_and_writes_model_card(tmp_path):
     run = run_to_completion(
-        tmp_path / "outputs", 3,
+        tmp_path / "outputs",
+        3,
         "num-server-rounds=2 local-epochs=2 fraction-train=0.5 min-train-clients=2 "
         "min-available-clients=3 partitioner='iid' export='tflite' export-tolerance=0.05",
     )
@@ -42,7 +43,15 @@ def test_run_exports_checks_and_writes_model_card(tmp_path):
     assert summary["export ready"] is True
 
     card = (run_dir / "model_card.md").read_text()
-    for fragment in ("# Model card: `mlp` trained with `fedavg`", "data set: digits", "partitioning: iid",
-                     "rounds: 2 of 2", "## Privacy", "## Robustness", "TFLite int8, final (export-check round clients)",
-                     "**ready to ship**", "1 of 3 clients did not reply"):
+    for fragment in (
+        "# Model card: `mlp` trained with `fedavg`",
+        "data set: digits",
+        "partitioning: iid",
+        "rounds: 2 of 2",
+        "## Privacy",
+        "## Robustness",
+        "TFLite int8, final (export-check round clients)",
+        "**ready to ship**",
+        "1 of 3 clients did not reply",
+    ):
         assert fragment in card, fragment

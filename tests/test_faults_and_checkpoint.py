@@ -13,7 +13,8 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi
 from flwr.supercore.task_identity import TaskIdentity
 
-from fl_app.checkpoint import (
+from fl_app.config.settings import Settings, SettingsError
+from fl_app.server.checkpoint import (
     CheckpointError,
     check_compatible,
     load_checkpoint,
@@ -21,9 +22,8 @@ from fl_app.checkpoint import (
     save_checkpoint,
     strategy_state,
 )
-from fl_app.federation import run_rounds
-from fl_app.outputs import RoundRecord
-from fl_app.settings import Settings, SettingsError
+from fl_app.server.round_loop import run_rounds
+from fl_app.server.run_directory import RoundRecord
 
 
 @pytest.fixture(autouse=True)
@@ -51,19 +51,20 @@ class FakeGrid:
         for message in messages:
             message.metadata.__dict__["_message_id"] = message.object_id  # as the real grid does
             if message.metadata.dst_node_id in self.unavailable:  # the SuperLink answers for it
-                replies.append(Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Node Unavailable"),
-                                       reply_to=message))
+                replies.append(
+                    Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Node Unavailable"), reply_to=message)
+                )
                 replies[-1].metadata.__dict__["_src_node_id"] = 1
                 continue
             if message.metadata.dst_node_id in self.silent:
                 continue
             if message.metadata.message_type == "train":
                 weights = [w + 1.0 for w in message.content["arrays"].to_numpy_ndarrays()]
-                content = RecordDict({"arrays": ArrayRecord(weights),
-                                      "metrics": MetricRecord({"num-examples": 10, "train-loss": 0.5})})
+                content = RecordDict(
+                    {"arrays": ArrayRecord(weights), "metrics": MetricRecord({"num-examples": 10, "train-loss": 0.5})}
+                )
             else:
-                content = RecordDict({"metrics": MetricRecord({"num-examples": 10, "loss": 0.1,
-                                                               "accuracy": 0.9})})
+                content = RecordDict({"metrics": MetricRecord({"num-examples": 10, "loss": 0.1, "accuracy": 0.9})})
             replies.append(Message(content=content, reply_to=message))
         return replies
 
@@ -75,8 +76,7 @@ def _arrays() -> ArrayRecord:
 def test_silent_node_is_recorded_and_the_round_aggregates_the_others():
     grid = FakeGrid(3, silent={3})
     strategy = FedAvg(min_train_nodes=3, min_evaluate_nodes=3, min_available_nodes=3)
-    arrays, history = run_rounds(grid, strategy, _arrays(), num_rounds=1, timeout=7.0,
-                                 min_train_replies=2)
+    arrays, history = run_rounds(grid, strategy, _arrays(), num_rounds=1, timeout=7.0, min_train_replies=2)
     record = history[0]
     assert record.clients_replied == 2 and record.clients_failed == 1
     assert "node 3: no reply within the round timeout (7 s)" in record.failures
@@ -90,16 +90,14 @@ def test_superlink_error_replies_are_attributed_to_the_destination_node():
     strategy = FedAvg(min_train_nodes=4, min_evaluate_nodes=4, min_available_nodes=4)
     _, history = run_rounds(grid, strategy, _arrays(), num_rounds=1, timeout=2.0)
     train_failures = [f for f in history[0].failures if not f.startswith("evaluate")]
-    assert sorted(train_failures) == ["node 3: no reply within the round timeout (2 s)",
-                                      "node 4: Node Unavailable"]
+    assert sorted(train_failures) == ["node 3: no reply within the round timeout (2 s)", "node 4: Node Unavailable"]
     assert history[0].clients_failed == 2 and history[0].clients_replied == 2
 
 
 def test_too_few_replies_keep_the_previous_model():
     grid = FakeGrid(3, silent={2, 3})
     strategy = FedAvg(min_train_nodes=3, min_evaluate_nodes=3, min_available_nodes=3)
-    arrays, history = run_rounds(grid, strategy, _arrays(), num_rounds=2, timeout=1.0,
-                                 min_train_replies=2)
+    arrays, history = run_rounds(grid, strategy, _arrays(), num_rounds=2, timeout=1.0, min_train_replies=2)
     for record in history:
         assert record.clients_replied == 1
         assert any("round skipped: 1 valid replies < min-train-replies (2)" in f for f in record.failures)
@@ -110,8 +108,9 @@ def test_too_few_replies_keep_the_previous_model():
 def test_sampling_is_seeded_per_round():
     def sampled(seed):
         grid = FakeGrid(10)
-        strategy = FedAvg(fraction_train=0.3, fraction_evaluate=0.3, min_train_nodes=2,
-                          min_evaluate_nodes=2, min_available_nodes=2)
+        strategy = FedAvg(
+            fraction_train=0.3, fraction_evaluate=0.3, min_train_nodes=2, min_evaluate_nodes=2, min_available_nodes=2
+        )
         seen = []
         original = grid.send_and_receive
 
@@ -129,17 +128,23 @@ def test_sampling_is_seeded_per_round():
     assert sampled(7) != sampled(8)
 
 
-@pytest.mark.parametrize("factory", [
-    lambda: FedAdam(eta=0.1), lambda: FedYogi(eta=0.1), lambda: FedAdagrad(eta=0.1),
-    lambda: FedAvgM(server_learning_rate=1.0, server_momentum=0.9),
-])
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda: FedAdam(eta=0.1),
+        lambda: FedYogi(eta=0.1),
+        lambda: FedAdagrad(eta=0.1),
+        lambda: FedAvgM(server_learning_rate=1.0, server_momentum=0.9),
+    ],
+)
 def test_builtin_server_optimizer_state_survives_a_restart(tmp_path, factory):
     """Two rounds, checkpoint, a fresh strategy resumes: round 3 equals the uninterrupted one."""
     kwargs = dict(num_rounds=3, timeout=1.0)
 
     def run(strategy, first_round, arrays, num_rounds):
-        return run_rounds(FakeGrid(2), strategy, arrays, num_rounds=num_rounds, first_round=first_round,
-                          timeout=1.0, sampling_seed=0)
+        return run_rounds(
+            FakeGrid(2), strategy, arrays, num_rounds=num_rounds, first_round=first_round, timeout=1.0, sampling_seed=0
+        )
 
     uninterrupted, _ = run(factory(), 1, _arrays(), kwargs["num_rounds"])
 
@@ -227,8 +232,7 @@ def test_a_node_gone_for_good_does_not_stop_the_run():
         grid.nodes = [1, 2]  # node 3 crashed after round 1 and never comes back
 
     started = time.monotonic()
-    arrays, history = run_rounds(grid, strategy, _arrays(), num_rounds=2, timeout=1.5,
-                                 on_round_end=drop_node)
+    arrays, history = run_rounds(grid, strategy, _arrays(), num_rounds=2, timeout=1.5, on_round_end=drop_node)
     assert time.monotonic() - started < 20
     assert history[0].clients_replied == 3 and not history[0].failures
     failures = history[1].failures

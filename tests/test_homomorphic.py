@@ -1,4 +1,4 @@
-"""Tests of strategies.homomorphic: encrypted sums, key separation, overflow, key files."""
+"""Tests of strategies.encrypted.schemes: encrypted sums, key separation, overflow, key files."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from phe import paillier
 
-from strategies.homomorphic import (
+from strategies.encrypted.schemes import (
     KEY_MAGIC,
     CkksParameters,
     PaillierParameters,
@@ -251,9 +251,7 @@ def test_pack_slots_matches_shift_and_or_and_round_trips(bits_per_slot, rows, sl
     codes = rng.integers(0, high, size=(rows, slots), dtype=np.uint64).astype(np.int64)
     codes[0, 0] = high - 1
     packed = pack_slots(codes, bits_per_slot)
-    reference = [
-        sum(int(c) << (j * bits_per_slot) for j, c in enumerate(row)) for row in codes.tolist()
-    ]
+    reference = [sum(int(c) << (j * bits_per_slot) for j, c in enumerate(row)) for row in codes.tolist()]
     assert packed == reference
     np.testing.assert_array_equal(unpack_slots(packed, slots, bits_per_slot), codes)
 

@@ -2,15 +2,24 @@
 
 import numpy as np
 
-from fl_app.local_grid import run_local_federation
+from fl_app.simulation.local_grid import run_local_federation
 
 
 def test_local_federation_learns_and_reports_failures(tmp_path):
-    arrays, history = run_local_federation({
-        "num-partitions": 3, "partitioner": "iid", "local-epochs": 1, "num-server-rounds": 2,
-        "min-train-clients": 3, "min-evaluate-clients": 3, "min-available-clients": 3,
-        "strategy": "robust", "attack": "wrong-shapes", "attack-ids": "2",
-    })
+    arrays, history = run_local_federation(
+        {
+            "num-partitions": 3,
+            "partitioner": "iid",
+            "local-epochs": 1,
+            "num-server-rounds": 2,
+            "min-train-clients": 3,
+            "min-evaluate-clients": 3,
+            "min-available-clients": 3,
+            "strategy": "robust",
+            "attack": "wrong-shapes",
+            "attack-ids": "2",
+        }
+    )
     assert [r.round for r in history] == [0, 1, 2]
     assert history[2].centralized_accuracy > history[0].centralized_accuracy + 0.2
     assert history[1].extra["rejected-replies"] == 1

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from strategies.preaggregation import QuantileNormBound, clip_rows_to_norm, norm_bound
+from strategies.robust.preaggregation import QuantileNormBound, clip_rows_to_norm, norm_bound
 
 
 @st.composite
@@ -38,9 +38,7 @@ def test_clipping_bounds_every_row_and_leaves_short_rows_unchanged(x, max_norm):
     long = ~short
     np.testing.assert_allclose(norms_after[long], max_norm, rtol=1e-6)
     scales = max_norm / exact_before[long]
-    np.testing.assert_allclose(
-        x[long], original[long] * scales[:, None], rtol=1e-6, atol=1e-6 * max_norm
-    )
+    np.testing.assert_allclose(x[long], original[long] * scales[:, None], rtol=1e-6, atol=1e-6 * max_norm)
 
 
 def test_clipping_works_in_place_on_the_strategy_buffer():

@@ -1,4 +1,4 @@
-"""Tests of fl_app.privacy: DP-SGD trains, clips per example, and reports an honest epsilon."""
+"""Tests of fl_app.task.dp_sgd: DP-SGD trains, clips per example, and reports an honest epsilon."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf  # tf.keras resolves lazily, after fl_app has set TF_USE_LEGACY_KERAS
 from sklearn.datasets import load_digits
 
-from fl_app.privacy import dp_loss, example_level_epsilon, make_dp_optimizer
+from fl_app.task.dp_sgd import dp_loss, example_level_epsilon, make_dp_optimizer
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +72,7 @@ def test_per_example_clipping_bounds_each_step(digits, vectorized):
     unclipped_step = np.linalg.norm(flat_weights(plain) - start)
 
     model = tiny_mlp()
-    model.compile(
-        optimizer=make_dp_optimizer("sgd", lr, clip, 0.0, vectorized=vectorized), loss=dp_loss()
-    )
+    model.compile(optimizer=make_dp_optimizer("sgd", lr, clip, 0.0, vectorized=vectorized), loss=dp_loss())
     model.train_on_batch(batch_x, batch_y)
     clipped_step = np.linalg.norm(flat_weights(model) - start)
 

@@ -7,23 +7,39 @@ import math
 import numpy as np
 import pytest
 
-from fl_app.client_privacy import private_weights
-from fl_app.local_grid import run_local_federation
-from fl_app.settings import Settings
-from strategies.dp_mechanisms import insecure_seeded_generator
+from fl_app.client.update_privacy import private_weights
+from fl_app.config.settings import Settings
+from fl_app.simulation.local_grid import run_local_federation
+from strategies.private.mechanisms import insecure_seeded_generator
 
-BASE = {"num-partitions": 3, "partitioner": "iid", "local-epochs": 1, "min-train-clients": 3,
-        "min-available-clients": 3, "min-evaluate-clients": 0, "fraction-evaluate": 1e-6}
+BASE = {
+    "num-partitions": 3,
+    "partitioner": "iid",
+    "local-epochs": 1,
+    "min-train-clients": 3,
+    "min-available-clients": 3,
+    "min-evaluate-clients": 0,
+    "fraction-evaluate": 1e-6,
+}
 
 
 def test_dp_fedavg_with_client_clipping_learns_and_stops_at_the_budget():
     """Ten clients, so that the server's noise (std z C / m = 0.06 per coordinate, norm ~8 over the
     MLP's ~17k weights) leaves the clipped mean visible: over 6 runs the accuracy went from 0.09 to
     0.59-0.75. With 3 clients (std 0.2, norm ~26) it went up or down by chance."""
-    config = {**BASE, "num-partitions": 10, "min-train-clients": 10, "min-available-clients": 10,
-              "strategy": "dp-fedavg", "dp-mode": "client-clipping", "dp-sampling": "fixed-size",
-              "dp-noise-multiplier": 0.3, "dp-clip-norm": 2.0, "dp-target-epsilon": 40.0,
-              "num-server-rounds": 10}
+    config = {
+        **BASE,
+        "num-partitions": 10,
+        "min-train-clients": 10,
+        "min-available-clients": 10,
+        "strategy": "dp-fedavg",
+        "dp-mode": "client-clipping",
+        "dp-sampling": "fixed-size",
+        "dp-noise-multiplier": 0.3,
+        "dp-clip-norm": 2.0,
+        "dp-target-epsilon": 40.0,
+        "num-server-rounds": 10,
+    }
     _, history = run_local_federation(config)
     trained = [r for r in history if r.round > 0]
     assert 1 <= len(trained) < 10  # z = 0.3 with every client every round spends epsilon 40 in 2 rounds
@@ -42,8 +58,15 @@ def test_dp_sgd_clients_report_their_example_level_epsilon():
 
 @pytest.mark.parametrize("mode", ["client-clipping", "local-gaussian", "local-laplace"])
 def test_client_side_transforms(mode):
-    settings = Settings.from_run_config({"strategy": "dp-fedavg", "dp-mode": mode, "dp-clip-norm": 1.0,
-                                         "dp-noise-multiplier": 0.5, "dp-local-epsilon": 2.0})
+    settings = Settings.from_run_config(
+        {
+            "strategy": "dp-fedavg",
+            "dp-mode": mode,
+            "dp-clip-norm": 1.0,
+            "dp-noise-multiplier": 0.5,
+            "dp-local-epsilon": 2.0,
+        }
+    )
     g = [np.ones((30, 10), np.float32), np.zeros(10, np.float32)]
     w = [a + 3.0 for a in g]
     out = private_weights(settings, g, w, {}, insecure_seeded_generator(0))

@@ -13,12 +13,12 @@ from flwr.serverapp.strategy import FedAvg
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fl_app.federation import run_rounds
-from strategies.dp_mechanisms import insecure_seeded_generator
-from strategies.preaggregation import clip_rows_to_norm
-from strategies.private import DpFedAvgStrategy, build_dp_strategy, calibrated_noise_multiplier
-from strategies.rules import weighted_mean
-from strategies.stopping import PrivacyBudgetExhausted
+from fl_app.server.round_loop import run_rounds
+from strategies.core.errors import PrivacyBudgetExhausted
+from strategies.private.dp_fedavg import DpFedAvgStrategy, build_dp_strategy, calibrated_noise_multiplier
+from strategies.private.mechanisms import insecure_seeded_generator
+from strategies.robust.preaggregation import clip_rows_to_norm
+from strategies.robust.rules import weighted_mean
 from tests.fakes import FakeGrid, reply
 
 SHAPES = [(20, 5), (5,)]
@@ -48,9 +48,17 @@ def gaussian_updates(scale=1.0):
 
 
 def strategy(**kwargs):
-    defaults = dict(num_clients=20, sampling="poisson", sampling_rate=0.25, noise_multiplier=1.1,
-                    clip_norm=1.0, rng=insecure_seeded_generator(0), min_available_nodes=1,
-                    fraction_evaluate=1e-9, min_evaluate_nodes=0)
+    defaults = dict(
+        num_clients=20,
+        sampling="poisson",
+        sampling_rate=0.25,
+        noise_multiplier=1.1,
+        clip_norm=1.0,
+        rng=insecure_seeded_generator(0),
+        min_available_nodes=1,
+        fraction_evaluate=1e-9,
+        min_evaluate_nodes=0,
+    )
     defaults.update(kwargs)
     return DpFedAvgStrategy(weighted_mean, **defaults)
 
@@ -79,7 +87,8 @@ def test_poisson_epsilon_in_history_equals_dp_accounting_and_pld_is_not_above_rd
         assert record.extra["epsilon-rdp"] == record.extra["epsilon"]
         assert record.extra["epsilon-pld"] <= record.extra["epsilon-rdp"]
         assert record.extra["epsilon-pld"] == pytest.approx(
-            independent_epsilon(event, r, 1e-5, relation, "pld"), rel=0.02)
+            independent_epsilon(event, r, 1e-5, relation, "pld"), rel=0.02
+        )
         assert record.extra["dp-rounds"] == r and record.extra["delta"] == 1e-5
     assert history[-1].extra["epsilon"] > history[0].extra["epsilon"] > 0
 
@@ -149,8 +158,7 @@ def test_one_huge_update_moves_the_model_by_at_most_c_over_m():
 
 def test_measured_noise_std_is_z_c_over_m():
     big = [(200, 100)]
-    strat = strategy(sampling="fixed-size", clients_per_round=8, noise_multiplier=1.3, clip_norm=0.7,
-                     num_clients=8)
+    strat = strategy(sampling="fixed-size", clients_per_round=8, noise_multiplier=1.3, clip_norm=0.7, num_clients=8)
     grid = FakeGrid(range(1, 9), answer_with(lambda node, g: [np.zeros_like(a) for a in g]))
     deltas = []
     arrays = ArrayRecord([np.zeros(s, np.float32) for s in big])
@@ -198,8 +206,14 @@ def test_resumed_run_continues_epsilon_and_adaptive_clip():
 
 
 def test_adaptive_clipping_follows_the_quantile_and_splits_the_noise():
-    strat = strategy(clip_quantile=0.5, count_noise_std=0.5, noise_multiplier=0.8, sampling_rate=1.0,
-                     clip_norm=0.01, clip_learning_rate=0.5)
+    strat = strategy(
+        clip_quantile=0.5,
+        count_noise_std=0.5,
+        noise_multiplier=0.8,
+        sampling_rate=1.0,
+        clip_norm=0.01,
+        clip_learning_rate=0.5,
+    )
     _, history = run(strat, 25, update_of=gaussian_updates(scale=0.1))
     median_norm = 0.1 * math.sqrt(105)
     assert history[-1].extra["clip-norm"] == pytest.approx(median_norm, rel=0.3)
@@ -225,7 +239,7 @@ def base_config(**overrides):
     ],
 )
 def test_dishonest_combinations_are_refused(overrides, fragment):
-    from fl_app.settings import Settings, SettingsError
+    from fl_app.config.settings import Settings, SettingsError
 
     with pytest.raises(SettingsError, match=fragment.replace("(", r"\(")):
         Settings.from_run_config(base_config(**overrides))
@@ -237,9 +251,12 @@ def test_target_epsilon_without_z_calibrates_z():
     event = dp_accounting.PoissonSampledDpEvent(0.5, dp_accounting.GaussianDpEvent(z))
     relation = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
     assert independent_epsilon(event, 10, 1e-5, relation) <= 2.0
-    assert independent_epsilon(
-        dp_accounting.PoissonSampledDpEvent(0.5, dp_accounting.GaussianDpEvent(z * 0.98)), 10, 1e-5, relation
-    ) > 2.0
+    assert (
+        independent_epsilon(
+            dp_accounting.PoissonSampledDpEvent(0.5, dp_accounting.GaussianDpEvent(z * 0.98)), 10, 1e-5, relation
+        )
+        > 2.0
+    )
     assert build_dp_strategy(config).noise_multiplier == z
 
 

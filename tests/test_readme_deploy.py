@@ -18,8 +18,10 @@ from pathlib import Path
 
 import pytest
 
-opt_in = pytest.mark.skipif(os.environ.get("FL_KERAS_README_DEPLOY") != "1",
-                            reason="set FL_KERAS_README_DEPLOY=1 (uses fixed ports and the repository's deploy/)")
+opt_in = pytest.mark.skipif(
+    os.environ.get("FL_KERAS_README_DEPLOY") != "1",
+    reason="set FL_KERAS_README_DEPLOY=1 (uses fixed ports and the repository's deploy/)",
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,8 +36,15 @@ def readme_loopback_block() -> str:
 
 def test_readme_block_is_complete():
     block = readme_loopback_block()
-    for step in ("edge.py certs", "edge.py superlink", "edge.py wait", "edge.py register",
-                 "edge.py supernode", "flwr run . edge", "kill $(cat"):
+    for step in (
+        "edge.py certs",
+        "edge.py superlink",
+        "edge.py wait",
+        "edge.py register",
+        "edge.py supernode",
+        "flwr run . edge",
+        "kill $(cat",
+    ):
         assert step in block
 
 
@@ -51,9 +60,14 @@ def test_readme_loopback_steps_work_verbatim():
         shutil.rmtree(ROOT / "deploy")
     outputs_latest = ROOT / "outputs" / "latest"
     before = outputs_latest.read_text() if outputs_latest.exists() else None
-    process = subprocess.Popen(["bash", "-e", "-c", readme_loopback_block()], cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        ["bash", "-e", "-c", readme_loopback_block()],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         output, _ = process.communicate(timeout=1100)
     finally:

@@ -3,8 +3,8 @@
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord
 
-from strategies.robust import build_aggregation_strategy, round_params
-from strategies.rules import bulyan, multi_krum
+from strategies.aggregation.strategy import build_aggregation_strategy, round_params
+from strategies.robust.rules import bulyan, multi_krum
 from tests.fakes import FakeGrid, error_reply, reply
 
 SHAPES = [(3, 2), (2,)]
@@ -49,4 +49,6 @@ def test_multi_krum_keeps_f_for_the_faults_it_has_not_seen():
     new, metrics = run_round(strategy, g, replies)
     assert metrics["rule-f"] == 1
     updates = np.stack([flat(w) for w in clients])
-    np.testing.assert_allclose(flat(new.to_numpy_ndarrays()), multi_krum(updates, np.ones(8), 1, 7), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        flat(new.to_numpy_ndarrays()), multi_krum(updates, np.ones(8), 1, 7), rtol=1e-6, atol=1e-6
+    )

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord
 
-from strategies.updates import ModelLayout
+from strategies.core.update_matrix import ModelLayout
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,7 @@ def test_cell_config_follows_the_attacker_count_and_caps_bulyan():
     assert config["client-weighting"] == "num-examples" and config["aggregation-rule"] == "mean"
     config, _ = robustness.cell_config("multi-krum", "ipm", 0.2, base)
     assert config["krum-f"] == 4 and config["client-weighting"] == "uniform"
-    from fl_app.settings import Settings
+    from fl_app.config.settings import Settings
 
     for rule in robustness.RULES:  # every cell of the matrix is a valid run config
         for fraction in robustness.FRACTIONS:
@@ -45,11 +45,13 @@ def test_cell_config_follows_the_attacker_count_and_caps_bulyan():
 
 
 def test_markdown_table_marks_missing_diverged_and_capped_cells():
-    results = {"cells": {
-        "0.3|mean|none": {"accuracy": 0.93, "note": ""},
-        "0.3|mean|sign-flip": {"accuracy": float("nan"), "note": ""},
-        "0.3|bulyan|none": {"accuracy": 0.91, "note": "f=4 (capped from 6: n >= 4f+3)"},
-    }}
+    results = {
+        "cells": {
+            "0.3|mean|none": {"accuracy": 0.93, "note": ""},
+            "0.3|mean|sign-flip": {"accuracy": float("nan"), "note": ""},
+            "0.3|bulyan|none": {"accuracy": 0.91, "note": "f=4 (capped from 6: n >= 4f+3)"},
+        }
+    }
     table = robustness.markdown_table(results, 0.3).splitlines()
     assert table[0].endswith("| none | sign-flip |")
     assert table[2] == "| mean | 0.930 | diverged |"
@@ -68,8 +70,12 @@ def test_flatten_minus_is_one_pass_subtraction():
 @pytest.mark.parametrize("rule", ["mean", "median", "trimmed-mean", "krum", "multi-krum"])
 def test_our_strategies_equal_flowers_where_definitions_agree(rule):
     payloads = bench.Payloads(12, 3000, seed=3)
-    theirs, ours = (times[-1] for times in bench.time_calls(
-        (lambda: bench.flower_strategy(rule, 12), lambda: bench.our_strategy(rule, 12, payloads)), payloads, 1))
+    theirs, ours = (
+        times[-1]
+        for times in bench.time_calls(
+            (lambda: bench.flower_strategy(rule, 12), lambda: bench.our_strategy(rule, 12, payloads)), payloads, 1
+        )
+    )
     assert bench.max_difference(ours, theirs) <= 1e-6
     assert math.isfinite(bench.max_difference(ours, theirs))
 

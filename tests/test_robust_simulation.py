@@ -1,6 +1,5 @@
 """Integration: a real simulation survives clients that send NaN and wrong shapes."""
 
-
 import numpy as np
 import pytest
 
@@ -11,7 +10,8 @@ pytestmark = pytest.mark.integration
 
 def test_nan_and_wrong_shape_clients_are_rejected_and_every_round_finishes(tmp_path):
     run = run_to_completion(
-        tmp_path / "outputs", 5,
+        tmp_path / "outputs",
+        5,
         "num-server-rounds=2 local-epochs=1 min-train-clients=5 min-available-clients=5 "
         "partitioner='iid' strategy='median' attack='nan,wrong-shapes' attack-ids='0,1'",
     )

@@ -5,10 +5,10 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import FedAvg
 
+from strategies.aggregation.strategy import AggregationStrategy, build_aggregation_strategy, client_weights
+from strategies.core.update_matrix import ModelLayout, UpdateBuffer, collect_updates
 from strategies.registry import ROBUST_STRATEGIES, build_strategy
-from strategies.robust import AggregationStrategy, build_aggregation_strategy, client_weights
-from strategies.rules import coordinate_median, weighted_mean
-from strategies.updates import ModelLayout, UpdateBuffer, collect_updates
+from strategies.robust.rules import coordinate_median, weighted_mean
 from tests.fakes import FakeGrid, error_reply, reply
 
 SHAPES = [(3, 2), (2,)]
@@ -62,8 +62,12 @@ def test_collect_updates_rejects_bad_replies_with_node_ids():
 def test_forged_npy_header_is_rejected_without_allocating():
     g = weights_like()
     real = Array(g[0])
-    forged = Array(dtype=real.dtype, shape=(10**12,), stype=real.stype,
-                   data=real.data.replace(b"(3, 2)", b"(10**12,)"[:0] + b"(999999999999,)"))
+    forged = Array(
+        dtype=real.dtype,
+        shape=(10**12,),
+        stype=real.stype,
+        data=real.data.replace(b"(3, 2)", b"(10**12,)"[:0] + b"(999999999999,)"),
+    )
     record = ArrayRecord(array_dict={"0": forged, "1": Array(g[1])})
     collected = collect_updates([reply(1, record)], ModelLayout.of(ArrayRecord(g)), flat(g), UpdateBuffer())
     assert collected.count == 0 and "node 1" in collected.rejections[0]
@@ -74,7 +78,9 @@ def test_mean_with_example_weights_equals_flower_fedavg():
     clients = [weights_like() for _ in range(4)]
     counts = [5, 10, 20, 40]
     replies = [reply(i, w, n) for i, (w, n) in enumerate(zip(clients, counts))]
-    ours, metrics = run_round(AggregationStrategy(weighted_mean, rule_name="mean", weighting="num-examples"), g, replies)
+    ours, metrics = run_round(
+        AggregationStrategy(weighted_mean, rule_name="mean", weighting="num-examples"), g, replies
+    )
     flower, _ = FedAvg().aggregate_train(1, replies)
     for a, b in zip(ours.to_numpy_ndarrays(), flower.to_numpy_ndarrays()):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -111,7 +117,7 @@ def test_norm_bound_limits_a_scaled_update():
     honest = [[a + 0.01 for a in g] for _ in range(3)]
     attacker = [a + 50.0 for a in g]
     strategy = AggregationStrategy(weighted_mean, rule_name="mean", norm_bound=1.0)
-    new, metrics = run_round(strategy, g, [reply(i, w) for i, w in enumerate(honest + [attacker])])
+    new, metrics = run_round(strategy, g, [reply(i, w) for i, w in enumerate([*honest, attacker])])
     assert np.linalg.norm(flat(new.to_numpy_ndarrays()) - flat(g)) <= 0.25 + 0.75 * 0.01 * np.sqrt(8) + 1e-5
     assert metrics["bounded-replies"] == 1
 
@@ -154,15 +160,15 @@ def test_every_robust_name_builds():
 
 
 def test_user_rule_by_dotted_path():
-    strategy = build_aggregation_strategy("strategies.rules:coordinate_median", {})
+    strategy = build_aggregation_strategy("strategies.robust.rules:coordinate_median", {})
     assert strategy.rule is coordinate_median
     with pytest.raises(ValueError, match="aggregation-rule must be one of"):
         build_aggregation_strategy("avg", {})
 
 
 def test_rule_defaults_match_settings():
-    from fl_app.settings import Settings
-    from strategies.robust import RULE_DEFAULTS
+    from fl_app.config.settings import Settings
+    from strategies.aggregation.strategy import RULE_DEFAULTS
 
     defaults = Settings().to_run_config()
     for key, value in RULE_DEFAULTS.items():

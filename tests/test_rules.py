@@ -11,7 +11,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from strategies import rules
+from strategies.robust import rules
 
 FAST = settings(max_examples=100, deadline=None)
 
@@ -297,9 +297,7 @@ def test_column_blocks_do_not_change_results(monkeypatch):
     np.testing.assert_array_equal(rules.coordinate_median(x, w), np.median(x, axis=0))
     np.testing.assert_array_equal(rules.coordinate_median(x, w), whole["median"])
     sorted_x = np.sort(x, axis=0)
-    np.testing.assert_allclose(
-        rules.trimmed_mean(x, w, beta=0.2), sorted_x[2:9].mean(axis=0), rtol=1e-6, atol=1e-7
-    )
+    np.testing.assert_allclose(rules.trimmed_mean(x, w, beta=0.2), sorted_x[2:9].mean(axis=0), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(rules.bulyan(x, w, f=2), whole["bulyan"], rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(rules.pairwise_squared_distances(x), whole["distances"], rtol=1e-5)
     np.testing.assert_allclose(rules.row_norms(x), whole["norms"], rtol=1e-6)
@@ -359,9 +357,7 @@ def attacked(draw, max_attackers):
     honest = draw(hnp.arrays(np.float32, (k, p), elements=elements))
     num_attackers = draw(st.integers(0, max_attackers(k)))
     largest = float(np.finfo(np.float32).max)
-    wild = st.floats(allow_nan=False, allow_infinity=False, width=32) | st.sampled_from(
-        [-largest, largest]
-    )
+    wild = st.floats(allow_nan=False, allow_infinity=False, width=32) | st.sampled_from([-largest, largest])
     attackers = draw(hnp.arrays(np.float32, (num_attackers, p), elements=wild))
     x = honest.copy()
     x[:num_attackers] = attackers
@@ -492,10 +488,20 @@ def test_check_rule_conditions_accepts_the_limits(name, num_clients, params):
 
 
 def test_registry_names_and_config_keys_cover_the_same_rules():
-    assert set(rules.RULES) == set(rules.RUN_CONFIG_KEYS) == {
-        "mean", "median", "trimmed-mean", "krum", "multi-krum", "bulyan",
-        "geometric-median", "centered-clipping",
-    }
+    assert (
+        set(rules.RULES)
+        == set(rules.RUN_CONFIG_KEYS)
+        == {
+            "mean",
+            "median",
+            "trimmed-mean",
+            "krum",
+            "multi-krum",
+            "bulyan",
+            "geometric-median",
+            "centered-clipping",
+        }
+    )
 
 
 @pytest.mark.parametrize(

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord
 
-from fl_app import client_privacy
-from fl_app.local_grid import LocalGrid
-from fl_app.secure_aggregation import run_secure_rounds, wait_for_nodes
-from fl_app.settings import Settings, SettingsError
-from strategies.dp_mechanisms import insecure_seeded_generator
+from fl_app.client import update_privacy as client_privacy
+from fl_app.config.settings import Settings, SettingsError
+from fl_app.secagg.server import run_secure_rounds, wait_for_nodes
+from fl_app.simulation.local_grid import LocalGrid
+from strategies.private.mechanisms import insecure_seeded_generator
 from tests.helpers import run_to_completion
+
 
 class CopyingGrid(LocalGrid):
     """LocalGrid that gives every node its own copy of a message, as the wire does (secaggplus_mod
@@ -25,15 +26,24 @@ class CopyingGrid(LocalGrid):
 
 
 SECURE = {
-    "strategy": "dp-fedavg", "dp-mode": "client-clipping", "dp-sampling": "fixed-size",
-    "secure-aggregation": True, "num-partitions": 5, "min-train-clients": 5, "min-available-clients": 5,
-    "min-evaluate-clients": 2, "partitioner": "iid", "local-epochs": 1, "dp-clip-norm": 0.5,
+    "strategy": "dp-fedavg",
+    "dp-mode": "client-clipping",
+    "dp-sampling": "fixed-size",
+    "secure-aggregation": True,
+    "num-partitions": 5,
+    "min-train-clients": 5,
+    "min-available-clients": 5,
+    "min-evaluate-clients": 2,
+    "partitioner": "iid",
+    "local-epochs": 1,
+    "dp-clip-norm": 0.5,
 }
 
 
 def test_secure_sum_equals_the_plain_sum_of_clipped_updates_and_survives_a_dropout(monkeypatch):
-    config = Settings.from_run_config({**SECURE, "num-server-rounds": 2, "dp-noise-multiplier": 0.0,
-                                       "fault-partition-ids": "2", "fault-round": 2}).to_run_config()
+    config = Settings.from_run_config(
+        {**SECURE, "num-server-rounds": 2, "dp-noise-multiplier": 0.0, "fault-partition-ids": "2", "fault-round": 2}
+    ).to_run_config()
     settings = Settings.from_run_config(config)
     sent: dict[int, list[np.ndarray]] = {}
     original = client_privacy.private_weights
@@ -45,7 +55,7 @@ def test_secure_sum_equals_the_plain_sum_of_clipped_updates_and_survives_a_dropo
         return out
 
     monkeypatch.setattr(client_privacy, "private_weights", recording)
-    from fl_app.models import build_model
+    from fl_app.task.models import build_model
 
     model = build_model("mlp", (64,), 10, 42)
     grid = CopyingGrid(config, 5)
@@ -55,7 +65,7 @@ def test_secure_sum_equals_the_plain_sum_of_clipped_updates_and_survives_a_dropo
         sums[record.round] = strategy_box[0].last_update_sum.copy() if record.round else None
 
     strategy_box = []
-    import fl_app.secure_aggregation as sa
+    import fl_app.secagg.server as sa
 
     real = sa.SecureDpFedAvg
 
@@ -64,8 +74,15 @@ def test_secure_sum_equals_the_plain_sum_of_clipped_updates_and_survives_a_dropo
         return strategy_box[-1]
 
     monkeypatch.setattr(sa, "SecureDpFedAvg", capture)
-    _, history, strategy = run_secure_rounds(grid, grid.contexts[1], settings, ArrayRecord(model.get_weights()),
-                                             None, on_round_end, rng=insecure_seeded_generator(0))
+    _, history, _strategy = run_secure_rounds(
+        grid,
+        grid.contexts[1],
+        settings,
+        ArrayRecord(model.get_weights()),
+        None,
+        on_round_end,
+        rng=insecure_seeded_generator(0),
+    )
     assert [r.round for r in history] == [1, 2]
     assert history[0].extra["secure-aggregation-clients"] == 5
     assert history[1].extra["secure-aggregation-clients"] == 4  # partition 2 dropped out mid-round
@@ -105,7 +122,8 @@ def test_too_few_nodes_fail_fast_with_a_clear_error():
 @pytest.mark.integration
 def test_secure_aggregation_simulation_with_a_dropout(tmp_path):
     run = run_to_completion(
-        tmp_path / "outputs", 5,
+        tmp_path / "outputs",
+        5,
         "strategy='dp-fedavg' dp-mode='client-clipping' dp-sampling='fixed-size' secure-aggregation=true "
         "num-server-rounds=3 local-epochs=1 min-train-clients=5 min-available-clients=5 partitioner='iid' "
         "dp-noise-multiplier=0.5 dp-clip-norm=2.0 fault-partition-ids='1' fault-round=2",

@@ -6,7 +6,7 @@ import tomllib
 import numpy as np
 import pytest
 
-from fl_app.settings import Settings, SettingsError
+from fl_app.config.settings import Settings, SettingsError
 
 
 def make(**overrides):

@@ -12,7 +12,8 @@ pytestmark = pytest.mark.integration
 
 def test_flwr_run_simulation_writes_history_and_model(tmp_path):
     run = run_to_completion(
-        tmp_path / "outputs", 3,
+        tmp_path / "outputs",
+        3,
         "num-server-rounds=2 local-epochs=1 min-train-clients=3 min-available-clients=3 "
         "partitioner='iid' strategy='strategies.examples:MinExamplesFedAvg'",
     )
@@ -38,9 +39,17 @@ def test_flwr_run_simulation_writes_history_and_model(tmp_path):
 
 
 def test_bad_run_config_fails_before_training(tmp_path):
-    proc = run_launcher([
-        "--clients", "2", "--output-dir", str(tmp_path), "--", "-c", "dirichlet-alpha=-1.0",
-    ])
+    proc = run_launcher(
+        [
+            "--clients",
+            "2",
+            "--output-dir",
+            str(tmp_path),
+            "--",
+            "-c",
+            "dirichlet-alpha=-1.0",
+        ]
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "dirichlet-alpha must be > 0, got -1.0" in output

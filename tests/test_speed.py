@@ -8,13 +8,13 @@ import pytest
 from flwr.app import Context, RecordDict
 
 import tests.fakes as fakes
-from fl_app.client import compile_model
-from fl_app.data import client_data
-from fl_app.fast_train import loop_for
-from fl_app.messaging import poll_delays, send_and_receive
-from fl_app.models import build_model, make_optimizer
-from fl_app.procmem import TreeMemorySampler, process_tree, tree_memory
-from fl_app.settings import Settings
+from fl_app.config.settings import Settings
+from fl_app.deploy.process_tools import TreeMemorySampler, process_tree, tree_memory
+from fl_app.server.polling import poll_delays, send_and_receive
+from fl_app.task.compiled_loop import loop_for
+from fl_app.task.data import client_data
+from fl_app.task.keras_client import compile_model
+from fl_app.task.models import build_model, make_optimizer
 
 SETTINGS = Settings(num_partitions=4, partitioner="iid")
 
@@ -52,7 +52,7 @@ def test_compiled_fit_equals_train_on_batch_in_the_same_order(compiled):
     """The fused fit (all epochs but the last in one call) runs exactly the batches that a slow
     loop of ``train_on_batch`` runs over the same seeded permutations, partial batches included,
     and reports the last epoch's running metrics."""
-    from fl_app.client import reset_optimizer
+    from fl_app.task.keras_client import reset_optimizer
 
     model, _ = compiled
     initial = model.get_weights()
@@ -70,7 +70,7 @@ def test_compiled_fit_equals_train_on_batch_in_the_same_order(compiled):
         model.reset_metrics()
         order = rng.permutation(len(y))
         for start in range(0, len(y), 16):
-            index = order[start:start + 16]
+            index = order[start : start + 16]
             expected_logs = model.train_on_batch(x[index], y[index], reset_metrics=False, return_dict=True)
     for a, b in zip(fused, model.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -95,7 +95,7 @@ class PollingGrid:
         self.pulls += 1
         if time.monotonic() < self.at:
             return []
-        ready = [fakes.reply(m.metadata.dst_node_id, [np.zeros(1, np.float32)]) for m in self.pushed[self.lose:]]
+        ready = [fakes.reply(m.metadata.dst_node_id, [np.zeros(1, np.float32)]) for m in self.pushed[self.lose :]]
         for i, r in enumerate(ready, start=self.lose):
             r.metadata.__dict__["_reply_to_message_id"] = str(i)
         self.pushed = []
@@ -129,14 +129,22 @@ def test_a_grid_without_push_and_pull_keeps_its_own_send_and_receive():
 
 
 def test_client_sends_the_same_initial_weights_as_the_server_builds():
-    from fl_app.initial import QUERY, initial_weights_reply, server_model
     from flwr.app import ConfigRecord, Message, MessageType
 
+    from fl_app.client.initial_weights import initial_weights_reply
+    from fl_app.server.initial_weights import QUERY, server_model
+
     settings = Settings(num_partitions=4)
-    context = Context(run_id=1, node_id=5, node_config={"partition-id": 2, "num-partitions": 4},
-                      state=RecordDict(), run_config=settings.to_run_config())
-    message = Message(content=RecordDict({"config": ConfigRecord({"query": QUERY})}), dst_node_id=5,
-                      message_type=MessageType.QUERY)
+    context = Context(
+        run_id=1,
+        node_id=5,
+        node_config={"partition-id": 2, "num-partitions": 4},
+        state=RecordDict(),
+        run_config=settings.to_run_config(),
+    )
+    message = Message(
+        content=RecordDict({"config": ConfigRecord({"query": QUERY})}), dst_node_id=5, message_type=MessageType.QUERY
+    )
     reply = initial_weights_reply(message, context)
     model, _ = server_model(settings)
     for sent, built in zip(reply.content["arrays"].to_numpy_ndarrays(), model.get_weights()):
@@ -144,7 +152,7 @@ def test_client_sends_the_same_initial_weights_as_the_server_builds():
 
 
 def test_settings_refuse_a_bad_compression_and_builtin_strategies():
-    from fl_app.settings import SettingsError
+    from fl_app.config.settings import SettingsError
 
     with pytest.raises(SettingsError, match="compression must be one of"):
         Settings.from_run_config({"compression": "zip"})
@@ -166,11 +174,20 @@ def test_tree_memory_counts_this_process():
 
 
 def test_server_without_tensorflow_gets_initial_weights_from_a_node():
-    from fl_app.initial import initial_weights_reply, query_initial_arrays
+    from fl_app.client.initial_weights import initial_weights_reply
+    from fl_app.server.initial_weights import query_initial_arrays
 
     settings = Settings(num_partitions=4)
-    contexts = {n: Context(run_id=1, node_id=n, node_config={"partition-id": n - 1, "num-partitions": 4},
-                           state=RecordDict(), run_config=settings.to_run_config()) for n in (1, 2)}
+    contexts = {
+        n: Context(
+            run_id=1,
+            node_id=n,
+            node_config={"partition-id": n - 1, "num-partitions": 4},
+            state=RecordDict(),
+            run_config=settings.to_run_config(),
+        )
+        for n in (1, 2)
+    }
     asked = []
 
     def answer(message):
@@ -178,7 +195,14 @@ def test_server_without_tensorflow_gets_initial_weights_from_a_node():
         return initial_weights_reply(message, contexts[message.metadata.dst_node_id])
 
     arrays = query_initial_arrays(fakes.FakeGrid([2, 1], answer), settings, timeout=5)
-    assert asked == [1] and [a.shape for a in arrays.to_numpy_ndarrays()] == [(64, 128), (128,), (128, 64), (64,), (64, 10), (10,)]
+    assert asked == [1] and [a.shape for a in arrays.to_numpy_ndarrays()] == [
+        (64, 128),
+        (128,),
+        (128, 64),
+        (64,),
+        (64, 10),
+        (10,),
+    ]
     failing = fakes.FakeGrid([1], lambda m: fakes.error_reply(1, "boom"))
     with pytest.raises(RuntimeError, match="node 1 failed to send the initial weights: boom"):
         query_initial_arrays(failing, settings, timeout=5)
@@ -188,8 +212,10 @@ def test_server_modules_do_not_import_tensorflow():
     import subprocess
     import sys
 
-    code = ("import sys; import fl_app.server_app, fl_app.initial, fl_app.compression, fl_app.messaging, "
-            "strategies.registry; from fl_app.settings import Settings; Settings.from_run_config({}); "
-            "print('tensorflow' in sys.modules)")
+    code = (
+        "import sys; import fl_app.server_app, fl_app.server.initial_weights, fl_app.client.compression, fl_app.server.polling, "
+        "strategies.registry; from fl_app.config.settings import Settings; Settings.from_run_config({}); "
+        "print('tensorflow' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.stdout.strip() == "False", out.stderr[-2000:]

@@ -13,7 +13,8 @@ pytestmark = pytest.mark.integration
 
 def test_compressed_run_without_tensorflow_on_the_server(tmp_path):
     run = run_to_completion(
-        tmp_path / "outputs", 3,
+        tmp_path / "outputs",
+        3,
         "num-server-rounds=2 local-epochs=1 min-train-clients=3 min-available-clients=3 "
         "partitioner='iid' strategy='robust' client-weighting='num-examples' "
         "compression='top-k' compression-topk-fraction=0.05 centralized-evaluation=false",

@@ -12,9 +12,9 @@ from flwr.common.constant import SType
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from strategies.robust import AggregationStrategy, client_weights
-from strategies.rules import weighted_mean
-from strategies.updates import ModelLayout, UpdateBuffer, collect_updates, stream_weighted_mean
+from strategies.aggregation.strategy import AggregationStrategy, client_weights
+from strategies.core.update_matrix import ModelLayout, UpdateBuffer, collect_updates, stream_weighted_mean
+from strategies.robust.rules import weighted_mean
 from tests.fakes import FakeGrid, error_reply, reply
 
 SHAPES = [(4, 3), (3,), (3, 2), (2,)]
@@ -65,8 +65,12 @@ def test_overflowing_squares_are_not_mistaken_for_infinity():
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.integers(0, 2**32 - 1), st.integers(1, 8), st.sampled_from(["num-examples", "uniform", "capped"]),
-       st.lists(st.sampled_from(["nan", "inf", "shape", "error", "count"]), max_size=3))
+@given(
+    st.integers(0, 2**32 - 1),
+    st.integers(1, 8),
+    st.sampled_from(["num-examples", "uniform", "capped"]),
+    st.lists(st.sampled_from(["nan", "inf", "shape", "error", "count"]), max_size=3),
+)
 def test_streamed_mean_equals_the_matrix_path(seed, num_clients, weighting, faults):
     rng = np.random.default_rng(seed)
     g = arrays_of(rng, 3.0)
@@ -79,8 +83,10 @@ def test_streamed_mean_equals_the_matrix_path(seed, num_clients, weighting, faul
             bad[3][0] = -np.inf
         elif fault == "shape":
             bad[2] = bad[2].reshape(-1)
-        replies.insert(int(rng.integers(0, len(replies) + 1)),
-                       error_reply(node, "crashed") if fault == "error" else reply(node, bad, 0 if fault == "count" else 5))
+        replies.insert(
+            int(rng.integers(0, len(replies) + 1)),
+            error_reply(node, "crashed") if fault == "error" else reply(node, bad, 0 if fault == "count" else 5),
+        )
     layout = ModelLayout.of(ArrayRecord(g))
     weigh = lambda counts: client_weights(counts, weighting)  # noqa: E731
     matrix = collect_updates(replies, layout, flat(g), UpdateBuffer())
@@ -114,8 +120,10 @@ def test_strategy_falls_back_to_the_matrix_when_the_streamed_mean_overflows():
     g = [np.full(s, -3e38, np.float32) for s in SHAPES]
     replies = [reply(n, [np.full(s, 3e38, np.float32) for s in SHAPES], 1) for n in range(1, 4)]
     layout = ModelLayout.of(ArrayRecord(g))
-    assert stream_weighted_mean(replies, layout, flat(g), lambda c: np.ones(len(c)),
-                                np.empty(layout.size, np.float32)) is None
+    assert (
+        stream_weighted_mean(replies, layout, flat(g), lambda c: np.ones(len(c)), np.empty(layout.size, np.float32))
+        is None
+    )
     streamed = AggregationStrategy(weighted_mean, rule_name="mean", weighting="uniform")
     matrix = AggregationStrategy(weighted_mean, rule_name="mean", weighting="uniform", max_update_norm=np.inf)
     assert streamed._streams_mean() and not matrix._streams_mean()

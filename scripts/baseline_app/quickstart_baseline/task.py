@@ -11,7 +11,7 @@ import quickstart_baseline  # noqa: F401  (Keras 2, as the main app)
 
 
 def settings(num_partitions: int, seed: int):
-    from fl_app.settings import Settings
+    from fl_app.config.settings import Settings
 
     return Settings(num_partitions=num_partitions, seed=seed)
 
@@ -19,7 +19,7 @@ def settings(num_partitions: int, seed: int):
 def load_model(learning_rate: float, seed: int):
     import tensorflow as tf
 
-    from fl_app.models import build_model
+    from fl_app.task.models import build_model
 
     model = build_model("mlp", (8, 8, 1), 10, seed)
     model.compile(
@@ -32,7 +32,7 @@ def load_model(learning_rate: float, seed: int):
 
 @functools.lru_cache(maxsize=None)
 def load_data(partition_id: int, num_partitions: int, seed: int):
-    from fl_app.data import client_data
+    from fl_app.task.data import client_data
 
     data = client_data(settings(num_partitions, seed), partition_id)
     return data.x_train, data.y_train, data.x_test, data.y_test

@@ -1,0 +1,99 @@
+"""Wiring simulated Byzantine clients into a run (the attack math is in :mod:`fl_app.attacks.catalogue`).
+
+``attack`` in the run config names an attack (or several, comma-separated: the j-th attacker in
+partition-id order runs the (j mod len)-th, e.g. ``attack='nan,wrong-shapes' attack-ids='0,1'``);
+``attack-fraction`` or ``attack-ids`` says which partitions are Byzantine
+(:meth:`~fl_app.config.settings.Settings.attackers`). Where an attack acts:
+
+* on the client, in the message it really sends: ``label-flip`` poisons the training labels;
+  ``sign-flip`` (-s u), ``scaling`` (s u), ``gaussian`` (N(0, sigma^2)) and ``nan`` replace the
+  update; ``wrong-shapes`` corrupts the arrays. The server's validation sees them as they are.
+* on the server, for the omniscient attacks ``alie`` and ``ipm``, which need the honest clients'
+  updates of the round (the papers assume omniscience): :class:`OmniscientAttack` is an update
+  hook of :class:`~strategies.aggregation.strategy.AggregationStrategy` that rewrites the attackers' rows after
+  validation, before any defence. Attackers are told apart by the ``partition-id`` that every
+  client reports in its train metrics. Simulation only: in deployment nothing attacks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fl_app.attacks.catalogue import ATTACKS, alie_z
+from fl_app.config.settings import Settings
+from strategies.core.update_matrix import CollectedUpdates
+
+
+def _update_params(settings: Settings, name: str) -> dict[str, float]:
+    return {
+        "sign-flip": {"scale": settings.attack_scale},
+        "scaling": {"factor": settings.attack_scale},
+        "gaussian": {"sigma": settings.attack_noise_std},
+    }.get(name, {})
+
+
+def _rng(settings: Settings, partition_id: int, server_round: int) -> np.random.Generator:
+    return np.random.default_rng([settings.seed, partition_id + 1, server_round])  # server: -1
+
+
+def poison_labels(settings: Settings, partition_id: int, y: np.ndarray, num_classes: int) -> np.ndarray:
+    """The training labels partition ``partition_id`` trains on (flipped for label-flip attackers)."""
+    if settings.attack_of(partition_id) == "label-flip":
+        return ATTACKS["label-flip"].fn(y, num_classes)
+    return y
+
+
+def poison_weights(
+    settings: Settings,
+    partition_id: int,
+    global_weights: list[np.ndarray],
+    weights: list[np.ndarray],
+    server_round: int,
+) -> list[np.ndarray]:
+    """The arrays a client sends: its trained ``weights``, or what its client-side attack makes of them."""
+    name = settings.attack_of(partition_id)
+    if name == "none":
+        return weights
+    attack = ATTACKS[name]
+    if attack.level == "arrays":
+        return attack.fn(weights)
+    if attack.level != "update" or attack.omniscient:
+        return weights  # data-level attacks acted before training; omniscient ones act on the server
+    update = np.concatenate([(w - g).ravel() for w, g in zip(weights, global_weights)]).astype(np.float32)
+    poisoned = attack.fn(
+        update,
+        rng=_rng(settings, partition_id, server_round),
+        honest_updates=None,
+        **_update_params(settings, name),
+    )
+    out, offset = [], 0
+    for g in global_weights:
+        out.append((g + poisoned[offset : offset + g.size].reshape(g.shape)).astype(g.dtype))
+        offset += g.size
+    return out
+
+
+class OmniscientAttack:
+    """Server-side stand-in for omniscient attackers (ALIE, IPM): rewrites their rows in place."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.omniscient = {
+            pid: settings.attack_of(pid) for pid in settings.attackers() if ATTACKS[settings.attack_of(pid)].omniscient
+        }
+
+    def __call__(self, server_round: int, collected: CollectedUpdates) -> None:
+        ids = [int(m.get("partition-id", -1)) if hasattr(m, "get") else -1 for m in collected.metrics]
+        attack_of_row = [self.omniscient.get(pid) for pid in ids]
+        byzantine = np.array([pid in self.settings.attackers() for pid in ids])
+        if byzantine.all() or not any(attack_of_row):
+            return
+        honest = collected.updates[~byzantine]
+        rng = _rng(self.settings, -1, server_round)
+        for name in sorted({a for a in attack_of_row if a}):
+            rows = np.array([a == name for a in attack_of_row])
+            if name == "alie":
+                params = {"z": self.settings.alie_z or alie_z(len(ids), int(byzantine.sum()))}
+            else:
+                params = {"epsilon": self.settings.ipm_epsilon}
+            collected.updates[rows] = ATTACKS[name].fn(honest[0], rng=rng, honest_updates=honest, **params)

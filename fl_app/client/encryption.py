@@ -1,0 +1,154 @@
+"""The client's side of encrypted aggregation (protocol in :mod:`strategies.encrypted.strategy`).
+
+* :func:`global_weights` turns a train or evaluate message into the global model: plainly its
+  ``arrays`` without encryption; with encryption it decrypts the chain of encrypted sums the message
+  carries and applies them to the global model this node keeps in ``context.state``.
+* :func:`encrypted_upload` encrypts ``w_k * clip(x_k - G)`` instead of sending the weights.
+* :func:`reply_metrics` adds the version trained from and the seconds spent decrypting/encrypting.
+
+The secret key is read from the node config's ``he-secret-key-path`` (edge machines) or else the
+run config's (simulation); it is loaded once per process and path.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+
+from fl_app.config.settings import Settings
+from strategies.encrypted import strategy as protocol
+from strategies.encrypted.schemes import HomomorphicScheme, load_client_scheme
+
+STATE_MODEL = "he-global"
+STATE_INFO = "he-client"
+
+
+def secret_key_path(settings: Settings, context: Context) -> str:
+    """The node config's ``he-secret-key-path``, else the run config's."""
+    return str(context.node_config.get("he-secret-key-path", "") or settings.he_secret_key_path)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_scheme(path: str, modified: float) -> HomomorphicScheme:
+    return load_client_scheme(Path(path).read_bytes())
+
+
+def client_scheme(settings: Settings, context: Context) -> HomomorphicScheme:
+    """The scheme with the secret key; ``ValueError`` naming the key when it cannot be loaded."""
+    path = secret_key_path(settings, context)
+    if not path:
+        raise ValueError(
+            f"homomorphic-encryption='{settings.homomorphic_encryption}' needs the secret key on every "
+            "client: set he-secret-key-path in the run config (simulation) or in the node config "
+            "(--node-config \"he-secret-key-path='keys/secret.key'\")"
+        )
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ValueError(f"he-secret-key-path '{path}' does not exist on this node ({file.resolve()})")
+    scheme = _load_scheme(str(file.resolve()), file.stat().st_mtime)
+    if scheme.name != settings.homomorphic_encryption:
+        raise ValueError(
+            f"homomorphic-encryption='{settings.homomorphic_encryption}' but he-secret-key-path "
+            f"'{path}' holds a {scheme.name} key"
+        )
+    return scheme
+
+
+def _flatten(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate([np.asarray(a, np.float32).reshape(-1) for a in arrays])
+
+
+def _unflatten(flat: np.ndarray, like: list[np.ndarray]) -> list[np.ndarray]:
+    out, start = [], 0
+    for array in like:
+        end = start + array.size
+        out.append(flat[start:end].reshape(array.shape).astype(array.dtype, copy=False))
+        start = end
+    return out
+
+
+def _info(context: Context) -> ConfigRecord:
+    if STATE_INFO not in context.state:
+        context.state[STATE_INFO] = ConfigRecord()
+    return context.state[STATE_INFO]
+
+
+def global_weights(settings: Settings, context: Context, msg: Message) -> list[np.ndarray]:
+    """The global model of ``msg`` (plaintext arrays, or decrypted from the encrypted chain).
+
+    Raises:
+        ValueError: with :data:`~strategies.encrypted.strategy.OUT_OF_DATE` in the message when this node's
+            stored model does not fit the chain (it lost its state, or missed rounds the server
+            believes it received); the server then resends the chain from the initial model.
+    """
+    if settings.homomorphic_encryption == "none":
+        return msg.content["arrays"].to_numpy_ndarrays()
+    config = msg.content["config"]
+    target, start = int(config[protocol.CFG_TARGET]), int(config[protocol.CFG_FROM])
+    weights = [float(w) for w in config[protocol.CFG_WEIGHTS]]
+    summands = [int(k) for k in config[protocol.CFG_SUMMANDS]]
+    info = _info(context)
+    stored = int(info["version"]) if "version" in info and STATE_MODEL in context.state else None
+
+    if stored == target:
+        base_version, arrays = target, context.state[STATE_MODEL].to_numpy_ndarrays()
+    elif stored is not None and start <= stored < target:
+        base_version, arrays = stored, context.state[STATE_MODEL].to_numpy_ndarrays()
+    elif start == 0 and len(msg.content["arrays"]) > 0:
+        base_version, arrays = 0, msg.content["arrays"].to_numpy_ndarrays()
+    else:
+        raise ValueError(
+            f"{protocol.OUT_OF_DATE}: this node holds global version {stored}, the message carries "
+            f"versions {start + 1}..{target} without the initial model"
+        )
+
+    started = time.perf_counter()
+    if base_version < target:
+        scheme = client_scheme(settings, context)
+        chain = msg.content[protocol.CHAIN_KEY]
+        flat = _flatten(arrays)
+        for version in range(base_version + 1, target + 1):
+            index = version - start - 1
+            ciphertexts = protocol.record_to_ciphertexts(chain, f"v{version}")
+            decrypted = scheme.decrypt_sum(ciphertexts, flat.size, summands[index])
+            flat = protocol.apply_delta(flat, decrypted, weights[index])
+        arrays = _unflatten(flat, arrays)
+        context.state[STATE_MODEL] = ArrayRecord(arrays)
+        info[protocol.MET_DECRYPT] = time.perf_counter() - started  # the latest decryption
+    elif STATE_MODEL not in context.state or stored != target:
+        context.state[STATE_MODEL] = ArrayRecord(arrays)
+    info["version"] = target
+    return arrays
+
+
+def encrypted_upload(
+    settings: Settings, context: Context, global_weights: list, weights: list, config: dict
+) -> ArrayRecord:
+    """``Enc(w_k * clip(x_k - G, C))`` as uint8 arrays; ``config`` must hold ``num-examples``."""
+    scheme = client_scheme(settings, context)
+    clip_norm = float(config.get(protocol.CFG_CLIP, settings.he_clip_norm))
+    weighting = str(config.get(protocol.CFG_WEIGHTING, settings.he_client_weighting))
+    started = time.perf_counter()
+    update = _flatten(weights).astype(np.float64) - _flatten(global_weights).astype(np.float64)
+    update = protocol.clip_update(update, clip_norm)
+    weight = protocol.client_weight(int(config["num-examples"]), weighting)
+    ciphertexts = scheme.encrypt(weight * update)
+    _info(context)[protocol.MET_ENCRYPT] = time.perf_counter() - started
+    return protocol.ciphertexts_to_record(ciphertexts)
+
+
+def reply_metrics(settings: Settings, context: Context) -> dict[str, float | int]:
+    """Metrics the server needs (version trained from) and records (encrypt/decrypt seconds)."""
+    if settings.homomorphic_encryption == "none":
+        return {}
+    info = _info(context)
+    metrics: dict[str, float | int] = {protocol.MET_BASE: int(info["version"])}
+    for key in (protocol.MET_DECRYPT, protocol.MET_ENCRYPT):
+        if key in info and math.isfinite(float(info[key])):
+            metrics[key] = float(info[key])
+    return metrics

@@ -1,0 +1,122 @@
+"""The node's KerasClient: settings, data and compiled model, built once per process and cached.
+
+One compiled Keras model per worker process serves every virtual client that the worker runs:
+TensorFlow is imported once, the model is built and compiled once, and each client only sets
+weights and resets the optimizer (see :class:`~fl_app.task.keras_client.KerasClient`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+from flwr.app import Context
+
+from fl_app.attacks.poisoning import poison_labels
+from fl_app.config.settings import Settings
+from fl_app.task.data import ClientData, client_data
+from fl_app.task.keras_client import KerasClient, compile_model
+
+
+@functools.lru_cache(maxsize=4)
+def _parse_settings(items: tuple) -> Settings:
+    return Settings.from_run_config(dict(items))
+
+
+def settings_from_context(context: Context) -> Settings:
+    """The run's settings, parsed once per process and run config."""
+    return _parse_settings(tuple(sorted(context.run_config.items())))
+
+
+@functools.lru_cache(maxsize=64)
+def client_data_of(settings: Settings, partition_id: int, data_path: str) -> ClientData:
+    data = client_data(settings, partition_id, data_path)
+    y_train = poison_labels(settings, partition_id, data.y_train, data.num_classes)
+    return dataclasses.replace(data, y_train=y_train) if y_train is not data.y_train else data
+
+
+@functools.lru_cache(maxsize=4)
+def compiled_model(
+    model_name: str,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    optimizer: str,
+    learning_rate: float,
+    seed: int,
+    threads: int,
+    dp_sgd: tuple[float, float, int, bool] | None = None,
+):
+    """The worker's compiled model; ``dp_sgd = (noise multiplier, l2 clip, microbatches (0: per
+    example), vectorized)`` compiles it with TF Privacy's DP-SGD optimizer and per-example loss."""
+    import tensorflow as tf
+
+    from fl_app.task.models import build_model, make_optimizer
+
+    set_tf_threads(threads)
+    tf.keras.utils.set_random_seed(seed)
+    model = build_model(model_name, input_shape, num_classes, seed)
+    if dp_sgd is not None:
+        from fl_app.task.dp_sgd import dp_loss, make_dp_optimizer
+
+        noise, clip, microbatches, vectorized = dp_sgd
+        dp_optimizer = make_dp_optimizer(optimizer, learning_rate, clip, noise, microbatches or None, vectorized)
+        return compile_model(model, dp_optimizer, loss=dp_loss(), with_proximal_term=False)
+    return compile_model(model, make_optimizer(optimizer, learning_rate))
+
+
+def dp_sgd_key(settings: Settings) -> tuple[float, float, int, bool] | None:
+    if settings.dp_sgd_noise_multiplier <= 0:
+        return None
+    return (
+        settings.dp_sgd_noise_multiplier,
+        settings.dp_sgd_l2_clip,
+        settings.dp_sgd_microbatches,
+        settings.dp_sgd_vectorized,
+    )
+
+
+@functools.cache
+def set_tf_threads(threads: int) -> None:
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:  # TensorFlow already initialised in this process: keep its pools
+        pass
+
+
+def make_client(context: Context) -> KerasClient:
+    """The KerasClient of the node that ``context`` describes (node config: partition-id, data-path)."""
+    settings = settings_from_context(context)
+    partition_id = partition_id_of(context)
+    data_path = str(context.node_config.get("data-path", ""))
+    data = client_data_of(settings, partition_id, data_path)
+    model, proximal = compiled_model(
+        settings.model,
+        tuple(data.x_train.shape[1:]),
+        data.num_classes,
+        settings.optimizer,
+        settings.learning_rate,
+        settings.seed,
+        settings.client_threads,
+        dp_sgd_key(settings),
+    )
+    return KerasClient(
+        model,
+        data,
+        local_epochs=settings.local_epochs,
+        batch_size=settings.batch_size,
+        seed=settings.seed + 7919 * partition_id,
+        proximal=proximal,
+        proximal_mu=settings.proximal_mu,
+    )
+
+
+def client_fn(context: Context):
+    """Legacy-stack entry point: ``flwr.clientapp.ClientApp(client_fn=client_fn)``."""
+    return make_client(context).to_client()
+
+
+def partition_id_of(context: Context) -> int:
+    return int(context.node_config.get("partition-id", 0))

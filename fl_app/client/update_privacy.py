@@ -1,0 +1,113 @@
+"""What a client does for privacy before its update leaves the device, and its DP-SGD report.
+
+* ``dp-mode='client-clipping'`` (with ``strategy='dp-fedavg'``, or under secure aggregation): the
+  update ``u = w - w_global`` is clipped to L2 norm ``C`` (the ``dp-clip-norm`` of the round's
+  train config, else of the run config), so the server never receives an unclipped update; the
+  server adds the Gaussian noise (as Flower's client-side fixed clipping).
+* ``dp-mode='local-gaussian'``: ``clip_L2(u, C) + N(0, (z C)^2 I)`` on the device.
+* ``dp-mode='local-laplace'``: ``clip_L1(u, C) + Laplace(0, 2C / epsilon)`` per coordinate, the
+  classic ``Laplace(0, sensitivity / epsilon)`` with the L1 sensitivity ``2C`` of any two inputs.
+
+Noise comes from :func:`strategies.private.mechanisms.secure_generator` (seeded by ``secrets``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fl_app.config.settings import Settings
+from strategies.private.mechanisms import local_dp_gaussian, local_dp_laplace, secure_generator
+from strategies.robust.preaggregation import clip_rows_to_norm
+
+CLIENT_MODES = ("client-clipping", "local-gaussian", "local-laplace")
+
+
+def client_dp_mode(settings: Settings) -> str | None:
+    """The client-side DP transform this run needs, or None."""
+    if settings.dp_mode in CLIENT_MODES and (settings.strategy == "dp-fedavg" or settings.secure_aggregation):
+        return settings.dp_mode
+    return None
+
+
+def private_weights(
+    settings: Settings,
+    global_weights: list[np.ndarray],
+    weights: list[np.ndarray],
+    config: dict,
+    rng: np.random.Generator | None = None,
+) -> list[np.ndarray]:
+    """``global + transform(weights - global)`` for the run's client-side DP mode (identity if none)."""
+    mode = client_dp_mode(settings)
+    if mode is None:
+        return weights
+    clip = float(config.get("dp-clip-norm", settings.dp_clip_norm))
+    update = np.concatenate(
+        [(np.asarray(w, np.float32) - np.asarray(g, np.float32)).ravel() for w, g in zip(weights, global_weights)]
+    )
+    if mode == "client-clipping":
+        row = update[None, :]
+        clip_rows_to_norm(row, clip)
+        update = row[0]
+    elif mode == "local-gaussian":
+        update = local_dp_gaussian(update, clip, settings.dp_noise_multiplier * clip, rng or secure_generator())
+    else:
+        update = local_dp_laplace(update, clip, settings.dp_local_epsilon, rng or secure_generator())
+    out = _add(global_weights, update)
+    if mode == "client-clipping":
+        # g + u rounds to float32: shrink until the update the server reconstructs (w - g in float32,
+        # as strategies.core.update_matrix does) has norm <= C too
+        for _ in range(8):
+            sent = np.concatenate([(w - np.asarray(g, np.float32)).ravel() for w, g in zip(out, global_weights)])
+            norm = float(np.sqrt(np.dot(sent.astype(np.float64), sent.astype(np.float64))))
+            if norm <= clip:
+                break
+            update = update * np.float32(clip / norm * (1 - 2.0**-20))
+            out = _add(global_weights, update)
+    return out
+
+
+def _add(global_weights: list[np.ndarray], update: np.ndarray) -> list[np.ndarray]:
+    """``global + update`` array by array (``update`` is the flat float32 vector)."""
+    out, offset = [], 0
+    for g in global_weights:
+        g = np.asarray(g)
+        part = update[offset : offset + g.size].reshape(g.shape)
+        out.append((g.astype(np.float32) + part).astype(g.dtype))
+        offset += g.size
+    return out
+
+
+def dp_sgd_report(settings: Settings, num_examples: int, server_round: int) -> dict[str, float]:
+    """``{"dp-sgd-epsilon": ...}``: the example-level epsilon of this client's DP-SGD so far.
+
+    An upper bound: the client is assumed to have trained ``local-epochs`` epochs in every round
+    up to ``server_round`` (Poisson-sampled Gaussian steps, :func:`fl_app.task.dp_sgd.example_level_epsilon`).
+    Empty when DP-SGD is off.
+    """
+    if settings.dp_sgd_noise_multiplier <= 0:
+        return {}
+    from fl_app.task.dp_sgd import example_level_epsilon
+
+    epsilon = example_level_epsilon(
+        num_examples,
+        settings.batch_size,
+        settings.dp_sgd_noise_multiplier,
+        settings.local_epochs * max(1, server_round),
+        settings.dp_delta,
+        num_microbatches=settings.dp_sgd_microbatches or None,
+        method=settings.dp_accounting,
+    )
+    return {"dp-sgd-epsilon": float(epsilon)}
+
+
+class InjectedFault(RuntimeError):
+    """Raised by a client that the run config's fault-injection keys tell to fail (tests only)."""
+
+
+def maybe_fail(settings: Settings, partition_id: int, server_round: int) -> None:
+    """Raise :class:`InjectedFault` if ``fault-partition-ids`` holds this partition and
+    ``server_round == fault-round`` (a client that drops out mid-round, for dropout tests)."""
+    if settings.fault_round and server_round == settings.fault_round and partition_id in settings.fault_partitions():
+        raise InjectedFault(
+            f"partition {partition_id} fails in round {server_round} (fault-partition-ids / fault-round)"
+        )

@@ -1,0 +1,52 @@
+"""Which settings SecAgg+ can serve (checked with the rest of the run config, before training)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fl_app.config.settings import Settings
+
+
+def clients_per_round(settings: Settings) -> int:
+    """``m``: max(min-train-clients, floor(fraction-train * num-partitions)), at most num-partitions."""
+    return min(
+        max(settings.min_train_clients, int(settings.fraction_train * settings.num_partitions)), settings.num_partitions
+    )
+
+
+def check_secure_aggregation(settings: Settings) -> None:
+    """Refuse settings that SecAgg+ cannot serve (errors name the keys)."""
+    rule = settings.aggregation_rule if settings.strategy in ("robust", "dp-fedavg") else settings.strategy
+    if settings.strategy not in ("fedavg", "dp-fedavg", "robust") or rule != "mean":
+        raise ValueError(
+            f"secure-aggregation=true: the server only sees the sum of the updates, so strategy "
+            f"'{settings.strategy}' (aggregation rule '{rule}') that needs individual updates cannot run; "
+            f"use strategy='dp-fedavg' or 'fedavg' (aggregation-rule='mean')"
+        )
+    if settings.strategy == "dp-fedavg" and settings.dp_mode != "client-clipping":
+        raise ValueError(
+            f"secure-aggregation=true with strategy='dp-fedavg' needs dp-mode='client-clipping', got "
+            f"'{settings.dp_mode}': the server cannot clip updates it never sees, and adds the noise itself"
+        )
+    if settings.strategy == "dp-fedavg" and settings.dp_sampling != "fixed-size":
+        raise ValueError(
+            "secure-aggregation=true with strategy='dp-fedavg' needs dp-sampling='fixed-size' (SecAgg+ "
+            "runs on a known set of clients per round)"
+        )
+    m = clients_per_round(settings)
+    shares, threshold = settings.secagg_num_shares, settings.secagg_reconstruction_threshold
+    if shares < 3 or shares > m:
+        raise ValueError(
+            f"secagg-num-shares must be in [3, clients per round = {m}] (max(min-train-clients, "
+            f"fraction-train * num-partitions)), got {shares}"
+        )
+    if not 2 <= threshold < shares:
+        raise ValueError(
+            f"secagg-reconstruction-threshold must be in [2, secagg-num-shares = {shares}), got {threshold}"
+        )
+    if settings.secagg_quantization_range < 2 or settings.secagg_quantization_range * m >= 2**32:
+        raise ValueError(
+            f"secagg-quantization-range must be >= 2 and its product with the clients per round ({m}) "
+            f"< 2**32, got {settings.secagg_quantization_range}"
+        )

@@ -1,0 +1,213 @@
+"""The model card: a short markdown summary of what was trained, how, and how well it does.
+
+After Mitchell et al. 2019 ("Model Cards for Model Reporting"), cut down to what a federated run
+knows: data set and partitioning, strategy and its parameters, rounds, privacy guarantee, robustness
+settings, accuracy (centralized, federated, TFLite) and model size, and whether the export passed
+its check before shipping.
+
+Privacy and robustness settings are read from whatever run-config keys exist (``dp-*``,
+``aggregation-rule``, ``clip-norm``, ...; any field whose name starts with one of
+:data:`PRIVACY_PREFIXES` / :data:`ROBUSTNESS_PREFIXES`), and epsilon from the last round's
+``extra["epsilon"]`` (what a DP strategy reports through its MetricRecord), so the card grows with
+the settings without changes here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from fl_app.config.settings import Settings
+from fl_app.server.run_directory import RoundRecord
+
+PRIVACY_PREFIXES = ("dp_", "privacy_", "secagg", "secure_")
+ROBUSTNESS_PREFIXES = (
+    "aggregation_rule",
+    "clip_norm",
+    "norm_bound",
+    "trim",
+    "krum",
+    "byzantine",
+    "robust",
+    "attack",
+    "num_malicious",
+    "bulyan",
+)
+
+_STRATEGY_PARAMS = {
+    "fedprox": ("proximal_mu",),
+    "fedadam": ("server_learning_rate",),
+    "fedyogi": ("server_learning_rate",),
+    "fedadagrad": ("server_learning_rate",),
+    "fedavgm": ("server_learning_rate", "server_momentum"),
+}
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.3g}" if 0 < abs(value) < 1e-3 else f"{value:.4f}"
+    return str(value)
+
+
+def _size(num_bytes: int | None) -> str:
+    if num_bytes is None:
+        return "–"
+    return f"{num_bytes / 1024:.1f} KiB ({num_bytes:,} bytes)"
+
+
+def _fields_with_prefix(settings: Settings, prefixes: tuple[str, ...]) -> dict[str, Any]:
+    return {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings) if f.name.startswith(prefixes)}
+
+
+def privacy_lines(settings: Settings, history: list[RoundRecord]) -> list[str]:
+    """The privacy guarantee: (epsilon, delta) and level for each mechanism that ran, else 'none'."""
+    epsilon = next((r.extra["epsilon"] for r in reversed(history) if "epsilon" in r.extra), None)
+    example_epsilon = next(
+        (r.extra["dp-sgd-epsilon-max"] for r in reversed(history) if "dp-sgd-epsilon-max" in r.extra), None
+    )
+    user_level = settings.strategy == "dp-fedavg" or settings.secure_aggregation
+    example_level = settings.dp_sgd_noise_multiplier > 0
+    if not (user_level or example_level or epsilon is not None):
+        return ["- none: no differential privacy was configured (no formal guarantee)"]
+    rounds = sum(1 for r in history if r.round > 0)
+    lines = []
+    if user_level or epsilon is not None:
+        if epsilon is not None:
+            lines.append(
+                f"- user level ({settings.dp_mode}): (epsilon = {_fmt(float(epsilon))}, delta = "
+                f"{_fmt(settings.dp_delta)})-DP after {rounds} rounds, accounted with "
+                f"{settings.dp_accounting.upper()} for {settings.dp_sampling} client sampling"
+            )
+        else:
+            lines.append(
+                f"- user level ({settings.dp_mode}): no epsilon was reported; target epsilon "
+                f"{_fmt(settings.dp_target_epsilon)}, delta {_fmt(settings.dp_delta)}"
+            )
+    if example_level:
+        value = "not reported" if example_epsilon is None else f"epsilon = {_fmt(float(example_epsilon))}"
+        lines.append(
+            f"- example level (DP-SGD on the clients): largest client {value}, delta = {_fmt(settings.dp_delta)}"
+        )
+    fields = _fields_with_prefix(settings, PRIVACY_PREFIXES)
+    lines.extend(f"- `{_key(k)}` = {_fmt(v)}" for k, v in fields.items())
+    return lines
+
+
+def robustness_lines(settings: Settings, history: list[RoundRecord]) -> list[str]:
+    fields = _fields_with_prefix(settings, ROBUSTNESS_PREFIXES)
+    lines = [f"- `{_key(k)}` = {_fmt(v)}" for k, v in fields.items()]
+    if not lines:
+        lines.append(f"- aggregation: the strategy's own rule (`{settings.strategy}`); no robust-aggregation settings")
+    lines.append(f"- client replies that failed: {sum(r.clients_failed for r in history)}")
+    rejected = [r.extra["rejected"] for r in history if isinstance(r.extra.get("rejected"), (int, float))]
+    if rejected:
+        lines.append(f"- replies rejected by the strategy: {int(sum(rejected))}")
+    return lines
+
+
+def render(
+    settings: Settings,
+    history: list[RoundRecord],
+    *,
+    parameters: int | None,
+    keras_size: int | None,
+    export_report: dict | None,
+    num_server_test: int | None,
+) -> str:
+    """The model card as markdown."""
+    trained = [r for r in history if r.round > 0]
+    last = history[-1] if history else RoundRecord(round=0)
+    best = max(
+        (r for r in history if r.centralized_accuracy is not None), key=lambda r: r.centralized_accuracy, default=None
+    )
+    data = settings.dataset
+    if settings.dataset == "huggingface":
+        data += f" (`{settings.hf_dataset}`)"
+    elif settings.dataset == "local-file":
+        data += f" (each node's own file; `data-path` = `{settings.data_path}`)"
+    partition = settings.partitioner
+    if settings.partitioner == "dirichlet":
+        partition += f" (alpha = {settings.dirichlet_alpha})"
+    elif settings.partitioner == "shards":
+        partition += f" ({settings.shards_per_client} shards per client)"
+    strategy_params = ", ".join(
+        f"`{_key(p)}` = {getattr(settings, p)}" for p in _STRATEGY_PARAMS.get(settings.strategy, ())
+    )
+    lines = [
+        f"# Model card: `{settings.model}` trained with `{settings.strategy}`",
+        "",
+        "## Data",
+        f"- data set: {data}",
+        f"- partitioning: {partition} over {settings.num_partitions} clients; each client keeps "
+        f"{settings.test_fraction:.0%} of its share as its test split",
+        f"- server held-out test set: {settings.server_test_fraction:.0%} of the pool (stratified)"
+        + (f", {num_server_test} examples" if num_server_test else ""),
+        "",
+        "## Training",
+        f"- strategy: `{settings.strategy}`" + (f" ({strategy_params})" if strategy_params else ""),
+        f"- rounds: {len(trained)} of {settings.num_server_rounds}; clients sampled per round: "
+        f"fraction-train {settings.fraction_train} (at least {settings.min_train_clients})",
+        f"- local training: {settings.local_epochs} epochs of {settings.optimizer}, learning rate "
+        f"{settings.learning_rate}, batch size {settings.batch_size}; seed {settings.seed}",
+        "",
+        "## Privacy",
+        *privacy_lines(settings, history),
+        "",
+        "## Robustness",
+        *robustness_lines(settings, history),
+        "",
+        "## Accuracy",
+        "| model | centralized (server test set) | federated (client test splits) |",
+        "|---|---|---|",
+        f"| Keras, final round | {_fmt(last.centralized_accuracy)} | {_fmt(last.federated_accuracy)} |",
+    ]
+    if best is not None and best.round != last.round:
+        lines.append(
+            f"| Keras, best round ({best.round}) | {_fmt(best.centralized_accuracy)} | "
+            f"{_fmt(best.federated_accuracy)} |"
+        )
+    if export_report:
+        for name, entry in export_report.get("models", {}).items():
+            keras = entry.get("keras", {})
+            if "federated_accuracy" in keras:
+                lines.append(
+                    f"| Keras, {name} (export-check round clients) | "
+                    f"{_fmt(keras.get('centralized_accuracy'))} | {_fmt(keras['federated_accuracy'])} |"
+                )
+            for variant, result in entry.get("tflite", {}).items():
+                lines.append(
+                    f"| TFLite {variant}, {name} (export-check round clients) | "
+                    f"{_fmt(result.get('centralized_accuracy'))} | {_fmt(result.get('federated_accuracy'))} |"
+                )
+    lines += [
+        "",
+        "## Size",
+        f"- parameters: {parameters:,}" if parameters is not None else "- parameters: –",
+        f"- `model.keras`: {_size(keras_size)}",
+    ]
+    if export_report:
+        for name, entry in export_report.get("models", {}).items():
+            for variant, result in entry.get("tflite", {}).items():
+                latency = result.get("latency_per_example", {}).get("median_seconds")
+                lines.append(
+                    f"- TFLite {variant} ({name}): {_size(result.get('size_bytes'))}"
+                    + (
+                        f", median latency {latency * 1e3:.3f} ms per example (one per invoke, server CPU)"
+                        if latency is not None
+                        else ""
+                    )
+                )
+        lines += ["", "## Export check"]
+        status = "**ready to ship**" if export_report.get("ready") else "**NOT ready**"
+        lines.append(f"- {status} (tolerance {export_report.get('tolerance')} accuracy below Keras)")
+        lines.extend(f"- {reason}" for reason in export_report.get("reasons", []))
+        selection = export_report.get("federated_check", {}).get("selection")
+        if selection:
+            lines.append(f"- federated check clients: {selection}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,287 @@
+"""``fl-keras-run``: run the app in Flower's simulation engine, start to finish, in one command.
+
+``flwr run .`` alone starts a detached local SuperLink that outlives the command, is found again
+only by its port, and keeps the environment and working directory of the run that started it
+(DESIGN.md). This launcher makes a run self-contained instead:
+
+1. a private ``FLWR_HOME`` (``<app>/.flwr``) and free loopback ports for the local SuperLink;
+2. runtime dependency installation off, so the SuperLink uses this (locked) environment;
+3. it starts that SuperLink itself (the same command ``flwr run`` would), keeps its PID,
+   runs ``flwr run <app> --stream`` against it, and stops it (by PID, bounded wait) at the end;
+4. it exits non-zero when the run's final status is not ``finished:completed``.
+
+Everything after ``--`` (or any unknown option) is passed to ``flwr run``, e.g.
+``fl-keras-run -- -c "strategy='fedprox' proximal-mu=0.1"``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+HEALTH_TIMEOUT_S = 60.0
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _bin(name: str) -> str:
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def prepare_environment(flwr_home: Path, http_port: int, control_port: int) -> dict[str, str]:
+    """Environment for ``flower-superlink`` and ``flwr``: private home, ports, no runtime installs."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n',
+        encoding="utf-8",
+    )
+    env = dict(os.environ)
+    env.update(
+        FLWR_HOME=str(flwr_home),
+        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(http_port),
+        FLWR_LOCAL_CONTROL_API_PORT=str(control_port),
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+    )
+    return env
+
+
+def _healthy(port: int) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.5).is_success
+    except httpx.HTTPError:
+        return False
+
+
+@contextmanager
+def local_superlink(env: dict[str, str], cwd: Path, log_file: Path) -> Iterator[subprocess.Popen]:
+    """Start a simulation SuperLink on the ports in ``env``; stop it (by PID) on exit."""
+    http_port = int(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"])
+    command = [
+        sys.executable,
+        "-m",
+        "fl_app.deploy.superlink_entry",
+        "--insecure",
+        "--simulation",
+        "--isolation",
+        "subprocess",
+        "--control-api-address",
+        f"127.0.0.1:{env['FLWR_LOCAL_CONTROL_API_PORT']}",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(http_port),
+        "--log-file",
+        str(log_file),
+    ]
+    process = subprocess.Popen(
+        command,
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + HEALTH_TIMEOUT_S
+        while not _healthy(http_port):
+            if process.poll() is not None:
+                raise RuntimeError(f"flower-superlink exited with code {process.returncode}; see {log_file}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"flower-superlink not healthy after {HEALTH_TIMEOUT_S:.0f} s; see {log_file}")
+            time.sleep(0.2)
+        yield process
+    finally:
+        stop_process_tree(process)
+
+
+def descendants(pid: int) -> list[int]:
+    """PIDs of every live descendant of ``pid``.
+
+    Flower's SuperLink starts its SuperExec in a process group of its own, and that one starts the
+    simulation (and Ray), so killing the SuperLink's group alone would leave them running.
+    """
+    from fl_app.deploy.process_tools import process_tree
+
+    return process_tree(pid)[1:]
+
+
+def _signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+def stop_process_tree(process: subprocess.Popen, timeout: float = 15.0, sig: int = signal.SIGTERM) -> None:
+    """Stop ``process`` (a session leader), its process group and all its descendants, by PID:
+    ``sig`` (default SIGTERM; SIGKILL simulates a crash), then SIGKILL after ``timeout`` seconds.
+
+    The tree is collected before anything is signalled, since orphans are re-parented to init.
+    """
+    tree = descendants(process.pid)
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+    _signal_all(tree, sig)
+    deadline = time.monotonic() + timeout
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=timeout)
+    while any(_alive(pid) for pid in tree) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    tree += [pid for pid in descendants(process.pid) if pid not in tree]
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    _signal_all(tree, signal.SIGKILL)
+    if process.poll() is None:
+        process.wait(timeout=timeout)
+
+
+def run_status(env: dict[str, str], app: Path) -> str:
+    """The status of the newest run on the SuperLink, e.g. ``finished:completed``."""
+    result = subprocess.run(
+        [_bin("flwr"), "ls", "local", "--format", "json"],
+        env=env,
+        cwd=app,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    try:
+        runs = json.loads(result.stdout).get("runs", [])
+    except json.JSONDecodeError:
+        return f"unknown ({result.stdout.strip() or result.stderr.strip()})"
+    if not runs:
+        return "unknown (no run listed)"
+
+    def run_id(run: dict) -> int:  # `flwr ls --format json` gives run ids as strings
+        try:
+            return int(run.get("run-id", 0))
+        except (TypeError, ValueError):
+            return 0
+
+    newest = max(runs, key=run_id)
+    return str(newest.get("status", "unknown"))
+
+
+def default_num_partitions(app: Path) -> int:
+    config = tomllib.loads((app / "pyproject.toml").read_text(encoding="utf-8"))
+    return int(config["tool"]["flwr"]["app"]["config"]["num-partitions"])
+
+
+def print_summary(output_dir: Path) -> None:
+    latest = output_dir / "latest"
+    if not latest.exists():
+        print("No run directory was written.")
+        return
+    summary_file = Path(latest.read_text(encoding="utf-8").strip()) / "summary.json"
+    if not summary_file.exists():
+        print(f"The run wrote no summary ({summary_file} is missing).")
+        return
+    summary = json.loads(summary_file.read_text(encoding="utf-8"))
+    print("\n=== Summary " + "=" * 50)
+    for key, value in summary.items():
+        if key != "settings":
+            print(f"{key:<28} {value}")
+
+
+def _threads(app: Path, cpus_per_client: int) -> str:
+    """`` client-threads=N``: TensorFlow threads = the CPUs Ray gives each virtual client (only for
+    apps that have the key; a later ``-c client-threads=…`` still wins)."""
+    config = tomllib.loads((app / "pyproject.toml").read_text(encoding="utf-8"))
+    return f" client-threads={cpus_per_client}" if "client-threads" in config["tool"]["flwr"]["app"]["config"] else ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="fl-keras-run",
+        description="Run the federation in Flower's simulation engine with a private local SuperLink.",
+    )
+    parser.add_argument("--app", type=Path, default=Path.cwd(), help="the Flower app directory")
+    parser.add_argument(
+        "--clients", type=int, default=None, help="simulated SuperNodes (and num-partitions); default: num-partitions"
+    )
+    parser.add_argument("--cpus-per-client", type=int, default=1)
+    parser.add_argument(
+        "--output-dir", type=Path, default=None, help="where run directories go (default: <app>/outputs)"
+    )
+    args, flwr_args = parser.parse_known_args(argv)
+    # SIGTERM (e.g. a test's timeout) unwinds like Ctrl-C, so the SuperLink's tree is always stopped
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    if flwr_args and flwr_args[0] == "--":
+        flwr_args = flwr_args[1:]
+
+    app = args.app.resolve()
+    clients = args.clients or default_num_partitions(app)
+    output_dir = (args.output_dir or app / "outputs").resolve()
+    flwr_home = app / ".flwr"
+    env = prepare_environment(flwr_home, free_port(), free_port())
+
+    command = [
+        _bin("flwr"),
+        "run",
+        str(app),
+        "local",
+        "--stream",
+        "--federation-config",
+        f"num-supernodes={clients} client-resources-num-cpus={args.cpus_per_client} client-resources-num-gpus=0",
+        "-c",
+        f"output-dir='{output_dir}' num-partitions={clients}{_threads(app, args.cpus_per_client)}",
+        *flwr_args,
+    ]
+    started = time.perf_counter()
+    # SIGTERM (e.g. a benchmark's timeout) unwinds like Ctrl-C, so the SuperLink is stopped below
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    with local_superlink(env, app, flwr_home / "superlink.log") as superlink:
+        print(
+            f"Local SuperLink started: pid {superlink.pid}, 127.0.0.1:{env['FLWR_LOCAL_SUPERLINK_HTTP_API_PORT']}",
+            flush=True,
+        )
+        completed = subprocess.run(command, env=env, cwd=app)
+        status = run_status(env, app)
+    print(
+        f"\nflwr run exited with {completed.returncode}; run status: {status}; "
+        f"{time.perf_counter() - started:.1f} s in all"
+    )
+    print_summary(output_dir)
+    if completed.returncode != 0 or status != "finished:completed":
+        print(f"The run did not complete (status {status}); see {flwr_home / 'superlink.log'}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""The round loop: Flower's ``Strategy.start`` template, plus a record of every round.
+
+:func:`run_rounds` drives any Message-API strategy (Flower's built-ins and ours) through
+``configure_train → send → aggregate_train → configure_evaluate → send → aggregate_evaluate →
+centralized evaluation``, exactly as ``Strategy.start`` does, and in addition records per round who
+replied, who failed and why, bytes sent and received, and time. It never lets a client's reply
+crash the server: if a strategy's aggregation raises, the round keeps the previous global model and
+the error goes into the history.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterable
+from logging import INFO, WARNING
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fl_app.server.run_directory import RoundRecord
+from strategies.core.errors import StopTraining
+
+EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
+RoundCallback = Callable[[RoundRecord, ArrayRecord], None]
+
+_TRAIN_KEYS = {"train-loss": "train_loss", "train-accuracy": "train_accuracy"}
+
+
+def message_bytes(messages: Iterable[Message]) -> int:
+    """Bytes of the arrays that ``messages`` carry (what dominates the traffic)."""
+    total = 0
+    for message in messages:
+        if message.has_content():
+            total += sum(r.count_bytes() for r in message.content.array_records.values())
+    return total
+
+
+def split_replies(replies: Iterable[Message], messages: Iterable[Message] = ()) -> tuple[list[Message], list[str]]:
+    """The replies with content, and a ``"node <id>: <reason>"`` line for each error reply.
+
+    An error reply that the SuperLink makes itself (e.g. "Node Unavailable" for a node that
+    stopped sending heartbeats) comes from the SuperLink's own id: the node is then the
+    destination of the ``messages`` entry that the reply answers.
+    """
+    destination = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+    ok, failures = [], []
+    for reply in replies:
+        if reply.has_error():
+            node = destination.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            failures.append(f"node {node}: {reply.error.reason}")
+        else:
+            ok.append(reply)
+    return ok, failures
+
+
+MAX_METRICS = ("dp-sgd-epsilon",)
+"""Client metrics the history reports as their largest value over the round's replies."""
+
+
+def max_of_reply_metrics(replies: Iterable[Message]) -> dict[str, float]:
+    """``{"<key>-max": largest value}`` of each :data:`MAX_METRICS` key that the replies carry."""
+    out: dict[str, float] = {}
+    for reply in replies:
+        for record in reply.content.metric_records.values():
+            for key in MAX_METRICS:
+                value = record.get(key)
+                if isinstance(value, (int, float)):
+                    out[f"{key}-max"] = max(out.get(f"{key}-max", float(value)), float(value))
+    return out
+
+
+class NodesUnavailable(RuntimeError):
+    """Too few nodes stayed connected for a strategy to sample a round within the round timeout."""
+
+
+class PatientGrid:
+    """A :class:`Grid` whose ``get_node_ids`` gives up once a phase has waited ``timeout`` s.
+
+    Flower's strategies sample nodes by calling ``grid.get_node_ids()`` once a second until
+    ``min_available_nodes`` are connected, without a limit: one node that crashed for good would
+    stop the run. Before each phase :func:`run_rounds` calls :meth:`start_phase`; a strategy that
+    is still waiting for nodes after ``timeout`` seconds gets :class:`NodesUnavailable`, and the
+    round goes on without that phase. Everything else is the wrapped grid's.
+    """
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+        self._deadline: float | None = None
+        self._timeout = 0.0
+
+    def start_phase(self, timeout: float) -> None:
+        self._timeout = timeout
+        self._deadline = time.monotonic() + timeout
+
+    def get_node_ids(self) -> Iterable[int]:
+        node_ids = self._grid.get_node_ids()
+        if self._deadline is not None and time.monotonic() > self._deadline:
+            raise NodesUnavailable(
+                f"only {len(list(node_ids))} node(s) connected after waiting {self._timeout:g} s "
+                "(round-timeout) for the strategy's min-available-clients"
+            )
+        return node_ids
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+
+def missing_replies(messages: Iterable[Message], replies: Iterable[Message], timeout: float) -> list[str]:
+    """A ``"node <id>: ..."`` line for each node that was sent a message but never answered
+    (crashed, killed, cut off, or slower than ``timeout``)."""
+    answered = {reply.metadata.reply_to_message_id for reply in replies}
+    return [
+        f"node {node}: no reply within the round timeout ({timeout:g} s)"
+        for node in sorted(m.metadata.dst_node_id for m in messages if m.metadata.message_id not in answered)
+    ]
+
+
+def _metric(record: MetricRecord | None, key: str) -> float | None:
+    if record is None or key not in record:
+        return None
+    value = record[key]
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def run_rounds(
+    grid: Grid,
+    strategy: Strategy,
+    initial_arrays: ArrayRecord,
+    *,
+    num_rounds: int,
+    first_round: int = 1,
+    timeout: float = 600.0,
+    train_config: ConfigRecord | None = None,
+    evaluate_config: ConfigRecord | None = None,
+    evaluate_fn: EvaluateFn | None = None,
+    on_round_end: RoundCallback | None = None,
+    min_train_replies: int = 1,
+    sampling_seed: int | None = None,
+) -> tuple[ArrayRecord, list[RoundRecord]]:
+    """Run rounds ``first_round..num_rounds``; return the final arrays and the history.
+
+    A round with fewer than ``min_train_replies`` valid training replies keeps the previous global
+    model (and says so in the history). Nodes that do not answer within ``timeout`` are recorded
+    as failures. With ``sampling_seed``, Python's ``random`` (which Flower's strategies sample
+    nodes with) is seeded with ``(sampling_seed, round)`` before each round, so a resumed run
+    samples as an uninterrupted one would from the same nodes.
+
+    ``on_round_end(record, arrays)`` is called after every round (and after round 0, the
+    evaluation of the initial model, when ``first_round == 1``), e.g. to write the history and a
+    checkpoint.
+    """
+    history: list[RoundRecord] = []
+    arrays = initial_arrays
+    grid = PatientGrid(grid)
+    # a strategy may lower the bar: DP-FedAvg runs its mechanism (noise) on an empty Poisson sample
+    min_train_replies = min(min_train_replies, getattr(strategy, "min_train_replies", min_train_replies))
+    if evaluate_fn is not None and first_round == 1:
+        record = RoundRecord(round=0)
+        started = time.perf_counter()
+        result = evaluate_fn(0, arrays)
+        record.centralized_loss = _metric(result, "loss")
+        record.centralized_accuracy = _metric(result, "accuracy")
+        _close_round(record, started, history, num_rounds, on_round_end, arrays)
+
+    for server_round in range(first_round, num_rounds + 1):
+        record = RoundRecord(round=server_round)
+        started = time.perf_counter()
+        if sampling_seed is not None:
+            random.seed(f"{sampling_seed}/{server_round}")
+
+        grid.start_phase(timeout)
+        try:
+            messages = list(
+                strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config or {})), grid)
+            )
+        except StopTraining as err:  # e.g. the privacy budget: end after the last completed round
+            log(WARNING, "Training stops before round %d: %s", server_round, err)
+            break
+        except NodesUnavailable as err:
+            record.failures.append(f"train sampling: {err}")
+            messages = []
+        record.bytes_sent = message_bytes(messages)
+        replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
+        ok, failures = split_replies(replies, messages)
+        failures += missing_replies(messages, replies, timeout)
+        record.clients_replied, record.clients_failed = len(ok), len(failures)
+        record.failures.extend(failures)
+        record.bytes_received = message_bytes(ok)
+        record.extra.update(max_of_reply_metrics(ok))
+        if len(ok) < min_train_replies:
+            log(
+                WARNING,
+                "Round %d: %d valid replies < min-train-replies (%d), the global model is kept",
+                server_round,
+                len(ok),
+                min_train_replies,
+            )
+            record.failures.append(
+                f"round skipped: {len(ok)} valid replies < min-train-replies ({min_train_replies}); "
+                "the global model is kept"
+            )
+            new_arrays, train_metrics = None, None
+        else:
+            try:
+                new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+            except Exception as err:  # a strategy that trusts its clients must not stop the run
+                log(WARNING, "Round %d: aggregation failed, the global model is kept: %r", server_round, err)
+                record.failures.append(f"aggregation: {err!r}")
+                new_arrays, train_metrics = None, None
+            # strategies that validate replies say which they rejected (error replies are counted above)
+            record.failures.extend(getattr(strategy, "last_rejections", []))
+        if new_arrays is not None:
+            arrays = new_arrays
+        if train_metrics is not None:
+            for key, value in train_metrics.items():
+                if key in _TRAIN_KEYS:
+                    setattr(record, _TRAIN_KEYS[key], float(value))
+                else:
+                    record.extra[key] = value
+
+        grid.start_phase(timeout)
+        try:
+            eval_messages = list(
+                strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(evaluate_config or {})), grid)
+            )
+        except NodesUnavailable as err:
+            record.failures.append(f"evaluate sampling: {err}")
+            eval_messages = []
+        if eval_messages:
+            eval_replies = list(grid.send_and_receive(eval_messages, timeout=timeout))
+            _, eval_failures = split_replies(eval_replies, eval_messages)
+            eval_failures += missing_replies(eval_messages, eval_replies, timeout)
+            record.failures.extend(f"evaluate {line}" for line in eval_failures)
+            try:
+                federated = strategy.aggregate_evaluate(server_round, eval_replies)
+            except Exception as err:
+                log(WARNING, "Round %d: evaluation aggregation failed: %r", server_round, err)
+                record.failures.append(f"evaluate aggregation: {err!r}")
+                federated = None
+            record.federated_loss = _metric(federated, "loss")
+            record.federated_accuracy = _metric(federated, "accuracy")
+
+        if evaluate_fn is not None:
+            result = evaluate_fn(server_round, arrays)
+            record.centralized_loss = _metric(result, "loss")
+            record.centralized_accuracy = _metric(result, "accuracy")
+
+        _close_round(record, started, history, num_rounds, on_round_end, arrays)
+    return arrays, history
+
+
+def _close_round(
+    record: RoundRecord,
+    started: float,
+    history: list[RoundRecord],
+    num_rounds: int,
+    on_round_end: RoundCallback | None,
+    arrays: ArrayRecord,
+) -> None:
+    """Time, keep, log and report a finished round."""
+    record.seconds = time.perf_counter() - started
+    record.finished_at = time.time()
+    history.append(record)
+    _log_round(record, num_rounds)
+    if on_round_end is not None:
+        on_round_end(record, arrays)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _log_round(record: RoundRecord, num_rounds: int) -> None:
+    log(
+        INFO,
+        "[round %d/%d] central acc %s loss %s | federated acc %s | train loss %s | "
+        "%d replied, %d failed | %.1f kB up | %.2f s",
+        record.round,
+        num_rounds,
+        _fmt(record.centralized_accuracy),
+        _fmt(record.centralized_loss),
+        _fmt(record.federated_accuracy),
+        _fmt(record.train_loss),
+        record.clients_replied,
+        record.clients_failed,
+        record.bytes_received / 1e3,
+        record.seconds,
+    )
+    for line in record.failures:
+        log(WARNING, "[round %d] failure: %s", record.round, line)

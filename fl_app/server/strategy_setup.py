@@ -1,0 +1,63 @@
+"""The configured strategy, with what the server adds around it (simulated attacks, decoders)."""
+
+from __future__ import annotations
+
+from fl_app.config.settings import Settings, codec_from_settings
+from strategies.aggregation.strategy import AggregationStrategy
+from strategies.compression.decoder import UpdateDecoder
+from strategies.registry import build_strategy
+
+
+def attach_simulated_attack(settings: Settings, strategy) -> None:
+    """Omniscient attacks (ALIE, IPM) act on the server, inside our aggregation strategy."""
+    from fl_app.attacks.catalogue import ATTACKS
+
+    if not any(name != "none" and ATTACKS[name].omniscient for name in settings.attack_names()):
+        return
+    from fl_app.attacks.poisoning import OmniscientAttack
+
+    if not isinstance(strategy, AggregationStrategy):
+        raise ValueError(
+            f"attack '{settings.attack}' is simulated on the server and needs one of our aggregation "
+            f"strategies (strategy='robust' with aggregation-rule='mean' is FedAvg); got '{settings.strategy}'"
+        )
+    strategy.update_hooks.append(OmniscientAttack(settings))
+
+
+def make_strategy(settings: Settings, run_config) -> object:
+    """The configured strategy; with homomorphic encryption the server loads only the public key
+    (``he-public-key-path``; ``he-secret-key-path`` is never read here)."""
+    if settings.homomorphic_encryption != "none":
+        from strategies.encrypted.strategy import build_encrypted_strategy
+
+        return build_encrypted_strategy(run_config)
+    strategy = build_strategy(settings.strategy, run_config)
+    attach_simulated_attack(settings, strategy)
+    attach_compression(settings, strategy)
+    return strategy
+
+
+def attach_compression(settings: Settings, strategy) -> UpdateDecoder | None:
+    """Give ``strategy`` the decoder of the configured codec (None when compression is off).
+
+    Raises ValueError when compression is on and ``strategy`` is not one of our aggregation
+    strategies (Flower's built-ins would average the payload arrays as if they were weights).
+    """
+    if settings.compression == "none":
+        return None
+    if not isinstance(strategy, AggregationStrategy):
+        raise ValueError(
+            f"compression='{settings.compression}' needs one of our aggregation strategies, which "
+            f"decode uploads before aggregating (e.g. strategy='robust' aggregation-rule='mean' "
+            f"client-weighting='num-examples' is FedAvg); got strategy '{settings.strategy}'"
+        )
+    decoder = UpdateDecoder(codec_from_settings(settings))
+    strategy.decoder = decoder
+    aggregate_train = strategy.aggregate_train
+
+    def aggregate_train_at_round(server_round, replies):
+        decoder.server_round = server_round
+        return aggregate_train(server_round, replies)
+
+    strategy.aggregate_train = aggregate_train_at_round
+    return decoder

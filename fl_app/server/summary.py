@@ -1,0 +1,54 @@
+"""The run's closing figures (summary.json and the log's last lines)."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import numpy as np
+
+from fl_app.config.settings import Settings
+from fl_app.server.run_directory import RoundRecord, RunDirectory
+
+
+def privacy_summary(history: list[RoundRecord], stop_reason: str | None) -> dict:
+    """Epsilon (user level, and the clients' largest DP-SGD example-level one) and why training stopped."""
+    out: dict = {}
+    for key, name in (
+        ("epsilon", "epsilon (user level)"),
+        ("delta", "delta"),
+        ("dp-sgd-epsilon-max", "epsilon (example level, DP-SGD, largest client)"),
+    ):
+        values = [r.extra[key] for r in history if key in r.extra]
+        if values:
+            out[name] = values[-1]
+    if stop_reason:
+        out["stopped early"] = stop_reason
+    return out
+
+
+def summarize(settings: Settings, history: list[RoundRecord], seconds: float, run_dir: RunDirectory) -> dict:
+    """The run's closing figures (also written to summary.json)."""
+    last = history[-1] if history else RoundRecord(round=0)
+    trained = [r for r in history if r.round > 0]
+    return {
+        "strategy": settings.strategy,
+        "dataset": settings.dataset,
+        "model": settings.model,
+        "clients (partitions)": settings.num_partitions,
+        "rounds": len(trained),
+        "final centralized accuracy": last.centralized_accuracy,
+        "final centralized loss": last.centralized_loss,
+        "final federated accuracy": last.federated_accuracy,
+        "failed client replies": sum(r.clients_failed for r in trained),
+        "seconds": round(seconds, 2),
+        "tensorflow on the server": "tensorflow" in sys.modules,
+        "mean seconds per round": round(float(np.mean([r.seconds for r in trained])), 3) if trained else None,
+        "run directory": str(run_dir.path),
+        "model file": str(
+            run_dir.file("model.keras") if run_dir.file("model.keras").exists() else run_dir.file("weights.npz")
+        ),
+        "history": [str(run_dir.file("history.json")), str(run_dir.file("history.csv"))],
+        "plot": str(run_dir.file("metrics.png")),
+        "settings": dict(dataclasses.asdict(settings).items()),
+    }

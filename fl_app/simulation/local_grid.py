@@ -1,0 +1,110 @@
+"""An in-process Flower grid, for experiments and benchmarks with many virtual clients.
+
+:class:`LocalGrid` answers the messages of any Message-API strategy by calling this app's
+ClientApp handlers (:func:`fl_app.client_app.train` / :func:`~fl_app.client_app.evaluate`) in the
+calling process, one node after another, with a Flower ``Context`` per node (``partition-id``,
+``num-partitions``) — the same code path as Flower's simulation engine, without Ray, gRPC or one
+process per worker. A handler's exception becomes an error reply, as Flower does. Together with
+:func:`fl_app.server.round_loop.run_rounds` it runs whole federations inside a script (see
+:func:`run_local_federation`); ``flwr run`` remains the way to run the app itself.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from flwr.app import ArrayRecord, Context, Error, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fl_app.config.settings import Settings
+from fl_app.server.run_directory import RoundRecord
+
+
+def _ensure_task_identity() -> None:
+    """Flower messages carry run and task ids; outside a real run they must be set once."""
+    for name in ("run_id", "task_id", "node_id"):
+        if getattr(TaskIdentity, f"_{name}") is None:
+            setattr(TaskIdentity, name, 0 if name == "node_id" else 1)
+
+
+class LocalGrid:
+    """Enough of ``flwr.serverapp.Grid`` for strategies and :func:`run_rounds`, in one process.
+
+    Node ``i`` (node id ``i + 1``) is partition ``i``. ``node_configs`` may add keys per node
+    (e.g. ``data-path``).
+    """
+
+    def __init__(
+        self,
+        run_config: Mapping[str, Any],
+        num_nodes: int,
+        node_configs: Mapping[int, Mapping[str, Any]] | None = None,
+    ) -> None:
+        _ensure_task_identity()
+        self.run_config = dict(run_config)
+        self.contexts = {
+            i + 1: Context(
+                run_id=1,
+                node_id=i + 1,
+                node_config={"partition-id": i, "num-partitions": num_nodes, **dict((node_configs or {}).get(i, {}))},
+                state=RecordDict(),
+                run_config=self.run_config,
+            )
+            for i in range(num_nodes)
+        }
+        self.seconds_in_clients = 0.0
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        from fl_app import client_app
+
+        replies = []
+        for message in messages:
+            context = self.contexts[message.metadata.dst_node_id]
+            handler = client_app.train if message.metadata.message_type == MessageType.TRAIN else client_app.evaluate
+            started = time.perf_counter()
+            try:
+                replies.append(handler(message, context))
+            except Exception as err:  # as Flower does: the failure becomes the node's error reply
+                reason = f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=3)}"
+                replies.append(Message(Error(code=1, reason=reason), reply_to=message))
+            self.seconds_in_clients += time.perf_counter() - started
+        return replies
+
+
+def run_local_federation(
+    run_config: Mapping[str, Any],
+    *,
+    num_rounds: int | None = None,
+    evaluate_centrally: bool = True,
+) -> tuple[ArrayRecord, list[RoundRecord]]:
+    """Run the federation that ``run_config`` describes in this process; return final arrays and history."""
+    import tensorflow as tf
+
+    from fl_app.server.evaluation import CentralEvaluator, model_spec
+    from fl_app.server.round_loop import run_rounds
+    from fl_app.server.strategy_setup import make_strategy
+    from fl_app.task.models import build_model
+
+    settings = Settings.from_run_config(run_config)
+    config = settings.to_run_config()
+    strategy = make_strategy(settings, config)
+    evaluate_centrally = evaluate_centrally and settings.homomorphic_encryption == "none"
+    input_shape, num_classes, test_set = model_spec(settings)
+    tf.keras.utils.set_random_seed(settings.seed)
+    model = build_model(settings.model, input_shape, num_classes, settings.seed)
+    evaluator = CentralEvaluator(model, *test_set) if (test_set is not None and evaluate_centrally) else None
+    grid = LocalGrid(config, settings.num_partitions)
+    return run_rounds(
+        grid,
+        strategy,
+        ArrayRecord(model.get_weights()),
+        num_rounds=num_rounds or settings.num_server_rounds,
+        timeout=settings.round_timeout,
+        evaluate_fn=evaluator,
+    )

@@ -1,0 +1,314 @@
+"""Data sets and their federated partitions.
+
+Every data set becomes one pool of numpy arrays ``(x, y)`` with integer labels. The server keeps a
+stratified, held-out share of the pool for centralized evaluation; the rest is split among the
+clients with a ``flwr_datasets`` partitioner (IID, Dirichlet label skew, or label-sorted shards as
+in McMahan et al. 2017). Each client splits its own partition into train and test. The same
+settings and seed always give the same partitions.
+
+In deployment each SuperNode reads its own local file instead (``.npz`` with arrays ``x`` and ``y``,
+or a CSV with a label column); :func:`load_local_file` checks it and says what is wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+
+import numpy as np
+
+from fl_app.config.settings import Settings
+
+
+class DataFileError(ValueError):
+    """A local data file that cannot be trained on; the message says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientData:
+    """One client's local train and test split."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class FederatedData:
+    """The pool split into a server test set and per-client index partitions."""
+
+    x: np.ndarray
+    y: np.ndarray
+    partitions: tuple[np.ndarray, ...]
+    x_server_test: np.ndarray
+    y_server_test: np.ndarray
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
+
+# --------------------------------------------------------------------------- data sets
+
+
+def load_digits_arrays() -> tuple[np.ndarray, np.ndarray, int]:
+    """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes) as (n, 8, 8, 1) in [0, 1]."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = (digits.images.astype(np.float32) / 16.0)[..., np.newaxis]
+    return x, digits.target.astype(np.int64), 10
+
+
+def make_synthetic_arrays(
+    num_samples: int, num_classes: int, num_features: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Gaussian class clusters: x = mu_y + N(0, I), with class means mu_c ~ N(0, 0.5^2 I)."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(0.0, 0.5, size=(num_classes, num_features)).astype(np.float32)
+    y = rng.integers(0, num_classes, size=num_samples)
+    x = means[y] + rng.standard_normal((num_samples, num_features), dtype=np.float32)
+    return x, y.astype(np.int64), num_classes
+
+
+def hf_dataset_to_arrays(dataset, label_column: str) -> tuple[np.ndarray, np.ndarray]:
+    """A ``datasets.Dataset`` as (x, y): image columns scaled to [0, 1], numeric columns stacked."""
+    if label_column not in dataset.column_names:
+        raise DataFileError(
+            f"hf-label-column '{label_column}' is not a column of the data set "
+            f"(columns: {', '.join(dataset.column_names)})"
+        )
+    feature_columns = [c for c in dataset.column_names if c != label_column]
+    if not feature_columns:
+        raise DataFileError("the data set has no feature column besides the label")
+    data = dataset.with_format("numpy")
+    parts = []
+    for column in feature_columns:
+        values = np.asarray(data[column])
+        if values.dtype == object:
+            values = np.stack([np.asarray(v) for v in values])
+        values = values.astype(np.float32)
+        if values.ndim >= 3 and values.max(initial=0.0) > 1.0:
+            values = values / 255.0
+        parts.append(values)
+    if len(parts) == 1:
+        x = parts[0]
+        if x.ndim == 3:  # grayscale images get a channel axis
+            x = x[..., np.newaxis]
+    else:
+        x = np.concatenate([p.reshape(len(p), -1) for p in parts], axis=1)
+    y = np.asarray(data[label_column]).astype(np.int64)
+    return x, y
+
+
+def load_hf_arrays(name: str, label_column: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """A Hugging Face data set's train split through ``flwr_datasets`` (needs the network)."""
+    from flwr_datasets import FederatedDataset
+    from flwr_datasets.partitioner import IidPartitioner
+
+    fds = FederatedDataset(dataset=name, partitioners={"train": IidPartitioner(num_partitions=1)})
+    x, y = hf_dataset_to_arrays(fds.load_split("train"), label_column)
+    return x, y, int(y.max()) + 1
+
+
+def load_local_file(path: str | Path, label_column: str = "label") -> tuple[np.ndarray, np.ndarray]:
+    """Read a node's own data: ``.npz`` with ``x`` and ``y``, or CSV with a label column."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataFileError(f"data file '{path}' does not exist")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                missing = {"x", "y"} - set(archive.files)
+                if missing:
+                    raise DataFileError(
+                        f"data file '{path}' lacks array(s) {', '.join(sorted(missing))}; "
+                        f"it has {', '.join(archive.files) or 'none'} (expected 'x' and 'y')"
+                    )
+                x, y = archive["x"], archive["y"]
+        elif suffix == ".csv":
+            x, y = _read_csv(path, label_column)
+        else:
+            raise DataFileError(f"data file '{path}' must be .npz or .csv, got '{suffix}'")
+    except DataFileError:
+        raise
+    except Exception as err:  # numpy raises many kinds for a corrupt file
+        raise DataFileError(f"data file '{path}' cannot be read: {err}") from err
+    return _check_arrays(path, x, y)
+
+
+def _read_csv(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
+    with path.open(encoding="utf-8") as handle:
+        header = handle.readline().strip().split(",")
+    if label_column not in header:
+        raise DataFileError(
+            f"data file '{path}' has no column '{label_column}' (label-column); columns: {', '.join(header)}"
+        )
+    try:
+        table = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.float64, ndmin=2)
+    except ValueError as err:
+        raise DataFileError(f"data file '{path}' has a non-numeric value: {err}") from err
+    if table.shape[1] != len(header):
+        raise DataFileError(f"data file '{path}' rows have {table.shape[1]} values but the header names {len(header)}")
+    label = header.index(label_column)
+    return np.delete(table, label, axis=1), table[:, label]
+
+
+def _check_arrays(path: Path, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if len(x) == 0:
+        raise DataFileError(f"data file '{path}' holds no examples")
+    if len(x) != len(y):
+        raise DataFileError(f"data file '{path}': x has {len(x)} rows but y has {len(y)}")
+    if not np.issubdtype(x.dtype, np.number):
+        raise DataFileError(f"data file '{path}': x must be numeric, got dtype {x.dtype}")
+    y = np.asarray(y).reshape(-1)
+    if not np.issubdtype(y.dtype, np.number) or not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
+        raise DataFileError(f"data file '{path}': labels y must be integers")
+    if y.min() < 0:
+        raise DataFileError(f"data file '{path}': labels must be >= 0, found {int(y.min())}")
+    x = x.astype(np.float32)
+    if not np.all(np.isfinite(x)):
+        raise DataFileError(f"data file '{path}': x holds NaN or infinite values")
+    return x, y.astype(np.int64)
+
+
+# --------------------------------------------------------------------------- partitioning
+
+
+def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (keep, held_out) with ``fraction`` of every class held out."""
+    rng = np.random.default_rng(seed)
+    held = []
+    for label in np.unique(y):
+        members = rng.permutation(np.flatnonzero(y == label))
+        held.append(members[: int(round(fraction * len(members)))])
+    held_out = np.sort(np.concatenate(held)) if held else np.empty(0, np.int64)
+    keep = np.setdiff1d(np.arange(len(y)), held_out, assume_unique=True)
+    return keep, held_out
+
+
+def partition_indices(
+    y: np.ndarray,
+    num_partitions: int,
+    partitioner: str,
+    *,
+    alpha: float = 0.5,
+    shards_per_client: int = 2,
+    seed: int = 42,
+) -> tuple[np.ndarray, ...]:
+    """Split example indices among ``num_partitions`` clients with a flwr-datasets partitioner.
+
+    * ``iid``: a seeded shuffle, then equal contiguous parts (``IidPartitioner``);
+    * ``dirichlet``: per-class proportions p_k ~ Dir(alpha) (``DirichletPartitioner``; smaller
+      alpha, stronger label skew);
+    * ``shards``: examples sorted by label, cut in ``num_partitions * shards_per_client`` shards,
+      ``shards_per_client`` each (``ShardPartitioner``; McMahan et al. 2017).
+    """
+    from datasets import Dataset
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, ShardPartitioner
+
+    if num_partitions > len(y):
+        raise ValueError(f"num-partitions ({num_partitions}) exceeds the number of examples ({len(y)})")
+    order = np.random.default_rng(seed).permutation(len(y))
+    table = Dataset.from_dict({"index": order, "label": y[order]})
+    if partitioner == "iid":
+        part = IidPartitioner(num_partitions=num_partitions)
+    elif partitioner == "dirichlet":
+        min_size = max(1, min(10, len(y) // (4 * num_partitions)))
+        part = DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            alpha=alpha,
+            min_partition_size=min_size,
+            self_balancing=False,
+            seed=seed,
+        )
+    elif partitioner == "shards":
+        part = ShardPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            num_shards_per_partition=shards_per_client,
+            seed=seed,
+        )
+    else:
+        raise ValueError(f"partitioner must be iid, dirichlet or shards; got '{partitioner}'")
+    part.dataset = table
+    return tuple(np.asarray(part.load_partition(i)["index"], dtype=np.int64) for i in range(num_partitions))
+
+
+def split_train_test(
+    x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A seeded shuffle, then the last ``test_fraction`` as test (at least one train example)."""
+    order = np.random.default_rng(seed).permutation(len(y))
+    num_test = min(int(round(test_fraction * len(y))), len(y) - 1)
+    train, test = order[: len(y) - num_test], order[len(y) - num_test :]
+    return x[train], y[train], x[test], y[test]
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def _pool(settings: Settings) -> tuple[np.ndarray, np.ndarray, int]:
+    if settings.dataset == "digits":
+        return load_digits_arrays()
+    if settings.dataset == "synthetic":
+        per_client = settings.synthetic_samples_per_client * settings.num_partitions
+        total = int(np.ceil(per_client / (1.0 - settings.server_test_fraction)))
+        return make_synthetic_arrays(total, settings.synthetic_classes, settings.synthetic_features, settings.seed)
+    if settings.dataset == "huggingface":
+        return load_hf_arrays(settings.hf_dataset, settings.hf_label_column)
+    raise ValueError(f"dataset '{settings.dataset}' has no shared pool (each node reads its own file)")
+
+
+@functools.lru_cache(maxsize=4)
+def federated_data(settings: Settings) -> FederatedData:
+    """The server test set and every client's partition (cached per process)."""
+    x, y, num_classes = _pool(settings)
+    keep, held_out = stratified_split(y, settings.server_test_fraction, settings.seed)
+    x_pool, y_pool = x[keep], y[keep]
+    partitions = partition_indices(
+        y_pool,
+        settings.num_partitions,
+        settings.partitioner,
+        alpha=settings.dirichlet_alpha,
+        shards_per_client=settings.shards_per_client,
+        seed=settings.seed,
+    )
+    return FederatedData(x_pool, y_pool, partitions, x[held_out], y[held_out], num_classes)
+
+
+def client_data(settings: Settings, partition_id: int, data_path: str = "") -> ClientData:
+    """One client's train/test split: its partition of the pool, or its own local file."""
+    seed = settings.seed + 1000 * (partition_id + 1)
+    path = data_path or settings.data_path
+    if settings.dataset == "local-file" or data_path:
+        if not path:
+            raise DataFileError(
+                "dataset='local-file' but this node has no data file: start its SuperNode with "
+                "--node-config \"data-path='/path/to/local.npz'\" (or set data-path in the run config)"
+            )
+        file = path.replace("{partition-id}", str(partition_id))
+        x, y = load_local_file(file, settings.label_column)
+        num_classes = settings.num_classes or int(y.max()) + 1
+        if y.max() >= num_classes:
+            raise DataFileError(f"data file '{file}': label {int(y.max())} is outside [0, {num_classes}) (num-classes)")
+        shape = settings.parsed_input_shape()
+        if shape is not None:
+            if int(np.prod(x.shape[1:])) != int(np.prod(shape)):
+                raise DataFileError(
+                    f"data file '{file}': examples have shape {x.shape[1:]}, which does not fit input-shape {shape}"
+                )
+            x = x.reshape((len(x), *shape))
+    else:
+        if not 0 <= partition_id < settings.num_partitions:
+            raise ValueError(f"partition-id {partition_id} is outside [0, {settings.num_partitions}) (num-partitions)")
+        data = federated_data(settings)
+        index = data.partitions[partition_id]
+        x, y, num_classes = data.x[index], data.y[index], data.num_classes
+    return ClientData(*split_train_test(x, y, settings.test_fraction, seed), num_classes=num_classes)

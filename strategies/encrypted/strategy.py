@@ -1,0 +1,569 @@
+"""Encrypted aggregation on Flower's Message API: the server only ever adds ciphertexts.
+
+Protocol (``homomorphic-encryption='ckks'`` or ``'paillier'``; the schemes are in
+:mod:`strategies.encrypted.schemes`). Let ``G_0`` be the initial model (plaintext: it is built from a
+public seed, nothing private is in it) and ``G_v`` the global model after ``v`` aggregations::
+
+    round r, client k:  G_{r-1} = G_0 + sum_{j<r} S_j / W_j     (decrypted from the chain, below)
+                        x_k     = local training from G_{r-1}
+                        u_k     = clip(x_k - G_{r-1}, C)          (optional L2 clipping, he-clip-norm)
+                        c_k     = Enc(w_k u_k)                    (w_k = n_k, or 1 with uniform weights)
+    round r, server:    Enc(S_r) = sum_k c_k                      (homomorphic addition, public key)
+                        W_r      = sum_k w_k                      (plaintext: the n_k are reported anyway)
+    every client:       G_r = G_{r-1} + Dec(Enc(S_r)) / W_r       (plain FedAvg: sum_k w_k x_k / W_r)
+
+The server keeps ``G_0`` and the chain of encrypted sums ``(Enc(S_j), W_j, K_j)``, one per version
+``j``; it never holds a plaintext model after ``G_0``, nor the secret key (:func:`load_server_scheme`
+refuses one). Each train or evaluate message carries the part of the chain that the node lacks:
+the server remembers the version it last delivered to each node (confirmed by a successful reply)
+and sends the deltas from there to the newest one, plus ``G_0`` for a node it has not heard from.
+Clients keep ``G_v`` and ``v`` in their ``context.state``, so with every node in every round
+(fraction 1.0) a message holds exactly one encrypted sum. A client whose state does not fit the
+chain (it lost its state) replies with an error naming :data:`OUT_OF_DATE`; the server then sends
+it the whole chain from ``G_0`` next time. Every client applies the same float operations
+(:func:`apply_delta`) to the same decryptions, so all hold bit-identical global models.
+
+What the server learns: ``G_0``, the sampled nodes, each client's reported ``num-examples`` (as in
+plain FedAvg), the total weight ``W_r`` and the number of summands ``K_r``, ciphertext sizes and
+timing; nothing about any update or the aggregate (IND-CPA). Centralized evaluation on the server
+is impossible; clients evaluate the decrypted global model on their own test split. At the end the
+server writes ``G_0`` and the chain (:meth:`EncryptedFedAvg.save_encrypted_model`); a key holder
+reconstructs the final model with ``scripts/decrypt_model.py``.
+
+Only averaging can run on ciphertexts: rules that need individual plaintext updates (median,
+trimmed mean, Krum, Bulyan, geometric median, centered clipping), server-side norm bounds and
+server optimizers are refused at start-up (:func:`check_encryption_compatible`). Clients may add
+DP noise to ``u_k`` before encrypting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+
+from strategies.core.update_matrix import ModelLayout
+from strategies.encrypted.schemes import HomomorphicScheme, load_server_scheme
+
+ENCRYPTION_SCHEMES = ("none", "ckks", "paillier")
+HE_WEIGHTINGS = ("num-examples", "uniform")
+AVERAGING_STRATEGIES = ("fedavg", "fedprox")
+"""Strategies whose aggregation is a weighted mean (plus ``robust`` with ``aggregation-rule='mean'``)."""
+
+OUT_OF_DATE = "he-state-out-of-date"
+"""Marker in a client's error reply: its stored global model does not fit the chain it received."""
+
+# Message layout (server -> client): "arrays" holds G_0 (only when the chain starts at version 0),
+# "he-chain" the ciphertexts of the deltas, "config" the chain's metadata below.
+CHAIN_KEY = "he-chain"
+CFG_TARGET = "he-version"  # the version the client reaches after applying the chain
+CFG_FROM = "he-from-version"  # the version the chain starts from (G_0 is sent to unknown nodes)
+CFG_WEIGHTS = "he-total-weights"  # W_j for j = from+1 .. target
+CFG_SUMMANDS = "he-summands"  # K_j for j = from+1 .. target
+CFG_WEIGHTING = "he-client-weighting"
+CFG_CLIP = "he-clip-norm"
+# Reply metrics (client -> server)
+MET_BASE = "he-base-version"  # the version the client trained from
+MET_ENCRYPT = "he-encrypt-seconds"
+MET_DECRYPT = "he-decrypt-seconds"
+
+
+class EncryptionConfigError(ValueError):
+    """A run config that cannot run with homomorphic encryption."""
+
+
+# ------------------------------------------------------------------------------------ pure pieces
+
+
+def client_weight(num_examples: int, weighting: str) -> float:
+    """``w_k``: the example count (FedAvg) or 1 (uniform)."""
+    if weighting == "num-examples":
+        return float(num_examples)
+    if weighting == "uniform":
+        return 1.0
+    raise ValueError(f"he-client-weighting must be one of {', '.join(HE_WEIGHTINGS)}; got '{weighting}'")
+
+
+def clip_update(update: np.ndarray, clip_norm: float) -> np.ndarray:
+    """``u * min(1, C / ||u||_2)``; ``C <= 0`` leaves ``u`` unchanged."""
+    if clip_norm <= 0:
+        return update
+    norm = float(np.linalg.norm(update))
+    return update * (clip_norm / norm) if norm > clip_norm else update
+
+
+def apply_delta(global_flat: np.ndarray, decrypted_sum: np.ndarray, total_weight: float) -> np.ndarray:
+    """``G_v = G_{v-1} + S_v / W_v`` in float64, rounded to float32 (the same on every client)."""
+    if not total_weight > 0:
+        raise ValueError(f"total weight must be > 0, got {total_weight}")
+    new = global_flat.astype(np.float64) + decrypted_sum.astype(np.float64) / float(total_weight)
+    return new.astype(np.float32)
+
+
+def ciphertexts_to_record(ciphertexts: Sequence[bytes], prefix: str = "ct") -> ArrayRecord:
+    """Ciphertexts as uint8 arrays named ``<prefix>-00000``, ``<prefix>-00001``, …"""
+    return ArrayRecord(
+        {f"{prefix}-{i:05d}": Array(np.frombuffer(blob, dtype=np.uint8)) for i, blob in enumerate(ciphertexts)}
+    )
+
+
+def record_to_ciphertexts(record: ArrayRecord, prefix: str = "ct") -> list[bytes]:
+    """The inverse of :func:`ciphertexts_to_record` (``ValueError`` on a malformed record)."""
+    names = [key for key in record if key.startswith(f"{prefix}-")]
+    expected = [f"{prefix}-{i:05d}" for i in range(len(names))]
+    if names != expected:
+        raise ValueError(f"ciphertext arrays must be named {prefix}-00000, … in order; got {list(record.keys())[:4]}…")
+    blobs = []
+    for key in names:
+        array = record[key]
+        if array.dtype != "uint8" and np.dtype(array.dtype) != np.uint8:
+            raise ValueError(f"ciphertext array '{key}' must be uint8, got {array.dtype}")
+        blobs.append(array.numpy().tobytes())
+    return blobs
+
+
+def chain_record(deltas: Sequence[EncryptedDelta], first_version: int) -> ArrayRecord:
+    """The ciphertexts of ``deltas`` (versions ``first_version, first_version + 1, …``) in one record."""
+    arrays: dict[str, Array] = {}
+    for offset, delta in enumerate(deltas):
+        for key, array in ciphertexts_to_record(delta.ciphertexts, f"v{first_version + offset}").items():
+            arrays[key] = array
+    return ArrayRecord(arrays)
+
+
+def check_encryption_compatible(run_config: Mapping[str, Any]) -> None:
+    """Refuse, at start-up, what cannot run on ciphertexts.
+
+    Raises:
+        EncryptionConfigError: a strategy or rule that needs individual plaintext updates, a
+            server-side norm bound, a server optimizer or momentum, an omniscient simulated attack.
+    """
+    scheme = str(run_config.get("homomorphic-encryption", "none"))
+    if scheme not in ENCRYPTION_SCHEMES:
+        raise EncryptionConfigError(
+            f"homomorphic-encryption must be one of {', '.join(ENCRYPTION_SCHEMES)}; got '{scheme}'"
+        )
+    if scheme == "none":
+        return
+    strategy = str(run_config.get("strategy", "fedavg"))
+    rule = str(run_config.get("aggregation-rule", "mean"))
+    averaging = strategy in AVERAGING_STRATEGIES or (strategy == "robust" and rule == "mean")
+    if not averaging:
+        detail = (
+            f"strategy='robust' with aggregation-rule='{rule}'" if strategy == "robust" else f"strategy='{strategy}'"
+        )
+        raise EncryptionConfigError(
+            f"homomorphic-encryption='{scheme}' cannot run {detail}: the server only holds the encrypted "
+            "sum of the updates, and this rule needs the individual plaintext updates (median, trimmed "
+            "mean, Krum, Bulyan, geometric median, centered clipping) or a server optimizer on the "
+            "plaintext aggregate (FedAdam, FedYogi, FedAdagrad, FedAvgM, custom strategies). Allowed: "
+            "strategy='fedavg', 'fedprox', or 'robust' with aggregation-rule='mean'; or set "
+            "homomorphic-encryption='none'"
+        )
+    for key in ("norm-bound", "norm-bound-quantile", "max-update-norm"):
+        if float(run_config.get(key, 0.0)) > 0:
+            raise EncryptionConfigError(
+                f"{key}={run_config[key]} needs the plaintext updates on the server and cannot run with "
+                f"homomorphic-encryption='{scheme}'; clip on the clients with he-clip-norm instead"
+            )
+    for key, neutral in (("server-learning-rate", 1.0), ("server-momentum", 0.0)):
+        if float(run_config.get(key, neutral)) != neutral:
+            raise EncryptionConfigError(
+                f"{key}={run_config[key]} needs the plaintext aggregate on the server; with "
+                f"homomorphic-encryption='{scheme}' it must be {neutral}"
+            )
+    for key, off in (("compression", "none"), ("export", ""), ("secure-aggregation", False)):
+        if run_config.get(key, off) != off:
+            raise EncryptionConfigError(
+                f"{key}={run_config[key]!r} cannot run with homomorphic-encryption='{scheme}': "
+                + {
+                    "compression": "ciphertexts are not compressed; set compression='none'",
+                    "export": "the server never holds the plaintext model to export; a key holder "
+                    "decrypts it with scripts/decrypt_model.py",
+                    "secure-aggregation": "choose one of SecAgg+ and homomorphic encryption",
+                }[key]
+            )
+    attacks = [a.strip() for a in str(run_config.get("attack", "none")).split(",") if a.strip()]
+    omniscient = [a for a in attacks if a in ("alie", "ipm")]
+    if omniscient:
+        raise EncryptionConfigError(
+            f"attack='{run_config['attack']}' is simulated on the server from the plaintext updates "
+            f"and cannot run with homomorphic-encryption='{scheme}'"
+        )
+
+
+def check_key_parameters(scheme: HomomorphicScheme, run_config: Mapping[str, Any]) -> None:
+    """The key file must be of the configured scheme and match the configured key parameters."""
+    wanted = str(run_config.get("homomorphic-encryption", "none"))
+    if scheme.name != wanted:
+        raise EncryptionConfigError(
+            f"homomorphic-encryption='{wanted}' but he-public-key-path holds a {scheme.name} key; "
+            f"generate one with: python scripts/make_he_keys.py --scheme {wanted} --out-dir keys/"
+        )
+    params = scheme.parameters
+    if scheme.name == "ckks":
+        checks = (
+            ("he-ckks-poly-degree", 8192, params.poly_modulus_degree, "--ckks-poly-degree"),
+            ("he-ckks-scale-bits", 40, params.scale_bits, "--ckks-scale-bits"),
+        )
+    else:
+        checks = (("he-paillier-key-bits", 3072, params.key_bits, "--paillier-bits"),)
+    for key, default, actual, flag in checks:
+        configured = int(run_config.get(key, default))
+        if configured != actual:
+            raise EncryptionConfigError(
+                f"{key}={configured} but the key file was generated with {actual}: set {key}={actual} or "
+                f"regenerate the keys with scripts/make_he_keys.py {flag} {configured}"
+            )
+
+
+def load_public_key(path: str) -> HomomorphicScheme:
+    """The server's scheme from ``he-public-key-path`` (never the secret key)."""
+    if not path:
+        raise EncryptionConfigError(
+            "he-public-key-path is empty: the server needs the public key written by "
+            "scripts/make_he_keys.py (e.g. he-public-key-path='keys/public.key')"
+        )
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise EncryptionConfigError(f"he-public-key-path '{path}' does not exist ({file.resolve()})")
+    try:
+        return load_server_scheme(file.read_bytes())
+    except ValueError as err:
+        raise EncryptionConfigError(f"he-public-key-path '{path}': {err}") from err
+
+
+def build_encrypted_strategy(run_config: Mapping[str, Any]) -> EncryptedFedAvg:
+    """The server's strategy for an encrypted run; reads ``he-public-key-path`` and nothing secret."""
+    from strategies.core.sampling import sampling_kwargs
+
+    check_encryption_compatible(run_config)
+    scheme = load_public_key(str(run_config.get("he-public-key-path", "")))
+    check_key_parameters(scheme, run_config)
+    extra: dict[str, Any] = {}
+    if str(run_config.get("strategy", "fedavg")) == "fedprox":
+        extra["proximal-mu"] = float(run_config.get("proximal-mu", 0.0))
+    return EncryptedFedAvg(
+        scheme,
+        weighting=str(run_config.get("he-client-weighting", "num-examples")),
+        clip_norm=float(run_config.get("he-clip-norm", 0.0)),
+        train_config=extra,
+        **sampling_kwargs(run_config),
+    )
+
+
+# ------------------------------------------------------------------------------------ the strategy
+
+
+@dataclasses.dataclass(frozen=True)
+class EncryptedDelta:
+    """One aggregation: ``Enc(S_v)``, ``W_v`` and ``K_v``."""
+
+    ciphertexts: tuple[bytes, ...]
+    total_weight: float
+    summands: int
+
+
+class EncryptedFedAvg(FedAvg):
+    """FedAvg whose server adds ciphertexts only (see the module docstring for the protocol).
+
+    Parameters
+    ----------
+    scheme : the server's scheme, loaded from the public key (refused if it can decrypt)
+    weighting : ``num-examples`` (FedAvg) or ``uniform``; the clients use the same
+    clip_norm : L2 bound the clients clip their update to before encrypting (0: off)
+    train_config : extra keys sent in every train config (e.g. ``proximal-mu`` for FedProx)
+    **sampling : FedAvg's ``fraction_train``, ``min_train_nodes``, …
+    """
+
+    def __init__(
+        self,
+        scheme: HomomorphicScheme,
+        *,
+        weighting: str = "num-examples",
+        clip_norm: float = 0.0,
+        train_config: Mapping[str, Any] | None = None,
+        **sampling: Any,
+    ) -> None:
+        super().__init__(**sampling)
+        if scheme.can_decrypt:
+            raise ValueError(
+                "EncryptedFedAvg refuses a scheme that holds the secret key: the server must be "
+                "given public.key (load_server_scheme), never secret.key"
+            )
+        client_weight(1, weighting)
+        self.scheme = scheme
+        self.weighting = weighting
+        self.clip_norm = float(clip_norm)
+        self.train_config = dict(train_config or {})
+        self.initial: ArrayRecord | None = None
+        self.layout: ModelLayout | None = None
+        self.deltas: list[EncryptedDelta] = []
+        self.node_versions: dict[int, int] = {}  # version each node confirmed holding
+        self._sent: dict[int, int] = {}  # node -> target version of the last message sent to it
+        self._chain_bytes_sent = 0  # encrypted-sum bytes in messages since the last aggregate_train
+        self.last_rejections: list[str] = []
+
+    @property
+    def version(self) -> int:
+        """Aggregations so far: the global model is ``G_version``."""
+        return len(self.deltas)
+
+    def summary(self) -> None:
+        super().summary()
+        log(
+            INFO,
+            "\t├──> Encrypted aggregation: %s, %d-bit security, %s",
+            self.scheme.name,
+            self.scheme.security_bits,
+            self.scheme.parameters,
+        )
+        log(INFO, "\t│\t└── client weighting %s, client clip norm %s", self.weighting, self.clip_norm or "off")
+
+    # ----------------------------------------------------------------------------- messages
+
+    def _remember_initial(self, arrays: ArrayRecord) -> None:
+        if self.initial is None:
+            self.initial = arrays
+            self.layout = ModelLayout.of(arrays)
+
+    def _sample(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
+        num_nodes = int(len(list(grid.get_node_ids())) * fraction)
+        node_ids, _ = sample_nodes(grid, self.min_available_nodes, max(num_nodes, minimum))
+        return list(node_ids)
+
+    def _messages(self, node_ids: Iterable[int], config: ConfigRecord, message_type: str) -> list[Message]:
+        """One message per node with the part of the chain it lacks (shared records per start)."""
+        assert self.initial is not None
+        target = self.version
+        by_start: dict[tuple[int, bool], tuple[ArrayRecord, ArrayRecord, ConfigRecord]] = {}
+        messages = []
+        for node_id in node_ids:
+            confirmed = self.node_versions.get(node_id)  # None: unknown node, it gets G_0 too
+            start = 0 if confirmed is None else min(confirmed, target)
+            if (start, confirmed is None) not in by_start:
+                deltas = self.deltas[start:target]
+                chain_config = ConfigRecord(
+                    {
+                        **dict(config),
+                        CFG_TARGET: target,
+                        CFG_FROM: start,
+                        CFG_WEIGHTS: [d.total_weight for d in deltas] or [1.0],
+                        CFG_SUMMANDS: [d.summands for d in deltas] or [0],
+                        CFG_WEIGHTING: self.weighting,
+                        CFG_CLIP: self.clip_norm,
+                    }
+                )
+                model = self.initial if confirmed is None else ArrayRecord()
+                by_start[start, confirmed is None] = (model, chain_record(deltas, start + 1), chain_config)
+            model, chain, chain_config = by_start[start, confirmed is None]
+            self._chain_bytes_sent += chain.count_bytes()
+            content = RecordDict({self.arrayrecord_key: model, CHAIN_KEY: chain, self.configrecord_key: chain_config})
+            messages.append(Message(content=content, message_type=message_type, dst_node_id=node_id))
+            self._sent[node_id] = target
+        return messages
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """``arrays`` is used once, as ``G_0``; afterwards the global model is the encrypted chain."""
+        self._remember_initial(arrays)
+        node_ids = self._sample(grid, self.fraction_train, self.min_train_nodes)
+        log(INFO, "configure_train: sampled %d nodes; global version %d", len(node_ids), self.version)
+        config = ConfigRecord({**dict(config), **self.train_config, "server-round": server_round})
+        return self._messages(node_ids, config, MessageType.TRAIN)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._remember_initial(arrays)
+        if self.fraction_evaluate == 0.0:
+            return []
+        node_ids = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes)
+        config = ConfigRecord({**dict(config), "server-round": server_round})
+        return self._messages(node_ids, config, MessageType.EVALUATE)
+
+    def _track(self, replies: Sequence[Message]) -> None:
+        """A successful reply confirms the version sent; an out-of-date error resets the node."""
+        for reply in replies:
+            node_id = reply.metadata.src_node_id
+            if reply.has_error():
+                if OUT_OF_DATE in str(reply.error.reason):
+                    self.node_versions.pop(node_id, None)
+            elif node_id in self._sent:
+                self.node_versions[node_id] = self._sent[node_id]
+
+    # ----------------------------------------------------------------------------- aggregation
+
+    def _check_reply(self, reply: Message, size: int) -> tuple[list[bytes], float, MetricRecord]:
+        content = reply.content
+        if len(content.array_records) != 1 or len(content.metric_records) != 1:
+            raise ValueError("a reply must hold one ArrayRecord and one MetricRecord")
+        metrics = next(iter(content.metric_records.values()))
+        num_examples = metrics.get("num-examples")
+        if not isinstance(num_examples, (int, float)) or not math.isfinite(num_examples) or num_examples <= 0:
+            raise ValueError(f"num-examples must be a positive number, got {num_examples!r}")
+        base = metrics.get(MET_BASE)
+        if base != self.version:
+            raise ValueError(f"trained from global version {base!r}, the current one is {self.version}")
+        ciphertexts = record_to_ciphertexts(next(iter(content.array_records.values())))
+        self.scheme.validate(ciphertexts, size)
+        return ciphertexts, client_weight(int(num_examples), self.weighting), metrics
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate each reply, add the ciphertexts, append ``(Enc(S_r), W_r, K_r)`` to the chain.
+
+        Returns ``None`` for the arrays (the server holds no plaintext model) and the round's
+        measurements: per-client encrypt/decrypt seconds, aggregation seconds, ciphertext bytes.
+        """
+        if self.layout is None:
+            raise RuntimeError("aggregate_train called before configure_train")
+        replies = list(replies)
+        self._track(replies)
+        started = time.perf_counter()
+        accepted: list[tuple[list[bytes], float, MetricRecord]] = []
+        self.last_rejections = []
+        for reply in replies:
+            if reply.has_error():
+                continue
+            try:
+                if len(accepted) >= self.scheme.max_clients:
+                    raise ValueError(f"the key adds at most max_clients={self.scheme.max_clients} updates")
+                accepted.append(self._check_reply(reply, self.layout.size))
+            except (ValueError, KeyError, TypeError) as err:
+                line = f"node {reply.metadata.src_node_id}: rejected: {err}"
+                self.last_rejections.append(line)
+                log(WARNING, "Round %d: %s", server_round, line)
+        measurements: dict[str, Any] = {
+            "accepted-replies": len(accepted),
+            "rejected-replies": len(self.last_rejections),
+        }
+        if not accepted:
+            log(WARNING, "Round %d: no valid encrypted update, the global model is kept", server_round)
+            return None, MetricRecord({**measurements, "round-skipped": 1, "he-version": self.version})
+        total = self.scheme.sum_ciphertexts([c for c, _, _ in accepted])
+        aggregation_seconds = time.perf_counter() - started
+        total_weight = float(sum(w for _, w, _ in accepted))
+        self.deltas.append(EncryptedDelta(tuple(total), total_weight, len(accepted)))
+
+        uploaded = [sum(len(b) for b in c) for c, _, _ in accepted]
+        measurements.update(
+            {
+                "he-version": self.version,
+                "he-aggregation-seconds": aggregation_seconds,
+                "he-ciphertext-bytes": int(sum(uploaded)),
+                "he-ciphertext-bytes-per-client": int(np.mean(uploaded)),  # CKKS sizes vary (compressed)
+                "he-sum-bytes": int(sum(len(b) for b in total)),
+                "he-total-weight": total_weight,
+                # encrypted sums sent to clients since the last aggregation (evaluate r-1 + train r)
+                "he-chain-bytes-sent": int(self._chain_bytes_sent),
+            }
+        )
+        self._chain_bytes_sent = 0
+        for key in (MET_ENCRYPT, MET_DECRYPT):
+            values = [float(m[key]) for _, _, m in accepted if isinstance(m.get(key), (int, float))]
+            if values:
+                measurements[f"{key}-mean"] = float(np.mean(values))
+                measurements[f"{key}-max"] = float(np.max(values))
+        for key in ("train-loss", "train-accuracy"):
+            pairs = [(float(m[key]), w) for _, w, m in accepted if isinstance(m.get(key), (int, float))]
+            if pairs:
+                measurements[key] = sum(v * w for v, w in pairs) / sum(w for _, w in pairs)
+        return None, MetricRecord(measurements)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        self._track(replies)
+        return super().aggregate_evaluate(server_round, replies)
+
+    # ----------------------------------------------------------------------------- outputs and state
+
+    def save_encrypted_model(self, path: str | Path) -> Path:
+        """``G_0``, the layout and the encrypted chain in one ``.npz``, for scripts/decrypt_model.py."""
+        if self.initial is None or self.layout is None:
+            raise RuntimeError("no round has run: nothing to save")
+        path = Path(path)
+        arrays: dict[str, np.ndarray] = {
+            f"initial-{i:04d}": array.numpy() for i, array in enumerate(self.initial.values())
+        }
+        for version, delta in enumerate(self.deltas, start=1):
+            for i, blob in enumerate(delta.ciphertexts):
+                arrays[f"v{version}-{i:05d}"] = np.frombuffer(blob, dtype=np.uint8)
+        meta = {
+            "scheme": self.scheme.name,
+            "version": self.version,
+            "layout": {"keys": list(self.layout.keys), "shapes": [list(s) for s in self.layout.shapes]},
+            "total-weights": [d.total_weight for d in self.deltas],
+            "summands": [d.summands for d in self.deltas],
+            "ciphertexts-per-delta": [len(d.ciphertexts) for d in self.deltas],
+        }
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        with path.open("wb") as handle:
+            np.savez(handle, **arrays)
+        return path
+
+    def state_dict(self) -> dict[str, Any]:
+        """The chain, ``G_0`` and the nodes' versions (numpy arrays and JSON values)."""
+        state: dict[str, Any] = {
+            "total-weights": [d.total_weight for d in self.deltas],
+            "summands": [d.summands for d in self.deltas],
+            "lengths": [len(d.ciphertexts) for d in self.deltas],
+            "node-versions": {str(k): v for k, v in self.node_versions.items()},
+        }
+        if self.initial is not None:
+            state["initial"] = [a.numpy() for a in self.initial.values()]
+            state["initial-keys"] = list(self.initial.keys())
+        for version, delta in enumerate(self.deltas, start=1):
+            state[f"chain-{version}"] = [np.frombuffer(b, np.uint8) for b in delta.ciphertexts]
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if "initial" in state:
+            self.initial = None
+            self._remember_initial(
+                ArrayRecord({key: Array(np.asarray(a)) for key, a in zip(state["initial-keys"], state["initial"])})
+            )
+        self.deltas = [
+            EncryptedDelta(tuple(np.asarray(a, np.uint8).tobytes() for a in state[f"chain-{v}"]), float(w), int(k))
+            for v, (w, k) in enumerate(zip(state["total-weights"], state["summands"]), start=1)
+        ]
+        self.node_versions = {int(k): int(v) for k, v in dict(state.get("node-versions", {})).items()}
+
+
+def load_encrypted_model(path: str | Path) -> tuple[dict[str, Any], list[np.ndarray], list[EncryptedDelta]]:
+    """Read :meth:`EncryptedFedAvg.save_encrypted_model`'s file: (meta, G_0 arrays, chain)."""
+    with np.load(Path(path)) as data:
+        meta = json.loads(data["meta"].tobytes())
+        initial = [data[f"initial-{i:04d}"] for i in range(len(meta["layout"]["keys"]))]
+        chain = [
+            EncryptedDelta(
+                tuple(data[f"v{version}-{i:05d}"].tobytes() for i in range(count)), float(weight), int(summands)
+            )
+            for version, (weight, summands, count) in enumerate(
+                zip(meta["total-weights"], meta["summands"], meta["ciphertexts-per-delta"]), start=1
+            )
+        ]
+    return meta, initial, chain
+
+
+def reconstruct(scheme: HomomorphicScheme, initial_flat: np.ndarray, chain: Sequence[EncryptedDelta]) -> np.ndarray:
+    """``G_v`` from ``G_0`` and the chain (needs the secret key): what every client computes."""
+    flat = np.asarray(initial_flat, np.float32)
+    for delta in chain:
+        decrypted = scheme.decrypt_sum(list(delta.ciphertexts), flat.size, delta.summands)
+        flat = apply_delta(flat, decrypted, delta.total_weight)
+    return flat

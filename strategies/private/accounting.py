@@ -1,0 +1,478 @@
+"""Privacy accounting for the mechanisms the app runs, through Google's ``dp_accounting``.
+
+Immutable *round specs* describe one round of a mechanism exactly as it was run (noise,
+sampling, population) and turn themselves into a ``dp_accounting`` ``DpEvent``; a
+:class:`PrivacyAccountant` composes the rounds and reports epsilon with the RDP accountant
+(Mironov 2017; subsampling bounds of Mironov et al. 2019 and Wang et al. 2019) or the PLD
+accountant (Koskela et al. 2020; Doroshenko et al. 2022).
+
+Specs:
+
+* :class:`DpFedAvgRound` -- user-level central DP-FedAvg (McMahan et al. 2018).
+  Poisson sampling (each client joins with probability ``q = m / N``) is accounted under
+  add/remove-one-client as ``PoissonSampledDpEvent(q, GaussianDpEvent(z))``. Fixed-size sampling
+  (``m`` of ``N`` without replacement) has an amplification bound only under replace-one-client,
+  where the clipped sum has L2 sensitivity ``2C``; the event is therefore
+  ``SampledWithoutReplacementDpEvent(N, m, GaussianDpEvent(z / 2))``. (``dp_accounting``'s RDP
+  accountant feeds the event's noise multiplier straight into a bound normalised by the L2
+  sensitivity, google/differential-privacy issue #378; passing ``z`` would understate RDP by 4x.)
+  Full participation (``m = N``) is the plain Gaussian mechanism, ``GaussianDpEvent(z)``.
+* :class:`LocalGaussianRound`, :class:`LocalLaplaceRound` -- local DP, per client and round.
+
+Adaptive clipping (Andrew et al. 2021) spends part of the budget on the noised count: account
+the round with the total noise multiplier ``z`` and noise the update with
+:func:`adaptive_clipping_update_noise_multiplier`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
+
+import dp_accounting
+from dp_accounting import pld, rdp
+
+NeighboringRelation = dp_accounting.NeighboringRelation
+AccountingMethod = Literal["rdp", "pld"]
+Sampling = Literal["poisson", "fixed-size"]
+
+METHODS: tuple[str, ...] = ("rdp", "pld")
+SAMPLINGS: tuple[str, ...] = ("poisson", "fixed-size")
+
+#: RDP orders: dp_accounting's defaults (1.1 ... 10.9 in steps of 0.1, 11 ... 63, 128 ... 1024).
+RDP_ORDERS: tuple[float, ...] = tuple(rdp.rdp_privacy_accountant.DEFAULT_RDP_ORDERS)
+
+#: PLD grid step. 1e-3 keeps 1000 subsampled-Gaussian rounds under ~0.2 s; the accountant's
+#: pessimistic rounding makes the result an upper bound at any step (1e-4 changed epsilon by
+#: < 1e-4 in our checks and costs 10x the time).
+PLD_VALUE_DISCRETIZATION_INTERVAL = 1e-3
+
+
+def _check_finite(name: str, value: float, *, minimum: float, strict: bool) -> float:
+    value = float(value)
+    ok = math.isfinite(value) and (value > minimum if strict else value >= minimum)
+    if not ok:
+        relation = ">" if strict else ">="
+        raise ValueError(f"{name} must be a finite number {relation} {minimum}, got {value}")
+    return value
+
+
+def _check_delta(delta: float) -> float:
+    delta = float(delta)
+    if not 0.0 < delta < 1.0:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    return delta
+
+
+def _check_method(method: str) -> str:
+    if method not in METHODS:
+        raise ValueError(f"accounting method must be one of {', '.join(METHODS)}, got '{method}'")
+    return method
+
+
+def adaptive_clipping_update_noise_multiplier(noise_multiplier: float, count_noise_std: float) -> float:
+    """Noise multiplier left for the update when adaptive clipping spends part of ``z``.
+
+    Andrew et al. 2021, Sec. 3: a round releases the clipped-update sum with noise multiplier
+    ``z_Delta`` and the count of unclipped updates (sensitivity 1/2 after centring) with noise
+    std ``sigma_b``; together they are one Gaussian mechanism with
+    ``z^-2 = z_Delta^-2 + (2 sigma_b)^-2``. Hence
+
+        z_Delta = (z^-2 - (2 sigma_b)^-2)^(-1/2).
+
+    ``count_noise_std = 0`` means fixed clipping (returns ``z``); ``z = 0`` means no DP (returns 0).
+    Raises ``ValueError`` when ``2 sigma_b <= z``: the count alone would use the whole budget.
+    """
+    z = _check_finite("noise_multiplier", noise_multiplier, minimum=0.0, strict=False)
+    sigma_b = _check_finite("count_noise_std", count_noise_std, minimum=0.0, strict=False)
+    if sigma_b == 0.0 or z == 0.0:
+        return z
+    if 2.0 * sigma_b <= z:
+        raise ValueError(
+            f"count_noise_std must be > noise_multiplier / 2 = {z / 2:g} so that the clipped "
+            f"count leaves budget for the update, got {sigma_b:g} (Andrew et al. suggest "
+            f"expected clients / 20)"
+        )
+    return (z**-2 - (2.0 * sigma_b) ** -2) ** -0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class DpFedAvgRound:
+    """One round of user-level DP-FedAvg: clip to ``C``, sum, add ``N(0, (zC)^2)``, divide by ``m``.
+
+    Attributes:
+        noise_multiplier: total ``z`` = noise std on the clipped sum / ``C`` (with adaptive
+            clipping, the total of update and count noise; see
+            :func:`adaptive_clipping_update_noise_multiplier`). 0 means no privacy.
+        num_clients: ``N``, the size of the client population.
+        clients_per_round: ``m``; the sample size under fixed-size sampling, the expected one
+            (``q N``) under Poisson sampling.
+        sampling: ``"poisson"`` or ``"fixed-size"`` (``m`` of ``N`` without replacement).
+    """
+
+    kind: ClassVar[str] = "dp-fedavg"
+
+    noise_multiplier: float
+    num_clients: int
+    clients_per_round: float
+    sampling: Sampling = "poisson"
+
+    def __post_init__(self) -> None:
+        z = _check_finite("noise_multiplier", self.noise_multiplier, minimum=0.0, strict=False)
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {', '.join(SAMPLINGS)}, got '{self.sampling}'")
+        if int(self.num_clients) != self.num_clients or self.num_clients < 1:
+            raise ValueError(f"num_clients must be an integer >= 1, got {self.num_clients}")
+        m = _check_finite("clients_per_round", self.clients_per_round, minimum=0.0, strict=True)
+        if m > self.num_clients:
+            raise ValueError(f"clients_per_round must be <= num_clients = {self.num_clients}, got {m:g}")
+        if self.sampling == "fixed-size":
+            if not m.is_integer():
+                raise ValueError(f"clients_per_round must be an integer for fixed-size sampling, got {m:g}")
+            m = int(m)
+        object.__setattr__(self, "noise_multiplier", z)
+        object.__setattr__(self, "num_clients", int(self.num_clients))
+        object.__setattr__(self, "clients_per_round", m)
+
+    @classmethod
+    def poisson(cls, noise_multiplier: float, num_clients: int, sampling_rate: float) -> DpFedAvgRound:
+        """Poisson sampling with rate ``q``: each client joins each round with probability ``q``."""
+        q = _check_finite("sampling_rate", sampling_rate, minimum=0.0, strict=True)
+        if q > 1.0:
+            raise ValueError(f"sampling_rate must be in (0, 1], got {q:g}")
+        return cls(noise_multiplier, num_clients, q * num_clients, "poisson")
+
+    @property
+    def sampling_rate(self) -> float:
+        """``q = m / N``."""
+        return self.clients_per_round / self.num_clients
+
+    @property
+    def full_participation(self) -> bool:
+        return self.clients_per_round == self.num_clients
+
+    @property
+    def neighboring_relation(self) -> NeighboringRelation:
+        """Replace-one-client for fixed-size subsampling, add/remove-one-client otherwise."""
+        if self.sampling == "fixed-size" and not self.full_participation:
+            return NeighboringRelation.REPLACE_ONE
+        return NeighboringRelation.ADD_OR_REMOVE_ONE
+
+    def to_dp_event(self) -> dp_accounting.DpEvent:
+        if self.noise_multiplier == 0.0:
+            return dp_accounting.NonPrivateDpEvent()
+        if self.full_participation:
+            return dp_accounting.GaussianDpEvent(self.noise_multiplier)
+        if self.sampling == "poisson":
+            return dp_accounting.PoissonSampledDpEvent(
+                self.sampling_rate, dp_accounting.GaussianDpEvent(self.noise_multiplier)
+            )
+        # Replace-one: the clipped sum moves by up to 2C, so noise / sensitivity = z / 2.
+        return dp_accounting.SampledWithoutReplacementDpEvent(
+            self.num_clients,
+            int(self.clients_per_round),
+            dp_accounting.GaussianDpEvent(self.noise_multiplier / 2.0),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalGaussianRound:
+    """One round of local Gaussian DP for one client: ``clip_L2(u, C) + N(0, noise_std^2)``.
+
+    Local DP protects any two inputs of the client, so the L2 sensitivity is ``2C`` and the
+    event is ``GaussianDpEvent(noise_std / (2C))``.
+    """
+
+    kind: ClassVar[str] = "local-gaussian"
+
+    clip_norm: float
+    noise_std: float
+
+    def __post_init__(self) -> None:
+        c = _check_finite("clip_norm", self.clip_norm, minimum=0.0, strict=True)
+        s = _check_finite("noise_std", self.noise_std, minimum=0.0, strict=False)
+        object.__setattr__(self, "clip_norm", c)
+        object.__setattr__(self, "noise_std", s)
+
+    @property
+    def neighboring_relation(self) -> NeighboringRelation:
+        return NeighboringRelation.REPLACE_ONE
+
+    def to_dp_event(self) -> dp_accounting.DpEvent:
+        if self.noise_std == 0.0:
+            return dp_accounting.NonPrivateDpEvent()
+        return dp_accounting.GaussianDpEvent(self.noise_std / (2.0 * self.clip_norm))
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalLaplaceRound:
+    """One round of local Laplace DP for one client: ``clip_L1(u, C) + Laplace(0, 2C / epsilon)``.
+
+    Pure ``epsilon``-DP per round (L1 sensitivity ``2C`` over any two inputs, scale
+    ``b = 2C / epsilon``, so ``epsilon = sensitivity / b``); the event is
+    ``LaplaceDpEvent(b / 2C) = LaplaceDpEvent(1 / epsilon)``.
+    """
+
+    kind: ClassVar[str] = "local-laplace"
+
+    epsilon: float
+
+    def __post_init__(self) -> None:
+        eps = _check_finite("epsilon", self.epsilon, minimum=0.0, strict=True)
+        object.__setattr__(self, "epsilon", eps)
+
+    @property
+    def neighboring_relation(self) -> NeighboringRelation:
+        return NeighboringRelation.REPLACE_ONE
+
+    def to_dp_event(self) -> dp_accounting.DpEvent:
+        return dp_accounting.LaplaceDpEvent(1.0 / self.epsilon)
+
+
+RoundSpec = DpFedAvgRound | LocalGaussianRound | LocalLaplaceRound
+ROUND_SPECS: dict[str, type] = {spec.kind: spec for spec in (DpFedAvgRound, LocalGaussianRound, LocalLaplaceRound)}
+
+
+def spec_to_dict(spec: RoundSpec) -> dict[str, Any]:
+    """JSON-able form of a round spec: its fields plus ``"kind"``."""
+    return {"kind": spec.kind, **dataclasses.asdict(spec)}
+
+
+def spec_from_dict(data: Mapping[str, Any]) -> RoundSpec:
+    """Inverse of :func:`spec_to_dict` (validated by the spec's constructor)."""
+    fields = dict(data)
+    kind = fields.pop("kind", None)
+    if kind not in ROUND_SPECS:
+        raise ValueError(f"round spec kind must be one of {', '.join(ROUND_SPECS)}, got {kind!r}")
+    return ROUND_SPECS[kind](**fields)
+
+
+def make_dp_accountant(
+    method: AccountingMethod, relation: NeighboringRelation = NeighboringRelation.ADD_OR_REMOVE_ONE
+) -> dp_accounting.PrivacyAccountant:
+    """A fresh ``dp_accounting`` accountant with this module's RDP orders / PLD grid."""
+    _check_method(method)
+    if method == "rdp":
+        return rdp.RdpAccountant(orders=RDP_ORDERS, neighboring_relation=relation)
+    return pld.PLDAccountant(
+        neighboring_relation=relation,
+        value_discretization_interval=PLD_VALUE_DISCRETIZATION_INTERVAL,
+    )
+
+
+def _epsilon_of_event(
+    event: dp_accounting.DpEvent,
+    relation: NeighboringRelation,
+    delta: float,
+    method: AccountingMethod,
+) -> float:
+    accountant = make_dp_accountant(method, relation)
+    if not accountant.supports(event):
+        raise ValueError(
+            f"accounting method '{method}' cannot account {event} under {relation.name} "
+            f"(dp_accounting's PLD accountant has no bound for fixed-size sampling without "
+            f"replacement: use method 'rdp' or Poisson sampling)"
+        )
+    return float(accountant.compose(event).get_epsilon(delta))
+
+
+class PrivacyAccountant:
+    """Epsilon of all rounds run so far, composed by ``dp_accounting``.
+
+    Keeps one count per distinct round spec (a run of 1000 identical rounds is one entry), so
+    adding a round is O(1) and :meth:`epsilon` costs one accountant evaluation per distinct spec,
+    whatever the number of rounds. Every spec composed here must share one neighbouring relation
+    (a replace-one epsilon and an add/remove epsilon do not compose into either).
+
+    Save :meth:`state_dict` with every checkpoint and rebuild with :meth:`from_state_dict` on
+    resume, so that a resumed run continues its epsilon instead of starting again from zero.
+    """
+
+    def __init__(self) -> None:
+        self._counts: dict[RoundSpec, int] = {}
+
+    @property
+    def rounds(self) -> int:
+        """Number of rounds composed so far."""
+        return sum(self._counts.values())
+
+    @property
+    def neighboring_relation(self) -> NeighboringRelation | None:
+        """The relation the epsilon is stated under (``None`` before the first round)."""
+        return next(iter(self._counts)).neighboring_relation if self._counts else None
+
+    def _check_spec(self, spec: RoundSpec) -> None:
+        if not isinstance(spec, tuple(ROUND_SPECS.values())):
+            raise TypeError(f"spec must be one of {', '.join(ROUND_SPECS)}, got {type(spec)}")
+        relation = self.neighboring_relation
+        if relation is not None and spec.neighboring_relation is not relation:
+            raise ValueError(
+                f"cannot compose a round accounted under {spec.neighboring_relation.name} with "
+                f"rounds accounted under {relation.name} (e.g. Poisson and fixed-size sampling "
+                f"in one run)"
+            )
+
+    def add_round(self, spec: RoundSpec, rounds: int = 1) -> None:
+        """Record that ``rounds`` more rounds of ``spec`` were run."""
+        self._check_spec(spec)
+        if int(rounds) != rounds or rounds < 0:
+            raise ValueError(f"rounds must be an integer >= 0, got {rounds}")
+        if rounds:
+            self._counts[spec] = self._counts.get(spec, 0) + int(rounds)
+
+    @staticmethod
+    def _ledger(counts: Mapping[RoundSpec, int]) -> dp_accounting.DpEvent:
+        return dp_accounting.ComposedDpEvent(
+            [dp_accounting.SelfComposedDpEvent(s.to_dp_event(), n) for s, n in counts.items()]
+        )
+
+    @property
+    def ledger(self) -> dp_accounting.DpEvent:
+        """All rounds so far as one ``dp_accounting`` event."""
+        return self._ledger(self._counts)
+
+    def _epsilon(self, counts: Mapping[RoundSpec, int], delta: float, method: str) -> float:
+        delta = _check_delta(delta)
+        _check_method(method)
+        if not counts:
+            return 0.0
+        relation = next(iter(counts)).neighboring_relation
+        return _epsilon_of_event(self._ledger(counts), relation, delta, method)
+
+    def epsilon(self, delta: float, method: AccountingMethod = "rdp") -> float:
+        """Epsilon of every round so far at ``delta`` (``inf`` if any round had no noise)."""
+        return self._epsilon(self._counts, delta, method)
+
+    def epsilon_if_added(
+        self,
+        spec: RoundSpec,
+        *,
+        delta: float,
+        rounds: int = 1,
+        method: AccountingMethod = "rdp",
+    ) -> float:
+        """Epsilon that the run would reach after ``rounds`` more rounds of ``spec``.
+
+        Call it before a round and skip the round when the result exceeds the budget, so the
+        budget is never overrun. The accountant itself is not changed.
+        """
+        self._check_spec(spec)
+        counts = dict(self._counts)
+        counts[spec] = counts.get(spec, 0) + int(rounds)
+        return self._epsilon(counts, delta, method)
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able state: ``{"rounds": [{"spec": {...}, "count": n}, ...]}``."""
+        return {"rounds": [{"spec": spec_to_dict(s), "count": n} for s, n in self._counts.items()]}
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> PrivacyAccountant:
+        """Rebuild an accountant from :meth:`state_dict` (e.g. on resume from a checkpoint)."""
+        if "rounds" not in state:
+            raise ValueError("privacy accountant state must have a 'rounds' list")
+        accountant = cls()
+        for entry in state["rounds"]:
+            accountant.add_round(spec_from_dict(entry["spec"]), int(entry["count"]))
+        return accountant
+
+
+def calibrate_noise_multiplier(
+    target_epsilon: float,
+    delta: float,
+    rounds: int,
+    *,
+    num_clients: int,
+    clients_per_round: float,
+    sampling: Sampling = "poisson",
+    method: AccountingMethod = "rdp",
+    tolerance: float = 1e-4,
+) -> float:
+    """Smallest DP-FedAvg noise multiplier whose epsilon after ``rounds`` rounds is <= target.
+
+    Root-finding with ``dp_accounting.calibrate_dp_mechanism`` (Brent's method), which returns a
+    value within ``tolerance`` of the optimum on the safe side (epsilon <= target).
+    """
+    target_epsilon = _check_finite("target_epsilon", target_epsilon, minimum=0.0, strict=True)
+    delta = _check_delta(delta)
+    _check_method(method)
+    if int(rounds) != rounds or rounds < 1:
+        raise ValueError(f"rounds must be an integer >= 1, got {rounds}")
+
+    def make_spec(z: float) -> DpFedAvgRound:
+        return DpFedAvgRound(z, num_clients, clients_per_round, sampling)
+
+    relation = make_spec(1.0).neighboring_relation
+
+    def make_event(z: float) -> dp_accounting.DpEvent:
+        return dp_accounting.SelfComposedDpEvent(make_spec(z).to_dp_event(), int(rounds))
+
+    def epsilon(z: float) -> float:
+        return _epsilon_of_event(make_event(z), relation, delta, method)
+
+    # Bracket [low, high] with epsilon(low) > target >= epsilon(high); epsilon falls as z grows.
+    low, high = 0.5, 1.0
+    while epsilon(high) > target_epsilon:
+        low, high = high, 2.0 * high
+        if high > 1e6:
+            raise ValueError(f"no noise multiplier up to 1e6 reaches epsilon {target_epsilon:g}")
+    while epsilon(low) <= target_epsilon:
+        low, high = low / 2.0, low
+        if low < 1e-6:
+            raise ValueError(
+                f"target_epsilon {target_epsilon:g} is met with almost no noise (z < 1e-6); choose a smaller target"
+            )
+    return float(
+        dp_accounting.calibrate_dp_mechanism(
+            lambda: make_dp_accountant(method, relation),
+            make_event,
+            target_epsilon,
+            delta,
+            dp_accounting.ExplicitBracketInterval(low, high),
+            tol=tolerance,
+        )
+    )
+
+
+def dpsgd_epsilon(
+    num_examples: int,
+    batch_size: int,
+    noise_multiplier: float,
+    epochs: float,
+    delta: float,
+    *,
+    used_microbatching: bool = False,
+    method: AccountingMethod = "rdp",
+) -> float:
+    """Example-level epsilon of DP-SGD on one client (Abadi et al. 2016), add/remove-one-example.
+
+    Accounts ``steps = ceil(epochs * ceil(n / B))`` Poisson-sampled Gaussian steps with
+    ``q = B / n`` -- the analysis TF Privacy's ``compute_dp_sgd_privacy`` reports, counting the
+    steps Keras actually runs (a partial last batch is a step). Keras shuffles and iterates
+    rather than Poisson-sampling; no tight analysis of that exists, and reporting the Poisson
+    epsilon is the convention (TF Privacy issue #483).
+
+    ``used_microbatching``: gradients were clipped per microbatch of more than one example,
+    which doubles the add/remove sensitivity (Ponomareva et al. 2023, Sec. 5.6), so ``z / 2``
+    is accounted.
+    """
+    if int(num_examples) != num_examples or num_examples < 1:
+        raise ValueError(f"num_examples must be an integer >= 1, got {num_examples}")
+    if int(batch_size) != batch_size or not 1 <= batch_size <= num_examples:
+        raise ValueError(f"batch_size must be an integer in [1, num_examples = {num_examples}], got {batch_size}")
+    z = _check_finite("noise_multiplier", noise_multiplier, minimum=0.0, strict=False)
+    epochs = _check_finite("epochs", epochs, minimum=0.0, strict=True)
+    delta = _check_delta(delta)
+    _check_method(method)
+    if z == 0.0:
+        return math.inf
+    if used_microbatching:
+        z /= 2.0
+    steps = math.ceil(epochs * math.ceil(num_examples / batch_size))
+    q = batch_size / num_examples
+    step_event: dp_accounting.DpEvent = dp_accounting.GaussianDpEvent(z)
+    if q < 1.0:
+        step_event = dp_accounting.PoissonSampledDpEvent(q, step_event)
+    event = dp_accounting.SelfComposedDpEvent(step_event, steps)
+    return _epsilon_of_event(event, NeighboringRelation.ADD_OR_REMOVE_ONE, delta, method)

@@ -1,0 +1,528 @@
+"""User-level differentially private federated averaging on Flower's Message API.
+
+:class:`DpFedAvgStrategy` is :class:`strategies.aggregation.strategy.AggregationStrategy` with three changes:
+
+* **sampling** (``configure_train``): Poisson (each connected node joins independently with
+  probability ``q``) or fixed-size (``m`` of the ``N`` connected nodes without replacement), both
+  from a generator seeded by :mod:`secrets`, so that amplification by sampling is what the
+  accountant assumes;
+* **aggregation** (``aggregate_train``): every valid update is clipped to L2 norm ``C`` (fixed, or
+  adaptive at a target quantile with a noised count, Andrew et al. 2021), then
+
+      mean rule:   Delta = (1/m) sum_i clip(u_i, C)  +  N(0, (z C / m)^2 I)     (McMahan et al. 2018)
+      other rule:  Delta = clip(rule(clip(u_1, C), ...), C)  +  N(0, (2 z C)^2 I)
+
+  with ``m`` the *expected* number of clients (``q N`` or the fixed sample size), not the number
+  that replied. The mean's add/remove-one-client sensitivity is ``C / m``; any other rule's
+  output lies in the ball of radius ``C`` (it is clipped there), so its sensitivity is at most the
+  ball's diameter ``2C``. Both are the Gaussian mechanism with noise multiplier ``z``. Failed or
+  rejected clients contribute nothing (a zero row), and a round with no valid reply still
+  releases noise: the mechanism ran;
+* **accounting**: every round is one :class:`strategies.private.accounting.DpFedAvgRound` (or a local-DP
+  round spec) in a :class:`strategies.private.accounting.PrivacyAccountant`; epsilon at ``delta``
+  (RDP and, where ``dp_accounting`` supports it, PLD) goes into the round's MetricRecord, and
+  ``configure_train`` raises :class:`strategies.core.errors.PrivacyBudgetExhausted` *before* a round
+  that would take epsilon above the target. The accountant is part of :meth:`state_dict`.
+
+Modes (``dp-mode``): ``central`` (the server clips), ``client-clipping`` (clients clip to the
+``dp-clip-norm`` sent in the train config, the server clips again and adds the noise, so the
+server never needs an unclipped update), ``local-gaussian`` / ``local-laplace`` (each client clips
+and noises its own update, see :mod:`fl_app.client.update_privacy`; the server adds nothing, any rule is
+post-processing, and the accountant composes the local mechanism per client and round).
+
+Nothing here imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Mapping
+from logging import INFO
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from strategies.aggregation.strategy import AggregationStrategy, Rule, round_params
+from strategies.core.errors import PrivacyBudgetExhausted
+from strategies.core.update_matrix import ModelLayout
+from strategies.private.accounting import (
+    DpFedAvgRound,
+    LocalGaussianRound,
+    LocalLaplaceRound,
+    PrivacyAccountant,
+    RoundSpec,
+    adaptive_clipping_update_noise_multiplier,
+    calibrate_noise_multiplier,
+)
+from strategies.private.mechanisms import AdaptiveClipState, gaussian_noise, secure_generator
+from strategies.robust.preaggregation import clip_rows_to_norm
+from strategies.robust.rules import RULES, check_rule_conditions
+
+DP_MODES = ("central", "client-clipping", "local-gaussian", "local-laplace")
+SERVER_NOISE_MODES = ("central", "client-clipping")
+LOCAL_MODES = ("local-gaussian", "local-laplace")
+SAMPLINGS = ("poisson", "fixed-size")
+ACCOUNTING_METHODS = ("rdp", "pld")
+
+
+def rule_sensitivity(rule_name: str, clip_norm: float, expected_clients: float) -> float:
+    """Add/remove-one-client L2 sensitivity of the rule's output after clipping to ``C``.
+
+    ``mean`` (fixed denominator ``m``): ``C / m``. Every other rule: its output is clipped to the
+    ball of radius ``C`` (:meth:`DpFedAvgStrategy._bounded_rule_output`), so two outputs differ by
+    at most ``2C`` whatever the rule does.
+    """
+    return clip_norm / expected_clients if rule_name == "mean" else 2.0 * clip_norm
+
+
+class DpFedAvgStrategy(AggregationStrategy):
+    """Central user-level DP-FedAvg (and the server side of client clipping and local DP).
+
+    Parameters
+    ----------
+    rule, rule_name, rule_params : the aggregation rule (``mean`` is DP-FedAvg)
+    mode : one of :data:`DP_MODES`
+    noise_multiplier : ``z`` (total, including the adaptive clipping count's share)
+    clip_norm : ``C``; with ``clip_quantile`` the initial clip norm
+    num_clients : ``N``, the population the run config expects (``num-partitions``)
+    sampling : ``poisson`` (rate ``sampling_rate``) or ``fixed-size`` (``clients_per_round``)
+    delta, accounting : epsilon is reported at this delta; ``rdp`` or ``pld`` decides the stop
+    target_epsilon : stop before a round that would exceed it (None: no budget)
+    clip_quantile, clip_learning_rate, count_noise_std : adaptive clipping (gamma, eta, sigma_b;
+        ``count_noise_std`` None: ``m / 20`` as Andrew et al. suggest)
+    local_epsilon : per-round epsilon of ``local-laplace``
+    rng : noise and sampling generator (default :func:`secure_generator`; tests may pass a seeded one)
+    **kwargs : :class:`AggregationStrategy` / FedAvg arguments (server step, evaluation sampling, …)
+    """
+
+    min_train_replies = 0
+    """The round loop's minimum of replies: the mechanism runs (and is accounted) on any sample."""
+
+    def __init__(
+        self,
+        rule: Rule,
+        *,
+        rule_name: str = "mean",
+        rule_params: Mapping[str, Any] | None = None,
+        mode: str = "central",
+        noise_multiplier: float = 1.0,
+        clip_norm: float = 1.0,
+        num_clients: int,
+        sampling: str = "poisson",
+        sampling_rate: float = 1.0,
+        clients_per_round: int | None = None,
+        delta: float = 1e-5,
+        accounting: str = "rdp",
+        target_epsilon: float | None = None,
+        clip_quantile: float | None = None,
+        clip_learning_rate: float = 0.2,
+        count_noise_std: float | None = None,
+        local_epsilon: float = 1.0,
+        rng: np.random.Generator | None = None,
+        **kwargs: Any,
+    ) -> None:
+        for key in ("weighting", "norm_bound_quantile", "norm_bound"):
+            if kwargs.pop(key, None) not in (None, "uniform"):
+                raise ValueError(f"{key} is not allowed with differential privacy (dp-clip-norm clips)")
+        super().__init__(rule, rule_name=rule_name, rule_params=rule_params, weighting="uniform", **kwargs)
+        if mode not in DP_MODES:
+            raise ValueError(f"dp-mode must be one of {', '.join(DP_MODES)}; got '{mode}'")
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"dp-sampling must be one of {', '.join(SAMPLINGS)}; got '{sampling}'")
+        if accounting not in ACCOUNTING_METHODS:
+            raise ValueError(f"dp-accounting must be one of {', '.join(ACCOUNTING_METHODS)}; got '{accounting}'")
+        if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
+            raise ValueError(f"dp-noise-multiplier must be >= 0, got {noise_multiplier}")
+        if not clip_norm > 0:
+            raise ValueError(f"dp-clip-norm must be > 0, got {clip_norm}")
+        if not 0 < delta < 1:
+            raise ValueError(f"dp-delta must be in (0, 1), got {delta}")
+        self.mode = mode
+        self.noise_multiplier = float(noise_multiplier)
+        self.num_clients = int(num_clients)
+        self.sampling = sampling
+        self.sampling_rate = float(sampling_rate)
+        self.clients_per_round = clients_per_round
+        if sampling == "fixed-size":
+            if clients_per_round is None or not 1 <= clients_per_round <= num_clients:
+                raise ValueError(
+                    f"fixed-size sampling needs 1 <= clients per round <= num-partitions = {num_clients}, "
+                    f"got {clients_per_round}"
+                )
+        elif not 0 < self.sampling_rate <= 1:
+            raise ValueError(f"Poisson sampling needs a rate in (0, 1] (fraction-train), got {sampling_rate}")
+        self.delta = float(delta)
+        self.accounting = accounting
+        self.target_epsilon = target_epsilon if target_epsilon and target_epsilon > 0 else None
+        self.local_epsilon = float(local_epsilon)
+        if mode == "local-laplace" and not self.local_epsilon > 0:
+            raise ValueError(f"dp-local-epsilon must be > 0 for local-laplace, got {local_epsilon}")
+        self.adaptive: AdaptiveClipState | None = None
+        if clip_quantile:
+            if mode != "central":
+                raise ValueError("adaptive clipping (dp-clip-quantile > 0) needs dp-mode='central'")
+            sigma_b = self.expected_clients / 20.0 if count_noise_std is None else float(count_noise_std)
+            self.adaptive = AdaptiveClipState(clip_norm, clip_quantile, clip_learning_rate, sigma_b)
+            # fails early if the count would use the whole budget
+            adaptive_clipping_update_noise_multiplier(self.noise_multiplier, sigma_b)
+        self.fixed_clip_norm = float(clip_norm)
+        self.accountant = PrivacyAccountant()
+        self.rng = rng if rng is not None else secure_generator()
+        self.stop_reason: str | None = None
+        self._round_spec: RoundSpec | None = None
+        self._sampled = 0
+        self._check_accounting_supported()
+
+    # ----------------------------------------------------------------------------- quantities
+
+    @property
+    def expected_clients(self) -> float:
+        """``m``: ``q N`` under Poisson sampling, the sample size under fixed-size sampling."""
+        if self.sampling == "fixed-size":
+            return float(self.clients_per_round)
+        return self.sampling_rate * self.num_clients
+
+    @property
+    def clip_norm(self) -> float:
+        """The clip norm ``C`` of the next round."""
+        return self.adaptive.clip_norm if self.adaptive is not None else self.fixed_clip_norm
+
+    @property
+    def update_noise_multiplier(self) -> float:
+        """The update's share of ``z`` (all of it without adaptive clipping)."""
+        if self.adaptive is None:
+            return self.noise_multiplier
+        return adaptive_clipping_update_noise_multiplier(self.noise_multiplier, self.adaptive.count_noise_std)
+
+    def noise_std(self) -> float:
+        """Std of the Gaussian noise on the aggregate this round (0 for local modes)."""
+        if self.mode in LOCAL_MODES:
+            return 0.0
+        return self.update_noise_multiplier * rule_sensitivity(self.rule_name, self.clip_norm, self.expected_clients)
+
+    def round_spec(self, connected: int | None = None) -> RoundSpec:
+        """What one round of this mechanism is, for the accountant.
+
+        ``connected``: nodes connected now (fixed-size sampling draws ``m`` of them, so the
+        amplification is ``m / connected``); default ``num_clients``.
+        """
+        if self.mode == "local-gaussian":
+            return LocalGaussianRound(self.clip_norm_for_local, self.noise_multiplier * self.clip_norm_for_local)
+        if self.mode == "local-laplace":
+            return LocalLaplaceRound(self.local_epsilon)
+        population = max(int(connected or self.num_clients), 1)
+        if self.sampling == "poisson":
+            return DpFedAvgRound.poisson(self.noise_multiplier, population, self.sampling_rate)
+        m = min(int(self.clients_per_round), population)
+        return DpFedAvgRound(self.noise_multiplier, population, m, "fixed-size")
+
+    @property
+    def clip_norm_for_local(self) -> float:
+        return self.fixed_clip_norm
+
+    def _check_accounting_supported(self) -> None:
+        spec = self.round_spec()
+        if (
+            self.accounting == "pld"
+            and isinstance(spec, DpFedAvgRound)
+            and spec.sampling == "fixed-size"
+            and not spec.full_participation
+        ):
+            raise ValueError(
+                "dp-accounting='pld' cannot account dp-sampling='fixed-size' (dp_accounting has no PLD "
+                "bound for sampling without replacement): use dp-accounting='rdp' or dp-sampling='poisson'"
+            )
+
+    def epsilons(self) -> dict[str, float]:
+        """Epsilon so far at ``delta``: ``epsilon`` (the configured method), ``epsilon-rdp`` and,
+        where dp_accounting supports it, ``epsilon-pld``."""
+        out = {"epsilon-rdp": self.accountant.epsilon(self.delta, "rdp")}
+        try:
+            out["epsilon-pld"] = self.accountant.epsilon(self.delta, "pld")
+        except ValueError:  # fixed-size sampling: no PLD bound
+            pass
+        out["epsilon"] = out[f"epsilon-{self.accounting}"]
+        return out
+
+    def summary(self) -> None:
+        super().summary()
+        log(
+            INFO,
+            "\t├──> DP (%s): z %s, C %s, m %s (%s sampling), delta %s, %s accounting, target epsilon %s",
+            self.mode,
+            self.noise_multiplier,
+            self.clip_norm,
+            self.expected_clients,
+            self.sampling,
+            self.delta,
+            self.accounting,
+            self.target_epsilon,
+        )
+
+    # ----------------------------------------------------------------------------- rounds
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._layout = ModelLayout.of(arrays)
+        self._global = self._layout.flatten(arrays)
+        nodes = self._wait_for_nodes(grid)
+        spec = self.round_spec(len(nodes))
+        if self.target_epsilon is not None:
+            after = self.accountant.epsilon_if_added(spec, delta=self.delta, method=self.accounting)
+            if after > self.target_epsilon:
+                now = self.accountant.epsilon(self.delta, self.accounting)
+                self.stop_reason = (
+                    f"privacy budget: round {server_round} would take epsilon from {now:.4g} to {after:.4g} "
+                    f"> dp-target-epsilon {self.target_epsilon:g} (delta {self.delta:g}); training stops "
+                    f"after {self.accountant.rounds} private rounds"
+                )
+                raise PrivacyBudgetExhausted(self.stop_reason)
+        sampled = self.sample(nodes)
+        self._round_spec = spec
+        self._sampled = len(sampled)
+        log(
+            INFO,
+            "configure_train: %s sampling chose %d of %d nodes (expected %g)",
+            self.sampling,
+            len(sampled),
+            len(nodes),
+            self.expected_clients,
+        )
+        config["server-round"] = server_round
+        if self.mode == "client-clipping":
+            config["dp-clip-norm"] = float(self.clip_norm)
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return self._construct_messages(record, sampled, MessageType.TRAIN)
+
+    def _wait_for_nodes(self, grid: Grid) -> list[int]:
+        while len(nodes := sorted(grid.get_node_ids())) < self.min_available_nodes:
+            log(INFO, "Waiting for nodes: %d connected, %d required", len(nodes), self.min_available_nodes)
+            time.sleep(1)
+        return nodes
+
+    def sample(self, nodes: list[int]) -> list[int]:
+        """Poisson: each node independently with probability q; fixed-size: m without replacement."""
+        if self.sampling == "poisson":
+            keep = self.rng.random(len(nodes)) < self.sampling_rate
+            return [node for node, k in zip(nodes, keep) if k]
+        m = min(int(self.clients_per_round), len(nodes))
+        return [nodes[i] for i in sorted(self.rng.choice(len(nodes), size=m, replace=False))]
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if self._layout is None or self._global is None or self._round_spec is None:
+            raise RuntimeError("aggregate_train called before configure_train")
+        collected = self.collect(server_round, replies)
+        if collected.count:
+            for hook in self.update_hooks:
+                hook(server_round, collected)
+        updates = collected.updates
+        clip = self.clip_norm
+        noise_std = self.noise_std()
+        measurements: dict[str, float] = {
+            "accepted-replies": collected.count,
+            "rejected-replies": len(collected.rejections),
+            "dp-sampled": self._sampled,
+            "clip-norm": clip,
+            "noise-std": noise_std,
+            "noise-multiplier": self.noise_multiplier,
+        }
+        if self.mode in SERVER_NOISE_MODES:
+            norms = clip_rows_to_norm(updates, clip) if collected.count else np.zeros(0)
+            measurements["clipped-replies"] = int(np.sum(norms > clip))
+            aggregate = self._bounded_rule_output(updates, clip)
+            aggregate += gaussian_noise(aggregate.shape, noise_std, self.rng)
+            if self.adaptive is not None:
+                self.adaptive.update(norms, self.expected_clients, self.rng)
+        else:  # local DP: the updates are already private; any rule is post-processing
+            aggregate = self._local_rule_output(updates)
+        # the mechanism ran (whoever replied): account the round
+        self.accountant.add_round(self._round_spec)
+        self._round_spec = None
+        measurements.update(self.epsilons())
+        measurements["delta"] = self.delta
+        measurements["dp-rounds"] = self.accountant.rounds
+        if self.target_epsilon is not None:
+            measurements["dp-target-epsilon"] = self.target_epsilon
+        new_global = self._server_step(aggregate)
+        weights = np.ones(collected.count)
+        metrics = self._train_metrics(collected, weights) if collected.count else MetricRecord({})
+        metrics.update(measurements)
+        metrics["update-norm"] = float(np.linalg.norm(aggregate))
+        return self._layout.unflatten(new_global), metrics
+
+    def _rule_can_run(self, count: int) -> bool:
+        if count < self.min_valid_replies:
+            return False
+        if self.rule_name in RULES:
+            try:
+                check_rule_conditions(self.rule_name, count, round_params(self.rule_name, self.rule_params, count))
+            except ValueError:
+                return False
+        return True
+
+    def _bounded_rule_output(self, clipped: np.ndarray, clip: float) -> np.ndarray:
+        """``sum / m`` for the mean; otherwise the rule's output clipped to ``C`` (zero when the
+        rule cannot run on this many replies), so the sensitivity is that of :func:`rule_sensitivity`."""
+        size = self._layout.size
+        count = clipped.shape[0]
+        if self.rule_name == "mean":
+            if count == 0:
+                return np.zeros(size, np.float32)
+            total = np.einsum("ij->j", clipped, dtype=np.float64)
+            return (total / self.expected_clients).astype(np.float32)
+        if not self._rule_can_run(count):
+            return np.zeros(size, np.float32)
+        params = round_params(self.rule_name, self.rule_params, count)
+        output = np.array(self.rule(clipped, np.ones(count), **params), dtype=np.float32).reshape(1, -1)
+        if output.shape[1] != size or not np.isfinite(output).all():
+            return np.zeros(size, np.float32)
+        clip_rows_to_norm(output, clip)
+        return output[0]
+
+    def _local_rule_output(self, updates: np.ndarray) -> np.ndarray:
+        count = updates.shape[0]
+        if count == 0 or not self._rule_can_run(count):
+            return np.zeros(self._layout.size, np.float32)
+        params = round_params(self.rule_name, self.rule_params, count)
+        output = np.asarray(self.rule(updates, np.ones(count), **params), dtype=np.float32)
+        return output if np.isfinite(output).all() else np.zeros(self._layout.size, np.float32)
+
+    # ----------------------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Momentum, the privacy accountant and the adaptive clip norm (restore all on resume)."""
+        state = super().state_dict()
+        state["privacy-accountant"] = self.accountant.state_dict()
+        if self.adaptive is not None:
+            state["adaptive-clip"] = self.adaptive.state_dict()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        if "privacy-accountant" in state:
+            self.accountant = PrivacyAccountant.from_state_dict(state["privacy-accountant"])
+        if "adaptive-clip" in state and self.adaptive is not None:
+            self.adaptive.load_state_dict(dict(state["adaptive-clip"]))
+
+
+# --------------------------------------------------------------------------------- factory
+
+DP_DEFAULTS: dict[str, Any] = {
+    "dp-mode": "central",
+    "dp-noise-multiplier": 1.0,
+    "dp-clip-norm": 1.0,
+    "dp-clip-quantile": 0.0,
+    "dp-clip-learning-rate": 0.2,
+    "dp-clip-count-noise": 0.0,
+    "dp-sampling": "poisson",
+    "dp-delta": 1e-5,
+    "dp-accounting": "rdp",
+    "dp-target-epsilon": 0.0,
+    "dp-local-epsilon": 1.0,
+}
+"""Defaults of the DP-FedAvg run-config keys (the same as in pyproject.toml; a test checks)."""
+
+
+def dp_sampling_params(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """``num_clients``, ``sampling``, ``sampling_rate`` / ``clients_per_round`` from the run config.
+
+    ``N = num-partitions``. Poisson: ``q = fraction-train``. Fixed-size: ``m =
+    max(min-train-clients, floor(fraction-train * N))`` (as FedAvg samples).
+    """
+    from strategies.aggregation.strategy import expected_clients
+
+    n = int(run_config.get("num-partitions", 10))
+    sampling = str(run_config.get("dp-sampling", DP_DEFAULTS["dp-sampling"]))
+    params: dict[str, Any] = {
+        "num_clients": n,
+        "sampling": sampling,
+        "sampling_rate": float(run_config.get("fraction-train", 1.0)),
+    }
+    if sampling == "fixed-size":
+        params["clients_per_round"] = min(expected_clients(run_config), n)
+    return params
+
+
+def calibrated_noise_multiplier(run_config: Mapping[str, Any]) -> float:
+    """``z`` from the run config: ``dp-noise-multiplier``, or, when it is 0 and
+    ``dp-target-epsilon`` > 0, the smallest ``z`` whose epsilon after ``num-server-rounds`` rounds
+    is at most the target (:func:`strategies.private.accounting.calibrate_noise_multiplier`)."""
+    z = float(run_config.get("dp-noise-multiplier", DP_DEFAULTS["dp-noise-multiplier"]))
+    target = float(run_config.get("dp-target-epsilon", 0.0))
+    if z > 0 or target <= 0 or str(run_config.get("dp-mode", "central")) not in SERVER_NOISE_MODES:
+        return z
+    params = dp_sampling_params(run_config)
+    m = params.get("clients_per_round") or params["sampling_rate"] * params["num_clients"]
+    return calibrate_noise_multiplier(
+        target,
+        float(run_config.get("dp-delta", DP_DEFAULTS["dp-delta"])),
+        int(run_config.get("num-server-rounds", 10)),
+        num_clients=params["num_clients"],
+        clients_per_round=m,
+        sampling=params["sampling"],
+        method=str(run_config.get("dp-accounting", "rdp")),
+    )
+
+
+def check_dp_combination(run_config: Mapping[str, Any]) -> None:
+    """Refuse combinations whose epsilon cannot be honestly reported (errors name the keys)."""
+    weighting = str(run_config.get("client-weighting", "uniform"))
+    if weighting != "uniform":
+        raise ValueError(
+            f"strategy='dp-fedavg' needs client-weighting='uniform', got '{weighting}': weights from "
+            f"the clients' num-examples make the sensitivity of the average unbounded"
+        )
+    if float(run_config.get("norm-bound", 0.0)) > 0:
+        raise ValueError("strategy='dp-fedavg' clips with dp-clip-norm; set norm-bound=0")
+    if float(run_config.get("norm-bound-quantile", 0.0)) > 0:
+        raise ValueError(
+            "strategy='dp-fedavg' cannot use norm-bound-quantile (a noise-free quantile of the update "
+            "norms leaks them): use dp-clip-quantile for private adaptive clipping"
+        )
+
+
+def build_dp_strategy(run_config: Mapping[str, Any], **overrides: Any) -> DpFedAvgStrategy:
+    """The ``dp-fedavg`` strategy that the run config describes (rule from ``aggregation-rule``)."""
+    from strategies.aggregation.strategy import build_aggregation_strategy
+    from strategies.core.sampling import sampling_kwargs
+
+    check_dp_combination(run_config)
+    rule_name = str(run_config.get("aggregation-rule", "mean"))
+    base = build_aggregation_strategy(rule_name, run_config)  # validates the rule and its conditions
+
+    def get(key: str) -> Any:
+        return run_config.get(key, DP_DEFAULTS[key])
+
+    sampling = sampling_kwargs(run_config)
+    kwargs: dict[str, Any] = dict(
+        rule_name=base.rule_name,
+        rule_params=base.rule_params,
+        mode=str(get("dp-mode")),
+        clip_norm=float(get("dp-clip-norm")),
+        delta=float(get("dp-delta")),
+        accounting=str(get("dp-accounting")),
+        target_epsilon=float(get("dp-target-epsilon")) or None,
+        clip_quantile=float(get("dp-clip-quantile")) or None,
+        clip_learning_rate=float(get("dp-clip-learning-rate")),
+        count_noise_std=float(get("dp-clip-count-noise")) or None,
+        local_epsilon=float(get("dp-local-epsilon")),
+        max_update_norm=base.max_update_norm,
+        server_learning_rate=base.server_learning_rate,
+        server_momentum=base.server_momentum,
+        min_valid_replies=base.min_valid_replies,
+        fraction_evaluate=sampling["fraction_evaluate"],
+        min_evaluate_nodes=sampling["min_evaluate_nodes"],
+        min_available_nodes=sampling["min_available_nodes"],
+        **dp_sampling_params(run_config),
+    )
+    kwargs.update(overrides)
+    if "noise_multiplier" not in kwargs:  # calibration costs seconds: only when it is needed
+        kwargs["noise_multiplier"] = calibrated_noise_multiplier(run_config)
+    return DpFedAvgStrategy(base.rule, **kwargs)

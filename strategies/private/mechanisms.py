@@ -1,0 +1,291 @@
+"""Differential-privacy mechanisms over the K x P update matrix (pure NumPy).
+
+Rows are clients, columns are parameters, dtype float32. Every function here is vectorised over
+that matrix and draws its noise from a :class:`numpy.random.Generator` passed in by the caller;
+production code gets that generator from :func:`secure_generator`, never from NumPy's global state.
+
+Mechanisms:
+
+* Central user-level DP-FedAvg (McMahan et al. 2018, "Learning Differentially Private Recurrent
+  Language Models"): clip each client's update to L2 norm ``C``, sum, divide by the *expected*
+  number of clients ``m`` and add ``N(0, (z C / m)^2)`` per coordinate -- :func:`dp_fedavg`.
+* Adaptive clipping (Andrew et al. 2021, "Differentially Private Learning with Adaptive
+  Clipping"): the clip norm follows a target quantile of the update norms, estimated from a
+  noised count -- :class:`AdaptiveClipState`.
+* Local DP, each client noising its own update before it leaves the device --
+  :func:`local_dp_gaussian`, :func:`local_dp_laplace`.
+
+The privacy these mechanisms give is computed in :mod:`strategies.private.accounting`.
+
+Noise is drawn in floating point; the floating-point attacks on textbook samplers (Mironov 2012,
+"On Significance of the Least Significant Bits for Differential Privacy") are out of scope here,
+as they are for TF Privacy and Opacus.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import secrets
+from typing import Any
+
+import numpy as np
+
+FloatMatrix = np.ndarray  # (K, P) float32
+FloatVector = np.ndarray
+
+
+def secure_generator() -> np.random.Generator:
+    """A fresh PCG64 generator seeded with 128 bits from the OS's CSPRNG (``secrets``).
+
+    Use this for every noise draw that protects privacy: its seed cannot be guessed or replayed,
+    and it shares no state with ``np.random.*``.
+    """
+    return np.random.Generator(np.random.PCG64(secrets.randbits(128)))
+
+
+def insecure_seeded_generator(seed: int) -> np.random.Generator:
+    """A PCG64 generator with a fixed seed, for reproducible tests and benchmarks only.
+
+    Anyone who knows the seed can subtract the noise; never use it to protect real data.
+    """
+    return np.random.Generator(np.random.PCG64(seed))
+
+
+def _check_nonnegative(name: str, value: float) -> float:
+    value = float(value)
+    if not (math.isfinite(value) and value >= 0.0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    return value
+
+
+def _check_positive(name: str, value: float) -> float:
+    value = float(value)
+    if not (math.isfinite(value) and value > 0.0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return value
+
+
+def _check_matrix(updates: np.ndarray) -> None:
+    if updates.ndim != 2 or updates.dtype != np.float32:
+        raise ValueError(
+            f"updates must be a 2-D float32 matrix (clients x parameters), got {updates.ndim}-D {updates.dtype}"
+        )
+
+
+def row_norms(updates: FloatMatrix) -> np.ndarray:
+    """L2 norm of every row of a K x P float32 matrix, as float64 (shape ``(K,)``).
+
+    Accumulates in float64 without copying the matrix (``einsum`` casts block by block), so the
+    norms are exact to double precision even for millions of parameters; a float32 sum can be off
+    by 1e-4 relative at P = 1M, which would let clipped rows exceed the clip norm.
+    """
+    _check_matrix(updates)
+    return np.sqrt(np.einsum("ij,ij->i", updates, updates, dtype=np.float64))
+
+
+def _clip_scales(norms: np.ndarray, clip_norm: float) -> np.ndarray:
+    """Per-row factors ``min(1, C / ||u_i||)`` (exactly 1.0 for rows already within ``C``)."""
+    if not np.all(np.isfinite(norms)):
+        bad = np.flatnonzero(~np.isfinite(norms)).tolist()
+        raise ValueError(f"updates of rows {bad} are not finite (NaN or Inf); validate replies before clipping")
+    scales = np.ones_like(norms)
+    over = norms > clip_norm
+    scales[over] = clip_norm / norms[over]
+    return scales
+
+
+def clip_to_norm(
+    updates: FloatMatrix,
+    clip_norm: float,
+    *,
+    in_place: bool = False,
+    norms: np.ndarray | None = None,
+) -> tuple[FloatMatrix, np.ndarray]:
+    """Scale every row ``u_i`` of a K x P float32 matrix to ``u_i * min(1, C / ||u_i||_2)``.
+
+    Returns ``(clipped, norms)`` where ``norms`` are the L2 norms *before* clipping (float64).
+    Rows whose norm is at most ``C`` are returned bit for bit unchanged; the others end with norm
+    ``C`` up to float32 rounding (relative error ~1e-7).
+
+    ``in_place=True`` scales ``updates`` itself and returns it (no K x P allocation): use it on
+    the server's own decode buffer, never on an array the caller still needs. Pass ``norms`` when
+    they are already known (see :func:`row_norms`) to skip the pass that computes them.
+
+    Raises ``ValueError`` for a row that is not finite: clipping cannot bound NaN or Inf.
+    """
+    clip_norm = _check_positive("clip_norm", clip_norm)
+    norms = row_norms(updates) if norms is None else np.asarray(norms, dtype=np.float64)
+    if norms.shape != (updates.shape[0],):
+        raise ValueError(f"norms must have shape ({updates.shape[0]},), got {norms.shape}")
+    scales = _clip_scales(norms, clip_norm).astype(np.float32)[:, None]
+    if in_place:
+        np.multiply(updates, scales, out=updates)
+        return updates, norms
+    return updates * scales, norms
+
+
+def clip_vector(vector: FloatVector, clip_norm: float) -> tuple[FloatVector, float]:
+    """Scale a 1-D vector to L2 norm at most ``C``; returns ``(clipped copy, norm before)``."""
+    vector = np.asarray(vector, dtype=np.float32)
+    if vector.ndim != 1:
+        raise ValueError(f"vector must be 1-D, got shape {vector.shape}")
+    clipped, norms = clip_to_norm(vector[None, :], clip_norm)
+    return clipped[0], float(norms[0])
+
+
+def gaussian_noise(shape: int | tuple[int, ...], std: float, rng: np.random.Generator) -> np.ndarray:
+    """float32 samples of ``N(0, std^2)``; zeros when ``std == 0``."""
+    std = _check_nonnegative("noise std", std)
+    if std == 0.0:
+        return np.zeros(shape, dtype=np.float32)
+    noise = rng.standard_normal(shape, dtype=np.float32)
+    noise *= np.float32(std)
+    return noise
+
+
+def laplace_noise(shape: int | tuple[int, ...], scale: float, rng: np.random.Generator) -> np.ndarray:
+    """float32 samples of ``Laplace(0, scale)`` (density ``exp(-|x|/scale) / (2 scale)``)."""
+    scale = _check_nonnegative("laplace scale", scale)
+    if scale == 0.0:
+        return np.zeros(shape, dtype=np.float32)
+    return rng.laplace(0.0, scale, shape).astype(np.float32)
+
+
+def dp_fedavg(
+    updates: FloatMatrix,
+    clip_norm: float,
+    noise_multiplier: float,
+    expected_clients: float,
+    rng: np.random.Generator,
+    *,
+    norms: np.ndarray | None = None,
+) -> FloatVector:
+    """Central DP-FedAvg with equal weights (McMahan et al. 2018, Algorithm 1, fixed-denominator).
+
+        Delta = (1/m) * sum_i u_i * min(1, C / ||u_i||_2)  +  N(0, (z C / m)^2 I)
+
+    ``m`` is the *expected* number of clients per round (``q N`` under Poisson sampling, the
+    sample size under fixed-size sampling), not the number that replied: dividing by a
+    data-independent ``m`` keeps the sensitivity of the average at ``C / m``. Weights are equal
+    because a client-reported ``num_examples`` would be both a privacy leak and a lever for a
+    malicious client. ``updates`` is not modified; the clipped sum is one matrix-vector product.
+
+    With ``noise_multiplier = 0`` and ``clip_norm`` above every row norm this is the plain mean
+    of the rows when ``m = K``. With adaptive clipping, pass the update's noise multiplier from
+    :func:`strategies.private.accounting.adaptive_clipping_update_noise_multiplier`, not the total one.
+    """
+    _check_matrix(updates)
+    clip_norm = _check_positive("clip_norm", clip_norm)
+    noise_multiplier = _check_nonnegative("noise_multiplier", noise_multiplier)
+    expected_clients = _check_positive("expected_clients", expected_clients)
+    norms = row_norms(updates) if norms is None else np.asarray(norms, dtype=np.float64)
+    scales = _clip_scales(norms, clip_norm).astype(np.float32)
+    clipped_sum = scales @ updates
+    mean = clipped_sum / np.float32(expected_clients)
+    mean += gaussian_noise(mean.shape, noise_multiplier * clip_norm / expected_clients, rng)
+    return mean
+
+
+@dataclasses.dataclass
+class AdaptiveClipState:
+    """Clip norm that tracks a quantile of the update norms (Andrew et al. 2021, Algorithm 1).
+
+    After each round, with ``m`` the expected number of clients and ``b_i = 1[||u_i|| <= C]``:
+
+        b~ = (sum_i b_i + N(0, sigma_b^2)) / m          (noised fraction of unclipped updates)
+        C  <- C * exp(-eta * (b~ - gamma))               (geometric update)
+
+    so ``C`` grows while fewer than a fraction ``gamma`` of the updates fit under it and shrinks
+    otherwise. The noised count costs privacy: account the round with the *total* noise
+    multiplier and add update noise with
+    :func:`strategies.private.accounting.adaptive_clipping_update_noise_multiplier`. The paper suggests
+    ``gamma = 0.5``, ``eta = 0.2`` and ``sigma_b = m / 20``.
+
+    Attributes:
+        clip_norm: current clip norm ``C`` (> 0); use it to clip this round, then call
+            :meth:`update` with the same round's pre-clipping norms.
+        target_quantile: ``gamma`` in [0, 1].
+        learning_rate: ``eta`` (>= 0).
+        count_noise_std: ``sigma_b`` (>= 0), std of the noise on the *count* of unclipped updates.
+    """
+
+    clip_norm: float
+    target_quantile: float = 0.5
+    learning_rate: float = 0.2
+    count_noise_std: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.clip_norm = _check_positive("clip_norm", self.clip_norm)
+        self.target_quantile = float(self.target_quantile)
+        if not 0.0 <= self.target_quantile <= 1.0:
+            raise ValueError(f"target_quantile must be in [0, 1], got {self.target_quantile}")
+        self.learning_rate = _check_nonnegative("learning_rate", self.learning_rate)
+        self.count_noise_std = _check_nonnegative("count_noise_std", self.count_noise_std)
+
+    def noised_unclipped_fraction(self, norms: np.ndarray, expected_clients: float, rng: np.random.Generator) -> float:
+        """``b~ = (#{i : ||u_i|| <= C} + N(0, sigma_b^2)) / m`` for the current ``C``."""
+        expected_clients = _check_positive("expected_clients", expected_clients)
+        count = float(np.count_nonzero(np.asarray(norms, dtype=np.float64) <= self.clip_norm))
+        noise = float(rng.normal(0.0, self.count_noise_std)) if self.count_noise_std > 0 else 0.0
+        return (count + noise) / expected_clients
+
+    def update(self, norms: np.ndarray, expected_clients: float, rng: np.random.Generator) -> float:
+        """Move ``C`` one geometric step toward the target quantile; returns the new ``C``."""
+        fraction = self.noised_unclipped_fraction(norms, expected_clients, rng)
+        self.clip_norm = self.clip_norm * math.exp(-self.learning_rate * (fraction - self.target_quantile))
+        return self.clip_norm
+
+    def state_dict(self) -> dict[str, float]:
+        """JSON-able state, for checkpoints."""
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict` (validated like the constructor)."""
+        restored = AdaptiveClipState(**{f.name: state[f.name] for f in dataclasses.fields(self)})
+        for field in dataclasses.fields(self):
+            setattr(self, field.name, getattr(restored, field.name))
+
+
+def local_dp_gaussian(update: FloatVector, clip_norm: float, noise_std: float, rng: np.random.Generator) -> FloatVector:
+    """Local DP, Gaussian: ``clip_L2(u, C) + N(0, noise_std^2 I)``, run by the client itself.
+
+    Neighbouring relation: any two inputs of this client (local DP), so the L2 sensitivity is
+    ``2C`` and one call is the Gaussian mechanism with noise multiplier ``noise_std / (2C)``
+    (see :class:`strategies.private.accounting.LocalGaussianRound`).
+    """
+    clipped, _ = clip_vector(update, clip_norm)
+    clipped += gaussian_noise(clipped.shape, noise_std, rng)
+    return clipped
+
+
+def clip_l1(vector: FloatVector, clip_norm: float) -> FloatVector:
+    """Scale a 1-D vector to L1 norm at most ``C``: ``v * min(1, C / ||v||_1)`` (a copy)."""
+    vector = np.asarray(vector, dtype=np.float32)
+    if vector.ndim != 1:
+        raise ValueError(f"vector must be 1-D, got shape {vector.shape}")
+    clip_norm = _check_positive("clip_norm", clip_norm)
+    norm = float(np.sum(np.abs(vector), dtype=np.float64))
+    if not math.isfinite(norm):
+        raise ValueError("update is not finite (NaN or Inf); cannot clip it")
+    if norm <= clip_norm:
+        return vector.copy()
+    return vector * np.float32(clip_norm / norm)
+
+
+def local_dp_laplace(update: FloatVector, clip_norm: float, epsilon: float, rng: np.random.Generator) -> FloatVector:
+    """Local epsilon-DP, Laplace: ``clip_L1(u, C) + Laplace(0, 2C / epsilon)`` per coordinate.
+
+    The Laplace mechanism is calibrated to the *L1* sensitivity, so the update is clipped in L1
+    norm (an L2 clip would leave the L1 sensitivity as large as ``2C sqrt(P)``). Neighbouring
+    relation: local DP protects the client's whole input, i.e. *any* two inputs ``u, u'`` (the
+    replace-one relation on a one-record data set). After L1 clipping
+    ``||clip(u) - clip(u')||_1 <= 2C``, so the sensitivity is ``2C`` and the scale
+    ``b = 2C / epsilon`` gives pure epsilon-DP for the report. (Under add/remove of the record,
+    i.e. comparing with a zero update, the sensitivity would be ``C``; that relation does not
+    hide *what* a participating client sent, so it is not used here.)
+    """
+    epsilon = _check_positive("epsilon", epsilon)
+    clipped = clip_l1(update, clip_norm)
+    clipped += laplace_noise(clipped.shape, 2.0 * float(clip_norm) / epsilon, rng)
+    return clipped

@@ -1,0 +1,116 @@
+"""Pre-aggregation steps on the K x P matrix of client updates; they compose with any rule.
+
+Unlike the rules, these functions modify ``updates`` in place (the matrix is the strategy's
+per-round buffer), and say so.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from strategies.robust.rules import row_norms
+
+# The norms are exact to float64 precision, but scaling by max_norm / norm and rounding to
+# float32 can overshoot max_norm by up to about 2 * 2**-24 relatively; shrinking the factor by
+# 2**-22 guarantees norms <= max_norm.
+_ROUNDING_MARGIN = 1.0 - 2.0**-22
+
+
+def _check_bound(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+        raise ValueError(f"{key} must be a positive number, got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{key} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def clip_rows_to_norm(updates: np.ndarray, max_norm: float) -> np.ndarray:
+    """Clip every row of ``updates`` to L2 norm at most ``max_norm``, in place.
+
+    ``x_i <- x_i * min(1, C / |x_i|)`` with ``C = max_norm``: rows within the bound are left
+    untouched (bit for bit); longer rows are scaled to norm C (a hair under it, so that float32
+    rounding can never leave a norm above C, as the sensitivity of DP noise requires).
+    Returns the rows' L2 norms before clipping (float64).
+    """
+    max_norm = _check_bound("max_norm", max_norm)
+    if not (
+        isinstance(updates, np.ndarray)
+        and updates.dtype == np.float32
+        and updates.ndim == 2
+        and updates.flags.writeable
+    ):
+        raise ValueError("updates must be a writeable K x P float32 matrix")
+    norms = row_norms(updates, float64=True)
+    for row in np.flatnonzero(norms > max_norm):
+        updates[row] *= np.float32(max_norm / norms[row] * _ROUNDING_MARGIN)
+    return norms
+
+
+def norm_bound(updates: np.ndarray, bound: float) -> np.ndarray:
+    """Norm-bounding defence (Sun et al., 2019, "Can You Really Backdoor Federated Learning?").
+
+    Scales down, in place, every update whose L2 norm exceeds ``bound``:
+    ``x_i <- x_i / max(1, |x_i| / M)``, which limits how far one (boosted, model-replacement)
+    update can pull the aggregate. Returns a boolean mask of the rows that were bounded.
+    """
+    return clip_rows_to_norm(updates, bound) > bound
+
+
+class QuantileNormBound:
+    """Norm bound that tracks a quantile of the clients' update norms.
+
+    Geometric update of Andrew et al., 2021 ("Differentially Private Learning with Adaptive
+    Clipping"), without the noise: after clipping a round's updates with bound ``C``, with
+    ``b = fraction of updates whose norm was <= C``,
+
+        ``C <- C * exp(-learning_rate * (b - quantile))``
+
+    so ``C`` moves towards the ``quantile``-th quantile of the norms, by a factor of at most
+    ``exp(learning_rate)`` per round: a minority of clients sending huge updates cannot make it
+    jump. The state is the current bound only (see :meth:`state_dict`).
+    """
+
+    def __init__(self, quantile: float, initial_bound: float, learning_rate: float = 0.2):
+        if isinstance(quantile, bool) or not isinstance(quantile, (int, float, np.number)):
+            raise ValueError(f"quantile must be a number in [0, 1], got {quantile!r}")
+        if not 0.0 <= quantile <= 1.0:
+            raise ValueError(f"quantile must be in [0, 1], got {quantile!r}")
+        self.quantile = float(quantile)
+        self.learning_rate = _check_bound("learning_rate", learning_rate)
+        self._bound = _check_bound("initial_bound", initial_bound)
+
+    @property
+    def bound(self) -> float:
+        """The bound that the next call of :meth:`clip` applies."""
+        return self._bound
+
+    def clip(self, updates: np.ndarray) -> np.ndarray:
+        """Clip the rows of ``updates`` in place to the current bound, then adapt the bound.
+
+        Returns the rows' L2 norms before clipping.
+        """
+        norms = clip_rows_to_norm(updates, self._bound)
+        self.update(norms)
+        return norms
+
+    def update(self, norms: np.ndarray) -> float:
+        """Adapt the bound to the observed update norms of one round; return the new bound."""
+        norms = np.asarray(norms, dtype=np.float64)
+        if norms.size == 0:
+            return self._bound
+        unclipped = float(np.mean(norms <= self._bound))
+        self._bound *= math.exp(-self.learning_rate * (unclipped - self.quantile))
+        return self._bound
+
+    def state_dict(self) -> dict[str, float]:
+        """JSON-able state: ``{"bound": current bound}``."""
+        return {"bound": self._bound}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the bound saved by :meth:`state_dict`."""
+        if "bound" not in state:
+            raise ValueError(f"QuantileNormBound state needs a 'bound', got keys {sorted(state)}")
+        self._bound = _check_bound("bound", state["bound"])

@@ -1,0 +1,602 @@
+"""Aggregation rules as pure functions of the K x P matrix of client updates.
+
+Every rule has the same signature (as in ByzFL), so a strategy can call any of them, including
+a user's own ``package.module:function``::
+
+    rule(updates: np.ndarray, weights: np.ndarray, **params) -> np.ndarray
+
+* ``updates``: K x P float32 matrix, one row per client: the client's weights minus the global
+  weights, flattened. It is never modified.
+* ``weights``: length-K vector of non-negative client weights (usually the number of training
+  examples). Byzantine-robust rules ignore them, since a client can forge its weight; each
+  docstring says whether it uses them.
+* returns: the aggregated update, a length-P float32 vector.
+
+Rows are assumed finite: the strategy rejects replies holding NaN or Inf before aggregating.
+
+Coordinate-wise rules (median, trimmed mean, Bulyan's second stage) work on blocks of columns,
+transposed and sorted in a small reused buffer, so their extra memory stays a few MB whatever P.
+Distance-based rules (Krum, Multi-Krum, Bulyan's first stage) compute all pairwise squared
+distances from one Gram matrix (one BLAS call per column block) instead of K^2 row differences.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+Rule = Callable[..., np.ndarray]
+
+_BLOCK_BYTES = 4 * 2**20  # bytes of float32 per column block: small enough to stay in cache
+
+
+# ---------------------------------------------------------------------------------------------
+# Input and parameter validation
+# ---------------------------------------------------------------------------------------------
+
+
+def _as_update_matrix(updates: np.ndarray) -> np.ndarray:
+    """Return ``updates`` as a C-contiguous K x P float32 matrix (no copy when it already is)."""
+    matrix = np.ascontiguousarray(updates, dtype=np.float32)
+    if matrix.ndim != 2 or matrix.shape[0] < 1 or matrix.shape[1] < 1:
+        raise ValueError(f"updates must be a K x P matrix with K >= 1 and P >= 1, got shape {matrix.shape}")
+    return matrix
+
+
+def _as_weights(weights: np.ndarray, num_clients: int) -> np.ndarray:
+    """Return ``weights`` as a float64 vector of K finite, non-negative values."""
+    vector = np.asarray(weights, dtype=np.float64)
+    if vector.shape != (num_clients,):
+        raise ValueError(
+            f"weights must be a vector of {num_clients} values (one per row of updates), got shape {vector.shape}"
+        )
+    bad = np.flatnonzero(~(np.isfinite(vector) & (vector >= 0)))
+    if bad.size:
+        raise ValueError(f"weights must be finite and non-negative, got {vector[bad[0]]} for row {bad[0]}")
+    return vector
+
+
+def _normalised(weights: np.ndarray) -> np.ndarray:
+    """Weights divided by their sum; at least one weight must be positive."""
+    total = weights.sum()
+    if total <= 0:
+        raise ValueError("weights must have a positive sum, got all zeros")
+    return weights / total
+
+
+def _check_int(key: str, value: Any, minimum: int) -> int:
+    """``value`` as an int >= ``minimum``, else a ValueError naming ``key``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_positive(key: str, value: Any) -> float:
+    """``value`` as a finite float > 0, else a ValueError naming ``key``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+        raise ValueError(f"{key} must be a positive number, got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{key} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _check_trimmed_mean(num_clients: int, beta: Any, beta_key: str = "beta") -> int:
+    """Validate the trimmed mean's beta; return the number trimmed at each end, floor(beta*n).
+
+    ``beta < 0.5`` guarantees ``2 * floor(beta * n) < n``: some values are always kept.
+    """
+    if isinstance(beta, bool) or not isinstance(beta, (int, float, np.number)):
+        raise ValueError(f"{beta_key} must be a number in [0, 0.5), got {beta!r}")
+    if not 0 <= beta < 0.5:
+        raise ValueError(f"{beta_key} must be in [0, 0.5), got {beta!r}")
+    return math.floor(beta * num_clients)
+
+
+def _check_krum(num_clients: int, f: Any, f_key: str = "f") -> int:
+    """Validate Krum's f (n > 2f + 2); return it as an int."""
+    f = _check_int(f_key, f, 0)
+    if num_clients <= 2 * f + 2:
+        raise ValueError(
+            f"Krum needs more than 2*{f_key} + 2 clients: {f_key}={f} requires at least "
+            f"{2 * f + 3} clients, got {num_clients}"
+        )
+    return f
+
+
+def _check_multi_krum(num_clients: int, f: Any, m: Any, f_key: str = "f", m_key: str = "m") -> tuple[int, int]:
+    """Validate Multi-Krum's f and m (1 <= m <= n - f); return them as ints."""
+    f = _check_krum(num_clients, f, f_key)
+    m = _check_int(m_key, m, 1)
+    if m > num_clients - f:
+        raise ValueError(
+            f"{m_key} must be in [1, n - {f_key}] = [1, {num_clients - f}] for "
+            f"{num_clients} clients and {f_key}={f}, got {m}"
+        )
+    return f, m
+
+
+def _check_bulyan(num_clients: int, f: Any, f_key: str = "f") -> int:
+    """Validate Bulyan's f (n >= 4f + 3); return it as an int."""
+    f = _check_int(f_key, f, 0)
+    if num_clients < 4 * f + 3:
+        raise ValueError(
+            f"Bulyan needs at least 4*{f_key} + 3 clients: {f_key}={f} requires {4 * f + 3} clients, got {num_clients}"
+        )
+    return f
+
+
+def _check_geometric_median(
+    max_iter: Any, eps: Any, tol: Any, max_iter_key: str = "max_iter"
+) -> tuple[int, float, float]:
+    """Validate the Weiszfeld parameters."""
+    max_iter = _check_int(max_iter_key, max_iter, 1)
+    eps = _check_positive("eps", eps)
+    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.number)) or not tol >= 0:
+        raise ValueError(f"tol must be a number >= 0, got {tol!r}")
+    return max_iter, eps, float(tol)
+
+
+def _check_centered_clipping(
+    tau: Any, iterations: Any, tau_key: str = "tau", iterations_key: str = "iterations"
+) -> tuple[float, int]:
+    """Validate centered clipping's radius and number of iterations."""
+    return _check_positive(tau_key, tau), _check_int(iterations_key, iterations, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared vectorised building blocks
+# ---------------------------------------------------------------------------------------------
+
+
+def _column_blocks(num_rows: int, num_columns: int) -> Iterator[slice]:
+    """Consecutive column slices of about ``_BLOCK_BYTES`` of float32 each."""
+    width = max(1024, _BLOCK_BYTES // (4 * num_rows))
+    for start in range(0, num_columns, width):
+        yield slice(start, min(start + width, num_columns))
+
+
+def _sorted_column_blocks(updates: np.ndarray, rows: np.ndarray | None = None) -> Iterator[tuple[slice, np.ndarray]]:
+    """Yield ``(columns, block)``: ``updates[rows, columns]`` transposed and sorted per column.
+
+    ``block`` has shape (number of columns, number of rows), each line sorted ascending. It is one
+    reused buffer: use it before asking for the next block. ``updates`` is not modified.
+    """
+    num_rows = updates.shape[0] if rows is None else len(rows)
+    buffer: np.ndarray | None = None
+    for columns in _column_blocks(num_rows, updates.shape[1]):
+        if buffer is None:
+            buffer = np.empty((columns.stop - columns.start, num_rows), dtype=np.float32)
+        block = buffer[: columns.stop - columns.start]
+        block[...] = (updates[:, columns] if rows is None else updates[rows, columns]).T
+        block.sort(axis=1)
+        yield columns, block
+
+
+def _median_of_sorted(block: np.ndarray) -> np.ndarray:
+    """Median of each line of a line-wise sorted block (mean of the two middles when even).
+
+    The two middles are averaged in float64, where their sum is exact (no overflow near the
+    float32 limit, no rounding of subnormals), then rounded once: the result always lies
+    between them.
+    """
+    n = block.shape[1]
+    if n % 2:
+        return block[:, n // 2].copy()
+    middles = block[:, n // 2 - 1].astype(np.float64) + block[:, n // 2]
+    return (middles * 0.5).astype(np.float32)
+
+
+def row_norms(updates: np.ndarray, center: np.ndarray | None = None, *, float64: bool = False) -> np.ndarray:
+    """L2 norm of every row of ``updates`` (of ``updates[i] - center`` when given), in float64.
+
+    Computed in column blocks, without a K x P temporary. Squares are summed in float32 within
+    a block (relative error around 1e-7) and in float64 across blocks; with ``float64=True``
+    they are summed in float64 throughout (about twice as slow), for bounds that must hold
+    exactly, such as a clipping norm.
+    """
+    updates = _as_update_matrix(updates)
+    accumulator = np.float64 if float64 else np.float32
+    squares = np.zeros(updates.shape[0], dtype=np.float64)
+    for columns in _column_blocks(*updates.shape):
+        block = updates[:, columns]
+        if center is not None:
+            block = block - center[columns]
+        squares += np.einsum("ij,ij->i", block, block, dtype=accumulator)
+    return np.sqrt(squares)
+
+
+def _centered_gram(updates: np.ndarray, dtype: type[np.floating]) -> np.ndarray:
+    """Gram matrix of the rows after subtracting their mean, accumulated in float64.
+
+    Subtracting the mean row leaves pairwise distances unchanged and avoids the cancellation of
+    ``|x_i|^2 + |x_j|^2 - 2 x_i.x_j`` when the rows share a large common component.
+    """
+    num_rows = updates.shape[0]
+    gram = np.zeros((num_rows, num_rows), dtype=np.float64)
+    for columns in _column_blocks(num_rows, updates.shape[1]):
+        block = updates[:, columns].astype(dtype)
+        block -= block.mean(axis=0, dtype=dtype)
+        gram += block @ block.T
+    return gram
+
+
+def pairwise_squared_distances(updates: np.ndarray) -> np.ndarray:
+    """K x K float64 matrix of squared L2 distances between the rows of ``updates``.
+
+    ``D_ij = G_ii + G_jj - 2 G_ij`` with ``G`` the Gram matrix of the mean-centred rows, clamped
+    at 0, with an exact zero diagonal. The Gram matrix is computed with float32 BLAS and float64
+    accumulation across column blocks; if that overflows (rows with values near the float32
+    limit) it is recomputed in float64, where no finite float32 input can overflow.
+    """
+    updates = _as_update_matrix(updates)
+    with np.errstate(over="ignore", invalid="ignore"):
+        gram = _centered_gram(updates, np.float32)
+    if not np.all(np.isfinite(gram)):
+        gram = _centered_gram(updates, np.float64)
+    squared_norms = np.diag(gram)
+    distances = squared_norms[:, None] + squared_norms[None, :] - 2.0 * gram
+    np.maximum(distances, 0.0, out=distances)
+    np.fill_diagonal(distances, 0.0)
+    return distances
+
+
+def _krum_order(distances: np.ndarray, num_neighbours: int) -> np.ndarray:
+    """Rows of a square matrix of squared distances, from best to worst Krum score.
+
+    score(i) = sum of the ``num_neighbours`` smallest squared distances from i to the other
+    rows. With one neighbour, two rows that are each other's nearest always tie; such ties go
+    to the row with the smaller sum of distances to all rows, then to the lower index, so that
+    the order of the clients does not matter.
+    """
+    others = distances.copy()
+    np.fill_diagonal(others, np.inf)
+    scores = np.partition(others, num_neighbours - 1, axis=1)[:, :num_neighbours].sum(axis=1)
+    return np.lexsort((distances.sum(axis=1), scores))
+
+
+def _mean_of_rows(updates: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Unweighted mean of the given rows, without copying them (one BLAS matrix-vector product)."""
+    coefficients = np.zeros(updates.shape[0], dtype=np.float32)
+    coefficients[rows] = 1.0 / len(rows)
+    return coefficients @ updates
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules
+# ---------------------------------------------------------------------------------------------
+
+
+def weighted_mean(updates: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Weighted mean of the updates: FedAvg (McMahan et al., 2017, "Communication-Efficient
+    Learning of Deep Networks from Decentralized Data").
+
+    ``mean = sum_i w_i x_i / sum_i w_i``. Uses the weights (at least one must be positive).
+    Not robust: one client can move the result arbitrarily far.
+    """
+    updates = _as_update_matrix(updates)
+    weights = _normalised(_as_weights(weights, updates.shape[0]))
+    return weights.astype(np.float32) @ updates
+
+
+def coordinate_median(updates: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Coordinate-wise median (Yin et al., 2018, "Byzantine-Robust Distributed Learning:
+    Towards Optimal Statistical Rates").
+
+    ``out_j = median_i x_ij`` (mean of the two middle values when K is even). Ignores the
+    weights. Stays within the honest clients' range in every coordinate while fewer than half
+    of the clients are Byzantine.
+    """
+    updates = _as_update_matrix(updates)
+    _as_weights(weights, updates.shape[0])
+    result = np.empty(updates.shape[1], dtype=np.float32)
+    for columns, block in _sorted_column_blocks(updates):
+        result[columns] = _median_of_sorted(block)
+    return result
+
+
+def trimmed_mean(updates: np.ndarray, weights: np.ndarray, beta: float) -> np.ndarray:
+    """Coordinate-wise trimmed mean (Yin et al., 2018, "Byzantine-Robust Distributed Learning:
+    Towards Optimal Statistical Rates").
+
+    With ``b = floor(beta * K)``, each coordinate drops its ``b`` smallest and ``b`` largest
+    values and averages the ``K - 2b`` others: ``out_j = mean(sorted(x_:j)[b : K - b])``.
+    ``beta`` must be in [0, 0.5), so that ``2b < K``. Ignores the weights. Stays within the honest
+    clients' range in every coordinate while at most ``b`` clients are Byzantine.
+    """
+    updates = _as_update_matrix(updates)
+    num_clients = updates.shape[0]
+    _as_weights(weights, num_clients)
+    trimmed = _check_trimmed_mean(num_clients, beta)
+    if trimmed == 0:
+        return _mean_of_rows(updates, np.arange(num_clients))
+    kept = num_clients - 2 * trimmed
+    result = np.empty(updates.shape[1], dtype=np.float32)
+    for columns, block in _sorted_column_blocks(updates):
+        np.sum(block[:, trimmed : num_clients - trimmed], axis=1, out=result[columns])
+    result /= np.float32(kept)
+    return result
+
+
+def _krum_ranking(updates: np.ndarray, f: int) -> np.ndarray:
+    """All rows from best to worst Krum score, with K - f - 2 neighbours (see _krum_order)."""
+    return _krum_order(pairwise_squared_distances(updates), updates.shape[0] - f - 2)
+
+
+def krum(updates: np.ndarray, weights: np.ndarray, f: int) -> np.ndarray:
+    """Krum (Blanchard et al., 2017, "Machine Learning with Adversaries: Byzantine Tolerant
+    Gradient Descent").
+
+    ``score(i) = sum of |x_i - x_j|^2 over the K - f - 2 rows j != i nearest to x_i``; returns
+    the row with the smallest score (ties: smaller sum of all distances, then lower index).
+    Needs ``K > 2f + 2``. Ignores the weights.
+    """
+    updates = _as_update_matrix(updates)
+    _as_weights(weights, updates.shape[0])
+    f = _check_krum(updates.shape[0], f)
+    return updates[_krum_ranking(updates, f)[0]].copy()
+
+
+def multi_krum(updates: np.ndarray, weights: np.ndarray, f: int, m: int) -> np.ndarray:
+    """Multi-Krum (Blanchard et al., 2017, "Machine Learning with Adversaries: Byzantine
+    Tolerant Gradient Descent").
+
+    Computes every row's Krum score once (see :func:`krum`) and returns the unweighted mean of
+    the ``m`` rows with the smallest scores. Needs ``K > 2f + 2`` and ``1 <= m <= K - f``.
+    Ignores the weights (a Byzantine client could forge its weight).
+    """
+    updates = _as_update_matrix(updates)
+    _as_weights(weights, updates.shape[0])
+    f, m = _check_multi_krum(updates.shape[0], f, m)
+    return _mean_of_rows(updates, _krum_ranking(updates, f)[:m])
+
+
+def _bulyan_selection(distances: np.ndarray, f: int, count: int) -> np.ndarray:
+    """Indices of ``count`` rows chosen by iterated Krum, in the order they were chosen.
+
+    Each step scores the remaining rows with Krum among the remaining rows only (on the
+    remaining part of the one distance matrix, never recomputed) and moves the best to the
+    selection. Krum's neighbour count ``r - f - 2`` on ``r`` remaining rows is kept at least 1,
+    which matters only in the last step when f = 1.
+    """
+    remaining = np.arange(distances.shape[0])
+    selected = np.empty(count, dtype=np.intp)
+    for step in range(count):
+        num_neighbours = max(len(remaining) - f - 2, 1)
+        best = _krum_order(distances[np.ix_(remaining, remaining)], num_neighbours)[0]
+        selected[step] = remaining[best]
+        remaining = np.delete(remaining, best)
+    return selected
+
+
+def _mean_of_window_nearest_median(block: np.ndarray, width: int) -> np.ndarray:
+    """Per line of a line-wise sorted block: mean of the ``width`` values nearest the median.
+
+    In sorted order the ``width`` values nearest the median form a contiguous window. Among the
+    ``n - width + 1`` windows the nearest is the one of smallest radius
+    ``max(median - s[l], s[l + width - 1] - median)``, the leftmost on ties, so the result does
+    not depend on the order of the rows.
+    """
+    n = block.shape[1]
+    median = _median_of_sorted(block)[:, None]
+    radius = np.maximum(median - block[:, : n - width + 1], block[:, width - 1 :] - median)
+    start = np.argmin(radius, axis=1)[:, None]
+    positions = np.arange(n)[None, :]
+    in_window = (positions >= start) & (positions < start + width)
+    return np.where(in_window, block, np.float32(0)).sum(axis=1) / np.float32(width)
+
+
+def bulyan(updates: np.ndarray, weights: np.ndarray, f: int) -> np.ndarray:
+    """Bulyan (El Mhamdi et al., 2018, "The Hidden Vulnerability of Distributed Learning in
+    Byzantium").
+
+    1. Select ``theta = K - 2f`` rows by iterated Krum: pick the Krum winner among the remaining
+       rows, remove it, repeat.
+    2. In every coordinate, average the ``beta = theta - 2f`` selected values nearest to the
+       selected values' median: ``out_j = mean of the beta values x_ij (i selected) with the
+       smallest |x_ij - median_i x_ij|``.
+
+    Needs ``K >= 4f + 3``. Ignores the weights. With ``f = 0`` it is the unweighted mean.
+    """
+    updates = _as_update_matrix(updates)
+    num_clients = updates.shape[0]
+    _as_weights(weights, num_clients)
+    f = _check_bulyan(num_clients, f)
+    if f == 0:
+        return _mean_of_rows(updates, np.arange(num_clients))
+    theta = num_clients - 2 * f
+    selected = np.sort(_bulyan_selection(pairwise_squared_distances(updates), f, theta))
+    result = np.empty(updates.shape[1], dtype=np.float32)
+    for columns, block in _sorted_column_blocks(updates, selected):
+        result[columns] = _mean_of_window_nearest_median(block, theta - 2 * f)
+    return result
+
+
+def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
+    """Smallest value v such that the values <= v hold at least half of the total weight."""
+    order = np.argsort(values, kind="stable")
+    cumulative = np.cumsum(weights[order])
+    return float(values[order][np.searchsorted(cumulative, 0.5 * cumulative[-1])])
+
+
+def geometric_median(
+    updates: np.ndarray,
+    weights: np.ndarray,
+    max_iter: int = 100,
+    eps: float = 1e-6,
+    tol: float = 1e-5,
+) -> np.ndarray:
+    """Weighted geometric median by Weiszfeld's algorithm as in RFA (Pillutla et al., 2022,
+    "Robust Aggregation for Federated Learning").
+
+    Approximates ``argmin_v sum_i a_i |v - x_i|`` with ``a = weights / sum(weights)``. Each step
+    sets ``b_i = a_i / |v - x_i|`` and moves ``v`` to ``T = sum_i b_i x_i / sum_i b_i``. Uses the
+    weights. Its breakdown point is 1/2: while the Byzantine clients hold less than half the
+    weight, the result stays within a bounded distance of the honest rows.
+
+    Departures from RFA's code, all for robustness to far outliers:
+
+    * it starts from the coordinate-wise median, not the weighted mean: a start as robust as the
+      result, so that outliers millions of units away do not cost dozens of steps;
+    * rows within ``eps`` of ``v`` are not given RFA's smoothed weight ``a_i / eps`` (which pins
+      ``v`` to a row it starts on) but treated as in Vardi & Zhang (2000, "The multivariate
+      L1-median and associated data depth"): with ``eta`` their total weight and
+      ``r = |sum_others b_i (x_i - v)|`` the pull of the others, ``v`` moves to
+      ``(1 - min(1, eta/r)) T + min(1, eta/r) v``, so it leaves a row exactly when that row is
+      not the median;
+    * it stops after ``max_iter`` steps or once a step moves ``v`` by at most ``tol`` times the
+      weighted median of the distances ``|v - x_i|``, a scale set by the honest majority (RFA's
+      relative change of the objective is dominated by the outliers' distances and stops early);
+    * it then returns the row ``x_k`` nearest to ``v`` instead of ``v`` when that row is the exact
+      median, by Vardi & Zhang's condition ``|sum_{i: x_i != x_k} a_i (x_i - x_k) / |x_i - x_k|| <=
+      sum_{i: x_i = x_k} a_i`` (see :func:`_row_is_geometric_median`): Weiszfeld's steps approach
+      such a row at a linear rate that tends to 1 as the condition becomes tight.
+    """
+    updates = _as_update_matrix(updates)
+    coefficients = _normalised(_as_weights(weights, updates.shape[0]))
+    max_iter, eps, tol = _check_geometric_median(max_iter, eps, tol)
+    median = coordinate_median(updates, weights)
+    for _ in range(max_iter):
+        distances = row_norms(updates, median)
+        near = distances <= eps
+        pull = np.where(near, 0.0, coefficients / np.maximum(distances, eps))
+        total_pull = pull.sum()
+        if total_pull == 0:  # all the weight sits within eps of v
+            break
+        target = (pull / total_pull).astype(np.float32) @ updates
+        coincident = coefficients[near].sum()
+        if coincident > 0:
+            resultant = total_pull * float(np.linalg.norm(target - median))
+            stay = min(1.0, coincident / resultant) if resultant > 0 else 1.0
+            target = target * np.float32(1.0 - stay) + median * np.float32(stay)
+        previous, median = median, target
+        scale = max(_weighted_median(distances, coefficients), eps)
+        if np.linalg.norm(median - previous) <= tol * scale:
+            break
+    nearest = int(np.argmin(row_norms(updates, median)))
+    if _row_is_geometric_median(updates, coefficients, nearest, eps):
+        return updates[nearest].copy()
+    return median
+
+
+def _row_is_geometric_median(updates: np.ndarray, coefficients: np.ndarray, k: int, eps: float) -> bool:
+    """Whether row ``x_k`` minimises ``sum_i a_i |v - x_i|`` (Vardi & Zhang 2000, Theorem 1).
+
+    With ``eta`` the weight of the rows within ``eps`` of ``x_k`` (``x_k`` included) and
+    ``R = sum_{others} a_i (x_i - x_k) / |x_i - x_k|`` the others' pull, ``x_k`` is a minimiser
+    exactly when ``|R| <= eta``: no direction lowers the objective.
+    """
+    distances = row_norms(updates, updates[k])
+    others = distances > eps
+    pull = np.where(others, coefficients / np.maximum(distances, eps), 0.0)
+    resultant = pull.astype(np.float32) @ updates - np.float32(pull.sum()) * updates[k]
+    return float(np.linalg.norm(resultant)) <= float(coefficients[~others].sum())
+
+
+def centered_clipping(
+    updates: np.ndarray,
+    weights: np.ndarray,
+    tau: float,
+    iterations: int,
+    center: np.ndarray | None = None,
+) -> np.ndarray:
+    """Centered clipping (Karimireddy et al., 2021, "Learning from History for Byzantine Robust
+    Optimization").
+
+    Starting from ``v = center`` (default: zeros, i.e. the previous aggregate or no update),
+    repeats ``iterations`` times: ``v <- v + (1/K) sum_i clip_tau(x_i - v)`` with
+    ``clip_tau(z) = z * min(1, tau / |z|)``. Each step moves ``v`` by at most ``tau``, so a
+    Byzantine client shifts it by at most ``tau / K`` per step. Ignores the weights.
+    """
+    updates = _as_update_matrix(updates)
+    num_clients, num_params = updates.shape
+    _as_weights(weights, num_clients)
+    tau, iterations = _check_centered_clipping(tau, iterations)
+    if center is None:
+        estimate = np.zeros(num_params, dtype=np.float32)
+    else:
+        estimate = np.array(center, dtype=np.float32)
+        if estimate.shape != (num_params,):
+            raise ValueError(f"center must be a vector of {num_params} values, got shape {estimate.shape}")
+    for _ in range(iterations):
+        distances = row_norms(updates, estimate)
+        scales = tau / np.maximum(distances, tau)  # min(1, tau / |x_i - v|)
+        # (1/K) sum_i s_i (x_i - v) = (s @ X) / K - (sum_i s_i / K) v
+        step = (scales / num_clients).astype(np.float32) @ updates
+        step -= np.float32(scales.sum() / num_clients) * estimate
+        estimate += step
+    return estimate
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry and run-config checks
+# ---------------------------------------------------------------------------------------------
+
+RULES: dict[str, Rule] = {
+    "mean": weighted_mean,
+    "median": coordinate_median,
+    "trimmed-mean": trimmed_mean,
+    "krum": krum,
+    "multi-krum": multi_krum,
+    "bulyan": bulyan,
+    "geometric-median": geometric_median,
+    "centered-clipping": centered_clipping,
+}
+
+# rule name -> {keyword parameter of the rule: run-config key that sets it}
+RUN_CONFIG_KEYS: dict[str, dict[str, str]] = {
+    "mean": {},
+    "median": {},
+    "trimmed-mean": {"beta": "trimmed-mean-beta"},
+    "krum": {"f": "krum-f"},
+    "multi-krum": {"f": "krum-f", "m": "multi-krum-m"},
+    "bulyan": {"f": "bulyan-f"},
+    "geometric-median": {"max_iter": "geometric-median-iterations"},
+    "centered-clipping": {
+        "tau": "centered-clipping-tau",
+        "iterations": "centered-clipping-iterations",
+    },
+}
+
+_REQUIRED_PARAMS: dict[str, tuple[str, ...]] = {
+    "trimmed-mean": ("beta",),
+    "krum": ("f",),
+    "multi-krum": ("f", "m"),
+    "bulyan": ("f",),
+    "centered-clipping": ("tau", "iterations"),
+}
+
+
+def check_rule_conditions(name: str, num_clients: int, params: Mapping[str, Any]) -> None:
+    """Raise a ValueError if rule ``name`` cannot aggregate ``num_clients`` updates.
+
+    ``params`` are the keyword parameters that will be passed to the rule (e.g. ``{"f": 2}`` for
+    Krum); messages name the run-config keys that set them (see :data:`RUN_CONFIG_KEYS`), the
+    offending value and what is allowed. Only built-in rules (:data:`RULES`) can be checked.
+    """
+    if name not in RULES:
+        raise ValueError(f"unknown aggregation rule {name!r}; known rules: {sorted(RULES)}")
+    num_clients = _check_int("number of clients", num_clients, 1)
+    keys = RUN_CONFIG_KEYS[name]
+    missing = [param for param in _REQUIRED_PARAMS.get(name, ()) if param not in params]
+    if missing:
+        raise ValueError(f"rule {name!r} needs {', '.join(keys[param] for param in missing)} to be set")
+    if name == "trimmed-mean":
+        _check_trimmed_mean(num_clients, params["beta"], keys["beta"])
+    elif name == "krum":
+        _check_krum(num_clients, params["f"], keys["f"])
+    elif name == "multi-krum":
+        _check_multi_krum(num_clients, params["f"], params["m"], keys["f"], keys["m"])
+    elif name == "bulyan":
+        _check_bulyan(num_clients, params["f"], keys["f"])
+    elif name == "geometric-median":
+        _check_geometric_median(
+            params.get("max_iter", 100),
+            params.get("eps", 1e-6),
+            params.get("tol", 1e-5),
+            keys["max_iter"],
+        )
+    elif name == "centered-clipping":
+        _check_centered_clipping(params["tau"], params["iterations"], keys["tau"], keys["iterations"])
