@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fl_app  # noqa: F401  (loads TenSEAL before TensorFlow)
-from strategies.encrypted.schemes import load_client_scheme
+from strategies.encrypted.keys import load_client_scheme
 from strategies.encrypted.strategy import load_encrypted_model, reconstruct
 
 

@@ -8,7 +8,7 @@
         --key deploy/keys/node-0 --data-path /data/local.npz --runtime-port 9094
     uv run python scripts/edge.py node-data --out deploy/data --nodes 3   # demo data files
 
-TLS and SuperNode authentication are on unless ``--insecure`` is given. See the README's
+TLS and SuperNode authentication are on unless ``--insecure`` is given. See docs/deployment.md
 "Deploy on edge machines" for the whole procedure.
 """
 

@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fl_app  # noqa: F401  (loads TenSEAL before TensorFlow)
-from strategies.encrypted.schemes import generate_keys, load_client_scheme
+from strategies.encrypted.keys import generate_keys, load_client_scheme
 
 
 def main(argv: list[str] | None = None) -> int:

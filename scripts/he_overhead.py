@@ -39,7 +39,7 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
-from strategies.encrypted.schemes import generate_keys, load_client_scheme, load_server_scheme
+from strategies.encrypted.keys import generate_keys, load_client_scheme, load_server_scheme
 
 MODEL_INPUTS = {"logreg": (64,), "mlp": (64,), "cnn": (8, 8, 1)}
 

@@ -1,4 +1,4 @@
-"""Generate the key pair for encrypted aggregation (``strategies.encrypted.schemes``).
+"""Generate the key pair for encrypted aggregation (``strategies.encrypted``).
 
 Writes two files into ``--out-dir``:
 
@@ -21,13 +21,9 @@ import os
 import sys
 from pathlib import Path
 
-from strategies.encrypted.schemes import (
-    SCHEMES,
-    CkksParameters,
-    PaillierParameters,
-    generate_keys,
-    load_server_scheme,
-)
+from strategies.encrypted.ckks import CkksParameters
+from strategies.encrypted.keys import SCHEMES, generate_keys, load_server_scheme
+from strategies.encrypted.paillier import PaillierParameters
 
 SECRET_KEY_FILE = "secret.key"
 PUBLIC_KEY_FILE = "public.key"

@@ -1,4 +1,4 @@
-"""A user's own strategy, as the README shows: FedAvg that skips clients with tiny data.
+"""A user's own strategy, as docs/extending.md shows: FedAvg that skips clients with tiny data.
 
 Run it with ``fl-keras-run -- -c "strategy='strategies.examples:MinExamplesFedAvg'"``.
 """

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from strategies.encrypted.schemes import generate_keys
+from strategies.encrypted.keys import generate_keys
 from tests.helpers import ROOT, run_to_completion
 
 pytestmark = pytest.mark.integration

@@ -1,4 +1,4 @@
-"""Tests of strategies.encrypted.schemes: encrypted sums, key separation, overflow, key files."""
+"""Tests of strategies.encrypted: encrypted sums, key separation, overflow, key files."""
 
 from __future__ import annotations
 
@@ -15,16 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from phe import paillier
 
-from strategies.encrypted.schemes import (
-    KEY_MAGIC,
-    CkksParameters,
-    PaillierParameters,
-    generate_keys,
-    load_client_scheme,
-    load_server_scheme,
-    pack_slots,
-    unpack_slots,
-)
+from strategies.encrypted.ckks import CkksParameters
+from strategies.encrypted.keys import KEY_MAGIC, generate_keys, load_client_scheme, load_server_scheme
+from strategies.encrypted.packing import pack_slots, unpack_slots
+from strategies.encrypted.paillier import PaillierParameters
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLIENTS = 4

@@ -22,7 +22,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 
 from fl_app.config.settings import Settings
 from strategies.encrypted import strategy as protocol
-from strategies.encrypted.schemes import HomomorphicScheme, load_client_scheme
+from strategies.encrypted.keys import load_client_scheme
+from strategies.encrypted.scheme import HomomorphicScheme
 
 STATE_MODEL = "he-global"
 STATE_INFO = "he-client"

@@ -145,7 +145,7 @@ class Settings:
     compression_mask_rescale: bool = True
     compression_int8_block: int = 4096
     compression_error_feedback: bool = True
-    # Encrypted aggregation (issue 7; strategies.encrypted.strategy, strategies.encrypted.schemes)
+    # Encrypted aggregation (issue 7; strategies.encrypted.strategy, strategies.encrypted)
     homomorphic_encryption: str = "none"
     he_public_key_path: str = ""
     he_secret_key_path: str = ""
@@ -352,7 +352,7 @@ class Settings:
             )
 
     def _validate_encryption(self) -> None:
-        from strategies.encrypted.schemes import HE_STANDARD_MAX_COEFF_BITS
+        from strategies.encrypted.security import HE_STANDARD_MAX_COEFF_BITS
         from strategies.encrypted.strategy import HE_WEIGHTINGS, EncryptionConfigError, check_encryption_compatible
 
         _one_of("he-client-weighting", self.he_client_weighting, HE_WEIGHTINGS)

@@ -1,7 +1,7 @@
 """Encrypted aggregation on Flower's Message API: the server only ever adds ciphertexts.
 
 Protocol (``homomorphic-encryption='ckks'`` or ``'paillier'``; the schemes are in
-:mod:`strategies.encrypted.schemes`). Let ``G_0`` be the initial model (plaintext: it is built from a
+:mod:`strategies.encrypted`). Let ``G_0`` be the initial model (plaintext: it is built from a
 public seed, nothing private is in it) and ``G_v`` the global model after ``v`` aggregations::
 
     round r, client k:  G_{r-1} = G_0 + sum_{j<r} S_j / W_j     (decrypted from the chain, below)
@@ -55,7 +55,8 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from strategies.core.update_matrix import ModelLayout
-from strategies.encrypted.schemes import HomomorphicScheme, load_server_scheme
+from strategies.encrypted.keys import load_server_scheme
+from strategies.encrypted.scheme import HomomorphicScheme
 
 ENCRYPTION_SCHEMES = ("none", "ckks", "paillier")
 HE_WEIGHTINGS = ("num-examples", "uniform")

@@ -1,8 +1,8 @@
-"""Integration: the README's "On one machine (loopback)" steps, run verbatim with bash.
+"""Integration: docs/deployment.md's "On one machine (loopback)" steps, run verbatim with bash.
 
-They use the README's fixed ports (9092, 9094-9096) and write ``deploy/`` and ``outputs/`` in the
-repository, so this test runs only when asked for: ``FL_KERAS_README_DEPLOY=1 pytest
-tests/test_readme_deploy.py``.
+They use the document's fixed ports (9092, 9094-9096) and write ``deploy/`` and ``outputs/`` in the
+repository, so this test runs only when asked for: ``FL_KERAS_DOCS_DEPLOY=1 pytest
+tests/test_docs_deploy.py``.
 """
 
 from __future__ import annotations
@@ -19,23 +19,23 @@ from pathlib import Path
 import pytest
 
 opt_in = pytest.mark.skipif(
-    os.environ.get("FL_KERAS_README_DEPLOY") != "1",
-    reason="set FL_KERAS_README_DEPLOY=1 (uses fixed ports and the repository's deploy/)",
+    os.environ.get("FL_KERAS_DOCS_DEPLOY") != "1",
+    reason="set FL_KERAS_DOCS_DEPLOY=1 (uses fixed ports and the repository's deploy/)",
 )
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def readme_loopback_block() -> str:
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = text.split("### On one machine (loopback)", 1)[1]
+def docs_loopback_block() -> str:
+    text = (ROOT / "docs" / "deployment.md").read_text(encoding="utf-8")
+    section = text.split("## On one machine (loopback)", 1)[1]
     match = re.search(r"```bash\n(.*?)```", section, re.S)
     assert match, "the loopback section has no bash block"
     return match.group(1)
 
 
-def test_readme_block_is_complete():
-    block = readme_loopback_block()
+def test_docs_block_is_complete():
+    block = docs_loopback_block()
     for step in (
         "edge.py certs",
         "edge.py superlink",
@@ -51,7 +51,7 @@ def test_readme_block_is_complete():
 @pytest.mark.integration
 @pytest.mark.timeout(1200)
 @opt_in
-def test_readme_loopback_steps_work_verbatim():
+def test_docs_loopback_steps_work_verbatim():
     for port in (9092, 9094, 9095, 9096):
         with socket.socket() as probe:
             if probe.connect_ex(("127.0.0.1", port)) == 0:
@@ -61,7 +61,7 @@ def test_readme_loopback_steps_work_verbatim():
     outputs_latest = ROOT / "outputs" / "latest"
     before = outputs_latest.read_text() if outputs_latest.exists() else None
     process = subprocess.Popen(
-        ["bash", "-e", "-c", readme_loopback_block()],
+        ["bash", "-e", "-c", docs_loopback_block()],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -81,7 +81,7 @@ def test_readme_loopback_steps_work_verbatim():
         leftovers = False
     if leftovers:
         os.killpg(process.pid, signal.SIGKILL)
-    assert not leftovers, "the README's last step left processes running"
+    assert not leftovers, "the document's last step left processes running"
     assert process.returncode == 0, output[-5000:]
     assert "Successfully started run" in output and "finished" in output, output[-5000:]
     assert outputs_latest.read_text() != before
