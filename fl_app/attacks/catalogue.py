@@ -74,7 +74,7 @@ def gaussian_noise(
     2017, "Machine Learning with Adversaries: Byzantine Tolerant Gradient Descent")."""
     sigma = _check_number("sigma", sigma, positive=True)
     size = _flat(honest_update).shape[0]
-    return rng.normal(0.0, sigma, size).astype(np.float32)
+    return np.asarray(rng.normal(0.0, sigma, size), dtype=np.float32)
 
 
 def scaling(

@@ -17,6 +17,8 @@ partition-id order runs the (j mod len)-th, e.g. ``attack='nan,wrong-shapes' att
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from fl_app.attacks.catalogue import ATTACKS, alie_z
@@ -73,6 +75,12 @@ def poison_weights(
     return out
 
 
+def _partition_id(metrics: object) -> int:
+    """The ``partition-id`` a reply's train metrics report (-1 when there is none)."""
+    value = metrics.get("partition-id", -1) if isinstance(metrics, Mapping) else -1
+    return int(value) if isinstance(value, (int, float)) else -1
+
+
 class OmniscientAttack:
     """Server-side stand-in for omniscient attackers (ALIE, IPM): rewrites their rows in place."""
 
@@ -83,11 +91,12 @@ class OmniscientAttack:
         }
 
     def __call__(self, server_round: int, collected: CollectedUpdates) -> None:
-        ids = [int(m.get("partition-id", -1)) if hasattr(m, "get") else -1 for m in collected.metrics]
+        ids = [_partition_id(m) for m in collected.metrics]
         attack_of_row = [self.omniscient.get(pid) for pid in ids]
         byzantine = np.array([pid in self.settings.attackers() for pid in ids])
         if byzantine.all() or not any(attack_of_row):
             return
+        assert collected.updates is not None  # hooks run on the update matrix, never on a streamed mean
         honest = collected.updates[~byzantine]
         rng = _rng(self.settings, -1, server_round)
         for name in sorted({a for a in attack_of_row if a}):

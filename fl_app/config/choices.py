@@ -60,14 +60,14 @@ def select_attackers(
     if fraction is not None and ids is not None:
         raise ValueError("set either attack-fraction or attack-ids, not both")
     if ids is not None:
-        chosen = list(ids)
-        bad = [i for i in chosen if isinstance(i, bool) or not isinstance(i, (int, np.integer))]
-        bad += [i for i in chosen if i not in bad and not 0 <= i < num_partitions]
+        listed = list(ids)
+        bad: list[object] = [i for i in listed if isinstance(i, bool) or not isinstance(i, (int, np.integer))]
+        bad += [i for i in listed if i not in bad and not 0 <= i < num_partitions]
         if bad:
             raise ValueError(f"attack-ids must be partition ids in [0, {num_partitions - 1}], got {bad}")
-        if len(set(chosen)) != len(chosen):
-            raise ValueError(f"attack-ids must not repeat an id, got {chosen}")
-        return frozenset(int(i) for i in chosen)
+        if len(set(listed)) != len(listed):
+            raise ValueError(f"attack-ids must not repeat an id, got {listed}")
+        return frozenset(int(i) for i in listed)
     if fraction is None:
         return frozenset()
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.number)):
@@ -75,5 +75,5 @@ def select_attackers(
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"attack-fraction must be in [0, 1], got {fraction!r}")
     count = math.floor(fraction * num_partitions + 1e-9)
-    chosen = np.random.default_rng(seed).choice(num_partitions, size=count, replace=False)
-    return frozenset(int(i) for i in chosen)
+    drawn = np.random.default_rng(seed).choice(num_partitions, size=count, replace=False)
+    return frozenset(int(i) for i in drawn)

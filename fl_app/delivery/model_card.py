@@ -124,7 +124,9 @@ def render(
     trained = [r for r in history if r.round > 0]
     last = history[-1] if history else RoundRecord(round=0)
     best = max(
-        (r for r in history if r.centralized_accuracy is not None), key=lambda r: r.centralized_accuracy, default=None
+        (r for r in history if r.centralized_accuracy is not None),
+        key=lambda r: float(r.centralized_accuracy or 0.0),
+        default=None,
     )
     data = settings.dataset
     if settings.dataset == "huggingface":

@@ -92,14 +92,14 @@ def answer_export_check(msg: Message, client, num_threads: int = 1) -> Message:
     x_test, y_test = client.data.x_test, client.data.y_test
     if len(y_test) == 0:
         raise ValueError("this client has no test examples for the export check")
-    metrics: dict[str, float | int] = {}
+    metrics: dict[str, int | float | list[int] | list[float]] = {}
     for key in msg.content.array_records:
         if key.startswith(KERAS_PREFIX):
             name = key[len(KERAS_PREFIX) :]
-            _, _, result = client.evaluate(msg.content[key].to_numpy_ndarrays(), {})
+            _, _, result = client.evaluate(msg.content.array_records[key].to_numpy_ndarrays(), {})
             metrics[f"{name}-keras-accuracy"] = float(result["accuracy"])
     if TFLITE_RECORD in msg.content:
-        for key, array in msg.content[TFLITE_RECORD].items():
+        for key, array in msg.content.array_records[TFLITE_RECORD].items():
             predictor = TFLitePredictor(array.numpy().tobytes(), num_threads=num_threads)
             metrics[f"{key}-accuracy"] = predictor.accuracy(x_test, y_test)
     metrics["num-examples"] = int(len(y_test))
@@ -271,7 +271,8 @@ def deliver(
     """Export every model in ``weights`` (name → weights, e.g. ``final``, ``best``) with ``model``'s
     architecture, check the TFLite exports, and return the report (see the module docstring)."""
     directory = Path(directory)
-    representative, calibration = None, {"samples": 0, "source": None}
+    representative = None
+    calibration: dict[str, Any] = {"samples": 0, "source": None}
     if inputs.test_set is not None:
         x_test = inputs.test_set[0]
         rng = np.random.default_rng(inputs.seed)

@@ -55,7 +55,7 @@ def code_digest() -> str:
 
     digest = hashlib.sha256()
     for package in (fl_app, strategies):
-        root = Path(package.__file__).parent
+        root = Path(str(package.__file__)).parent
         for path in sorted(root.rglob("*.py")):
             digest.update(str(path.relative_to(root.parent)).encode())
             digest.update(path.read_bytes())
@@ -126,7 +126,8 @@ def handle(request: dict[str, Any], app) -> dict[str, Any]:
     message: Message = request["message"]
     context: Context = request["context"]
     context.node_config = {k: v for k, v in context.node_config.items() if k != NODE_CONFIG_KEY}
-    TaskIdentity.task_id = request.get("task_id")
+    task_id: Any = request.get("task_id")  # None when the ClientApp process had none set
+    TaskIdentity.task_id = task_id
     TaskIdentity.run_id = message.metadata.run_id
     TaskIdentity.node_id = context.node_id
     try:

@@ -136,6 +136,8 @@ def make_server_cert(
     directory = Path(directory)
     ca = x509.load_pem_x509_certificate(Path(ca_cert).read_bytes())
     signer = serialization.load_pem_private_key(Path(ca_key).read_bytes(), password=None)
+    if not isinstance(signer, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{ca_key} is not an elliptic-curve CA key (make_ca writes P-384 keys)")
     dns_names, ips = split_hosts(hosts)
     key = ec.generate_private_key(ec.SECP384R1())
     now = dt.datetime.now(dt.UTC)
@@ -151,7 +153,7 @@ def make_server_cert(
         .add_extension(x509.SubjectAlternativeName(san), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()), critical=False)
         .sign(signer, hashes.SHA384())
     )
     directory.mkdir(parents=True, exist_ok=True)
@@ -208,6 +210,8 @@ def write_connection(
     if insecure:
         body.append("insecure = true")
     else:
+        if root_certificates is None:
+            raise ValueError("a TLS connection needs root_certificates (the CA's ca.pem)")
         body.append(f'root-certificates = "{Path(root_certificates).resolve()}"')
     sections[f"superlink.{name}"] = body
     header = sections.setdefault("superlink", [])

@@ -26,7 +26,7 @@ def main() -> None:
 
     for module in (in_memory, sql):
         if hasattr(module, "HEARTBEAT_DEFAULT_INTERVAL"):
-            module.HEARTBEAT_DEFAULT_INTERVAL = max(grace, module.HEARTBEAT_DEFAULT_INTERVAL)
+            module.HEARTBEAT_DEFAULT_INTERVAL = max(grace, module.HEARTBEAT_DEFAULT_INTERVAL)  # type: ignore[attr-defined]
     from flwr.superlink.cli import flower_superlink
 
     sys.argv[0] = "flower-superlink"

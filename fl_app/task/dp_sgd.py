@@ -61,7 +61,7 @@ def _secretly_noised(base: type, noiseless: Callable[[float], dict[str, Any]]) -
     source that nobody can replay.
     """
 
-    class SecretlyNoised(base):  # type: ignore[misc, valid-type]
+    class SecretlyNoised(base):
         def __init__(
             self, *, l2_norm_clip: float, noise_multiplier: float, num_microbatches: int | None = None, **kwargs: Any
         ) -> None:

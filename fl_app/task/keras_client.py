@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 from flwr.client import NumPyClient
+from flwr.common import Scalar
 
 import fl_app  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 from fl_app.task.compiled_loop import loop_for
@@ -115,7 +116,7 @@ class KerasClient(NumPyClient):
 
     def fit(
         self, parameters: list[np.ndarray], config: dict[str, Any]
-    ) -> tuple[list[np.ndarray], int, dict[str, float]]:
+    ) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:
         started = time.perf_counter()
         self.model.set_weights(parameters)
         mu = float(config.get("proximal-mu", self.proximal_mu))
@@ -132,14 +133,14 @@ class KerasClient(NumPyClient):
             batch_size=int(config.get("batch-size", self.batch_size)),
             seed=seed,
         )
-        metrics = {
+        metrics: dict[str, Scalar] = {
             "train-loss": logs["loss"],
             "train-accuracy": logs["accuracy"],
             "fit-seconds": time.perf_counter() - started,
         }
         return self.model.get_weights(), len(self.data.y_train), metrics
 
-    def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[float, int, dict[str, float]]:
+    def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[float, int, dict[str, Scalar]]:
         if len(self.data.y_test) == 0:
             raise ValueError("this client has no test examples (raise its data or test-fraction)")
         self.model.set_weights(parameters)

@@ -284,6 +284,7 @@ class Int8Codec(Codec):
     payload_keys = frozenset({"q", "scales"})
     biased = False
     parameters: ClassVar[Mapping[str, str]] = MappingProxyType({"int8_block": "block"})
+    block: int
 
     def __init__(self, block: int = DEFAULT_INT8_BLOCK) -> None:
         key = RUN_CONFIG_KEYS["int8_block"]

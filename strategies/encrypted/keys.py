@@ -75,11 +75,13 @@ def load_client_scheme(secret_bytes: bytes) -> HomomorphicScheme:
         context = load_context(payload)
         if not context.is_private():
             raise ValueError("the ckks secret key file holds no secret key")
+        assert isinstance(parameters, CkksParameters)  # _unwrap_key pairs the scheme with its parameters
         return CkksScheme(parameters, context)
     fields = paillier_key_fields(payload)
     if "p" not in fields or "q" not in fields:
         raise ValueError("the paillier secret key file holds no p and q")
     public_key = paillier.PaillierPublicKey(fields["n"])
+    assert isinstance(parameters, PaillierParameters)
     return PaillierScheme(parameters, public_key, paillier.PaillierPrivateKey(public_key, fields["p"], fields["q"]))
 
 
@@ -98,10 +100,12 @@ def load_server_scheme(public_bytes: bytes) -> HomomorphicScheme:
         context = load_context(payload)
         if context.is_private():
             raise ValueError(refusal)
+        assert isinstance(parameters, CkksParameters)  # _unwrap_key pairs the scheme with its parameters
         return CkksScheme(parameters, context)
     fields = paillier_key_fields(payload)
     if set(fields) != {"n"}:
         raise ValueError(refusal)
+    assert isinstance(parameters, PaillierParameters)
     return PaillierScheme(parameters, paillier.PaillierPublicKey(fields["n"]), None)
 
 

@@ -182,6 +182,7 @@ class PaillierScheme(HomomorphicScheme):
         self._check_num_ciphertexts(ciphertexts, size)
         self._check_num_summands(num_summands)
         parameters = self._parameters
+        assert self._private_key is not None  # _require_secret passed
         plaintexts = [self._private_key.raw_decrypt(self._load(blob, index)) for index, blob in enumerate(ciphertexts)]
         sums = unpack_slots(plaintexts, parameters.slots_per_plaintext, parameters.bits_per_slot)
         sums = sums.reshape(-1)[:size]
@@ -197,6 +198,7 @@ class PaillierScheme(HomomorphicScheme):
     def _encrypt_plaintext(self, plaintext: int) -> int:
         """``(1 + m n) r^n mod n^2`` with ``r^n`` from its residues modulo ``p^2`` and ``q^2``."""
         private_key = self._private_key
+        assert private_key is not None  # only clients holding the secret key encrypt
         residue_p = pow(secrets.randbelow(private_key.p - 1) + 1, private_key.p, self._psquare)
         residue_q = pow(secrets.randbelow(private_key.q - 1) + 1, private_key.q, self._qsquare)
         obfuscator = residue_p + self._psquare * ((residue_q - residue_p) * self._psquare_inverse % self._qsquare)

@@ -32,9 +32,8 @@ from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
 import dp_accounting
-from dp_accounting import pld, rdp
+from dp_accounting import NeighboringRelation, pld, rdp
 
-NeighboringRelation = dp_accounting.NeighboringRelation
 AccountingMethod = Literal["rdp", "pld"]
 Sampling = Literal["poisson", "fixed-size"]
 
@@ -333,7 +332,7 @@ class PrivacyAccountant:
         """All rounds so far as one ``dp_accounting`` event."""
         return self._ledger(self._counts)
 
-    def _epsilon(self, counts: Mapping[RoundSpec, int], delta: float, method: str) -> float:
+    def _epsilon(self, counts: Mapping[RoundSpec, int], delta: float, method: AccountingMethod) -> float:
         delta = _check_delta(delta)
         _check_method(method)
         if not counts:
