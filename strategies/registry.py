@@ -145,7 +145,8 @@ _REGISTRY: dict[str, StrategyFactory] = {**BUILTIN_STRATEGIES, **ROBUST_STRATEGI
 
 
 def register_strategy(name: str, factory: StrategyFactory) -> None:
-    """Make ``factory`` selectable as ``strategy='name'`` in the run config."""
+    """Make ``factory`` selectable as ``strategy='name'`` in the run config; it is called with the
+    run's :class:`StrategyParams` and returns a ``Strategy``."""
     if ":" in name:
         raise ValueError(f"strategy names may not contain ':', got '{name}'")
     _REGISTRY[name] = factory

@@ -81,3 +81,14 @@ def test_strategies_package_never_imports_tensorflow():
         "assert 'tensorflow' not in sys.modules, 'strategies imported tensorflow'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_typed_params_name_key_value_and_allowed():
+    with pytest.raises(ValueError, match=r"fedopt-eta must be > 0, got 0.0"):
+        params(**{"fedopt-eta": 0.0})
+    with pytest.raises(ValueError, match=r"fraction-train must be in \(0, 1\], got 1.5"):
+        params(**{"fraction-train": 1.5})
+    with pytest.raises(
+        ValueError, match=r"dp-mode must be one of central, client-clipping, local-gaussian, local-laplace"
+    ):
+        params(**{"dp-mode": "global"})

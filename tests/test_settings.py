@@ -165,3 +165,14 @@ def test_clients_per_round_is_one_definition():
     assert few.clients_per_round() == 4  # min-train-clients
     over = Settings.parse({"num-partitions": 3, "min-train-clients": 5}).sampling_params()
     assert over.clients_per_round() == 3 and over.clients_per_round(capped=False) == 5
+
+
+def test_only_the_config_reads_the_run_config_mapping(project_root):
+    # the run config is read once, into Settings; everything else gets Settings or typed parameters
+    readers = [
+        str(path.relative_to(project_root))
+        for folder in ("fl_app", "strategies", "scripts")
+        for path in (project_root / folder).rglob("*.py")
+        if "run_config.get(" in path.read_text(encoding="utf-8") and "fl_app/config" not in path.as_posix()
+    ]
+    assert readers == []
