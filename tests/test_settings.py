@@ -169,10 +169,11 @@ def test_clients_per_round_is_one_definition():
 
 def test_only_the_config_reads_the_run_config_mapping(project_root):
     # the run config is read once, into Settings; everything else gets Settings or typed parameters
+    needle = "run_config" + ".get("  # split, so that this file is no reader either
     readers = [
         str(path.relative_to(project_root))
         for folder in ("fl_app", "strategies", "scripts")
         for path in (project_root / folder).rglob("*.py")
-        if "run_config.get(" in path.read_text(encoding="utf-8") and "fl_app/config" not in path.as_posix()
+        if needle in path.read_text(encoding="utf-8") and "fl_app/config" not in path.as_posix()
     ]
     assert readers == []
