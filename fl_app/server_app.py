@@ -34,7 +34,7 @@ def main(grid: Grid, context: Context) -> None:
     """Run the federation that the run config describes."""
     started = time.perf_counter()
     settings = Settings.from_run_config(context.run_config)
-    strategy = make_strategy(settings, context.run_config)
+    strategy = make_strategy(settings)
     grid = ShortPollGrid(grid)  # Flower's grid sleeps 3 s between polls for replies
 
     from fl_app.server.initial_weights import query_initial_arrays, server_model

@@ -4,7 +4,7 @@ For each size (K clients x P parameters, P split over four arrays like a two-lay
 script builds K real reply ``Message`` objects (an ``ArrayRecord`` of new weights and a
 ``MetricRecord`` with ``num-examples``), then calls ``aggregate_train`` of a Flower strategy and of
 the corresponding :class:`strategies.aggregation.strategy.AggregationStrategy` (built by
-``build_aggregation_strategy`` from a run config, after ``configure_train`` so that it knows the
+``build_aggregation_strategy`` from the settings' typed parameters, after ``configure_train`` so that it knows the
 global arrays) on the same replies, side by side:
 
 =============  ======================================  ===========================================
@@ -68,6 +68,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import strategy as flower  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
+from fl_app.config.settings import Settings  # noqa: E402
 from strategies.aggregation.strategy import build_aggregation_strategy  # noqa: E402
 from strategies.core.update_matrix import ModelLayout, _weighted_sum  # noqa: E402  (the floor's inner loop)
 
@@ -174,18 +175,20 @@ def flower_strategy(rule: str, num_clients: int):
 
 def our_strategy(rule: str, num_clients: int, payloads: Payloads):
     f = byzantine_f(num_clients)
-    config = {
-        "num-partitions": num_clients,
-        "min-train-clients": num_clients,
-        "min-available-clients": 2,
-        "client-weighting": "num-examples" if rule == "mean" else "uniform",
-        "trimmed-mean-beta": BETA,
-        "krum-f": f,
-        "multi-krum-m": num_clients - f,
-        "bulyan-f": f,
-        "aggregation-threads": THREADS,
-    }
-    strategy = build_aggregation_strategy(rule, config)
+    settings = Settings.from_run_config(
+        {
+            "num-partitions": num_clients,
+            "min-train-clients": num_clients,
+            "min-available-clients": 2,
+            "client-weighting": "num-examples" if rule == "mean" else "uniform",
+            "trimmed-mean-beta": BETA,
+            "krum-f": f,
+            "multi-krum-m": num_clients - f,
+            "bulyan-f": f,
+            "aggregation-threads": THREADS,
+        }
+    )
+    strategy = build_aggregation_strategy(rule, settings.aggregation_params())
     list(strategy.configure_train(1, ArrayRecord(payloads.global_arrays), ConfigRecord({}), _Grid(num_clients)))
     return strategy
 

@@ -75,8 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             "he-paillier-key-bits": args.paillier_bits,
         }
         settings = Settings.from_run_config(config)
-        run_config = settings.to_run_config()
-        strategy = make_strategy(settings, run_config)
+        strategy = make_strategy(settings)
         shape, classes, test_set = model_spec(settings)
         import tensorflow as tf
 
@@ -85,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         initial = model.get_weights()
         started = time.perf_counter()
         _, he_history = run_rounds(
-            LocalGrid(run_config, settings.num_partitions),
+            LocalGrid(settings.to_run_config(), settings.num_partitions),
             strategy,
             ArrayRecord(initial),
             num_rounds=settings.num_server_rounds,

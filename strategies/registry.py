@@ -3,22 +3,24 @@
 ``strategy`` in the run config is either a registered name — Flower's ``fedavg``, ``fedprox``,
 ``fedadam``, ``fedyogi``, ``fedadagrad``, ``fedavgm``; our robust ``median``, ``trimmed-mean``,
 ``krum``, ``multi-krum``, ``bulyan``, ``geometric-median``, ``centered-clipping``, and ``robust``
-(the rule named by ``aggregation-rule``) — or a dotted path ``package.module:Name`` to a user's own
-code:
+(the rule named by ``aggregation-rule``); ``dp-fedavg`` — or a dotted path ``package.module:Name``
+to a user's own code:
 
 * a :class:`flwr.serverapp.strategy.Strategy` subclass is constructed with those of the common
   sampling arguments (``fraction_train``, ``min_train_nodes``, …) that its ``__init__`` accepts;
-* any other callable is a factory, called as ``factory(run_config)`` and expected to return a
-  ``Strategy``.
+* any other callable is a factory, called as ``factory(run_config)`` with the run config mapping
+  (kebab-case keys, every key present) and expected to return a ``Strategy``.
 
-Nothing here imports TensorFlow.
+Registered names are built from a typed :class:`StrategyParams` (the app builds it from its
+settings, the one place of the run config's defaults). Nothing here imports TensorFlow.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.serverapp.strategy import (
     FedAdagrad,
@@ -30,51 +32,87 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
+from strategies.core.checks import non_negative, positive
 from strategies.core.loading import StrategyNameError, load_object
-from strategies.core.sampling import sampling_kwargs
+
+if TYPE_CHECKING:  # the strategy modules load when a strategy is built
+    from strategies.aggregation.strategy import AggregationParams
+    from strategies.core.sampling import SamplingParams
+    from strategies.private.dp_fedavg import DpParams
 
 __all__ = [
     "StrategyNameError",
+    "StrategyParams",
     "build_strategy",
     "check_strategy_name",
     "load_object",
     "register_strategy",
-    "sampling_kwargs",
     "strategy_names",
 ]
 
-StrategyFactory = Callable[[Mapping[str, Any]], Strategy]
+
+@dataclasses.dataclass(frozen=True)
+class StrategyParams:
+    """Everything a registered strategy is built from (run-config keys in brackets; defaults live
+    in ``fl_app.config``).
+
+    Attributes:
+        aggregation: sampling, the rule and its parameters, weights, bounds and the server step
+            (also FedAvgM's ``server-learning-rate`` and ``server-momentum``).
+        dp: DP-FedAvg's ``dp-*`` settings.
+        proximal_mu: FedProx's proximal term (``proximal-mu``), >= 0.
+        fedopt_eta: server learning rate of FedAdam, FedYogi, FedAdagrad (``fedopt-eta``), > 0.
+        learning_rate: the clients' learning rate, FedOpt's ``eta_l`` (``learning-rate``), > 0.
+        run_config: the run config mapping, handed only to a user's dotted-path factory.
+    """
+
+    aggregation: AggregationParams
+    dp: DpParams
+    proximal_mu: float
+    fedopt_eta: float
+    learning_rate: float
+    run_config: Mapping[str, Any]
+
+    def __post_init__(self) -> None:
+        non_negative("proximal-mu", self.proximal_mu)
+        positive("fedopt-eta", self.fedopt_eta)
+        positive("learning-rate", self.learning_rate)
+
+    @property
+    def sampling(self) -> SamplingParams:
+        """Node sampling, shared by every strategy."""
+        return self.aggregation.sampling
 
 
-def _fedopt_kwargs(run_config: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "eta": float(run_config.get("fedopt-eta", 0.1)),
-        "eta_l": float(run_config.get("learning-rate", 0.01)),
-    }
+StrategyFactory = Callable[[StrategyParams], Strategy]
+
+
+def _fedopt_kwargs(params: StrategyParams) -> dict[str, Any]:
+    return {"eta": params.fedopt_eta, "eta_l": params.learning_rate}
 
 
 def _aggregation(rule: str | None) -> StrategyFactory:
     """Factory of :class:`strategies.aggregation.strategy.AggregationStrategy` for ``rule`` (None: the
     run config's ``aggregation-rule``)."""
 
-    def factory(run_config: Mapping[str, Any]) -> Strategy:
+    def factory(params: StrategyParams) -> Strategy:
         from strategies.aggregation.strategy import build_aggregation_strategy
 
-        return build_aggregation_strategy(rule or str(run_config.get("aggregation-rule", "mean")), run_config)
+        return build_aggregation_strategy(rule or params.aggregation.rule, params.aggregation)
 
     return factory
 
 
 BUILTIN_STRATEGIES: dict[str, StrategyFactory] = {
-    "fedavg": lambda rc: FedAvg(**sampling_kwargs(rc)),
-    "fedprox": lambda rc: FedProx(**sampling_kwargs(rc), proximal_mu=float(rc.get("proximal-mu", 0.0))),
-    "fedadam": lambda rc: FedAdam(**sampling_kwargs(rc), **_fedopt_kwargs(rc)),
-    "fedyogi": lambda rc: FedYogi(**sampling_kwargs(rc), **_fedopt_kwargs(rc)),
-    "fedadagrad": lambda rc: FedAdagrad(**sampling_kwargs(rc), **_fedopt_kwargs(rc)),
-    "fedavgm": lambda rc: FedAvgM(
-        **sampling_kwargs(rc),
-        server_learning_rate=float(rc.get("server-learning-rate", 1.0)),
-        server_momentum=float(rc.get("server-momentum", 0.0)),
+    "fedavg": lambda p: FedAvg(**p.sampling.kwargs()),
+    "fedprox": lambda p: FedProx(**p.sampling.kwargs(), proximal_mu=p.proximal_mu),
+    "fedadam": lambda p: FedAdam(**p.sampling.kwargs(), **_fedopt_kwargs(p)),
+    "fedyogi": lambda p: FedYogi(**p.sampling.kwargs(), **_fedopt_kwargs(p)),
+    "fedadagrad": lambda p: FedAdagrad(**p.sampling.kwargs(), **_fedopt_kwargs(p)),
+    "fedavgm": lambda p: FedAvgM(
+        **p.sampling.kwargs(),
+        server_learning_rate=p.aggregation.server_learning_rate,
+        server_momentum=p.aggregation.server_momentum,
     ),
 }
 
@@ -95,10 +133,10 @@ ROBUST_STRATEGIES: dict[str, StrategyFactory] = {
 }
 
 
-def _dp_fedavg(run_config: Mapping[str, Any]) -> Strategy:
+def _dp_fedavg(params: StrategyParams) -> Strategy:
     from strategies.private.dp_fedavg import build_dp_strategy
 
-    return build_dp_strategy(run_config)
+    return build_dp_strategy(params.aggregation, params.dp)
 
 
 PRIVATE_STRATEGIES: dict[str, StrategyFactory] = {"dp-fedavg": _dp_fedavg}
@@ -107,7 +145,8 @@ _REGISTRY: dict[str, StrategyFactory] = {**BUILTIN_STRATEGIES, **ROBUST_STRATEGI
 
 
 def register_strategy(name: str, factory: StrategyFactory) -> None:
-    """Make ``factory`` selectable as ``strategy='name'`` in the run config."""
+    """Make ``factory`` selectable as ``strategy='name'`` in the run config; it is called with the
+    run's :class:`StrategyParams` and returns a ``Strategy``."""
     if ":" in name:
         raise ValueError(f"strategy names may not contain ':', got '{name}'")
     _REGISTRY[name] = factory
@@ -128,18 +167,19 @@ def check_strategy_name(name: str) -> None:
         )
 
 
-def build_strategy(name: str, run_config: Mapping[str, Any]) -> Strategy:
-    """Build the strategy that ``name`` selects, configured from ``run_config``."""
+def build_strategy(name: str, params: StrategyParams) -> Strategy:
+    """Build the strategy that ``name`` selects, configured from ``params`` (a user's dotted-path
+    factory gets ``params.run_config``)."""
     check_strategy_name(name)
     if ":" not in name:
-        return _REGISTRY[name](run_config)
+        return _REGISTRY[name](params)
     obj = load_object(name)
     if inspect.isclass(obj) and issubclass(obj, Strategy):
         accepted = inspect.signature(obj.__init__).parameters
-        kwargs = {k: v for k, v in sampling_kwargs(run_config).items() if k in accepted}
+        kwargs = {k: v for k, v in params.sampling.kwargs().items() if k in accepted}
         strategy = obj(**kwargs)
     else:
-        strategy = obj(run_config)
+        strategy = obj(params.run_config)
     if not isinstance(strategy, Strategy):
         raise StrategyNameError(
             f"strategy '{name}' returned {type(strategy).__name__}, not a flwr.serverapp.strategy.Strategy"

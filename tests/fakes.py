@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
+
+from fl_app.config.settings import Settings
 
 TaskIdentity.run_id = TaskIdentity._run_id or 1  # messages need a run id outside a real run
 TaskIdentity.node_id = TaskIdentity._node_id or 0
@@ -39,3 +42,9 @@ class FakeGrid:
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         return [self.answer(m) for m in messages]
+
+
+def settings_of(run_config: Mapping[str, Any] | None = None) -> Settings:
+    """The settings of a run config (kebab-case keys, the rest defaults), types checked only: the
+    typed parameter objects they build check their own values."""
+    return Settings.parse(run_config or {})

@@ -69,10 +69,10 @@ def test_random_mask_decodes_with_the_round_seed():
 
 def test_only_our_aggregation_strategies_can_decode():
     s = Settings(compression="top-k", strategy="robust")
-    strategy = build_strategy("robust", s.to_run_config())
+    strategy = build_strategy("robust", s.strategy_params())
     decoder = attach_compression(s, strategy)
     assert strategy.decoder is decoder
-    flower = build_strategy("fedavg", Settings().to_run_config())
+    flower = build_strategy("fedavg", Settings().strategy_params())
     with pytest.raises(ValueError, match="needs one of our aggregation strategies"):
         attach_compression(s, flower)
     assert attach_compression(Settings(), flower) is None

@@ -59,6 +59,17 @@ def he_config(keys, scheme: str, **overrides) -> dict:
     return config
 
 
+def encrypted_strategy(config: dict) -> EncryptedFedAvg:
+    """``build_encrypted_strategy`` from the typed parameters of ``config``."""
+    settings = Settings.parse(config)
+    return build_encrypted_strategy(
+        settings.encryption_params(),
+        strategy=settings.strategy,
+        aggregation=settings.aggregation_params(),
+        proximal_mu=settings.proximal_mu,
+    )
+
+
 def flat(arrays) -> np.ndarray:
     return np.concatenate([np.asarray(a, np.float32).ravel() for a in arrays])
 
@@ -196,7 +207,7 @@ def test_chain_catches_up_nodes_and_resets_out_of_date_ones(keys):
 def test_server_side_scheme_cannot_decrypt(keys):
     for scheme_name, (secret, _public) in keys.items():
         client = load_client_scheme(secret.read_bytes())
-        server = build_encrypted_strategy(he_config(keys, scheme_name)).scheme
+        server = encrypted_strategy(he_config(keys, scheme_name)).scheme
         assert not server.can_decrypt
         total = server.sum_ciphertexts([client.encrypt(np.ones(SIZE))])
         with pytest.raises(ValueError, match="cannot decrypt"):
@@ -208,9 +219,9 @@ def test_server_side_scheme_cannot_decrypt(keys):
 def test_server_refuses_the_secret_key_and_never_reads_it(keys, monkeypatch):
     secret, _ = keys["ckks"]
     with pytest.raises(EncryptionConfigError, match="refuses secret key material"):
-        build_encrypted_strategy(he_config(keys, "ckks", **{"he-public-key-path": str(secret)}))
+        encrypted_strategy(he_config(keys, "ckks", **{"he-public-key-path": str(secret)}))
     with pytest.raises(EncryptionConfigError, match="he-public-key-path is empty"):
-        build_encrypted_strategy(he_config(keys, "ckks", **{"he-public-key-path": ""}))
+        encrypted_strategy(he_config(keys, "ckks", **{"he-public-key-path": ""}))
 
     read: list[str] = []
     original = Path.read_bytes
@@ -223,7 +234,7 @@ def test_server_refuses_the_secret_key_and_never_reads_it(keys, monkeypatch):
     from fl_app.server.strategy_setup import make_strategy
 
     config = he_config(keys, "ckks")
-    strategy = make_strategy(Settings.from_run_config(config), config)
+    strategy = make_strategy(Settings.from_run_config(config))
     assert isinstance(strategy, EncryptedFedAvg) and not strategy.scheme.can_decrypt
     # the only file besides Python sources (a lazy scipy import reads its own) is the public key
     assert [path for path in read if not path.endswith(".py")] == [str(keys["ckks"][1].resolve())]
@@ -266,16 +277,16 @@ def test_allowed_strategies_and_key_parameter_checks(keys):
         {"strategy": "robust", "aggregation-rule": "mean"},
     ):
         Settings.from_run_config({"homomorphic-encryption": "paillier", **overrides})
-    strategy = build_encrypted_strategy(he_config(keys, "ckks", strategy="fedprox", **{"proximal-mu": 0.1}))
+    strategy = encrypted_strategy(he_config(keys, "ckks", strategy="fedprox", **{"proximal-mu": 0.1}))
     assert strategy.train_config == {"proximal-mu": 0.1}
     with pytest.raises(
         EncryptionConfigError, match="he-paillier-key-bits=3072 but the key file was generated with 2048"
     ):
-        build_encrypted_strategy(he_config(keys, "paillier", **{"he-paillier-key-bits": 3072}))
+        encrypted_strategy(he_config(keys, "paillier", **{"he-paillier-key-bits": 3072}))
     with pytest.raises(EncryptionConfigError, match="holds a paillier key"):
-        build_encrypted_strategy(he_config(keys, "ckks", **{"he-public-key-path": str(keys["paillier"][1])}))
+        encrypted_strategy(he_config(keys, "ckks", **{"he-public-key-path": str(keys["paillier"][1])}))
     with pytest.raises(EncryptionConfigError, match="he-ckks-scale-bits=30 but the key file was generated with 40"):
-        build_encrypted_strategy(he_config(keys, "ckks", **{"he-ckks-scale-bits": 30}))
+        encrypted_strategy(he_config(keys, "ckks", **{"he-ckks-scale-bits": 30}))
 
 
 # ------------------------------------------------------------------------------ whole federations in-process
@@ -292,12 +303,11 @@ def run_encrypted(config: dict, num_rounds: int, first_round: int = 1, grid=None
     from fl_app.task.models import build_model
 
     settings = Settings.from_run_config(config)
-    run_config = settings.to_run_config()
-    strategy = strategy or make_strategy(settings, run_config)
+    strategy = strategy or make_strategy(settings)
     shape, classes, _ = model_spec(settings)
     tf.keras.utils.set_random_seed(settings.seed)
     initial = ArrayRecord(build_model(settings.model, shape, classes, settings.seed).get_weights())
-    grid = grid or LocalGrid(run_config, settings.num_partitions)
+    grid = grid or LocalGrid(settings.to_run_config(), settings.num_partitions)
     _, history = run_rounds(grid, strategy, initial, num_rounds=num_rounds, first_round=first_round)
     return strategy, grid, history, initial
 

@@ -19,7 +19,7 @@ from strategies.private.dp_fedavg import DpFedAvgStrategy, build_dp_strategy, ca
 from strategies.private.mechanisms import insecure_seeded_generator
 from strategies.robust.preaggregation import clip_rows_to_norm
 from strategies.robust.rules import weighted_mean
-from tests.fakes import FakeGrid, reply
+from tests.fakes import FakeGrid, reply, settings_of
 
 SHAPES = [(20, 5), (5,)]
 
@@ -228,6 +228,12 @@ def base_config(**overrides):
     return config
 
 
+def dp_strategy(config):
+    """``build_dp_strategy`` from the typed parameters of ``config``."""
+    settings = settings_of(config)
+    return build_dp_strategy(settings.aggregation_params(), settings.dp_params())
+
+
 @pytest.mark.parametrize(
     ("overrides", "fragment"),
     [
@@ -247,7 +253,8 @@ def test_dishonest_combinations_are_refused(overrides, fragment):
 
 def test_target_epsilon_without_z_calibrates_z():
     config = base_config(**{"dp-noise-multiplier": 0.0, "dp-target-epsilon": 2.0})
-    z = calibrated_noise_multiplier(config)
+    settings = settings_of(config)
+    z = calibrated_noise_multiplier(settings.sampling_params(), settings.dp_params())
     event = dp_accounting.PoissonSampledDpEvent(0.5, dp_accounting.GaussianDpEvent(z))
     relation = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
     assert independent_epsilon(event, 10, 1e-5, relation) <= 2.0
@@ -257,11 +264,11 @@ def test_target_epsilon_without_z_calibrates_z():
         )
         > 2.0
     )
-    assert build_dp_strategy(config).noise_multiplier == z
+    assert dp_strategy(config).noise_multiplier == z
 
 
 def test_other_rules_use_the_ball_diameter_as_sensitivity():
-    strat = build_dp_strategy(base_config(**{"aggregation-rule": "krum", "dp-noise-multiplier": 1.0}))
+    strat = dp_strategy(base_config(**{"aggregation-rule": "krum", "dp-noise-multiplier": 1.0}))
     assert strat.noise_std() == pytest.approx(2.0 * 1.0)
-    mean = build_dp_strategy(base_config())
+    mean = dp_strategy(base_config())
     assert mean.noise_std() == pytest.approx(1.0 / 5)

@@ -6,6 +6,7 @@ import sys
 import pytest
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, Strategy
 
+from fl_app.config.settings import Settings
 from strategies.registry import (
     BUILTIN_STRATEGIES,
     StrategyNameError,
@@ -21,38 +22,43 @@ class MyFedAvg(FedAvg):
 
 
 def my_factory(run_config):
-    return FedAvgM(server_momentum=float(run_config.get("server-momentum", 0.0)))
+    return FedAvgM(server_momentum=run_config["server-momentum"])
 
 
 def not_a_strategy(run_config):
     return 42
 
 
+def params(**run_config):
+    """The typed strategy parameters of a run config (kebab-case keys, the rest defaults)."""
+    return Settings.parse(run_config).strategy_params()
+
+
 def test_builtin_names_build_flower_strategies():
     assert {"fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm"} <= set(BUILTIN_STRATEGIES)
     config = {"fraction-train": 0.5, "min-train-clients": 3, "proximal-mu": 0.25, "fedopt-eta": 0.05}
-    fedprox = build_strategy("fedprox", config)
+    fedprox = build_strategy("fedprox", params(**config))
     assert isinstance(fedprox, FedProx) and fedprox.proximal_mu == 0.25
     assert fedprox.fraction_train == 0.5 and fedprox.min_train_nodes == 3
-    fedadam = build_strategy("fedadam", config)
+    fedadam = build_strategy("fedadam", params(**config))
     assert isinstance(fedadam, FedAdam) and fedadam.eta == 0.05
     for name in BUILTIN_STRATEGIES:
-        assert isinstance(build_strategy(name, {}), Strategy)
+        assert isinstance(build_strategy(name, params()), Strategy)
 
 
 def test_dotted_path_class_gets_sampling_arguments():
-    strategy = build_strategy("tests.test_registry:MyFedAvg", {"fraction-evaluate": 0.3})
+    strategy = build_strategy("tests.test_registry:MyFedAvg", params(**{"fraction-evaluate": 0.3}))
     assert type(strategy) is MyFedAvg and strategy.fraction_evaluate == 0.3
 
 
 def test_dotted_path_factory_gets_run_config():
-    strategy = build_strategy("tests.test_registry:my_factory", {"server-momentum": 0.7})
+    strategy = build_strategy("tests.test_registry:my_factory", params(**{"server-momentum": 0.7}))
     assert isinstance(strategy, FedAvgM) and strategy.server_momentum == 0.7
 
 
 def test_dotted_path_errors():
     with pytest.raises(StrategyNameError, match="returned int, not a flwr.serverapp.strategy.Strategy"):
-        build_strategy("tests.test_registry:not_a_strategy", {})
+        build_strategy("tests.test_registry:not_a_strategy", params())
     with pytest.raises(StrategyNameError, match="not of the form 'package.module:Name'"):
         check_strategy_name("tests.test_registry:")
     with pytest.raises(StrategyNameError, match="unknown strategy 'fedavgg'; known: "):
@@ -62,7 +68,7 @@ def test_dotted_path_errors():
 def test_register_strategy():
     register_strategy("my-avg", lambda rc: MyFedAvg())
     assert "my-avg" in strategy_names()
-    assert isinstance(build_strategy("my-avg", {}), MyFedAvg)
+    assert isinstance(build_strategy("my-avg", params()), MyFedAvg)
     with pytest.raises(ValueError, match="may not contain ':'"):
         register_strategy("a:b", lambda rc: MyFedAvg())
 
@@ -75,3 +81,14 @@ def test_strategies_package_never_imports_tensorflow():
         "assert 'tensorflow' not in sys.modules, 'strategies imported tensorflow'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_typed_params_name_key_value_and_allowed():
+    with pytest.raises(ValueError, match=r"fedopt-eta must be > 0, got 0.0"):
+        params(**{"fedopt-eta": 0.0})
+    with pytest.raises(ValueError, match=r"fraction-train must be in \(0, 1\], got 1.5"):
+        params(**{"fraction-train": 1.5})
+    with pytest.raises(
+        ValueError, match=r"dp-mode must be one of central, client-clipping, local-gaussian, local-laplace"
+    ):
+        params(**{"dp-mode": "global"})

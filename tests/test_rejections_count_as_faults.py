@@ -5,7 +5,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 
 from strategies.aggregation.strategy import build_aggregation_strategy, round_params
 from strategies.robust.rules import bulyan, multi_krum
-from tests.fakes import FakeGrid, error_reply, reply
+from tests.fakes import FakeGrid, error_reply, reply, settings_of
 
 SHAPES = [(3, 2), (2,)]
 
@@ -33,7 +33,9 @@ def test_bulyan_aggregates_the_valid_replies_when_faulty_ones_are_rejected():
     honest = [[rng.standard_normal(s).astype(np.float32) for s in SHAPES] for _ in range(6)]
     nan = [np.full(s, np.nan, np.float32) for s in SHAPES]
     replies = [reply(i, w) for i, w in enumerate(honest)] + [reply(6, nan), error_reply(7, "crashed")]
-    strategy = build_aggregation_strategy("bulyan", {"bulyan-f": 2, "num-partitions": 11, "min-train-clients": 11})
+    strategy = build_aggregation_strategy(
+        "bulyan", settings_of({"bulyan-f": 2, "num-partitions": 11, "min-train-clients": 11}).aggregation_params()
+    )
     new, metrics = run_round(strategy, g, replies)
     assert new is not None and metrics["rejected-replies"] == 2 and metrics["rule-f"] == 0
     updates = np.stack([flat(w) for w in honest])
@@ -45,7 +47,9 @@ def test_multi_krum_keeps_f_for_the_faults_it_has_not_seen():
     g = [np.zeros(s, np.float32) for s in SHAPES]
     clients = [[rng.standard_normal(s).astype(np.float32) for s in SHAPES] for _ in range(8)]
     replies = [reply(i, w) for i, w in enumerate(clients)] + [reply(8, [g[0].ravel(), g[1]])]
-    strategy = build_aggregation_strategy("multi-krum", {"krum-f": 2, "num-partitions": 9, "min-train-clients": 9})
+    strategy = build_aggregation_strategy(
+        "multi-krum", settings_of({"krum-f": 2, "num-partitions": 9, "min-train-clients": 9}).aggregation_params()
+    )
     new, metrics = run_round(strategy, g, replies)
     assert metrics["rule-f"] == 1
     updates = np.stack([flat(w) for w in clients])

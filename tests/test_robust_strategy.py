@@ -9,7 +9,7 @@ from strategies.aggregation.strategy import AggregationStrategy, build_aggregati
 from strategies.core.update_matrix import ModelLayout, UpdateBuffer, collect_updates
 from strategies.registry import ROBUST_STRATEGIES, build_strategy
 from strategies.robust.rules import coordinate_median, weighted_mean
-from tests.fakes import FakeGrid, error_reply, reply
+from tests.fakes import FakeGrid, error_reply, reply, settings_of
 
 SHAPES = [(3, 2), (2,)]
 RNG = np.random.default_rng(0)
@@ -101,7 +101,9 @@ def test_median_strategy_ignores_a_huge_attacker_and_a_nan_client():
 
 
 def test_round_with_too_few_replies_for_krum_is_skipped():
-    strategy = build_aggregation_strategy("krum", {"krum-f": 1, "num-partitions": 5, "min-train-clients": 5})
+    strategy = build_aggregation_strategy(
+        "krum", settings_of({"krum-f": 1, "num-partitions": 5, "min-train-clients": 5}).aggregation_params()
+    )
     g = weights_like()
     new, metrics = run_round(strategy, g, [reply(i, weights_like()) for i in range(3)])
     assert new is None and metrics["round-skipped"] == 1
@@ -109,7 +111,7 @@ def test_round_with_too_few_replies_for_krum_is_skipped():
 
 def test_startup_check_names_the_key():
     with pytest.raises(ValueError, match="bulyan-f=1 requires 7 clients, got 5"):
-        build_aggregation_strategy("bulyan", {"bulyan-f": 1, "num-partitions": 5})
+        build_aggregation_strategy("bulyan", settings_of({"bulyan-f": 1, "num-partitions": 5}).aggregation_params())
 
 
 def test_norm_bound_limits_a_scaled_update():
@@ -156,20 +158,40 @@ def test_client_weights():
 def test_every_robust_name_builds():
     config = {"num-partitions": 20, "min-train-clients": 20, "krum-f": 2, "bulyan-f": 2}
     for name in ROBUST_STRATEGIES:
-        assert isinstance(build_strategy(name, config), AggregationStrategy)
+        assert isinstance(build_strategy(name, settings_of(config).strategy_params()), AggregationStrategy)
 
 
 def test_user_rule_by_dotted_path():
-    strategy = build_aggregation_strategy("strategies.robust.rules:coordinate_median", {})
+    params = settings_of().aggregation_params()
+    strategy = build_aggregation_strategy("strategies.robust.rules:coordinate_median", params)
     assert strategy.rule is coordinate_median
     with pytest.raises(ValueError, match="aggregation-rule must be one of"):
-        build_aggregation_strategy("avg", {})
+        build_aggregation_strategy("avg", params)
 
 
-def test_rule_defaults_match_settings():
-    from fl_app.config.settings import Settings
-    from strategies.aggregation.strategy import RULE_DEFAULTS
+def test_rule_params_come_from_the_settings():
+    params = settings_of({"krum-f": 2, "multi-krum-m": 0, "trimmed-mean-beta": 0.1}).aggregation_params()
+    assert params.rules.of_rule("multi-krum") == {"f": 2, "m": None}  # 0: n - f per round
+    assert params.rules.of_rule("trimmed-mean") == {"beta": 0.1}
+    assert params.rules.of_rule("mean") == {}
+    strategy = build_aggregation_strategy("krum", params)
+    assert strategy.rule_params == {"f": 2} and strategy.weighting == params.weighting
 
-    defaults = Settings().to_run_config()
-    for key, value in RULE_DEFAULTS.items():
-        assert defaults[key] == value, key
+
+@pytest.mark.parametrize(
+    ("config", "fragment"),
+    [
+        ({"trimmed-mean-beta": 0.5}, "trimmed-mean-beta must be in [0, 0.5), got 0.5"),
+        ({"krum-f": -1}, "krum-f must be >= 0, got -1"),
+        ({"centered-clipping-tau": 0.0}, "centered-clipping-tau must be > 0, got 0.0"),
+        ({"client-weighting": "trusting"}, "client-weighting must be one of uniform, num-examples, capped; got"),
+        ({"norm-bound-quantile": 1.5}, "norm-bound-quantile must be in [0, 1] (0: off), got 1.5"),
+        ({"server-momentum": 1.0}, "server-momentum must be in [0, 1), got 1.0"),
+        ({"aggregation-threads": -1}, "aggregation-threads must be >= 0, got -1"),
+        ({"min-train-clients": 0}, "min-train-clients must be >= 1, got 0"),
+    ],
+)
+def test_typed_params_name_key_value_and_allowed(config, fragment):
+    with pytest.raises(ValueError) as err:
+        settings_of(config).aggregation_params()
+    assert fragment in str(err.value)

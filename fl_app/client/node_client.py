@@ -20,11 +20,12 @@ from fl_app.task.keras_client import KerasClient, compile_model
 
 @functools.lru_cache(maxsize=4)
 def _parse_settings(items: tuple) -> Settings:
-    return Settings.from_run_config(dict(items))
+    return Settings.client_from_run_config(dict(items))
 
 
 def settings_from_context(context: Context) -> Settings:
-    """The run's settings, parsed once per process and run config."""
+    """The run's settings, parsed once per process and run config; validated as far as the client
+    uses them (the server validates the rest and builds the strategy, a client never does)."""
     return _parse_settings(tuple(sorted(context.run_config.items())))
 
 

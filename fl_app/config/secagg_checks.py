@@ -8,13 +8,6 @@ if TYPE_CHECKING:
     from fl_app.config.settings import Settings
 
 
-def clients_per_round(settings: Settings) -> int:
-    """``m``: max(min-train-clients, floor(fraction-train * num-partitions)), at most num-partitions."""
-    return min(
-        max(settings.min_train_clients, int(settings.fraction_train * settings.num_partitions)), settings.num_partitions
-    )
-
-
 def check_secure_aggregation(settings: Settings) -> None:
     """Refuse settings that SecAgg+ cannot serve (errors name the keys)."""
     rule = settings.aggregation_rule if settings.strategy in ("robust", "dp-fedavg") else settings.strategy
@@ -34,7 +27,7 @@ def check_secure_aggregation(settings: Settings) -> None:
             "secure-aggregation=true with strategy='dp-fedavg' needs dp-sampling='fixed-size' (SecAgg+ "
             "runs on a known set of clients per round)"
         )
-    m = clients_per_round(settings)
+    m = settings.sampling_params().clients_per_round()
     shares, threshold = settings.secagg_num_shares, settings.secagg_reconstruction_threshold
     if shares < 3 or shares > m:
         raise ValueError(

@@ -2,18 +2,27 @@
 
 Flower hands every app a flat ``run_config`` mapping of kebab-case keys (``[tool.flwr.app.config]``
 in ``pyproject.toml``, overridden with ``flwr run -c "key=value"``). :class:`Settings` turns it into
-one frozen dataclass whose fields are the same keys in snake case. Every bad value fails here,
-before any training, with a :class:`SettingsError` that names the key, the value and what is
-allowed.
+one frozen dataclass whose fields are the same keys in snake case, with every key's default, meaning
+and allowed values. Every bad value fails here, before any training, with a :class:`SettingsError`
+that names the key, the value and what is allowed.
+
+The server (and the tools) validate everything, building the configured strategy once to check it
+(:meth:`Settings.from_run_config`); a ClientApp validates the types and the keys it uses itself
+(:meth:`Settings.client_from_run_config`) and never builds a server strategy. The typed parameter
+objects of :mod:`strategies` (:meth:`Settings.sampling_params`, :meth:`Settings.aggregation_params`,
+:meth:`Settings.dp_params`, :meth:`Settings.encryption_params`, :meth:`Settings.strategy_params`) are
+built here only: this module is the one bridge from the run config to the strategies.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fl_app.config.choices import (
     ATTACK_NAMES,
@@ -28,138 +37,350 @@ from fl_app.config.choices import (
 )
 
 if TYPE_CHECKING:
+    from strategies.aggregation.strategy import AggregationParams, RuleParams
     from strategies.compression.codecs import Codec
+    from strategies.core.sampling import SamplingParams
+    from strategies.encrypted.strategy import EncryptionParams
+    from strategies.private.dp_fedavg import DpParams
+    from strategies.registry import StrategyParams
+
+T = TypeVar("T")
+
+Allowed = str | Callable[[], str]
+"""What a key allows: text, or a function that reads it from a :mod:`strategies` constant (those
+modules are imported only when the reference is written, not with the settings)."""
 
 
 class SettingsError(ValueError):
     """A run-config value that the app cannot run with."""
 
 
+def _choices(values: Any) -> str:
+    return ", ".join(f"`{value}`" for value in values)
+
+
+def _lazy_choices(module: str, name: str, suffix: str = "") -> Callable[[], str]:
+    """The choices in constant ``module.name``, read when asked for."""
+
+    def allowed() -> str:
+        return _choices(getattr(importlib.import_module(module), name)) + suffix
+
+    return allowed
+
+
+def _ckks_degrees() -> str:
+    from strategies.encrypted.security import HE_STANDARD_MAX_COEFF_BITS
+
+    return _choices(sorted(HE_STANDARD_MAX_COEFF_BITS[128]))
+
+
+def _key(default: Any, allowed: Allowed, meaning: str) -> Any:
+    """A run-config key: its default, what it allows and its meaning (``docs/run-config.md``)."""
+    return dataclasses.field(default=default, metadata={"allowed": allowed, "help": meaning})
+
+
+def allowed_of(field: dataclasses.Field) -> str:
+    """What the key of Settings field ``field`` allows, as text."""
+    allowed = field.metadata["allowed"]
+    return allowed() if callable(allowed) else allowed
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """Every run-config key of the app (kebab-case in the config, snake_case here)."""
+    """Every run-config key of the app (kebab-case in the config, snake_case here).
+
+    Each field's default is the key's one default (``pyproject.toml`` repeats it, a test checks);
+    its metadata holds the key's meaning and what it allows (``docs/run-config.md`` is written from
+    them by :mod:`fl_app.config.reference`).
+    """
 
     # Rounds and sampling
-    num_server_rounds: int = 10
-    fraction_train: float = 1.0
-    fraction_evaluate: float = 1.0
-    min_train_clients: int = 2
-    min_evaluate_clients: int = 2
-    min_available_clients: int = 2
-    round_timeout: float = 600.0
+    num_server_rounds: int = _key(10, ">= 1", "rounds of federated training (>= 1)")
+    fraction_train: float = _key(
+        1.0, "(0, 1]", "fraction of connected clients sampled for training each round, in (0, 1]"
+    )
+    fraction_evaluate: float = _key(1.0, "(0, 1]", "fraction sampled for federated evaluation, in (0, 1]")
+    min_train_clients: int = _key(2, ">= 1", "never sample fewer clients for training")
+    min_evaluate_clients: int = _key(2, ">= 0", "never sample fewer clients for evaluation")
+    min_available_clients: int = _key(2, ">= 1", "wait until this many clients are connected")
+    round_timeout: float = _key(600.0, "> 0", "seconds to wait for replies in a round")
     # Strategy
-    strategy: str = "fedavg"
-    proximal_mu: float = 0.0
-    server_learning_rate: float = 1.0
-    server_momentum: float = 0.0
-    fedopt_eta: float = 0.1
+    strategy: str = _key(
+        "fedavg",
+        "a registered name or `package.module:Name`",
+        "Flower's `fedavg`, `fedprox`, `fedadam`, `fedyogi`, `fedadagrad`, `fedavgm`; our robust `median`, `trimmed-mean`, `krum`, `multi-krum`, `bulyan`, `geometric-median`, `centered-clipping`, `robust` (rule from `aggregation-rule`); `dp-fedavg` (differentially private FedAvg); or `package.module:Name`",
+    )
+    proximal_mu: float = _key(0.0, ">= 0", "FedProx proximal term mu (sent by `fedprox`; also the clients' default)")
+    server_learning_rate: float = _key(
+        1.0, "> 0", "server step size eta of FedAvgM and of our aggregation strategies (w <- w + eta m)"
+    )
+    server_momentum: float = _key(
+        0.0, "[0, 1)", "server momentum beta of FedAvgM and of our aggregation strategies (m <- beta m + v), in [0, 1)"
+    )
+    fedopt_eta: float = _key(0.1, "> 0", "server learning rate eta of FedAdam, FedYogi, FedAdagrad")
     # Data
-    dataset: str = "digits"
-    partitioner: str = "dirichlet"
-    dirichlet_alpha: float = 0.5
-    shards_per_client: int = 2
-    num_partitions: int = 10
-    test_fraction: float = 0.2
-    server_test_fraction: float = 0.2
-    synthetic_classes: int = 10
-    synthetic_features: int = 32
-    synthetic_samples_per_client: int = 200
-    hf_dataset: str = ""
-    hf_label_column: str = "label"
-    data_path: str = ""
-    label_column: str = "label"
-    num_classes: int = 0
-    input_shape: str = ""
+    dataset: str = _key(
+        "digits",
+        _choices(DATASETS),
+        "`digits` (bundled), `synthetic`, `local-file` (each node's own file), `huggingface` (needs the network)",
+    )
+    partitioner: str = _key(
+        "dirichlet",
+        _choices(PARTITIONERS),
+        "`iid`, `dirichlet` (label skew), `shards` (pathological, McMahan et al. 2017)",
+    )
+    dirichlet_alpha: float = _key(0.5, "> 0", "Dirichlet concentration (> 0); smaller is more skewed")
+    shards_per_client: int = _key(2, ">= 1", "label-sorted shards per client with `shards`")
+    num_partitions: int = _key(10, ">= 1", "clients the data is split among (`fl-keras-run --clients` sets it)")
+    test_fraction: float = _key(0.2, "[0, 1)", "share of each client's data kept as its test split")
+    server_test_fraction: float = _key(
+        0.2, "[0, 1)", "share of the pool held out (stratified) as the server's test set"
+    )
+    synthetic_classes: int = _key(10, ">= 2", "classes of the `synthetic` data set")
+    synthetic_features: int = _key(32, ">= 1", "features of the `synthetic` data set")
+    synthetic_samples_per_client: int = _key(200, ">= 2", "examples per client of the `synthetic` data set")
+    hf_dataset: str = _key(
+        "", "a data set name (required with `huggingface`)", "Hugging Face data set name with `dataset='huggingface'`"
+    )
+    hf_label_column: str = _key("label", "a column name", "its label column")
+    data_path: str = _key(
+        "",
+        "a `.npz` or `.csv` path, or empty",
+        "`.npz` (arrays `x`, `y`) or CSV file with `dataset='local-file'`; `{partition-id}` is replaced by the node's partition id; a node's `--node-config \"data-path='…'\"` overrides it",
+    )
+    label_column: str = _key("label", "a column name", "the label column of a CSV data file")
+    num_classes: int = _key(
+        0,
+        ">= 0 (>= 2 with `local-file`)",
+        "classes of the model; 0 takes them from the data set (required for `local-file`)",
+    )
+    input_shape: str = _key(
+        "",
+        "positive integers separated by commas, or empty",
+        'model input shape, e.g. `64` or `8,8,1`; "" takes it from the data set (required for `local-file`)',
+    )
     # Model and local training
-    model: str = "mlp"
-    local_epochs: int = 5
-    batch_size: int = 32
-    learning_rate: float = 0.01
-    optimizer: str = "adam"
-    client_threads: int = 1
-    seed: int = 42
+    model: str = _key(
+        "mlp", _choices(MODEL_NAMES), "`mlp` (128-64 ReLU), `cnn` (conv32-conv64-pool-dense128, images only), `logreg`"
+    )
+    local_epochs: int = _key(5, ">= 1", "epochs of local training per round")
+    batch_size: int = _key(32, ">= 1", "local batch size")
+    learning_rate: float = _key(0.01, "> 0", "local learning rate")
+    optimizer: str = _key("adam", _choices(OPTIMIZERS), "local optimizer: `adam` or `sgd`")
+    client_threads: int = _key(1, ">= 1", "TensorFlow threads per client process")
+    seed: int = _key(42, "an integer", "seeds data generation, partitioning, model initialisation and local shuffling")
     # Outputs
-    output_dir: str = "outputs"
+    output_dir: str = _key("outputs", "a non-empty path", "where run directories are written")
     # Robust aggregation (strategies.aggregation.strategy): rules, pre-aggregation, client weights
-    aggregation_rule: str = "mean"
-    trimmed_mean_beta: float = 0.2
-    krum_f: int = 1
-    multi_krum_m: int = 0
-    bulyan_f: int = 1
-    geometric_median_iterations: int = 100
-    centered_clipping_tau: float = 1.0
-    centered_clipping_iterations: int = 3
-    client_weighting: str = "uniform"
-    weight_cap_ratio: float = 2.0
-    max_update_norm: float = 0.0
-    norm_bound: float = 0.0
-    norm_bound_quantile: float = 0.0
-    min_valid_replies: int = 1
+    aggregation_rule: str = _key(
+        "mean",
+        _lazy_choices("strategies.robust.rules", "RULES", " or `package.module:function`"),
+        "the rule of `strategy='robust'`: `mean`, `median`, `trimmed-mean`, `krum`, `multi-krum`, `bulyan`, `geometric-median`, `centered-clipping`, or `package.module:function`",
+    )
+    trimmed_mean_beta: float = _key(
+        0.2,
+        "[0, 0.5)",
+        "trimmed mean drops the floor(beta K) smallest and largest values per coordinate, beta in [0, 0.5)",
+    )
+    krum_f: int = _key(1, ">= 0", "Byzantine clients Krum and Multi-Krum tolerate (n > 2f + 2)")
+    multi_krum_m: int = _key(0, ">= 0", "updates Multi-Krum averages; 0: n - f")
+    bulyan_f: int = _key(1, ">= 0", "Byzantine clients Bulyan tolerates (n >= 4f + 3)")
+    geometric_median_iterations: int = _key(
+        100,
+        ">= 1",
+        "Weiszfeld iterations (RFA, with Vardi-Zhang's step at a row); a row that is the exact median (its weight outweighs the others' pull) is returned exactly",
+    )
+    centered_clipping_tau: float = _key(1.0, "> 0", "clipping radius tau of centered clipping")
+    centered_clipping_iterations: int = _key(3, ">= 1", "iterations of centered clipping")
+    client_weighting: str = _key(
+        "uniform",
+        _lazy_choices("strategies.aggregation.strategy", "WEIGHTINGS"),
+        "`uniform`, `num-examples` (FedAvg's, trusts the clients), `capped` (num-examples capped at `weight-cap-ratio` x median)",
+    )
+    weight_cap_ratio: float = _key(2.0, "> 0", "the cap of `capped` weighting")
+    max_update_norm: float = _key(0.0, ">= 0", "reject updates with a larger L2 norm (0: off)")
+    norm_bound: float = _key(0.0, ">= 0", "clip every update to this L2 norm before the rule (0: off; Sun et al. 2019)")
+    norm_bound_quantile: float = _key(
+        0.0,
+        "[0, 1]",
+        "if > 0, the bound follows this quantile of the update norms (geometric update of Andrew et al. 2021), starting at `norm-bound` (or 1.0)",
+    )
+    min_valid_replies: int = _key(1, ">= 1", "skip a round with fewer valid replies")
     # Simulated attacks (fl_app.attacks.catalogue), simulation only
-    attack: str = "none"
-    attack_fraction: float = 0.0
-    attack_ids: str = ""
-    attack_scale: float = 10.0
-    attack_noise_std: float = 1.0
-    alie_z: float = 0.0
-    ipm_epsilon: float = 0.5
-    # Issue 8: model delivery (export for on-device inference, check before shipping)
-    export: str = ""
-    export_tflite_types: str = "float32,int8"
-    export_best: bool = False
-    export_tolerance: float = 0.01
-    export_calibration_samples: int = 200
-    export_check_fraction: float = 1.0
-    # Differential privacy and secure aggregation (issue 4: strategies.private.dp_fedavg, fl_app.client.update_privacy,
+    attack: str = _key(
+        "none",
+        "none or " + _choices(ATTACK_NAMES) + ", comma-separated",
+        "`none`, `label-flip`, `sign-flip`, `scaling`, `gaussian`, `alie`, `ipm`, `nan`, `wrong-shapes`; a comma-separated list gives the j-th attacker (in partition order) the (j mod len)-th",
+    )
+    attack_fraction: float = _key(0.0, "[0, 1)", "fraction of partitions that attack (drawn with `seed`)")
+    attack_ids: str = _key(
+        "", "partition ids separated by commas", "or an explicit comma-separated list of partition ids"
+    )
+    attack_scale: float = _key(10.0, "> 0", "s of sign flipping (-s u) and scaling (s u)")
+    attack_noise_std: float = _key(1.0, "> 0", "sigma of the Gaussian attack")
+    alie_z: float = _key(0.0, ">= 0", "ALIE's z; 0 computes it from n and f as in the paper")
+    ipm_epsilon: float = _key(0.5, "> 0", "IPM's epsilon (sends -epsilon x mean of honest updates)")
+    # Model delivery: export for on-device inference, check before shipping (fl_app.delivery)
+    export: str = _key(
+        "",
+        _choices(EXPORT_FORMATS) + " or `all`, comma-separated",
+        'comma-separated formats to export after training: `keras`, `savedmodel`, `tflite`, or `all`; "" exports nothing (the run always writes `model.keras` and `model_card.md`)',
+    )
+    export_tflite_types: str = _key(
+        "float32,int8",
+        _choices(TFLITE_TYPES) + ", comma-separated",
+        "TFLite variants with `tflite`: `float32`, `int8` or both",
+    )
+    export_best: bool = _key(
+        False,
+        "`true`, `false`",
+        "also export (and check) the model of the round with the best centralized accuracy, kept in memory during the run",
+    )
+    export_tolerance: float = _key(
+        0.01,
+        "[0, 1]",
+        "a TFLite model is ready only if its accuracy >= the Keras model's minus this (0.01 = one point), in [0, 1]",
+    )
+    export_calibration_samples: int = _key(
+        200, ">= 1", "examples of the server's held-out set that calibrate int8 quantisation (>= 1)"
+    )
+    export_check_fraction: float = _key(
+        1.0,
+        "(0, 1]",
+        "fraction of the clients that did not train in the last round which run the check round, in (0, 1]",
+    )
+    # Differential privacy and secure aggregation (strategies.private.dp_fedavg, fl_app.client.update_privacy,
     # fl_app.task.dp_sgd, fl_app.secagg.server)
-    dp_mode: str = "central"
-    dp_noise_multiplier: float = 1.0
-    dp_clip_norm: float = 1.0
-    dp_clip_quantile: float = 0.0
-    dp_clip_learning_rate: float = 0.2
-    dp_clip_count_noise: float = 0.0
-    dp_sampling: str = "poisson"
-    dp_delta: float = 1e-5
-    dp_accounting: str = "rdp"
-    dp_target_epsilon: float = 0.0
-    dp_local_epsilon: float = 1.0
-    dp_sgd_noise_multiplier: float = 0.0
-    dp_sgd_l2_clip: float = 1.0
-    dp_sgd_microbatches: int = 0
-    dp_sgd_vectorized: bool = True
-    secure_aggregation: bool = False
-    secagg_num_shares: int = 3
-    secagg_reconstruction_threshold: int = 2
-    secagg_clipping_range: float = 8.0
-    secagg_quantization_range: int = 4194304
-    fault_partition_ids: str = ""
-    fault_round: int = 0
-    # Edge deployment: faults and resumable server (issue 5)
-    min_train_replies: int = 1
-    resume_from: str = ""
-    # Fast simulation and compressed updates (issue 6: fl_app.client.compression, fl_app.server.polling)
-    centralized_evaluation: bool = True
-    compression: str = "none"
-    compression_topk_fraction: float = 0.01
-    compression_mask_fraction: float = 0.01
-    compression_mask_rescale: bool = True
-    compression_int8_block: int = 4096
-    compression_error_feedback: bool = True
-    # Encrypted aggregation (issue 7; strategies.encrypted.strategy, strategies.encrypted)
-    homomorphic_encryption: str = "none"
-    he_public_key_path: str = ""
-    he_secret_key_path: str = ""
-    he_client_weighting: str = "num-examples"
-    he_clip_norm: float = 0.0
-    he_ckks_poly_degree: int = 8192
-    he_ckks_scale_bits: int = 40
-    he_paillier_key_bits: int = 3072
-    # Issue 3 (finish): server-side aggregation speed (strategies.aggregation.strategy)
-    aggregation_threads: int = 1
+    dp_mode: str = _key(
+        "central",
+        _lazy_choices("strategies.private.dp_fedavg", "DP_MODES"),
+        "with `strategy='dp-fedavg'`: `central` (server clips), `client-clipping` (clients clip, server noises), `local-gaussian`, `local-laplace`",
+    )
+    dp_noise_multiplier: float = _key(
+        1.0, ">= 0", "z: noise std on the clipped sum / C; 0 with `dp-target-epsilon` > 0 calibrates z"
+    )
+    dp_clip_norm: float = _key(
+        1.0, "> 0", "C, the L2 clip norm of a client's update (initial value with `dp-clip-quantile`)"
+    )
+    dp_clip_quantile: float = _key(
+        0.0, "[0, 1]", "adaptive clipping at this target quantile (Andrew et al. 2021); 0: fixed C"
+    )
+    dp_clip_learning_rate: float = _key(0.2, "> 0", "eta of the geometric clip update")
+    dp_clip_count_noise: float = _key(0.0, ">= 0", "sigma_b, noise std of the clipped count; 0: m / 20")
+    dp_sampling: str = _key(
+        "poisson",
+        _lazy_choices("strategies.private.dp_fedavg", "SAMPLINGS"),
+        "`poisson` (rate `fraction-train`) or `fixed-size` (m without replacement)",
+    )
+    dp_delta: float = _key(1e-5, "(0, 1)", "delta at which epsilon is reported (central, local and DP-SGD)")
+    dp_accounting: str = _key(
+        "rdp",
+        _lazy_choices("strategies.private.dp_fedavg", "ACCOUNTING_METHODS"),
+        "`rdp` or `pld`: the accountant that decides the budget stop (both are reported)",
+    )
+    dp_target_epsilon: float = _key(0.0, ">= 0", "stop before a round would exceed this epsilon (0: no budget)")
+    dp_local_epsilon: float = _key(1.0, "> 0", "per-round epsilon of `local-laplace`")
+    dp_sgd_noise_multiplier: float = _key(0.0, ">= 0", "DP-SGD noise multiplier on every client (0: off)")
+    dp_sgd_l2_clip: float = _key(1.0, "> 0", "DP-SGD per-example gradient clip norm")
+    dp_sgd_microbatches: int = _key(
+        0,
+        ">= 0, divides `batch-size`",
+        "DP-SGD microbatches per batch (0: every example its own; must divide `batch-size`)",
+    )
+    dp_sgd_vectorized: bool = _key(True, "`true`, `false`", "TF Privacy's vectorised DP optimizer (faster here)")
+    secure_aggregation: bool = _key(False, "`true`, `false`", "SecAgg+ (Flower legacy stack)")
+    secagg_num_shares: int = _key(3, "[3, clients per round]", "shares of each client's key (3 .. clients per round)")
+    secagg_reconstruction_threshold: int = _key(
+        2, "[2, `secagg-num-shares`)", "shares needed to unmask a client (2 .. num-shares - 1)"
+    )
+    secagg_clipping_range: float = _key(8.0, "> 0", "SecAgg+ clips values to [-r, r] before quantising")
+    secagg_quantization_range: int = _key(
+        4194304, ">= 2, times clients per round < 2**32", "SecAgg+ quantisation levels"
+    )
+    fault_partition_ids: str = _key(
+        "",
+        "partition ids in [0, `num-partitions`), comma-separated",
+        "test fault injection: these partitions' clients raise in `fault-round`",
+    )
+    fault_round: int = _key(0, ">= 0", "the round of the injected fault (0: off)")
+    # Edge deployment: faults and a resumable server
+    min_train_replies: int = _key(
+        1, ">= 1", "fewest valid training replies a round aggregates; below it the round keeps the previous model"
+    )
+    resume_from: str = _key(
+        "",
+        "a run or output directory, or empty",
+        "run directory (or output directory, via its `latest`) of an earlier run to continue after its last completed round",
+    )
+    # Fast simulation and compressed updates (fl_app.client.compression, strategies.compression)
+    centralized_evaluation: bool = _key(
+        True,
+        "`true`, `false`",
+        "evaluate the global model on the server's held-out test set every round (imports TensorFlow on the server); false: no TensorFlow on the server, initial weights from a client, final weights in `weights.npz`",
+    )
+    compression: str = _key(
+        "none",
+        _lazy_choices("strategies.compression.codecs", "CODECS"),
+        "uploads: `none`, `float16`, `int8` (stochastic rounding, per-block scale), `top-k` (largest magnitudes), `random-mask` (coordinates from a seeded mask); needs one of our aggregation strategies",
+    )
+    compression_topk_fraction: float = _key(
+        0.01, "(0, 1]", "fraction of the update's coordinates that `top-k` sends, in (0, 1]"
+    )
+    compression_mask_fraction: float = _key(
+        0.01, "(0, 1]", "probability that `random-mask` keeps a coordinate, in (0, 1]"
+    )
+    compression_mask_rescale: bool = _key(
+        True,
+        "`true`, `false`",
+        "`random-mask` rescales by 1/p (unbiased); false: no rescaling (biased, with error feedback)",
+    )
+    compression_int8_block: int = _key(4096, ">= 1", "values per scale of `int8` (>= 1)")
+    compression_error_feedback: bool = _key(
+        True,
+        "`true`, `false`",
+        "error feedback for biased codecs (top-k, random-mask without rescaling); false sends the biased codec's output as is",
+    )
+    # Encrypted aggregation (fl_app.client.encryption, strategies.encrypted)
+    homomorphic_encryption: str = _key(
+        "none",
+        _lazy_choices("strategies.encrypted.strategy", "ENCRYPTION_SCHEMES"),
+        "`none`, `ckks` (TenSEAL) or `paillier` (`phe` format): the server only adds encrypted updates",
+    )
+    he_public_key_path: str = _key(
+        "",
+        "a public key file (required with encryption)",
+        "the server's `public.key` from `scripts/make_he_keys.py` (a secret key is refused)",
+    )
+    he_secret_key_path: str = _key(
+        "",
+        "a secret key file (clients only)",
+        "the clients' `secret.key` in simulation; a node config key of the same name overrides it on edge machines",
+    )
+    he_client_weighting: str = _key(
+        "num-examples",
+        _lazy_choices("strategies.encrypted.strategy", "HE_WEIGHTINGS"),
+        "`num-examples` (FedAvg: `w_k = n_k`) or `uniform` (`w_k = 1`)",
+    )
+    he_clip_norm: float = _key(
+        0.0, ">= 0", "clients clip their update to this L2 norm before weighting and encrypting (0: off)"
+    )
+    he_ckks_poly_degree: int = _key(
+        8192, _ckks_degrees, "CKKS ring dimension the key must have (8192 with the default moduli: 128-bit)"
+    )
+    he_ckks_scale_bits: int = _key(40, "[20, 60]", "CKKS scale 2^bits the key must have")
+    he_paillier_key_bits: int = _key(
+        3072, "even, >= 2048", "Paillier modulus bits the key must have (3072: 128-bit; 2048: 112-bit)"
+    )
+    # Server-side aggregation speed (strategies.aggregation)
+    aggregation_threads: int = _key(
+        1,
+        ">= 0",
+        "BLAS threads of the server's aggregation (0: the library's default, all cores); one keeps a shared machine, such as a simulation's, predictable",
+    )
 
     @classmethod
-    def from_run_config(cls, run_config: Mapping[str, Any]) -> Settings:
-        """Read Flower's ``run_config`` (kebab-case keys); raise :class:`SettingsError`."""
+    def parse(cls, run_config: Mapping[str, Any]) -> Settings:
+        """Read Flower's ``run_config`` (kebab-case keys), checking only keys and types."""
         fields = {f.name: f for f in dataclasses.fields(cls)}
         values: dict[str, Any] = {}
         for key, value in run_config.items():
@@ -168,32 +389,150 @@ class Settings:
                 allowed = ", ".join(sorted(n.replace("_", "-") for n in fields))
                 raise SettingsError(f"unknown run-config key '{key}'; known keys: {allowed}")
             values[name] = _coerce(key, value, fields[name].type)
-        settings = cls(**values)
+        return cls(**values)
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> Settings:
+        """The server's (and the tools') settings: every key validated (:meth:`validate`)."""
+        settings = cls.parse(run_config)
         settings.validate()
         return settings
 
+    @classmethod
+    def client_from_run_config(cls, run_config: Mapping[str, Any]) -> Settings:
+        """A ClientApp's settings: types and the keys the client uses (:meth:`validate_client`)."""
+        settings = cls.parse(run_config)
+        settings.validate_client()
+        return settings
+
     def to_run_config(self) -> dict[str, Any]:
-        """The inverse of :meth:`from_run_config`: kebab-case keys, plain values."""
+        """The inverse of :meth:`parse`: kebab-case keys, plain values (e.g. for ``config.json``)."""
         return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
 
+    # ------------------------------------------------------------------ the strategies' typed parameters
+
+    def sampling_params(self) -> SamplingParams:
+        """Node sampling and the clients per round."""
+        from strategies.core.sampling import SamplingParams
+
+        return _typed(
+            SamplingParams,
+            fraction_train=self.fraction_train,
+            fraction_evaluate=self.fraction_evaluate,
+            min_train_nodes=self.min_train_clients,
+            min_evaluate_nodes=self.min_evaluate_clients,
+            min_available_nodes=self.min_available_clients,
+            num_nodes=self.num_partitions,
+        )
+
+    def rule_params(self) -> RuleParams:
+        """The built-in aggregation rules' parameters."""
+        from strategies.aggregation.strategy import RuleParams
+
+        return _typed(
+            RuleParams,
+            trimmed_mean_beta=self.trimmed_mean_beta,
+            krum_f=self.krum_f,
+            multi_krum_m=self.multi_krum_m,
+            bulyan_f=self.bulyan_f,
+            geometric_median_iterations=self.geometric_median_iterations,
+            centered_clipping_tau=self.centered_clipping_tau,
+            centered_clipping_iterations=self.centered_clipping_iterations,
+        )
+
+    def aggregation_params(self) -> AggregationParams:
+        """What our aggregation strategies are built from."""
+        from strategies.aggregation.strategy import AggregationParams
+
+        return _typed(
+            AggregationParams,
+            sampling=self.sampling_params(),
+            rules=self.rule_params(),
+            rule=self.aggregation_rule,
+            weighting=self.client_weighting,
+            cap_ratio=self.weight_cap_ratio,
+            max_update_norm=self.max_update_norm,
+            norm_bound=self.norm_bound,
+            norm_bound_quantile=self.norm_bound_quantile,
+            server_learning_rate=self.server_learning_rate,
+            server_momentum=self.server_momentum,
+            min_valid_replies=self.min_valid_replies,
+            aggregation_threads=self.aggregation_threads,
+        )
+
+    def dp_params(self) -> DpParams:
+        """DP-FedAvg's ``dp-*`` settings."""
+        from strategies.private.dp_fedavg import DpParams
+
+        return _typed(
+            DpParams,
+            mode=self.dp_mode,
+            noise_multiplier=self.dp_noise_multiplier,
+            clip_norm=self.dp_clip_norm,
+            clip_quantile=self.dp_clip_quantile,
+            clip_learning_rate=self.dp_clip_learning_rate,
+            clip_count_noise=self.dp_clip_count_noise,
+            sampling=self.dp_sampling,
+            delta=self.dp_delta,
+            accounting=self.dp_accounting,
+            target_epsilon=self.dp_target_epsilon,
+            local_epsilon=self.dp_local_epsilon,
+            num_rounds=self.num_server_rounds,
+        )
+
+    def encryption_params(self) -> EncryptionParams:
+        """The encrypted run's settings (the server's part: no secret key path)."""
+        from strategies.encrypted.strategy import EncryptionParams
+
+        return _typed(
+            EncryptionParams,
+            scheme=self.homomorphic_encryption,
+            public_key_path=self.he_public_key_path,
+            client_weighting=self.he_client_weighting,
+            clip_norm=self.he_clip_norm,
+            ckks_poly_degree=self.he_ckks_poly_degree,
+            ckks_scale_bits=self.he_ckks_scale_bits,
+            paillier_key_bits=self.he_paillier_key_bits,
+        )
+
+    def strategy_params(self) -> StrategyParams:
+        """Everything a registered strategy is built from; a user's dotted-path factory gets the
+        run config mapping (every key, defaults filled in)."""
+        from strategies.registry import StrategyParams
+
+        return _typed(
+            StrategyParams,
+            aggregation=self.aggregation_params(),
+            dp=self.dp_params(),
+            proximal_mu=self.proximal_mu,
+            fedopt_eta=self.fedopt_eta,
+            learning_rate=self.learning_rate,
+            run_config=MappingProxyType(self.to_run_config()),
+        )
+
+    # ------------------------------------------------------------------------------------- validation
+
     def validate(self) -> None:
-        """Raise :class:`SettingsError` for the first value the app cannot run with."""
-        _at_least("num-server-rounds", self.num_server_rounds, 1)
-        for key, value in (("fraction-train", self.fraction_train), ("fraction-evaluate", self.fraction_evaluate)):
-            if not 0.0 < value <= 1.0:
-                raise SettingsError(f"{key} must be in (0, 1], got {value}")
-        _at_least("min-train-clients", self.min_train_clients, 1)
-        _at_least("min-evaluate-clients", self.min_evaluate_clients, 0)
-        _at_least("min-available-clients", self.min_available_clients, 1)
+        """Raise :class:`SettingsError` for the first value the app cannot run with: the client's
+        keys, then the server's, building the configured strategy to check it."""
+        self.validate_client()
+        self.strategy_params()  # sampling, aggregation, rules, DP, FedOpt and FedProx values
         if self.round_timeout <= 0:
             raise SettingsError(f"round-timeout must be > 0 seconds, got {self.round_timeout}")
+        if not self.output_dir:
+            raise SettingsError("output-dir must not be empty")
+        # resume-from is checked by the server when it loads the checkpoint (fl_app.server.checkpoint).
+        _at_least("min-train-replies", self.min_train_replies, 1)
         self._validate_strategy()
+        self._validate_server_privacy()
+        self._validate_server_compression()
+        self._validate_server_encryption()
+
+    def validate_client(self) -> None:
+        """Raise :class:`SettingsError` for the first value of a key the ClientApp uses (data, model,
+        training, simulated attacks, client-side privacy, compression and encryption, the export
+        check); builds no strategy."""
         self._validate_data()
-        self._validate_robust()
-        self._validate_attack()
-        self._validate_privacy()
-        self._validate_compression()
-        self._validate_encryption()
         _one_of("model", self.model, MODEL_NAMES)
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
         _at_least("local-epochs", self.local_epochs, 1)
@@ -203,52 +542,24 @@ class Settings:
             raise SettingsError(f"learning-rate must be > 0, got {self.learning_rate}")
         if self.proximal_mu < 0:
             raise SettingsError(f"proximal-mu must be >= 0, got {self.proximal_mu}")
-        if not self.output_dir:
-            raise SettingsError("output-dir must not be empty")
+        self._validate_attack()
+        self._validate_client_privacy()
+        self._validate_codecs()
+        self.encryption_params()
         self._validate_export()
-        self._validate_deployment()
-        self._validate_aggregation_speed()
-
-    def _validate_aggregation_speed(self) -> None:
-        _at_least("aggregation-threads", self.aggregation_threads, 0)
-
-    def _validate_deployment(self) -> None:
-        # resume-from is checked by the server when it loads the checkpoint (fl_app.server.checkpoint):
-        # the clients parse the same run config and do not hold the server's run directory.
-        _at_least("min-train-replies", self.min_train_replies, 1)
 
     def _validate_strategy(self) -> None:
-        from strategies.registry import StrategyNameError, check_strategy_name
+        from strategies.aggregation.strategy import build_aggregation_strategy
+        from strategies.registry import ROBUST_STRATEGIES, StrategyNameError, check_strategy_name
 
         try:
             check_strategy_name(self.strategy)
         except StrategyNameError as err:
             raise SettingsError(f"strategy: {err}") from err
-        if self.server_learning_rate <= 0:
-            raise SettingsError(f"server-learning-rate must be > 0, got {self.server_learning_rate}")
-        if not 0.0 <= self.server_momentum < 1.0:
-            raise SettingsError(f"server-momentum must be in [0, 1), got {self.server_momentum}")
-        if self.fedopt_eta <= 0:
-            raise SettingsError(f"fedopt-eta must be > 0, got {self.fedopt_eta}")
-
-    def _validate_robust(self) -> None:
-        from strategies.aggregation.strategy import WEIGHTINGS, build_aggregation_strategy
-        from strategies.registry import ROBUST_STRATEGIES, StrategyNameError
-
-        _one_of("client-weighting", self.client_weighting, WEIGHTINGS)
-        if self.weight_cap_ratio <= 0:
-            raise SettingsError(f"weight-cap-ratio must be > 0, got {self.weight_cap_ratio}")
-        for key in ("max-update-norm", "norm-bound"):
-            value = getattr(self, key.replace("-", "_"))
-            if value < 0:
-                raise SettingsError(f"{key} must be >= 0 (0: off), got {value}")
-        if not 0.0 <= self.norm_bound_quantile <= 1.0:
-            raise SettingsError(f"norm-bound-quantile must be in [0, 1] (0: off), got {self.norm_bound_quantile}")
-        _at_least("min-valid-replies", self.min_valid_replies, 1)
         if self.strategy in ROBUST_STRATEGIES:
             rule = self.aggregation_rule if self.strategy == "robust" else self.strategy
             try:  # builds the rule with its parameters and checks n against it (e.g. n > 2f + 2)
-                build_aggregation_strategy(rule, self.to_run_config())
+                build_aggregation_strategy(rule, self.aggregation_params())
             except (ValueError, StrategyNameError) as err:
                 raise SettingsError(f"strategy '{self.strategy}': {err}") from err
 
@@ -266,30 +577,14 @@ class Settings:
         if self.alie_z < 0:
             raise SettingsError(f"alie-z must be >= 0 (0: from the paper's formula), got {self.alie_z}")
 
-    def _validate_privacy(self) -> None:
-        from strategies.private.dp_fedavg import ACCOUNTING_METHODS, DP_MODES, SAMPLINGS
-
-        _one_of("dp-mode", self.dp_mode, DP_MODES)
-        _one_of("dp-sampling", self.dp_sampling, SAMPLINGS)
-        _one_of("dp-accounting", self.dp_accounting, ACCOUNTING_METHODS)
-        for key in ("dp-noise-multiplier", "dp-target-epsilon", "dp-clip-count-noise", "dp-sgd-noise-multiplier"):
-            value = getattr(self, key.replace("-", "_"))
-            if value < 0:
-                raise SettingsError(f"{key} must be >= 0, got {value}")
-        for key in (
-            "dp-clip-norm",
-            "dp-clip-learning-rate",
-            "dp-local-epsilon",
-            "dp-sgd-l2-clip",
-            "secagg-clipping-range",
-        ):
+    def _validate_client_privacy(self) -> None:
+        self.dp_params()  # dp-mode, dp-clip-norm and dp-local-epsilon are the clients' too
+        if self.dp_sgd_noise_multiplier < 0:
+            raise SettingsError(f"dp-sgd-noise-multiplier must be >= 0, got {self.dp_sgd_noise_multiplier}")
+        for key in ("dp-sgd-l2-clip", "secagg-clipping-range"):
             value = getattr(self, key.replace("-", "_"))
             if not value > 0:
                 raise SettingsError(f"{key} must be > 0, got {value}")
-        if not 0.0 <= self.dp_clip_quantile <= 1.0:
-            raise SettingsError(f"dp-clip-quantile must be in [0, 1] (0: fixed clipping), got {self.dp_clip_quantile}")
-        if not 0.0 < self.dp_delta < 1.0:
-            raise SettingsError(f"dp-delta must be in (0, 1), got {self.dp_delta}")
         _at_least("dp-sgd-microbatches", self.dp_sgd_microbatches, 0)
         if self.dp_sgd_microbatches and self.batch_size % self.dp_sgd_microbatches:
             raise SettingsError(
@@ -299,11 +594,15 @@ class Settings:
             raise SettingsError("DP-SGD (dp-sgd-noise-multiplier > 0) cannot be combined with proximal-mu > 0")
         _at_least("fault-round", self.fault_round, 0)
         self.fault_partitions()
+
+    def _validate_server_privacy(self) -> None:
         if self.strategy == "dp-fedavg":
             from strategies.private.dp_fedavg import build_dp_strategy
 
             try:  # refuses combinations whose epsilon cannot be honestly reported
-                build_dp_strategy(self.to_run_config(), noise_multiplier=self.dp_noise_multiplier)
+                build_dp_strategy(
+                    self.aggregation_params(), self.dp_params(), noise_multiplier=self.dp_noise_multiplier
+                )
             except ValueError as err:
                 raise SettingsError(f"strategy 'dp-fedavg': {err}") from err
         if self.secure_aggregation:
@@ -327,9 +626,8 @@ class Settings:
             raise SettingsError(f"fault-partition-ids {bad} are not in [0, num-partitions = {self.num_partitions})")
         return ids
 
-    def _validate_compression(self) -> None:
+    def _validate_codecs(self) -> None:
         from strategies.compression.codecs import CODECS, make_codec
-        from strategies.registry import ROBUST_STRATEGIES
 
         _one_of("compression", self.compression, tuple(CODECS))
         try:  # every codec, so that a bad parameter fails even while its codec is not chosen
@@ -343,6 +641,10 @@ class Settings:
                 )
         except ValueError as err:
             raise SettingsError(str(err)) from err
+
+    def _validate_server_compression(self) -> None:
+        from strategies.registry import ROBUST_STRATEGIES
+
         if self.compression != "none" and ":" not in self.strategy and self.strategy not in ROBUST_STRATEGIES:
             raise SettingsError(
                 f"compression='{self.compression}' needs one of our aggregation strategies, which "
@@ -351,29 +653,41 @@ class Settings:
                 f"got strategy '{self.strategy}'"
             )
 
-    def _validate_encryption(self) -> None:
-        from strategies.encrypted.security import HE_STANDARD_MAX_COEFF_BITS
-        from strategies.encrypted.strategy import HE_WEIGHTINGS, EncryptionConfigError, check_encryption_compatible
+    def _validate_server_encryption(self) -> None:
+        from strategies.encrypted.strategy import EncryptionConfigError, check_encryption_compatible
 
-        _one_of("he-client-weighting", self.he_client_weighting, HE_WEIGHTINGS)
-        if self.he_clip_norm < 0:
-            raise SettingsError(f"he-clip-norm must be >= 0 (0: off), got {self.he_clip_norm}")
-        degrees = sorted(HE_STANDARD_MAX_COEFF_BITS[128])
-        if self.he_ckks_poly_degree not in degrees:
-            raise SettingsError(
-                f"he-ckks-poly-degree must be one of {', '.join(map(str, degrees))}; got {self.he_ckks_poly_degree}"
-            )
-        if not 20 <= self.he_ckks_scale_bits <= 60:
-            raise SettingsError(f"he-ckks-scale-bits must be in [20, 60], got {self.he_ckks_scale_bits}")
-        if self.he_paillier_key_bits < 2048 or self.he_paillier_key_bits % 2:
-            raise SettingsError(
-                "he-paillier-key-bits must be even and >= 2048 (112-bit security; 3072 gives 128-bit), "
-                f"got {self.he_paillier_key_bits}"
-            )
+        scheme = self.homomorphic_encryption
+        if scheme == "none":
+            return
         try:
-            check_encryption_compatible(self.to_run_config())
+            check_encryption_compatible(self.encryption_params(), self.strategy, self.aggregation_params())
         except EncryptionConfigError as err:
             raise SettingsError(str(err)) from err
+        app_features = (
+            ("compression", self.compression, "none", "ciphertexts are not compressed; set compression='none'"),
+            (
+                "export",
+                self.export,
+                "",
+                "the server never holds the plaintext model to export; a key holder decrypts it with "
+                "scripts/decrypt_model.py",
+            ),
+            (
+                "secure-aggregation",
+                self.secure_aggregation,
+                False,
+                "choose one of SecAgg+ and homomorphic encryption",
+            ),
+        )
+        for key, value, off, reason in app_features:
+            if value != off:
+                raise SettingsError(f"{key}={value!r} cannot run with homomorphic-encryption='{scheme}': {reason}")
+        omniscient = [name for name in self.attack_names() if name in ("alie", "ipm")]
+        if omniscient:
+            raise SettingsError(
+                f"attack='{self.attack}' is simulated on the server from the plaintext updates "
+                f"and cannot run with homomorphic-encryption='{scheme}'"
+            )
 
     def attack_names(self) -> tuple[str, ...]:
         """``attack`` split at commas: attacker j (in partition-id order) runs name j mod len."""
@@ -511,6 +825,14 @@ def _at_least(key: str, value: int, minimum: int) -> None:
 def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise SettingsError(f"{key} must be one of {', '.join(allowed)}; got '{value}'")
+
+
+def _typed(cls: Callable[..., T], **values: Any) -> T:
+    """``cls(**values)``, a typed parameter object of :mod:`strategies`, its ValueError a SettingsError."""
+    try:
+        return cls(**values)
+    except ValueError as err:
+        raise SettingsError(str(err)) from err
 
 
 def codec_from_settings(settings: Settings) -> Codec:

@@ -36,7 +36,7 @@ from flwr.app import ArrayRecord, Context
 from flwr.common import EvaluateIns, FitIns, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.logger import log
 
-from fl_app.config.secagg_checks import check_secure_aggregation, clients_per_round
+from fl_app.config.secagg_checks import check_secure_aggregation
 from fl_app.config.settings import Settings
 from fl_app.server.run_directory import RoundRecord
 from strategies.core.errors import PrivacyBudgetExhausted, StopTraining
@@ -77,12 +77,12 @@ def _strategy_class():
             )
             self.settings = settings
             self.private = settings.strategy == "dp-fedavg"
-            self.m = clients_per_round(settings)
+            self.m = settings.sampling_params().clients_per_round()
             self.z = 0.0
             if self.private:
                 from strategies.private.dp_fedavg import calibrated_noise_multiplier
 
-                self.z = calibrated_noise_multiplier(settings.to_run_config())
+                self.z = calibrated_noise_multiplier(settings.sampling_params(), settings.dp_params())
             self.clip = settings.dp_clip_norm
             self.initial = initial
             self.evaluator = evaluator

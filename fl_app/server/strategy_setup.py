@@ -24,14 +24,20 @@ def attach_simulated_attack(settings: Settings, strategy) -> None:
     strategy.update_hooks.append(OmniscientAttack(settings))
 
 
-def make_strategy(settings: Settings, run_config) -> object:
-    """The configured strategy; with homomorphic encryption the server loads only the public key
-    (``he-public-key-path``; ``he-secret-key-path`` is never read here)."""
+def make_strategy(settings: Settings) -> object:
+    """The configured strategy, built from the settings' typed parameters; with homomorphic
+    encryption the server loads only the public key (``he-public-key-path``; ``he-secret-key-path``
+    is never read here)."""
     if settings.homomorphic_encryption != "none":
         from strategies.encrypted.strategy import build_encrypted_strategy
 
-        return build_encrypted_strategy(run_config)
-    strategy = build_strategy(settings.strategy, run_config)
+        return build_encrypted_strategy(
+            settings.encryption_params(),
+            strategy=settings.strategy,
+            aggregation=settings.aggregation_params(),
+            proximal_mu=settings.proximal_mu,
+        )
+    strategy = build_strategy(settings.strategy, settings.strategy_params())
     attach_simulated_attack(settings, strategy)
     attach_compression(settings, strategy)
     return strategy

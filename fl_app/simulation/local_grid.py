@@ -92,14 +92,13 @@ def run_local_federation(
     from fl_app.task.models import build_model
 
     settings = Settings.from_run_config(run_config)
-    config = settings.to_run_config()
-    strategy = make_strategy(settings, config)
+    strategy = make_strategy(settings)
     evaluate_centrally = evaluate_centrally and settings.homomorphic_encryption == "none"
     input_shape, num_classes, test_set = model_spec(settings)
     tf.keras.utils.set_random_seed(settings.seed)
     model = build_model(settings.model, input_shape, num_classes, settings.seed)
     evaluator = CentralEvaluator(model, *test_set) if (test_set is not None and evaluate_centrally) else None
-    grid = LocalGrid(config, settings.num_partitions)
+    grid = LocalGrid(settings.to_run_config(), settings.num_partitions)
     return run_rounds(
         grid,
         strategy,

@@ -20,6 +20,7 @@ Sampling, evaluation and metric aggregation are FedAvg's.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Iterable, Mapping
@@ -32,6 +33,8 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from strategies.core.checks import at_least, in_interval, non_negative, one_of, positive
+from strategies.core.sampling import SamplingParams
 from strategies.core.update_matrix import (
     CollectedUpdates,
     Decoder,
@@ -337,73 +340,128 @@ class AggregationStrategy(FedAvg):
 
 # --------------------------------------------------------------------------------- factories
 
-RULE_DEFAULTS: dict[str, Any] = {
-    "trimmed-mean-beta": 0.2,
-    "krum-f": 1,
-    "multi-krum-m": 0,
-    "bulyan-f": 1,
-    "geometric-median-iterations": 100,
-    "centered-clipping-tau": 1.0,
-    "centered-clipping-iterations": 3,
-}
-"""Defaults of the rules' run-config keys (the same as in pyproject.toml; a test checks)."""
+
+@dataclasses.dataclass(frozen=True)
+class RuleParams:
+    """The built-in rules' parameters (run-config keys in brackets; defaults live in ``fl_app.config``).
+
+    Attributes:
+        trimmed_mean_beta: share trimmed at each end per coordinate (``trimmed-mean-beta``), in [0, 0.5).
+        krum_f: Byzantine clients Krum and Multi-Krum tolerate (``krum-f``), >= 0.
+        multi_krum_m: updates Multi-Krum averages (``multi-krum-m``), >= 0 (0: n - f per round).
+        bulyan_f: Byzantine clients Bulyan tolerates (``bulyan-f``), >= 0.
+        geometric_median_iterations: Weiszfeld iterations (``geometric-median-iterations``), >= 1.
+        centered_clipping_tau: clipping radius (``centered-clipping-tau``), > 0.
+        centered_clipping_iterations: iterations of centered clipping (``centered-clipping-iterations``), >= 1.
+    """
+
+    trimmed_mean_beta: float
+    krum_f: int
+    multi_krum_m: int
+    bulyan_f: int
+    geometric_median_iterations: int
+    centered_clipping_tau: float
+    centered_clipping_iterations: int
+
+    def __post_init__(self) -> None:
+        in_interval("trimmed-mean-beta", self.trimmed_mean_beta, 0, 0.5, "[)")
+        at_least("krum-f", self.krum_f, 0)
+        at_least("multi-krum-m", self.multi_krum_m, 0)
+        at_least("bulyan-f", self.bulyan_f, 0)
+        at_least("geometric-median-iterations", self.geometric_median_iterations, 1)
+        positive("centered-clipping-tau", self.centered_clipping_tau)
+        at_least("centered-clipping-iterations", self.centered_clipping_iterations, 1)
+
+    def of_rule(self, name: str) -> dict[str, Any]:
+        """The keyword parameters of built-in rule ``name`` (:data:`strategies.robust.rules.RUN_CONFIG_KEYS`)."""
+        from strategies.robust.rules import RUN_CONFIG_KEYS
+
+        params = {param: getattr(self, key.replace("-", "_")) for param, key in RUN_CONFIG_KEYS[name].items()}
+        if name == "multi-krum" and not params.get("m"):
+            params["m"] = None  # multi-krum-m = 0: m = n - f, decided per round from the valid replies
+        return params
 
 
-def rule_params_from_config(name: str, run_config: Mapping[str, Any]) -> dict[str, Any]:
-    """The keyword parameters of built-in rule ``name`` read from the run config."""
-    from strategies.robust.rules import RUN_CONFIG_KEYS
+@dataclasses.dataclass(frozen=True)
+class AggregationParams:
+    """What :class:`AggregationStrategy` is built from (run-config keys in brackets; defaults live in
+    ``fl_app.config``).
 
-    params = {param: run_config.get(key, RULE_DEFAULTS[key]) for param, key in RUN_CONFIG_KEYS[name].items()}
-    if name == "multi-krum" and not params.get("m"):
-        params["m"] = None  # multi-krum-m = 0: m = n - f, decided per round from the valid replies
-    return params
+    Attributes:
+        sampling: node sampling and the clients per round.
+        rules: the built-in rules' parameters.
+        rule: the rule of ``strategy='robust'`` and ``dp-fedavg`` (``aggregation-rule``): a built-in
+            name or ``package.module:function``, checked when the strategy is built.
+        weighting: ``uniform``, ``num-examples`` or ``capped`` (``client-weighting``).
+        cap_ratio: the cap of ``capped`` weighting (``weight-cap-ratio``), > 0.
+        max_update_norm: reject longer updates (``max-update-norm``), >= 0 (0: off).
+        norm_bound: clip updates to this norm before the rule (``norm-bound``), >= 0 (0: off).
+        norm_bound_quantile: the bound follows this quantile of the norms (``norm-bound-quantile``),
+            in [0, 1] (0: off).
+        server_learning_rate: eta of the server step (``server-learning-rate``), > 0.
+        server_momentum: beta of the server step (``server-momentum``), in [0, 1).
+        min_valid_replies: skip a round with fewer valid replies (``min-valid-replies``), >= 1.
+        aggregation_threads: BLAS threads while aggregating (``aggregation-threads``), >= 0 (0: the
+            library's default).
+    """
+
+    sampling: SamplingParams
+    rules: RuleParams
+    rule: str
+    weighting: str
+    cap_ratio: float
+    max_update_norm: float
+    norm_bound: float
+    norm_bound_quantile: float
+    server_learning_rate: float
+    server_momentum: float
+    min_valid_replies: int
+    aggregation_threads: int
+
+    def __post_init__(self) -> None:
+        one_of("client-weighting", self.weighting, WEIGHTINGS)
+        positive("weight-cap-ratio", self.cap_ratio)
+        non_negative("max-update-norm", self.max_update_norm, " (0: off)")
+        non_negative("norm-bound", self.norm_bound, " (0: off)")
+        in_interval("norm-bound-quantile", self.norm_bound_quantile, 0, 1, "[]", " (0: off)")
+        positive("server-learning-rate", self.server_learning_rate)
+        in_interval("server-momentum", self.server_momentum, 0, 1, "[)")
+        at_least("min-valid-replies", self.min_valid_replies, 1)
+        at_least("aggregation-threads", self.aggregation_threads, 0)
 
 
-def expected_clients(run_config: Mapping[str, Any]) -> int:
-    """Replies expected per round: max(min-train-clients, fraction-train * num-partitions)."""
-    nodes = int(run_config.get("num-partitions", 10))
-    return max(int(run_config.get("min-train-clients", 2)), int(float(run_config.get("fraction-train", 1.0)) * nodes))
-
-
-def build_aggregation_strategy(rule_name: str, run_config: Mapping[str, Any], **overrides: Any) -> AggregationStrategy:
+def build_aggregation_strategy(rule_name: str, params: AggregationParams, **overrides: Any) -> AggregationStrategy:
     """An :class:`AggregationStrategy` for a built-in rule name or ``package.module:function``.
 
-    Built-in rules are checked at start-up against the expected number of replies per round
+    Built-in rules are checked at start-up against the number of clients sampled per round
     (e.g. Krum needs n > 2f + 2, Bulyan n >= 4f + 3), so that a configuration that can never
     work fails before any client trains.
     """
     from strategies.core.loading import load_object
-    from strategies.core.sampling import sampling_kwargs
 
     if ":" in rule_name:
-        rule, params = load_object(rule_name, key="aggregation-rule"), {}
+        rule, rule_params = load_object(rule_name, key="aggregation-rule"), {}
     elif rule_name in RULES:
-        rule, params = RULES[rule_name], rule_params_from_config(rule_name, run_config)
-        check_rule_conditions(
-            rule_name, expected_clients(run_config), round_params(rule_name, params, expected_clients(run_config))
-        )
+        rule, rule_params = RULES[rule_name], params.rules.of_rule(rule_name)
+        n = params.sampling.clients_per_round(capped=False)
+        check_rule_conditions(rule_name, n, round_params(rule_name, rule_params, n))
     else:
         raise ValueError(
             f"aggregation-rule must be one of {', '.join(RULES)} or 'package.module:function'; got '{rule_name}'"
         )
-
-    def positive_or_none(key: str) -> float | None:
-        value = float(run_config.get(key, 0.0))
-        return value if value > 0 else None
-
     kwargs: dict[str, Any] = dict(
         rule_name=rule_name,
-        rule_params=params,
-        weighting=str(run_config.get("client-weighting", "uniform")),
-        cap_ratio=float(run_config.get("weight-cap-ratio", 2.0)),
-        max_update_norm=positive_or_none("max-update-norm"),
-        norm_bound=positive_or_none("norm-bound"),
-        norm_bound_quantile=positive_or_none("norm-bound-quantile"),
-        server_learning_rate=float(run_config.get("server-learning-rate", 1.0)),
-        server_momentum=float(run_config.get("server-momentum", 0.0)),
-        min_valid_replies=int(run_config.get("min-valid-replies", 1)),
-        blas_threads=int(run_config.get("aggregation-threads", 1)) or None,
-        **sampling_kwargs(run_config),
+        rule_params=rule_params,
+        weighting=params.weighting,
+        cap_ratio=params.cap_ratio,
+        max_update_norm=params.max_update_norm or None,
+        norm_bound=params.norm_bound or None,
+        norm_bound_quantile=params.norm_bound_quantile or None,
+        server_learning_rate=params.server_learning_rate,
+        server_momentum=params.server_momentum,
+        min_valid_replies=params.min_valid_replies,
+        blas_threads=params.aggregation_threads or None,
+        **params.sampling.kwargs(),
     )
     kwargs.update(overrides)
     return AggregationStrategy(rule, **kwargs)

@@ -45,7 +45,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -54,9 +54,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
+from strategies.core.checks import in_interval, non_negative, one_of
 from strategies.core.update_matrix import ModelLayout
 from strategies.encrypted.keys import load_server_scheme
 from strategies.encrypted.scheme import HomomorphicScheme
+from strategies.encrypted.security import HE_STANDARD_MAX_COEFF_BITS
+
+if TYPE_CHECKING:
+    from strategies.aggregation.strategy import AggregationParams
 
 ENCRYPTION_SCHEMES = ("none", "ckks", "paillier")
 HE_WEIGHTINGS = ("num-examples", "uniform")
@@ -144,22 +149,58 @@ def chain_record(deltas: Sequence[EncryptedDelta], first_version: int) -> ArrayR
     return ArrayRecord(arrays)
 
 
-def check_encryption_compatible(run_config: Mapping[str, Any]) -> None:
-    """Refuse, at start-up, what cannot run on ciphertexts.
+@dataclasses.dataclass(frozen=True)
+class EncryptionParams:
+    """An encrypted run's settings (run-config keys in brackets; defaults live in ``fl_app.config``).
+
+    Attributes:
+        scheme: ``none``, ``ckks`` or ``paillier`` (``homomorphic-encryption``).
+        public_key_path: the server's public key file (``he-public-key-path``); the secret key's
+            path is the clients' business and not part of these parameters.
+        client_weighting: ``num-examples`` or ``uniform`` (``he-client-weighting``).
+        clip_norm: clients clip their update to this L2 norm (``he-clip-norm``), >= 0 (0: off).
+        ckks_poly_degree: CKKS ring dimension the key must have (``he-ckks-poly-degree``).
+        ckks_scale_bits: CKKS scale bits the key must have (``he-ckks-scale-bits``), in [20, 60].
+        paillier_key_bits: Paillier modulus bits the key must have (``he-paillier-key-bits``), even, >= 2048.
+    """
+
+    scheme: str
+    public_key_path: str
+    client_weighting: str
+    clip_norm: float
+    ckks_poly_degree: int
+    ckks_scale_bits: int
+    paillier_key_bits: int
+
+    def __post_init__(self) -> None:
+        one_of("homomorphic-encryption", self.scheme, ENCRYPTION_SCHEMES)
+        one_of("he-client-weighting", self.client_weighting, HE_WEIGHTINGS)
+        non_negative("he-clip-norm", self.clip_norm, " (0: off)")
+        degrees = sorted(HE_STANDARD_MAX_COEFF_BITS[128])
+        if self.ckks_poly_degree not in degrees:
+            raise ValueError(
+                f"he-ckks-poly-degree must be one of {', '.join(map(str, degrees))}; got {self.ckks_poly_degree}"
+            )
+        in_interval("he-ckks-scale-bits", self.ckks_scale_bits, 20, 60)
+        if self.paillier_key_bits < 2048 or self.paillier_key_bits % 2:
+            raise ValueError(
+                "he-paillier-key-bits must be even and >= 2048 (112-bit security; 3072 gives 128-bit), "
+                f"got {self.paillier_key_bits}"
+            )
+
+
+def check_encryption_compatible(params: EncryptionParams, strategy: str, aggregation: AggregationParams) -> None:
+    """Refuse, at start-up, a strategy that cannot run on ciphertexts (``strategy`` is the run
+    config's ``strategy``; the app refuses its own features, such as compression, itself).
 
     Raises:
         EncryptionConfigError: a strategy or rule that needs individual plaintext updates, a
-            server-side norm bound, a server optimizer or momentum, an omniscient simulated attack.
+            server-side norm bound, a server optimizer or momentum.
     """
-    scheme = str(run_config.get("homomorphic-encryption", "none"))
-    if scheme not in ENCRYPTION_SCHEMES:
-        raise EncryptionConfigError(
-            f"homomorphic-encryption must be one of {', '.join(ENCRYPTION_SCHEMES)}; got '{scheme}'"
-        )
+    scheme = params.scheme
     if scheme == "none":
         return
-    strategy = str(run_config.get("strategy", "fedavg"))
-    rule = str(run_config.get("aggregation-rule", "mean"))
+    rule = aggregation.rule
     averaging = strategy in AVERAGING_STRATEGIES or (strategy == "robust" and rule == "mean")
     if not averaging:
         detail = (
@@ -173,56 +214,45 @@ def check_encryption_compatible(run_config: Mapping[str, Any]) -> None:
             "strategy='fedavg', 'fedprox', or 'robust' with aggregation-rule='mean'; or set "
             "homomorphic-encryption='none'"
         )
-    for key in ("norm-bound", "norm-bound-quantile", "max-update-norm"):
-        if float(run_config.get(key, 0.0)) > 0:
+    bounds = (
+        ("norm-bound", aggregation.norm_bound),
+        ("norm-bound-quantile", aggregation.norm_bound_quantile),
+        ("max-update-norm", aggregation.max_update_norm),
+    )
+    for key, value in bounds:
+        if value > 0:
             raise EncryptionConfigError(
-                f"{key}={run_config[key]} needs the plaintext updates on the server and cannot run with "
+                f"{key}={value} needs the plaintext updates on the server and cannot run with "
                 f"homomorphic-encryption='{scheme}'; clip on the clients with he-clip-norm instead"
             )
-    for key, neutral in (("server-learning-rate", 1.0), ("server-momentum", 0.0)):
-        if float(run_config.get(key, neutral)) != neutral:
+    steps = (
+        ("server-learning-rate", aggregation.server_learning_rate, 1.0),
+        ("server-momentum", aggregation.server_momentum, 0.0),
+    )
+    for key, value, neutral in steps:
+        if value != neutral:
             raise EncryptionConfigError(
-                f"{key}={run_config[key]} needs the plaintext aggregate on the server; with "
+                f"{key}={value} needs the plaintext aggregate on the server; with "
                 f"homomorphic-encryption='{scheme}' it must be {neutral}"
             )
-    for key, off in (("compression", "none"), ("export", ""), ("secure-aggregation", False)):
-        if run_config.get(key, off) != off:
-            raise EncryptionConfigError(
-                f"{key}={run_config[key]!r} cannot run with homomorphic-encryption='{scheme}': "
-                + {
-                    "compression": "ciphertexts are not compressed; set compression='none'",
-                    "export": "the server never holds the plaintext model to export; a key holder "
-                    "decrypts it with scripts/decrypt_model.py",
-                    "secure-aggregation": "choose one of SecAgg+ and homomorphic encryption",
-                }[key]
-            )
-    attacks = [a.strip() for a in str(run_config.get("attack", "none")).split(",") if a.strip()]
-    omniscient = [a for a in attacks if a in ("alie", "ipm")]
-    if omniscient:
-        raise EncryptionConfigError(
-            f"attack='{run_config['attack']}' is simulated on the server from the plaintext updates "
-            f"and cannot run with homomorphic-encryption='{scheme}'"
-        )
 
 
-def check_key_parameters(scheme: HomomorphicScheme, run_config: Mapping[str, Any]) -> None:
+def check_key_parameters(scheme: HomomorphicScheme, params: EncryptionParams) -> None:
     """The key file must be of the configured scheme and match the configured key parameters."""
-    wanted = str(run_config.get("homomorphic-encryption", "none"))
-    if scheme.name != wanted:
+    if scheme.name != params.scheme:
         raise EncryptionConfigError(
-            f"homomorphic-encryption='{wanted}' but he-public-key-path holds a {scheme.name} key; "
-            f"generate one with: python scripts/make_he_keys.py --scheme {wanted} --out-dir keys/"
+            f"homomorphic-encryption='{params.scheme}' but he-public-key-path holds a {scheme.name} key; "
+            f"generate one with: python scripts/make_he_keys.py --scheme {params.scheme} --out-dir keys/"
         )
-    params = scheme.parameters
+    key_params = scheme.parameters
     if scheme.name == "ckks":
         checks = (
-            ("he-ckks-poly-degree", 8192, params.poly_modulus_degree, "--ckks-poly-degree"),
-            ("he-ckks-scale-bits", 40, params.scale_bits, "--ckks-scale-bits"),
+            ("he-ckks-poly-degree", params.ckks_poly_degree, key_params.poly_modulus_degree, "--ckks-poly-degree"),
+            ("he-ckks-scale-bits", params.ckks_scale_bits, key_params.scale_bits, "--ckks-scale-bits"),
         )
     else:
-        checks = (("he-paillier-key-bits", 3072, params.key_bits, "--paillier-bits"),)
-    for key, default, actual, flag in checks:
-        configured = int(run_config.get(key, default))
+        checks = (("he-paillier-key-bits", params.paillier_key_bits, key_params.key_bits, "--paillier-bits"),)
+    for key, configured, actual, flag in checks:
         if configured != actual:
             raise EncryptionConfigError(
                 f"{key}={configured} but the key file was generated with {actual}: set {key}={actual} or "
@@ -246,22 +276,24 @@ def load_public_key(path: str) -> HomomorphicScheme:
         raise EncryptionConfigError(f"he-public-key-path '{path}': {err}") from err
 
 
-def build_encrypted_strategy(run_config: Mapping[str, Any]) -> EncryptedFedAvg:
-    """The server's strategy for an encrypted run; reads ``he-public-key-path`` and nothing secret."""
-    from strategies.core.sampling import sampling_kwargs
+def build_encrypted_strategy(
+    params: EncryptionParams, *, strategy: str, aggregation: AggregationParams, proximal_mu: float
+) -> EncryptedFedAvg:
+    """The server's strategy for an encrypted run; reads ``he-public-key-path`` and nothing else.
 
-    check_encryption_compatible(run_config)
-    scheme = load_public_key(str(run_config.get("he-public-key-path", "")))
-    check_key_parameters(scheme, run_config)
-    extra: dict[str, Any] = {}
-    if str(run_config.get("strategy", "fedavg")) == "fedprox":
-        extra["proximal-mu"] = float(run_config.get("proximal-mu", 0.0))
+    ``strategy`` and ``aggregation`` are checked with :func:`check_encryption_compatible`; the
+    sampling comes from ``aggregation.sampling``; FedProx's ``proximal_mu`` is sent to the clients.
+    """
+    check_encryption_compatible(params, strategy, aggregation)
+    scheme = load_public_key(params.public_key_path)
+    check_key_parameters(scheme, params)
+    extra: dict[str, Any] = {"proximal-mu": proximal_mu} if strategy == "fedprox" else {}
     return EncryptedFedAvg(
         scheme,
-        weighting=str(run_config.get("he-client-weighting", "num-examples")),
-        clip_norm=float(run_config.get("he-clip-norm", 0.0)),
+        weighting=params.client_weighting,
+        clip_norm=params.clip_norm,
         train_config=extra,
-        **sampling_kwargs(run_config),
+        **aggregation.sampling.kwargs(),
     )
 
 

@@ -35,6 +35,7 @@ Nothing here imports TensorFlow.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Iterable, Mapping
@@ -46,8 +47,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from strategies.aggregation.strategy import AggregationStrategy, Rule, round_params
+from strategies.aggregation.strategy import AggregationParams, AggregationStrategy, Rule, round_params
+from strategies.core.checks import at_least, in_interval, non_negative, one_of, positive
 from strategies.core.errors import PrivacyBudgetExhausted
+from strategies.core.sampling import SamplingParams
 from strategies.core.update_matrix import ModelLayout
 from strategies.private.accounting import (
     DpFedAvgRound,
@@ -414,115 +417,134 @@ class DpFedAvgStrategy(AggregationStrategy):
 
 # --------------------------------------------------------------------------------- factory
 
-DP_DEFAULTS: dict[str, Any] = {
-    "dp-mode": "central",
-    "dp-noise-multiplier": 1.0,
-    "dp-clip-norm": 1.0,
-    "dp-clip-quantile": 0.0,
-    "dp-clip-learning-rate": 0.2,
-    "dp-clip-count-noise": 0.0,
-    "dp-sampling": "poisson",
-    "dp-delta": 1e-5,
-    "dp-accounting": "rdp",
-    "dp-target-epsilon": 0.0,
-    "dp-local-epsilon": 1.0,
-}
-"""Defaults of the DP-FedAvg run-config keys (the same as in pyproject.toml; a test checks)."""
+
+@dataclasses.dataclass(frozen=True)
+class DpParams:
+    """The ``dp-*`` settings of DP-FedAvg (run-config keys in brackets; defaults live in ``fl_app.config``).
+
+    Attributes:
+        mode: ``central``, ``client-clipping``, ``local-gaussian`` or ``local-laplace`` (``dp-mode``).
+        noise_multiplier: z (``dp-noise-multiplier``), >= 0; 0 with a target epsilon calibrates z.
+        clip_norm: C, the L2 clip norm of an update (``dp-clip-norm``), > 0.
+        clip_quantile: adaptive clipping at this quantile (``dp-clip-quantile``), in [0, 1] (0: fixed C).
+        clip_learning_rate: eta of the geometric clip update (``dp-clip-learning-rate``), > 0.
+        clip_count_noise: noise std of the clipped count (``dp-clip-count-noise``), >= 0 (0: m / 20).
+        sampling: ``poisson`` or ``fixed-size`` (``dp-sampling``).
+        delta: delta at which epsilon is reported (``dp-delta``), in (0, 1).
+        accounting: ``rdp`` or ``pld`` (``dp-accounting``).
+        target_epsilon: stop before a round would exceed it (``dp-target-epsilon``), >= 0 (0: no budget).
+        local_epsilon: per-round epsilon of ``local-laplace`` (``dp-local-epsilon``), > 0.
+        num_rounds: the rounds a calibrated z must last (``num-server-rounds``), >= 1.
+    """
+
+    mode: str
+    noise_multiplier: float
+    clip_norm: float
+    clip_quantile: float
+    clip_learning_rate: float
+    clip_count_noise: float
+    sampling: str
+    delta: float
+    accounting: str
+    target_epsilon: float
+    local_epsilon: float
+    num_rounds: int
+
+    def __post_init__(self) -> None:
+        one_of("dp-mode", self.mode, DP_MODES)
+        one_of("dp-sampling", self.sampling, SAMPLINGS)
+        one_of("dp-accounting", self.accounting, ACCOUNTING_METHODS)
+        non_negative("dp-noise-multiplier", self.noise_multiplier)
+        non_negative("dp-target-epsilon", self.target_epsilon)
+        non_negative("dp-clip-count-noise", self.clip_count_noise)
+        positive("dp-clip-norm", self.clip_norm)
+        positive("dp-clip-learning-rate", self.clip_learning_rate)
+        positive("dp-local-epsilon", self.local_epsilon)
+        in_interval("dp-clip-quantile", self.clip_quantile, 0, 1, "[]", " (0: fixed clipping)")
+        in_interval("dp-delta", self.delta, 0, 1, "()")
+        at_least("num-server-rounds", self.num_rounds, 1)
 
 
-def dp_sampling_params(run_config: Mapping[str, Any]) -> dict[str, Any]:
-    """``num_clients``, ``sampling``, ``sampling_rate`` / ``clients_per_round`` from the run config.
+def dp_sampling_params(sampling: SamplingParams, dp: DpParams) -> dict[str, Any]:
+    """``num_clients``, ``sampling``, ``sampling_rate`` / ``clients_per_round`` of :class:`DpFedAvgStrategy`.
 
     ``N = num-partitions``. Poisson: ``q = fraction-train``. Fixed-size: ``m =
-    max(min-train-clients, floor(fraction-train * N))`` (as FedAvg samples).
+    min(max(min-train-clients, floor(fraction-train * N)), N)`` (as FedAvg samples).
     """
-    from strategies.aggregation.strategy import expected_clients
-
-    n = int(run_config.get("num-partitions", 10))
-    sampling = str(run_config.get("dp-sampling", DP_DEFAULTS["dp-sampling"]))
     params: dict[str, Any] = {
-        "num_clients": n,
-        "sampling": sampling,
-        "sampling_rate": float(run_config.get("fraction-train", 1.0)),
+        "num_clients": sampling.num_nodes,
+        "sampling": dp.sampling,
+        "sampling_rate": sampling.fraction_train,
     }
-    if sampling == "fixed-size":
-        params["clients_per_round"] = min(expected_clients(run_config), n)
+    if dp.sampling == "fixed-size":
+        params["clients_per_round"] = sampling.clients_per_round()
     return params
 
 
-def calibrated_noise_multiplier(run_config: Mapping[str, Any]) -> float:
-    """``z`` from the run config: ``dp-noise-multiplier``, or, when it is 0 and
-    ``dp-target-epsilon`` > 0, the smallest ``z`` whose epsilon after ``num-server-rounds`` rounds
-    is at most the target (:func:`strategies.private.accounting.calibrate_noise_multiplier`)."""
-    z = float(run_config.get("dp-noise-multiplier", DP_DEFAULTS["dp-noise-multiplier"]))
-    target = float(run_config.get("dp-target-epsilon", 0.0))
-    if z > 0 or target <= 0 or str(run_config.get("dp-mode", "central")) not in SERVER_NOISE_MODES:
-        return z
-    params = dp_sampling_params(run_config)
+def calibrated_noise_multiplier(sampling: SamplingParams, dp: DpParams) -> float:
+    """``z``: ``dp-noise-multiplier``, or, when it is 0 and ``dp-target-epsilon`` > 0 with server
+    noise, the smallest ``z`` whose epsilon after ``num-server-rounds`` rounds is at most the target
+    (:func:`strategies.private.accounting.calibrate_noise_multiplier`)."""
+    if dp.noise_multiplier > 0 or dp.target_epsilon <= 0 or dp.mode not in SERVER_NOISE_MODES:
+        return dp.noise_multiplier
+    params = dp_sampling_params(sampling, dp)
     m = params.get("clients_per_round") or params["sampling_rate"] * params["num_clients"]
     return calibrate_noise_multiplier(
-        target,
-        float(run_config.get("dp-delta", DP_DEFAULTS["dp-delta"])),
-        int(run_config.get("num-server-rounds", 10)),
+        dp.target_epsilon,
+        dp.delta,
+        dp.num_rounds,
         num_clients=params["num_clients"],
         clients_per_round=m,
         sampling=params["sampling"],
-        method=str(run_config.get("dp-accounting", "rdp")),
+        method=dp.accounting,
     )
 
 
-def check_dp_combination(run_config: Mapping[str, Any]) -> None:
+def check_dp_combination(aggregation: AggregationParams) -> None:
     """Refuse combinations whose epsilon cannot be honestly reported (errors name the keys)."""
-    weighting = str(run_config.get("client-weighting", "uniform"))
-    if weighting != "uniform":
+    if aggregation.weighting != "uniform":
         raise ValueError(
-            f"strategy='dp-fedavg' needs client-weighting='uniform', got '{weighting}': weights from "
-            f"the clients' num-examples make the sensitivity of the average unbounded"
+            f"strategy='dp-fedavg' needs client-weighting='uniform', got '{aggregation.weighting}': weights "
+            f"from the clients' num-examples make the sensitivity of the average unbounded"
         )
-    if float(run_config.get("norm-bound", 0.0)) > 0:
+    if aggregation.norm_bound > 0:
         raise ValueError("strategy='dp-fedavg' clips with dp-clip-norm; set norm-bound=0")
-    if float(run_config.get("norm-bound-quantile", 0.0)) > 0:
+    if aggregation.norm_bound_quantile > 0:
         raise ValueError(
             "strategy='dp-fedavg' cannot use norm-bound-quantile (a noise-free quantile of the update "
             "norms leaks them): use dp-clip-quantile for private adaptive clipping"
         )
 
 
-def build_dp_strategy(run_config: Mapping[str, Any], **overrides: Any) -> DpFedAvgStrategy:
-    """The ``dp-fedavg`` strategy that the run config describes (rule from ``aggregation-rule``)."""
+def build_dp_strategy(aggregation: AggregationParams, dp: DpParams, **overrides: Any) -> DpFedAvgStrategy:
+    """The ``dp-fedavg`` strategy with the rule ``aggregation.rule`` (``aggregation-rule``)."""
     from strategies.aggregation.strategy import build_aggregation_strategy
-    from strategies.core.sampling import sampling_kwargs
 
-    check_dp_combination(run_config)
-    rule_name = str(run_config.get("aggregation-rule", "mean"))
-    base = build_aggregation_strategy(rule_name, run_config)  # validates the rule and its conditions
-
-    def get(key: str) -> Any:
-        return run_config.get(key, DP_DEFAULTS[key])
-
-    sampling = sampling_kwargs(run_config)
+    check_dp_combination(aggregation)
+    base = build_aggregation_strategy(aggregation.rule, aggregation)  # validates the rule and its conditions
+    sampling = aggregation.sampling
     kwargs: dict[str, Any] = dict(
         rule_name=base.rule_name,
         rule_params=base.rule_params,
-        mode=str(get("dp-mode")),
-        clip_norm=float(get("dp-clip-norm")),
-        delta=float(get("dp-delta")),
-        accounting=str(get("dp-accounting")),
-        target_epsilon=float(get("dp-target-epsilon")) or None,
-        clip_quantile=float(get("dp-clip-quantile")) or None,
-        clip_learning_rate=float(get("dp-clip-learning-rate")),
-        count_noise_std=float(get("dp-clip-count-noise")) or None,
-        local_epsilon=float(get("dp-local-epsilon")),
+        mode=dp.mode,
+        clip_norm=dp.clip_norm,
+        delta=dp.delta,
+        accounting=dp.accounting,
+        target_epsilon=dp.target_epsilon or None,
+        clip_quantile=dp.clip_quantile or None,
+        clip_learning_rate=dp.clip_learning_rate,
+        count_noise_std=dp.clip_count_noise or None,
+        local_epsilon=dp.local_epsilon,
         max_update_norm=base.max_update_norm,
         server_learning_rate=base.server_learning_rate,
         server_momentum=base.server_momentum,
         min_valid_replies=base.min_valid_replies,
-        fraction_evaluate=sampling["fraction_evaluate"],
-        min_evaluate_nodes=sampling["min_evaluate_nodes"],
-        min_available_nodes=sampling["min_available_nodes"],
-        **dp_sampling_params(run_config),
+        fraction_evaluate=sampling.fraction_evaluate,
+        min_evaluate_nodes=sampling.min_evaluate_nodes,
+        min_available_nodes=sampling.min_available_nodes,
+        **dp_sampling_params(sampling, dp),
     )
     kwargs.update(overrides)
     if "noise_multiplier" not in kwargs:  # calibration costs seconds: only when it is needed
-        kwargs["noise_multiplier"] = calibrated_noise_multiplier(run_config)
+        kwargs["noise_multiplier"] = calibrated_noise_multiplier(sampling, dp)
     return DpFedAvgStrategy(base.rule, **kwargs)
