@@ -103,14 +103,14 @@ class Settings:
     attack_noise_std: float = 1.0
     alie_z: float = 0.0
     ipm_epsilon: float = 0.5
-    # Issue 8: model delivery (export for on-device inference, check before shipping)
+    # Model delivery: export for on-device inference, check before shipping (fl_app.delivery)
     export: str = ""
     export_tflite_types: str = "float32,int8"
     export_best: bool = False
     export_tolerance: float = 0.01
     export_calibration_samples: int = 200
     export_check_fraction: float = 1.0
-    # Differential privacy and secure aggregation (issue 4: strategies.private.dp_fedavg, fl_app.client.update_privacy,
+    # Differential privacy and secure aggregation (strategies.private.dp_fedavg, fl_app.client.update_privacy,
     # fl_app.task.dp_sgd, fl_app.secagg.server)
     dp_mode: str = "central"
     dp_noise_multiplier: float = 1.0
@@ -134,10 +134,10 @@ class Settings:
     secagg_quantization_range: int = 4194304
     fault_partition_ids: str = ""
     fault_round: int = 0
-    # Edge deployment: faults and resumable server (issue 5)
+    # Edge deployment: injected faults and a resumable server (fl_app.server.checkpoint)
     min_train_replies: int = 1
     resume_from: str = ""
-    # Fast simulation and compressed updates (issue 6: fl_app.client.compression, fl_app.server.polling)
+    # Fast simulation and compressed updates (fl_app.client.compression, fl_app.server.polling)
     centralized_evaluation: bool = True
     compression: str = "none"
     compression_topk_fraction: float = 0.01
@@ -145,7 +145,7 @@ class Settings:
     compression_mask_rescale: bool = True
     compression_int8_block: int = 4096
     compression_error_feedback: bool = True
-    # Encrypted aggregation (issue 7; strategies.encrypted.strategy, strategies.encrypted.schemes)
+    # Encrypted aggregation (strategies.encrypted.strategy, strategies.encrypted.schemes)
     homomorphic_encryption: str = "none"
     he_public_key_path: str = ""
     he_secret_key_path: str = ""
@@ -154,7 +154,7 @@ class Settings:
     he_ckks_poly_degree: int = 8192
     he_ckks_scale_bits: int = 40
     he_paillier_key_bits: int = 3072
-    # Issue 3 (finish): server-side aggregation speed (strategies.aggregation.strategy)
+    # Server-side aggregation speed: BLAS threads of the rules (strategies.aggregation.strategy)
     aggregation_threads: int = 1
 
     @classmethod
@@ -267,11 +267,12 @@ class Settings:
             raise SettingsError(f"alie-z must be >= 0 (0: from the paper's formula), got {self.alie_z}")
 
     def _validate_privacy(self) -> None:
-        from strategies.private.dp_fedavg import ACCOUNTING_METHODS, DP_MODES, SAMPLINGS
+        from strategies.private.accounting import METHODS, SAMPLINGS
+        from strategies.private.dp_fedavg import DP_MODES
 
         _one_of("dp-mode", self.dp_mode, DP_MODES)
         _one_of("dp-sampling", self.dp_sampling, SAMPLINGS)
-        _one_of("dp-accounting", self.dp_accounting, ACCOUNTING_METHODS)
+        _one_of("dp-accounting", self.dp_accounting, METHODS)
         for key in ("dp-noise-multiplier", "dp-target-epsilon", "dp-clip-count-noise", "dp-sgd-noise-multiplier"):
             value = getattr(self, key.replace("-", "_"))
             if value < 0:
