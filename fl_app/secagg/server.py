@@ -147,7 +147,9 @@ def _strategy_class():
                 update_sum = np.zeros(self.layout.size)
             self.last_update_sum = update_sum
             extra: dict[str, Any] = {"secure-aggregation-clients": k}
-            if self.mechanism is not None and self._round_spec is not None:
+            if self.mechanism is not None:
+                if self._round_spec is None:
+                    raise RuntimeError("aggregate_fit called before configure_fit")
                 mechanism = self.mechanism
                 extra.update(
                     {
