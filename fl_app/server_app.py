@@ -77,9 +77,11 @@ def main(grid: Grid, context: Context) -> None:
         )
 
     if settings.secure_aggregation:  # Flower's legacy SecAgg+ workflow (fl_app.secagg.server)
-        from fl_app.secagg.server import run_secure_rounds
+        from fl_app.secagg.server import SecureDpFedAvg, run_secure_rounds
 
-        arrays, _, strategy = run_secure_rounds(grid, context, settings, initial, evaluator, on_round_end)
+        # the strategy that runs the rounds is the one whose state (the DP accountant) each checkpoint saves
+        strategy = SecureDpFedAvg(settings, initial, evaluator)
+        arrays, _ = run_secure_rounds(grid, context, strategy, on_round_end)
     else:
         arrays, _ = run_rounds(
             recorder,

@@ -70,7 +70,7 @@ from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from fl_app.config.settings import Settings  # noqa: E402
 from strategies.aggregation.strategy import build_aggregation_strategy  # noqa: E402
-from strategies.core.update_matrix import ModelLayout, _weighted_sum  # noqa: E402  (the floor's inner loop)
+from strategies.core.update_matrix import ModelLayout, weighted_sum  # noqa: E402  (the floor's inner loop)
 
 RULES = ("mean", "median", "trimmed-mean", "krum", "multi-krum", "bulyan")
 FLOWER_NAMES = {
@@ -229,7 +229,7 @@ def read_floor(payloads: Payloads, repeats: int) -> tuple[float, float]:
     wall, cpu = [], []
     for _ in range(repeats):
         started, started_cpu = time.perf_counter(), time.process_time()
-        _weighted_sum(views, coefficients, layout, out)
+        weighted_sum(views, coefficients, layout, out)
         cpu.append(time.process_time() - started_cpu)
         wall.append(time.perf_counter() - started)
     return statistics.median(wall), statistics.median(cpu)
@@ -264,9 +264,15 @@ def peak_extra_bytes(make: Callable[[], Any], payloads: Payloads) -> int:
 
 
 def max_difference(ours: ArrayRecord, theirs: ArrayRecord) -> float:
-    a = np.concatenate([x.ravel() for x in ours.to_numpy_ndarrays()])
-    b = np.concatenate([x.ravel() for x in theirs.to_numpy_ndarrays()])
-    return float(np.max(np.abs(a.astype(np.float64) - b))) if a.shape == b.shape else float("inf")
+    mine, flower_arrays = ours.to_numpy_ndarrays(), theirs.to_numpy_ndarrays()
+    layout = ModelLayout.of_arrays(mine)
+    try:
+        difference = layout.flatten_arrays(
+            flower_arrays, minus=layout.flatten_arrays(mine, dtype=np.float64), dtype=np.float64
+        )
+    except ValueError:  # different array counts or shapes
+        return float("inf")
+    return float(np.max(np.abs(difference)))
 
 
 def main() -> None:

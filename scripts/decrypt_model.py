@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fl_app  # noqa: F401  (loads TenSEAL before TensorFlow)
+from strategies.core.update_matrix import ModelLayout
 from strategies.encrypted.keys import load_client_scheme
 from strategies.encrypted.strategy import load_encrypted_model, reconstruct
 
@@ -39,17 +40,12 @@ def run_directory(path: Path) -> Path:
 
 def decrypt_weights(model_file: Path, secret_key: Path) -> tuple[dict, list]:
     """(meta, the final global weights as arrays of the model's shapes)."""
-    import numpy as np
 
     meta, initial, chain = load_encrypted_model(model_file)
     scheme = load_client_scheme(secret_key.read_bytes())
-    flat = np.concatenate([np.asarray(a, np.float32).ravel() for a in initial])
-    final = reconstruct(scheme, flat, chain)
-    arrays, start = [], 0
-    for array in initial:
-        arrays.append(final[start : start + array.size].reshape(array.shape).astype(array.dtype))
-        start += array.size
-    return meta, arrays
+    layout = ModelLayout.of_arrays(initial)
+    final = reconstruct(scheme, layout.flatten_arrays(initial), chain)
+    return meta, layout.unflatten_arrays(final)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from fl_app.server.strategy_setup import make_strategy
     from fl_app.simulation.local_grid import LocalGrid, run_local_federation
     from fl_app.task.models import build_model
+    from strategies.core.update_matrix import ModelLayout
     from strategies.encrypted.strategy import reconstruct
 
     base = {
@@ -90,12 +91,10 @@ def main(argv: list[str] | None = None) -> int:
             num_rounds=settings.num_server_rounds,
         )
         he_seconds = time.perf_counter() - started
-        flat = reconstruct(load_client_scheme(secret), np.concatenate([w.ravel() for w in initial]), strategy.deltas)
+        layout = ModelLayout.of_arrays(initial)
+        flat = reconstruct(load_client_scheme(secret), layout.flatten_arrays(initial), strategy.deltas)
 
-    weights, offset = [], 0
-    for w in initial:
-        weights.append(flat[offset : offset + w.size].reshape(w.shape))
-        offset += w.size
+    weights = layout.unflatten_arrays(flat)
     evaluator = CentralEvaluator(model, *test_set)
     plain_eval = evaluator(args.rounds, plain_arrays)
     he_eval = evaluator(args.rounds, ArrayRecord(weights))

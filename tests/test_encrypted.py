@@ -10,6 +10,7 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fl_app.config.settings import Settings, SettingsError
+from strategies.core.clipping import clip_rows
 from strategies.encrypted import strategy as protocol
 from strategies.encrypted.keys import generate_keys, load_client_scheme, load_server_scheme
 from strategies.encrypted.strategy import (
@@ -18,7 +19,6 @@ from strategies.encrypted.strategy import (
     apply_delta,
     build_encrypted_strategy,
     ciphertexts_to_record,
-    clip_update,
     reconstruct,
     record_to_ciphertexts,
 )
@@ -82,13 +82,30 @@ def test_protocol_pieces():
     assert np.array_equal(apply_delta(g, np.array([3.0, -6.0], np.float32), 3.0), [2.0, 0.0])
     with pytest.raises(ValueError, match="total weight"):
         apply_delta(g, g, 0.0)
-    u = np.array([3.0, 4.0])
-    assert np.allclose(clip_update(u, 1.0), [0.6, 0.8]) and clip_update(u, 0.0) is u
+    u = np.array([[3.0, 4.0]], np.float32)
+    assert np.allclose(clip_rows(u, 1.0), [5.0]) and np.allclose(u, [[0.6, 0.8]])
     assert protocol.client_weight(7, "num-examples") == 7.0 and protocol.client_weight(7, "uniform") == 1.0
     blobs = [b"\x00\x01\x02", b"xyz"]
     assert record_to_ciphertexts(ciphertexts_to_record(blobs)) == blobs
     with pytest.raises(ValueError, match="named"):
         record_to_ciphertexts(ArrayRecord({"ct-00001": ciphertexts_to_record(blobs)["ct-00000"]}))
+
+
+def test_client_upload_is_clipped_only_with_a_clip_norm(keys):
+    from fl_app.client.encryption import encrypted_upload
+
+    settings = Settings.from_run_config(he_config(keys, "ckks"))
+    client = load_client_scheme(keys["ckks"][0].read_bytes())
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    g = [np.full(s, 0.5, np.float32) for s in SHAPES]
+    w = [a + np.float32(0.1) for a in g]
+    norm = float(np.linalg.norm(flat(w) - flat(g)))  # about 0.1 sqrt(310) = 1.76
+    for clip, expected in ((1.0, 1.0), (0.0, norm)):  # he-clip-norm = 0: off, the update as it is
+        config = {"num-examples": 3, protocol.CFG_CLIP: clip, protocol.CFG_WEIGHTING: "uniform"}
+        decrypted = client.decrypt_sum(
+            record_to_ciphertexts(encrypted_upload(settings, context, g, w, config)), SIZE, 1
+        )
+        assert np.linalg.norm(decrypted) == pytest.approx(expected, rel=1e-5)
 
 
 # ------------------------------------------------------------------------------ the strategy

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from strategies.robust.preaggregation import QuantileNormBound, clip_rows_to_norm, norm_bound
+from strategies.core.clipping import clip_rows
+from strategies.robust.preaggregation import QuantileNormBound, norm_bound
 
 
 @st.composite
@@ -27,7 +28,7 @@ def update_matrices(draw):
 @given(update_matrices(), st.floats(1e-3, 1e6))
 def test_clipping_bounds_every_row_and_leaves_short_rows_unchanged(x, max_norm):
     original = x.copy()
-    norms_before = clip_rows_to_norm(x, max_norm)
+    norms_before = clip_rows(x, max_norm)
     exact_before = np.linalg.norm(original.astype(np.float64), axis=1)
     np.testing.assert_allclose(norms_before, exact_before, rtol=1e-12)
     norms_after = np.linalg.norm(x.astype(np.float64), axis=1)
@@ -44,7 +45,7 @@ def test_clipping_bounds_every_row_and_leaves_short_rows_unchanged(x, max_norm):
 def test_clipping_works_in_place_on_the_strategy_buffer():
     x = np.array([[3.0, 4.0], [0.3, 0.4]], dtype=np.float32)
     buffer_address = x.__array_interface__["data"][0]
-    np.testing.assert_allclose(clip_rows_to_norm(x, 1.0), [5.0, 0.5])
+    np.testing.assert_allclose(clip_rows(x, 1.0), [5.0, 0.5])
     assert x.__array_interface__["data"][0] == buffer_address
     np.testing.assert_allclose(x, [[0.6, 0.8], [0.3, 0.4]], rtol=1e-6)
 
@@ -52,16 +53,16 @@ def test_clipping_works_in_place_on_the_strategy_buffer():
 @pytest.mark.parametrize("bad", [0, -1.0, math.inf, math.nan, "1", True])
 def test_clipping_rejects_a_bad_bound(bad):
     with pytest.raises(ValueError, match="max_norm must be a positive number"):
-        clip_rows_to_norm(np.ones((2, 2), dtype=np.float32), bad)
+        clip_rows(np.ones((2, 2), dtype=np.float32), bad)
 
 
 def test_clipping_rejects_a_matrix_it_cannot_modify_in_place():
     with pytest.raises(ValueError, match="float32"):
-        clip_rows_to_norm(np.ones((2, 2), dtype=np.float64), 1.0)
+        clip_rows(np.ones((2, 2), dtype=np.float64), 1.0)
     frozen = np.ones((2, 2), dtype=np.float32)
     frozen.flags.writeable = False
     with pytest.raises(ValueError, match="writeable"):
-        clip_rows_to_norm(frozen, 1.0)
+        clip_rows(frozen, 1.0)
 
 
 def test_norm_bound_scales_down_boosted_updates_and_reports_them():

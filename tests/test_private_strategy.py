@@ -14,10 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fl_app.server.round_loop import run_rounds
+from strategies.core.clipping import clip_rows
 from strategies.core.errors import PrivacyBudgetExhausted
 from strategies.private.dp_fedavg import DpFedAvgStrategy, build_dp_strategy, calibrated_noise_multiplier
 from strategies.private.mechanisms import insecure_seeded_generator
-from strategies.robust.preaggregation import clip_rows_to_norm
 from strategies.robust.rules import weighted_mean
 from tests.fakes import FakeGrid, reply, settings_of
 
@@ -138,7 +138,7 @@ def test_zero_noise_and_huge_clip_equal_fedavg():
 def test_every_clipped_contribution_has_norm_at_most_c(k, p, clip, log_scale, seed):
     updates = (np.random.default_rng(seed).standard_normal((k, p)) * 10.0**log_scale).astype(np.float32)
     before = np.linalg.norm(updates.astype(np.float64), axis=1)
-    clip_rows_to_norm(updates, clip)
+    clip_rows(updates, clip)
     after = np.linalg.norm(updates.astype(np.float64), axis=1)
     assert np.all(after <= clip)
     small = before <= clip

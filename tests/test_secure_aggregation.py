@@ -11,8 +11,10 @@ from flwr.app import ArrayRecord
 
 from fl_app.client import update_privacy as client_privacy
 from fl_app.config.settings import Settings, SettingsError
-from fl_app.secagg.server import run_secure_rounds, wait_for_nodes
+from fl_app.secagg.server import SecureDpFedAvg, run_secure_rounds
 from fl_app.simulation.local_grid import LocalGrid
+from strategies.core.nodes import NodesUnavailable
+from strategies.private.accounting import PrivacyAccountant
 from strategies.private.mechanisms import insecure_seeded_generator
 from tests.helpers import run_to_completion
 
@@ -60,29 +62,14 @@ def test_secure_sum_equals_the_plain_sum_of_clipped_updates_and_survives_a_dropo
     model = build_model("mlp", (64,), 10, 42)
     grid = CopyingGrid(config, 5)
     sums = {}
+    strategy = SecureDpFedAvg(settings, ArrayRecord(model.get_weights()), None, rng=insecure_seeded_generator(0))
+    checkpoints = []
 
     def on_round_end(record, arrays):
-        sums[record.round] = strategy_box[0].last_update_sum.copy() if record.round else None
+        sums[record.round] = strategy.last_update_sum.copy() if record.round else None
+        checkpoints.append(json.loads(json.dumps(strategy.state_dict())))
 
-    strategy_box = []
-    import fl_app.secagg.server as sa
-
-    real = sa.SecureDpFedAvg
-
-    def capture(*args, **kwargs):
-        strategy_box.append(real(*args, **kwargs))
-        return strategy_box[-1]
-
-    monkeypatch.setattr(sa, "SecureDpFedAvg", capture)
-    _, history, _strategy = run_secure_rounds(
-        grid,
-        grid.contexts[1],
-        settings,
-        ArrayRecord(model.get_weights()),
-        None,
-        on_round_end,
-        rng=insecure_seeded_generator(0),
-    )
+    _, history = run_secure_rounds(grid, grid.contexts[1], strategy, on_round_end)
     assert [r.round for r in history] == [1, 2]
     assert history[0].extra["secure-aggregation-clients"] == 5
     assert history[1].extra["secure-aggregation-clients"] == 4  # partition 2 dropped out mid-round
@@ -95,6 +82,8 @@ def test_secure_sum_equals_the_plain_sum_of_clipped_updates_and_survives_a_dropo
         error = np.max(np.abs(sums[r] - plain))
         assert error <= len(sent[r]) * step, (r, error, step)
     assert history[1].extra["dp-rounds"] == 2
+    # the checkpoint state is the DP mechanism's: its accountant holds every round so far
+    assert [PrivacyAccountant.from_state_dict(c["privacy-accountant"]).rounds for c in checkpoints] == [1, 2]
 
 
 @pytest.mark.parametrize(
@@ -114,9 +103,11 @@ def test_impossible_secure_aggregation_settings_are_refused(overrides, fragment)
 
 
 def test_too_few_nodes_fail_fast_with_a_clear_error():
-    grid = LocalGrid({}, 3)
-    with pytest.raises(RuntimeError, match="needs 5 connected nodes per round.*only 3 connected"):
-        wait_for_nodes(grid, 5, timeout=1.0)
+    settings = Settings.from_run_config(SECURE)
+    grid = LocalGrid(settings.to_run_config(), 3)
+    strategy = SecureDpFedAvg(settings, ArrayRecord([np.zeros(3, np.float32)]), None)
+    with pytest.raises(NodesUnavailable, match="needs 5 connected nodes.*per round.*only 3 connected.*SuperNodes"):
+        run_secure_rounds(grid, grid.contexts[1], strategy, node_wait=1.0)
 
 
 @pytest.mark.integration

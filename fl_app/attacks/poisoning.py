@@ -23,7 +23,7 @@ import numpy as np
 
 from fl_app.attacks.catalogue import ATTACKS, alie_z
 from fl_app.config.settings import Settings
-from strategies.core.update_matrix import CollectedUpdates
+from strategies.core.update_matrix import CollectedUpdates, ModelLayout
 
 
 def _update_params(settings: Settings, name: str) -> dict[str, float]:
@@ -61,18 +61,16 @@ def poison_weights(
         return attack.fn(weights)
     if attack.level != "update" or attack.omniscient:
         return weights  # data-level attacks acted before training; omniscient ones act on the server
-    update = np.concatenate([(w - g).ravel() for w, g in zip(weights, global_weights)]).astype(np.float32)
+    layout = ModelLayout.of_arrays(global_weights)
+    flat_global = layout.flatten_arrays(global_weights)
+    update = layout.flatten_arrays(weights, minus=flat_global)
     poisoned = attack.fn(
         update,
         rng=_rng(settings, partition_id, server_round),
         honest_updates=None,
         **_update_params(settings, name),
     )
-    out, offset = [], 0
-    for g in global_weights:
-        out.append((g + poisoned[offset : offset + g.size].reshape(g.shape)).astype(g.dtype))
-        offset += g.size
-    return out
+    return layout.unflatten_arrays(flat_global + poisoned)
 
 
 def _partition_id(metrics: object) -> int:

@@ -31,6 +31,7 @@ from strategies.compression.codecs import (
     ErrorFeedback,
     payload_to_array_record,
 )
+from strategies.core.update_matrix import ModelLayout
 
 STATE_KEY = "compression-error-feedback"
 
@@ -38,13 +39,6 @@ STATE_KEY = "compression-error-feedback"
 def uses_error_feedback(settings: Settings, codec: Codec) -> bool:
     """Error feedback wraps biased codecs (top-k; random-mask without rescaling) when enabled."""
     return codec.biased and settings.compression_error_feedback
-
-
-def flat_update(global_weights: list[np.ndarray], weights: list[np.ndarray]) -> np.ndarray:
-    """``concat_l (w_l - g_l)`` as one float32 vector (the server's row layout)."""
-    return np.concatenate(
-        [(np.asarray(w, np.float32) - np.asarray(g, np.float32)).reshape(-1) for w, g in zip(weights, global_weights)]
-    )
 
 
 def encode_upload(
@@ -56,7 +50,8 @@ def encode_upload(
 ) -> ArrayRecord:
     """The compressed update of one client, as the ArrayRecord of its reply."""
     codec = codec_from_settings(settings)
-    update = flat_update(global_weights, weights)
+    layout = ModelLayout.of_arrays(global_weights)
+    update = layout.flatten_arrays(weights, minus=layout.flatten_arrays(global_weights))
     seeds = dict(round_seed=int(config.get("server-round", 0)), client_seed=int(context.node_id))
     if not uses_error_feedback(settings, codec):
         return payload_to_array_record(codec.encode(update, **seeds))

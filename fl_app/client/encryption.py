@@ -21,6 +21,8 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 
 from fl_app.config.settings import Settings
+from strategies.core.clipping import clip_rows
+from strategies.core.update_matrix import ModelLayout
 from strategies.encrypted import strategy as protocol
 from strategies.encrypted.keys import load_client_scheme
 from strategies.encrypted.scheme import HomomorphicScheme
@@ -58,19 +60,6 @@ def client_scheme(settings: Settings, context: Context) -> HomomorphicScheme:
             f"'{path}' holds a {scheme.name} key"
         )
     return scheme
-
-
-def _flatten(arrays: list[np.ndarray]) -> np.ndarray:
-    return np.concatenate([np.asarray(a, np.float32).reshape(-1) for a in arrays])
-
-
-def _unflatten(flat: np.ndarray, like: list[np.ndarray]) -> list[np.ndarray]:
-    out, start = [], 0
-    for array in like:
-        end = start + array.size
-        out.append(flat[start:end].reshape(array.shape).astype(array.dtype, copy=False))
-        start = end
-    return out
 
 
 def _info(context: Context) -> ConfigRecord:
@@ -112,13 +101,14 @@ def global_weights(settings: Settings, context: Context, msg: Message) -> list[n
     if base_version < target:
         scheme = client_scheme(settings, context)
         chain = msg.content[protocol.CHAIN_KEY]
-        flat = _flatten(arrays)
+        layout = ModelLayout.of_arrays(arrays)
+        flat = layout.flatten_arrays(arrays)
         for version in range(base_version + 1, target + 1):
             index = version - start - 1
             ciphertexts = protocol.record_to_ciphertexts(chain, f"v{version}")
             decrypted = scheme.decrypt_sum(ciphertexts, flat.size, summands[index])
             flat = protocol.apply_delta(flat, decrypted, weights[index])
-        arrays = _unflatten(flat, arrays)
+        arrays = layout.unflatten_arrays(flat)
         context.state[STATE_MODEL] = ArrayRecord(arrays)
         info[protocol.MET_DECRYPT] = time.perf_counter() - started  # the latest decryption
     elif STATE_MODEL not in context.state or stored != target:
@@ -135,10 +125,12 @@ def encrypted_upload(
     clip_norm = float(config.get(protocol.CFG_CLIP, settings.he_clip_norm))
     weighting = str(config.get(protocol.CFG_WEIGHTING, settings.he_client_weighting))
     started = time.perf_counter()
-    update = _flatten(weights).astype(np.float64) - _flatten(global_weights).astype(np.float64)
-    update = protocol.clip_update(update, clip_norm)
+    layout = ModelLayout.of_arrays(global_weights)
+    update = layout.flatten_arrays(weights, minus=layout.flatten_arrays(global_weights))
+    if clip_norm > 0:  # he-clip-norm = 0: no clipping
+        clip_rows(update[None, :], clip_norm)
     weight = protocol.client_weight(int(config["num-examples"]), weighting)
-    ciphertexts = scheme.encrypt(weight * update)
+    ciphertexts = scheme.encrypt(weight * update.astype(np.float64))
     _info(context)[protocol.MET_ENCRYPT] = time.perf_counter() - started
     return protocol.ciphertexts_to_record(ciphertexts)
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 import numpy as np
 
 from fl_app.config.settings import Settings
+from strategies.core.clipping import clip_rows, row_norms
+from strategies.core.update_matrix import ModelLayout
 from strategies.private.mechanisms import local_dp_gaussian, local_dp_laplace, secure_generator
-from strategies.robust.preaggregation import clip_rows_to_norm
 
 CLIENT_MODES = ("client-clipping", "local-gaussian", "local-laplace")
 
@@ -41,39 +42,27 @@ def private_weights(
     if mode is None:
         return weights
     clip = float(config.get("dp-clip-norm", settings.dp_clip_norm))
-    update = np.concatenate(
-        [(np.asarray(w, np.float32) - np.asarray(g, np.float32)).ravel() for w, g in zip(weights, global_weights)]
-    )
+    layout = ModelLayout.of_arrays(global_weights)
+    flat_global = layout.flatten_arrays(global_weights)
+    update = layout.flatten_arrays(weights, minus=flat_global)
     if mode == "client-clipping":
-        row = update[None, :]
-        clip_rows_to_norm(row, clip)
-        update = row[0]
+        clip_rows(update[None, :], clip)
     elif mode == "local-gaussian":
         update = local_dp_gaussian(update, clip, settings.dp_noise_multiplier * clip, rng or secure_generator())
     else:
         update = local_dp_laplace(update, clip, settings.dp_local_epsilon, rng or secure_generator())
-    out = _add(global_weights, update)
+    out = layout.unflatten_arrays(flat_global + update)
     if mode == "client-clipping":
-        # g + u rounds to float32: shrink until the update the server reconstructs (w - g in float32,
-        # as strategies.core.update_matrix does) has norm <= C too
+        # g + u rounds to float32: while the update the server reconstructs (w - g in float32, as
+        # strategies.core.update_matrix does) has a norm above C, clip u to a bound shrunk by the overshoot
+        bound = clip
         for _ in range(8):
-            sent = np.concatenate([(w - np.asarray(g, np.float32)).ravel() for w, g in zip(out, global_weights)])
-            norm = float(np.sqrt(np.dot(sent.astype(np.float64), sent.astype(np.float64))))
+            norm = float(row_norms(layout.flatten_arrays(out, minus=flat_global)[None, :])[0])
             if norm <= clip:
                 break
-            update = update * np.float32(clip / norm * (1 - 2.0**-20))
-            out = _add(global_weights, update)
-    return out
-
-
-def _add(global_weights: list[np.ndarray], update: np.ndarray) -> list[np.ndarray]:
-    """``global + update`` array by array (``update`` is the flat float32 vector)."""
-    out, offset = [], 0
-    for g in global_weights:
-        g = np.asarray(g)
-        part = update[offset : offset + g.size].reshape(g.shape)
-        out.append((g.astype(np.float32) + part).astype(g.dtype))
-        offset += g.size
+            bound *= clip / norm * (1 - 2.0**-20)
+            clip_rows(update[None, :], bound)
+            out = layout.unflatten_arrays(flat_global + update)
     return out
 
 

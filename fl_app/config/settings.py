@@ -269,13 +269,13 @@ class Settings:
     dp_clip_count_noise: float = _key(0.0, ">= 0", "sigma_b, noise std of the clipped count; 0: m / 20")
     dp_sampling: str = _key(
         "poisson",
-        _lazy_choices("strategies.private.dp_fedavg", "SAMPLINGS"),
+        _lazy_choices("strategies.private.accounting", "SAMPLINGS"),
         "`poisson` (rate `fraction-train`) or `fixed-size` (m without replacement)",
     )
     dp_delta: float = _key(1e-5, "(0, 1)", "delta at which epsilon is reported (central, local and DP-SGD)")
     dp_accounting: str = _key(
         "rdp",
-        _lazy_choices("strategies.private.dp_fedavg", "ACCOUNTING_METHODS"),
+        _lazy_choices("strategies.private.accounting", "METHODS"),
         "`rdp` or `pld`: the accountant that decides the budget stop (both are reported)",
     )
     dp_target_epsilon: float = _key(0.0, ">= 0", "stop before a round would exceed this epsilon (0: no budget)")

@@ -2,7 +2,7 @@
 
 ``flwr run .`` alone starts a detached local SuperLink that outlives the command, is found again
 only by its port, and keeps the environment and working directory of the run that started it
-(DESIGN.md). This launcher makes a run self-contained instead:
+(docs/architecture.md). This launcher makes a run self-contained instead:
 
 1. a private ``FLWR_HOME`` (``<app>/.flwr``) and free loopback ports for the local SuperLink;
 2. runtime dependency installation off, so the SuperLink uses this (locked) environment;

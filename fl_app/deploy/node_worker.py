@@ -2,7 +2,7 @@
 
 In deployment a SuperNode starts a fresh ``flwr-clientapp`` process for every message, so a
 ClientApp that trains with TensorFlow pays the TensorFlow import (8-15 s here) and a model build
-for every train and every evaluate message. Simulation pays it once per worker (DESIGN.md).
+for every train and every evaluate message. Simulation pays it once per worker (docs/architecture.md).
 
 This module gives deployment the simulation's cost model. ``python -m fl_app.deploy.node_worker --socket
 PATH`` runs next to the SuperNode on the same machine and keeps TensorFlow, the data and the

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from pathlib import Path
 
 PROC = Path("/proc")
@@ -133,16 +132,6 @@ class TreeMemorySampler:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.1) -> bool:
-    """Poll ``predicate()`` until true or ``timeout`` seconds pass; return whether it became true."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
 
 
 def pids_with_argument(fragment: str) -> list[int]:

@@ -7,9 +7,11 @@ switches both apps there, as Flower's ``fl-dp-sa`` example does:
 * server (:func:`run_secure_rounds`, called by :func:`fl_app.server_app.main`): a legacy strategy
   (:class:`SecureDpFedAvg`) inside our own round loop of ``SecAggPlusWorkflow`` → centralized
   evaluation → federated evaluation. The strategy samples a fixed number ``m`` of clients with a
-  ``secrets``-seeded generator, receives only the *sum* of the clients' (clipped) weights, adds
-  ``N(0, (z C / m)^2)`` to the mean update when ``strategy='dp-fedavg'`` (``dp-mode=
-  'client-clipping'``), and accounts every round with :class:`strategies.private.accounting.DpFedAvgRound`;
+  ``secrets``-seeded generator and receives only the *sum* of the clients' (clipped) weights. With
+  ``strategy='dp-fedavg'`` (``dp-mode='client-clipping'``) the Message-API DP-FedAvg's
+  :class:`~strategies.private.central_mechanism.CentralGaussianMechanism` adds
+  ``N(0, (z C / m)^2)`` to the mean update, accounts the round and stops at the privacy budget;
+  its state is the strategy's checkpoint state;
 * client (:func:`legacy_client_app`, reached from the app's own ``ClientApp`` handlers when a
   message is a legacy or SecAgg+ one): ``ClientApp(client_fn=…, mods=[secaggplus_mod])`` around
   the same :class:`~fl_app.task.keras_client.KerasClient`, whose update is clipped on the device
@@ -39,9 +41,12 @@ from flwr.common.logger import log
 from fl_app.config.secagg_checks import check_secure_aggregation
 from fl_app.config.settings import Settings
 from fl_app.server.run_directory import RoundRecord
-from strategies.core.errors import PrivacyBudgetExhausted, StopTraining
-from strategies.private.accounting import DpFedAvgRound, PrivacyAccountant
-from strategies.private.mechanisms import gaussian_noise, secure_generator
+from strategies.core.errors import StopTraining
+from strategies.core.nodes import wait_for_nodes
+from strategies.core.update_matrix import ModelLayout
+from strategies.private.accounting import RoundSpec
+from strategies.private.central_mechanism import CentralGaussianMechanism, fixed_size_sample
+from strategies.private.mechanisms import secure_generator
 
 NODE_WAIT_SECONDS = 30.0
 
@@ -64,7 +69,12 @@ def _strategy_class():
     from flwr.server.strategy import FedAvg as LegacyFedAvg
 
     class _SecureDpFedAvg(LegacyFedAvg):
-        """Fixed-size sampling, mean of the securely summed clipped updates, central noise, accountant."""
+        """Fixed-size sampling, mean of the securely summed clipped updates, central noise, accountant.
+
+        With ``strategy='dp-fedavg'`` the sampling, noise, accountant and budget stop are those of
+        a :class:`~strategies.private.central_mechanism.CentralGaussianMechanism` (the Message-API
+        DP-FedAvg's mechanism) over the fixed-denominator mean of the ``m`` sampled clients.
+        """
 
         def __init__(self, settings: Settings, initial: ArrayRecord, evaluator, rng) -> None:
             super().__init__(
@@ -75,53 +85,54 @@ def _strategy_class():
                 min_available_clients=2,
                 accept_failures=True,
             )
+            check_secure_aggregation(settings)
             self.settings = settings
-            self.private = settings.strategy == "dp-fedavg"
             self.m = settings.sampling_params().clients_per_round()
-            self.z = 0.0
-            if self.private:
-                from strategies.private.dp_fedavg import calibrated_noise_multiplier
-
-                self.z = calibrated_noise_multiplier(settings.sampling_params(), settings.dp_params())
-            self.clip = settings.dp_clip_norm
             self.initial = initial
             self.evaluator = evaluator
             self.rng = rng or secure_generator()
-            self.accountant = PrivacyAccountant()
-            self.global_weights = [a.astype(np.float32) for a in initial.to_numpy_ndarrays()]
+            self.mechanism: CentralGaussianMechanism | None = None
+            if settings.strategy == "dp-fedavg":
+                from strategies.private.dp_fedavg import calibrated_noise_multiplier
+
+                self.mechanism = CentralGaussianMechanism(
+                    noise_multiplier=calibrated_noise_multiplier(settings.sampling_params(), settings.dp_params()),
+                    clip_norm=settings.dp_clip_norm,
+                    num_clients=settings.num_partitions,
+                    sampling="fixed-size",
+                    clients_per_round=self.m,
+                    delta=settings.dp_delta,
+                    accounting=settings.dp_accounting,
+                    target_epsilon=settings.dp_target_epsilon,
+                    rng=self.rng,
+                )
+            self.layout = ModelLayout.of_arrays(initial.to_numpy_ndarrays())
+            self.global_flat = self.layout.flatten_arrays(initial.to_numpy_ndarrays())
             self.records: dict[int, RoundRecord] = {}
             self.last_update_sum: np.ndarray | None = None
-            self.stop_reason: str | None = None
-            self._started = 0.0
+            self._round_spec: RoundSpec | None = None
+
+        @property
+        def stop_reason(self) -> str | None:
+            """Why training stopped before the last round (the privacy budget), or None."""
+            return self.mechanism.stop_reason if self.mechanism is not None else None
 
         def initialize_parameters(self, client_manager):
             return ndarrays_to_parameters(self.initial.to_numpy_ndarrays())
 
-        def round_spec(self, connected: int) -> DpFedAvgRound:
-            return DpFedAvgRound(self.z, max(connected, self.m), self.m, "fixed-size")
-
         def configure_fit(self, server_round, parameters, client_manager):
-            self._started = time.perf_counter()
-            self.global_weights = [a.astype(np.float32) for a in parameters_to_ndarrays(parameters)]
+            self.global_flat = self.layout.flatten_arrays(parameters_to_ndarrays(parameters))
             clients = sorted(client_manager.all().values(), key=lambda c: c.node_id)
             if len(clients) < self.m:
                 raise RuntimeError(f"{len(clients)} nodes connected, secure aggregation needs {self.m} per round")
-            if self.private and self.settings.dp_target_epsilon > 0:
-                spec = self.round_spec(len(clients))
-                after = self.accountant.epsilon_if_added(
-                    spec, delta=self.settings.dp_delta, method=self.settings.dp_accounting
-                )
-                if after > self.settings.dp_target_epsilon:
-                    self.stop_reason = (
-                        f"privacy budget: round {server_round} would take epsilon to {after:.4g} > "
-                        f"dp-target-epsilon {self.settings.dp_target_epsilon:g}"
-                    )
-                    raise PrivacyBudgetExhausted(self.stop_reason)
-            chosen = self.rng.choice(len(clients), size=self.m, replace=False)
-            config = {"server-round": server_round, "dp-clip-norm": float(self.clip)}
-            record = RoundRecord(round=server_round)
-            self.records[server_round] = record
-            return [(clients[i], FitIns(parameters, dict(config))) for i in sorted(chosen)]
+            if self.mechanism is not None:
+                self.mechanism.check_budget(server_round, len(clients))
+                # accounted as m of m clients, whatever the population
+                self._round_spec = self.mechanism.round_spec(self.m)
+            chosen = fixed_size_sample(clients, self.m, self.rng)
+            config = {"server-round": server_round, "dp-clip-norm": float(self.settings.dp_clip_norm)}
+            self.records[server_round] = RoundRecord(round=server_round)
+            return [(client, FitIns(parameters, dict(config))) for client in chosen]
 
         def aggregate_fit(self, server_round, results, failures):
             record = self.records[server_round]
@@ -129,43 +140,34 @@ def _strategy_class():
             record.clients_failed = len(failures)
             record.failures.extend(f"secure aggregation: {f!r}" for f in failures)
             k = len(results)
-            mean = [np.asarray(a, np.float64) for a in parameters_to_ndarrays(results[0][1].parameters)] if k else None
-            update_sum = (
-                np.concatenate([(k * (a - g)).ravel() for a, g in zip(mean, self.global_weights)])
-                if k
-                else np.zeros(sum(g.size for g in self.global_weights))
-            )
+            if k:
+                mean = self.layout.flatten_arrays(parameters_to_ndarrays(results[0][1].parameters), dtype=np.float64)
+                update_sum = k * (mean - self.global_flat.astype(np.float64))
+            else:
+                update_sum = np.zeros(self.layout.size)
             self.last_update_sum = update_sum
             extra: dict[str, Any] = {"secure-aggregation-clients": k}
-            if self.private:
-                update = update_sum / self.m
-                std = self.z * self.clip / self.m
-                update = update.astype(np.float32) + gaussian_noise(update.shape, std, self.rng)
-                self.accountant.add_round(self.round_spec(self.m))
+            if self.mechanism is not None:
+                if self._round_spec is None:
+                    raise RuntimeError("aggregate_fit called before configure_fit")
+                mechanism = self.mechanism
                 extra.update(
                     {
-                        "epsilon": self.accountant.epsilon(self.settings.dp_delta, self.settings.dp_accounting),
-                        "delta": self.settings.dp_delta,
-                        "noise-std": std,
-                        "clip-norm": self.clip,
-                        "noise-multiplier": self.z,
-                        "dp-rounds": self.accountant.rounds,
+                        "noise-std": mechanism.noise_std(),
+                        "clip-norm": mechanism.clip_norm,
+                        "noise-multiplier": mechanism.noise_multiplier,
                     }
                 )
+                update = mechanism.release(mechanism.mean(update_sum[None, :]), self._round_spec)
+                self._round_spec = None
+                extra.update(mechanism.metrics())
             else:
                 update = (update_sum / max(k, 1)).astype(np.float32)
             record.extra.update(extra)
             if not k:
                 return None, {}
-            new, offset = [], 0
-            for g in self.global_weights:
-                new.append(
-                    (g + self.settings.server_learning_rate * update[offset : offset + g.size].reshape(g.shape)).astype(
-                        np.float32
-                    )
-                )
-                offset += g.size
-            return ndarrays_to_parameters(new), {}
+            new_flat = self.global_flat + self.settings.server_learning_rate * update
+            return ndarrays_to_parameters(self.layout.unflatten_arrays(new_flat)), {}
 
         def evaluate(self, server_round, parameters):
             if self.evaluator is None:
@@ -193,40 +195,30 @@ def _strategy_class():
             return float(loss), {"accuracy": float(accuracy)}
 
         def state_dict(self) -> dict[str, Any]:
-            return {"privacy-accountant": self.accountant.state_dict()}
+            """The DP mechanism's state (accountant; empty without DP), for the run's checkpoint."""
+            return self.mechanism.state_dict() if self.mechanism is not None else {}
 
         def load_state_dict(self, state) -> None:
-            if "privacy-accountant" in state:
-                self.accountant = PrivacyAccountant.from_state_dict(state["privacy-accountant"])
+            if self.mechanism is not None:
+                self.mechanism.load_state_dict(state)
 
     return _SecureDpFedAvg
-
-
-def wait_for_nodes(grid, needed: int, timeout: float = NODE_WAIT_SECONDS) -> list[int]:
-    """The connected node ids once ``needed`` are there; a clear error after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while len(nodes := sorted(grid.get_node_ids())) < needed:
-        if time.monotonic() > deadline:
-            raise RuntimeError(
-                f"secure aggregation needs {needed} connected nodes per round (clients per round = "
-                f"max(min-train-clients, fraction-train x num-partitions)), but only {len(nodes)} connected "
-                f"within {timeout:.0f} s: start more SuperNodes (simulation: --clients / num-supernodes) "
-                f"or lower min-train-clients / fraction-train"
-            )
-        time.sleep(0.5)
-    return nodes
 
 
 def run_secure_rounds(
     grid,
     context: Context,
-    settings: Settings,
-    initial: ArrayRecord,
-    evaluator: Callable | None,
+    strategy,
     on_round_end: Callable[[RoundRecord, ArrayRecord], None] | None = None,
-    rng: np.random.Generator | None = None,
-) -> tuple[ArrayRecord, list[RoundRecord], Any]:
-    """Run ``num-server-rounds`` rounds of SecAgg+ (+ DP); return final arrays, history, strategy."""
+    *,
+    node_wait: float = NODE_WAIT_SECONDS,
+) -> tuple[ArrayRecord, list[RoundRecord]]:
+    """Run ``num-server-rounds`` rounds of SecAgg+ (+ DP) with ``strategy`` (a :class:`SecureDpFedAvg`,
+    whose settings, initial model and evaluator they are); return the final arrays and the history.
+
+    Raises :class:`strategies.core.nodes.NodesUnavailable` when fewer than the clients per round are
+    connected within ``node_wait`` seconds.
+    """
     from flwr.common import ConfigRecord
     from flwr.compat.common import recorddict_compat as compat
     from flwr.server import LegacyContext, ServerConfig, SimpleClientManager
@@ -238,9 +230,15 @@ def run_secure_rounds(
         default_evaluate_workflow,
     )
 
-    check_secure_aggregation(settings)
-    strategy = SecureDpFedAvg(settings, initial, evaluator, rng)
-    nodes = wait_for_nodes(grid, strategy.m)
+    settings, initial, evaluator = strategy.settings, strategy.initial, strategy.evaluator
+    nodes = wait_for_nodes(
+        grid,
+        strategy.m,
+        node_wait,
+        poll=0.5,
+        keys="secure aggregation's clients per round = max(min-train-clients, fraction-train x num-partitions)",
+        advice="start more SuperNodes (simulation: --clients / num-supernodes) or lower min-train-clients / fraction-train",
+    )
     manager = SimpleClientManager()
     run_id = getattr(getattr(grid, "run", None), "run_id", context.run_id)
     for node in nodes:
@@ -311,4 +309,4 @@ def run_secure_rounds(
         )
         if on_round_end:
             on_round_end(record, arrays)
-    return arrays, history, strategy
+    return arrays, history

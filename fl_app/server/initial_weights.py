@@ -12,12 +12,11 @@ parameters. Both sides build ``build_model(model, input_shape, num_classes, seed
 
 from __future__ import annotations
 
-import time
-
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from fl_app.config.settings import Settings
 from fl_app.task.protocol import INITIAL_WEIGHTS_QUERY as QUERY
+from strategies.core.nodes import wait_for_nodes
 
 
 def server_model(settings: Settings):
@@ -37,13 +36,14 @@ def query_initial_arrays(grid, settings: Settings, *, timeout: float | None = No
     from fl_app.server.polling import send_and_receive
 
     timeout = settings.round_timeout if timeout is None else timeout
-    deadline = time.monotonic() + timeout
-    nodes = list(grid.get_node_ids())
-    while not nodes:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"no node connected within {timeout:.0f} s to send the initial weights")
-        time.sleep(0.2)
-        nodes = list(grid.get_node_ids())
+    nodes = wait_for_nodes(
+        grid,
+        1,
+        timeout,
+        poll=0.2,
+        keys="one node sends the initial weights when centralized-evaluation=false",
+        advice="start a SuperNode, or raise round-timeout",
+    )
     message = Message(
         content=RecordDict({"config": ConfigRecord({"query": QUERY})}),
         dst_node_id=min(nodes),

@@ -22,6 +22,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fl_app.server.run_directory import RoundRecord
 from strategies.core.errors import StopTraining
+from strategies.core.nodes import NodesUnavailable
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 RoundCallback = Callable[[RoundRecord, ArrayRecord], None]
@@ -72,15 +73,12 @@ def max_of_reply_metrics(replies: Iterable[Message]) -> dict[str, float]:
     return out
 
 
-class NodesUnavailable(RuntimeError):
-    """Too few nodes stayed connected for a strategy to sample a round within the round timeout."""
-
-
 class PatientGrid:
     """A :class:`Grid` whose ``get_node_ids`` gives up once a phase has waited ``timeout`` s.
 
-    Flower's strategies sample nodes by calling ``grid.get_node_ids()`` once a second until
-    ``min_available_nodes`` are connected, without a limit: one node that crashed for good would
+    Flower's strategies, and ours through :func:`strategies.core.nodes.wait_for_nodes`, sample
+    nodes by calling ``grid.get_node_ids()`` once a second until ``min_available_nodes`` are
+    connected, without a limit: one node that crashed for good would
     stop the run. Before each phase :func:`run_rounds` calls :meth:`start_phase`; a strategy that
     is still waiting for nodes after ``timeout`` seconds gets :class:`NodesUnavailable`, and the
     round goes on without that phase. Everything else is the wrapped grid's.

@@ -1,6 +1,6 @@
 """Client replies → one K x P float32 matrix of validated updates.
 
-The server's single representation (DESIGN.md): every reply that passes validation becomes one row
+The server's single representation (docs/architecture.md): every reply that passes validation becomes one row
 ``u_k = w_k - w_global`` of a contiguous float32 matrix that is reused from round to round, decoded
 straight from the received bytes (one copy per reply, no per-layer Python lists of arrays). A reply
 that cannot be trusted is rejected with a reason and the node id, never raised:
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
@@ -33,7 +33,13 @@ Decoder = Callable[[ArrayRecord, int], np.ndarray]
 
 @dataclasses.dataclass(frozen=True)
 class ModelLayout:
-    """Names, shapes and dtypes of the global model's arrays, and their place in a flat vector."""
+    """Names, shapes and dtypes of the global model's arrays, and their place in a flat vector.
+
+    The one flatten/unflatten of the project, on the server (``ArrayRecord``: :meth:`of`,
+    :meth:`flatten`, :meth:`unflatten`) and on the client (lists of arrays as Keras gives them:
+    :meth:`of_arrays`, :meth:`flatten_arrays`, :meth:`unflatten_arrays`). Array ``i`` is
+    ``vector[offsets[i]:offsets[i+1]]``, in C order.
+    """
 
     keys: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
@@ -52,6 +58,20 @@ class ModelLayout:
             offsets.append(offsets[-1] + math.prod(array.shape))
             headers.append(_npy_header(array, key))
         return cls(tuple(keys), tuple(shapes), tuple(dtypes), tuple(offsets), tuple(headers))
+
+    @classmethod
+    def of_arrays(cls, arrays: Sequence[np.ndarray]) -> ModelLayout:
+        """The layout of a list of arrays (keys ``"0"``, ``"1"``, … as ``ArrayRecord(list)`` names them)."""
+        shapes = [tuple(np.shape(array)) for array in arrays]
+        offsets = [0]
+        for shape in shapes:
+            offsets.append(offsets[-1] + math.prod(shape))
+        return cls(
+            tuple(str(i) for i in range(len(shapes))),
+            tuple(shapes),
+            tuple(np.asarray(array).dtype for array in arrays),
+            tuple(offsets),
+        )
 
     @property
     def size(self) -> int:
@@ -107,6 +127,42 @@ class ModelLayout:
             else:
                 np.subtract(values, minus[segment], out=vector[segment], dtype=np.float32)
         return vector
+
+    def flatten_arrays(
+        self,
+        arrays: Sequence[np.ndarray],
+        *,
+        minus: np.ndarray | None = None,
+        dtype: type[np.floating] = np.float32,
+    ) -> np.ndarray:
+        """The arrays concatenated into one vector of ``dtype`` (float32 unless told otherwise).
+
+        With ``minus`` (a flat vector of the layout's size) it returns ``flat(arrays) - minus``,
+        each value cast to ``dtype`` before the subtraction (``w - g`` of a client's update, as
+        :meth:`flatten` computes it on the server). Raises ``ValueError`` when the arrays do not
+        have the layout's count and shapes.
+        """
+        if len(arrays) != len(self.shapes):
+            raise ValueError(f"{len(arrays)} arrays, the layout has {len(self.shapes)}")
+        vector = np.empty(self.size, dtype)
+        for i, array in enumerate(arrays):
+            values = np.asarray(array)
+            if values.shape != self.shapes[i]:
+                raise ValueError(f"array {i} has shape {list(values.shape)}, expected {list(self.shapes[i])}")
+            segment = slice(self.offsets[i], self.offsets[i + 1])
+            if minus is None:
+                vector[segment] = values.reshape(-1)
+            else:
+                np.subtract(values.reshape(-1), minus[segment], out=vector[segment], dtype=dtype)
+        return vector
+
+    def unflatten_arrays(self, vector: np.ndarray) -> list[np.ndarray]:
+        """The inverse of :meth:`flatten_arrays`: arrays of the layout's shapes and dtypes (views
+        of ``vector`` where its dtype is already theirs)."""
+        return [
+            vector[start:end].reshape(shape).astype(dtype, copy=False)
+            for shape, dtype, start, end in zip(self.shapes, self.dtypes, self.offsets[:-1], self.offsets[1:])
+        ]
 
     def unflatten(self, vector: np.ndarray) -> ArrayRecord:
         """The inverse of :meth:`flatten`: an ArrayRecord with the layout's names and dtypes."""
@@ -262,7 +318,7 @@ def collect_updates(
 _STREAM_CHUNK = 65536  # values per chunk of the streamed sum: a few hundred kB, cache-resident
 
 
-def _weighted_sum(
+def weighted_sum(
     rows: list[list[np.ndarray]], coefficients: np.ndarray, layout: ModelLayout, out: np.ndarray
 ) -> np.ndarray:
     """``out = sum_k c_k x_k`` for replies given as flat per-array views (float32).
@@ -312,7 +368,7 @@ def stream_weighted_mean(
         weights = np.asarray(weigh(np.asarray([entry[3] for entry in accepted], np.float64)), np.float64)
         coefficients = (weights / weights.sum()).astype(np.float32)
         with np.errstate(over="ignore", invalid="ignore"):  # found below, from the result
-            mean = _weighted_sum([entry[4] for entry in accepted], coefficients, layout, out)
+            mean = weighted_sum([entry[4] for entry in accepted], coefficients, layout, out)
             mean -= np.float32(coefficients.sum(dtype=np.float64)) * global_vector
         if np.isfinite(mean).all():
             break

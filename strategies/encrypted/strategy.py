@@ -102,14 +102,6 @@ def client_weight(num_examples: int, weighting: str) -> float:
     raise ValueError(f"he-client-weighting must be one of {', '.join(HE_WEIGHTINGS)}; got '{weighting}'")
 
 
-def clip_update(update: np.ndarray, clip_norm: float) -> np.ndarray:
-    """``u * min(1, C / ||u||_2)``; ``C <= 0`` leaves ``u`` unchanged."""
-    if clip_norm <= 0:
-        return update
-    norm = float(np.linalg.norm(update))
-    return update * (clip_norm / norm) if norm > clip_norm else update
-
-
 def apply_delta(global_flat: np.ndarray, decrypted_sum: np.ndarray, total_weight: float) -> np.ndarray:
     """``G_v = G_{v-1} + S_v / W_v`` in float64, rounded to float32 (the same on every client)."""
     if not total_weight > 0:

@@ -1,6 +1,8 @@
 """User-level differentially private federated averaging on Flower's Message API.
 
-:class:`DpFedAvgStrategy` is :class:`strategies.aggregation.strategy.AggregationStrategy` with three changes:
+:class:`DpFedAvgStrategy` is :class:`strategies.aggregation.strategy.AggregationStrategy` with three
+changes, all made by its :class:`strategies.private.central_mechanism.CentralGaussianMechanism`
+(the same mechanism as the SecAgg+ path's, :mod:`fl_app.secagg.server`):
 
 * **sampling** (``configure_train``): Poisson (each connected node joins independently with
   probability ``q``) or fixed-size (``m`` of the ``N`` connected nodes without replacement), both
@@ -36,8 +38,6 @@ Nothing here imports TensorFlow.
 from __future__ import annotations
 
 import dataclasses
-import math
-import time
 from collections.abc import Iterable, Mapping
 from logging import INFO
 from typing import Any
@@ -49,41 +49,30 @@ from flwr.serverapp import Grid
 
 from strategies.aggregation.strategy import AggregationParams, AggregationStrategy, Rule, round_params
 from strategies.core.checks import at_least, in_interval, non_negative, one_of, positive
-from strategies.core.errors import PrivacyBudgetExhausted
+from strategies.core.clipping import clip_rows
+from strategies.core.nodes import wait_for_nodes
 from strategies.core.sampling import SamplingParams
 from strategies.core.update_matrix import ModelLayout
 from strategies.private.accounting import (
-    DpFedAvgRound,
+    METHODS,
+    SAMPLINGS,
     LocalGaussianRound,
     LocalLaplaceRound,
-    PrivacyAccountant,
     RoundSpec,
-    adaptive_clipping_update_noise_multiplier,
     calibrate_noise_multiplier,
 )
-from strategies.private.mechanisms import AdaptiveClipState, gaussian_noise, secure_generator
-from strategies.robust.preaggregation import clip_rows_to_norm
+from strategies.private.central_mechanism import CentralGaussianMechanism
 from strategies.robust.rules import RULES, check_rule_conditions
 
 DP_MODES = ("central", "client-clipping", "local-gaussian", "local-laplace")
 SERVER_NOISE_MODES = ("central", "client-clipping")
-LOCAL_MODES = ("local-gaussian", "local-laplace")
-SAMPLINGS = ("poisson", "fixed-size")
-ACCOUNTING_METHODS = ("rdp", "pld")
-
-
-def rule_sensitivity(rule_name: str, clip_norm: float, expected_clients: float) -> float:
-    """Add/remove-one-client L2 sensitivity of the rule's output after clipping to ``C``.
-
-    ``mean`` (fixed denominator ``m``): ``C / m``. Every other rule: its output is clipped to the
-    ball of radius ``C`` (:meth:`DpFedAvgStrategy._bounded_rule_output`), so two outputs differ by
-    at most ``2C`` whatever the rule does.
-    """
-    return clip_norm / expected_clients if rule_name == "mean" else 2.0 * clip_norm
 
 
 class DpFedAvgStrategy(AggregationStrategy):
     """Central user-level DP-FedAvg (and the server side of client clipping and local DP).
+
+    Sampling, clipping, noise, accounting and the budget stop are those of its
+    :class:`~strategies.private.central_mechanism.CentralGaussianMechanism` (:attr:`mechanism`).
 
     Parameters
     ----------
@@ -134,136 +123,73 @@ class DpFedAvgStrategy(AggregationStrategy):
         super().__init__(rule, rule_name=rule_name, rule_params=rule_params, weighting="uniform", **kwargs)
         if mode not in DP_MODES:
             raise ValueError(f"dp-mode must be one of {', '.join(DP_MODES)}; got '{mode}'")
-        if sampling not in SAMPLINGS:
-            raise ValueError(f"dp-sampling must be one of {', '.join(SAMPLINGS)}; got '{sampling}'")
-        if accounting not in ACCOUNTING_METHODS:
-            raise ValueError(f"dp-accounting must be one of {', '.join(ACCOUNTING_METHODS)}; got '{accounting}'")
-        if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
-            raise ValueError(f"dp-noise-multiplier must be >= 0, got {noise_multiplier}")
-        if not clip_norm > 0:
-            raise ValueError(f"dp-clip-norm must be > 0, got {clip_norm}")
-        if not 0 < delta < 1:
-            raise ValueError(f"dp-delta must be in (0, 1), got {delta}")
+        if clip_quantile and mode != "central":
+            raise ValueError("adaptive clipping (dp-clip-quantile > 0) needs dp-mode='central'")
+        local_round: RoundSpec | None = None
+        if mode == "local-gaussian":
+            local_round = LocalGaussianRound(float(clip_norm), float(noise_multiplier) * float(clip_norm))
+        elif mode == "local-laplace":
+            if not local_epsilon > 0:
+                raise ValueError(f"dp-local-epsilon must be > 0 for local-laplace, got {local_epsilon}")
+            local_round = LocalLaplaceRound(float(local_epsilon))
         self.mode = mode
-        self.noise_multiplier = float(noise_multiplier)
-        self.num_clients = int(num_clients)
-        self.sampling = sampling
-        self.sampling_rate = float(sampling_rate)
-        self.clients_per_round = clients_per_round
-        if sampling == "fixed-size":
-            if clients_per_round is None or not 1 <= clients_per_round <= num_clients:
-                raise ValueError(
-                    f"fixed-size sampling needs 1 <= clients per round <= num-partitions = {num_clients}, "
-                    f"got {clients_per_round}"
-                )
-        elif not 0 < self.sampling_rate <= 1:
-            raise ValueError(f"Poisson sampling needs a rate in (0, 1] (fraction-train), got {sampling_rate}")
-        self.delta = float(delta)
-        self.accounting = accounting
-        self.target_epsilon = target_epsilon if target_epsilon and target_epsilon > 0 else None
-        self.local_epsilon = float(local_epsilon)
-        if mode == "local-laplace" and not self.local_epsilon > 0:
-            raise ValueError(f"dp-local-epsilon must be > 0 for local-laplace, got {local_epsilon}")
-        self.adaptive: AdaptiveClipState | None = None
-        if clip_quantile:
-            if mode != "central":
-                raise ValueError("adaptive clipping (dp-clip-quantile > 0) needs dp-mode='central'")
-            sigma_b = self.expected_clients / 20.0 if count_noise_std is None else float(count_noise_std)
-            self.adaptive = AdaptiveClipState(clip_norm, clip_quantile, clip_learning_rate, sigma_b)
-            # fails early if the count would use the whole budget
-            adaptive_clipping_update_noise_multiplier(self.noise_multiplier, sigma_b)
-        self.fixed_clip_norm = float(clip_norm)
-        self.accountant = PrivacyAccountant()
-        self.rng = rng if rng is not None else secure_generator()
-        self.stop_reason: str | None = None
+        self.mechanism = CentralGaussianMechanism(
+            noise_multiplier=noise_multiplier,
+            clip_norm=clip_norm,
+            num_clients=num_clients,
+            sampling=sampling,
+            sampling_rate=sampling_rate,
+            clients_per_round=clients_per_round,
+            mean=self.rule_name == "mean",
+            delta=delta,
+            accounting=accounting,
+            target_epsilon=target_epsilon,
+            clip_quantile=clip_quantile,
+            clip_learning_rate=clip_learning_rate,
+            count_noise_std=count_noise_std,
+            local_round=local_round,
+            rng=rng,
+        )
         self._round_spec: RoundSpec | None = None
         self._sampled = 0
-        self._check_accounting_supported()
-
-    # ----------------------------------------------------------------------------- quantities
 
     @property
-    def expected_clients(self) -> float:
-        """``m``: ``q N`` under Poisson sampling, the sample size under fixed-size sampling."""
-        if self.sampling == "fixed-size":
-            return float(self.clients_per_round)
-        return self.sampling_rate * self.num_clients
+    def noise_multiplier(self) -> float:
+        """``z``, the total noise multiplier."""
+        return self.mechanism.noise_multiplier
 
     @property
     def clip_norm(self) -> float:
         """The clip norm ``C`` of the next round."""
-        return self.adaptive.clip_norm if self.adaptive is not None else self.fixed_clip_norm
+        return self.mechanism.clip_norm
 
     @property
-    def update_noise_multiplier(self) -> float:
-        """The update's share of ``z`` (all of it without adaptive clipping)."""
-        if self.adaptive is None:
-            return self.noise_multiplier
-        return adaptive_clipping_update_noise_multiplier(self.noise_multiplier, self.adaptive.count_noise_std)
+    def stop_reason(self) -> str | None:
+        """Why training stopped before the last round (the privacy budget), or None."""
+        return self.mechanism.stop_reason
 
     def noise_std(self) -> float:
         """Std of the Gaussian noise on the aggregate this round (0 for local modes)."""
-        if self.mode in LOCAL_MODES:
-            return 0.0
-        return self.update_noise_multiplier * rule_sensitivity(self.rule_name, self.clip_norm, self.expected_clients)
+        return self.mechanism.noise_std()
 
-    def round_spec(self, connected: int | None = None) -> RoundSpec:
-        """What one round of this mechanism is, for the accountant.
-
-        ``connected``: nodes connected now (fixed-size sampling draws ``m`` of them, so the
-        amplification is ``m / connected``); default ``num_clients``.
-        """
-        if self.mode == "local-gaussian":
-            return LocalGaussianRound(self.clip_norm_for_local, self.noise_multiplier * self.clip_norm_for_local)
-        if self.mode == "local-laplace":
-            return LocalLaplaceRound(self.local_epsilon)
-        population = max(int(connected or self.num_clients), 1)
-        if self.sampling == "poisson":
-            return DpFedAvgRound.poisson(self.noise_multiplier, population, self.sampling_rate)
-        m = min(int(self.clients_per_round), population)
-        return DpFedAvgRound(self.noise_multiplier, population, m, "fixed-size")
-
-    @property
-    def clip_norm_for_local(self) -> float:
-        return self.fixed_clip_norm
-
-    def _check_accounting_supported(self) -> None:
-        spec = self.round_spec()
-        if (
-            self.accounting == "pld"
-            and isinstance(spec, DpFedAvgRound)
-            and spec.sampling == "fixed-size"
-            and not spec.full_participation
-        ):
-            raise ValueError(
-                "dp-accounting='pld' cannot account dp-sampling='fixed-size' (dp_accounting has no PLD "
-                "bound for sampling without replacement): use dp-accounting='rdp' or dp-sampling='poisson'"
-            )
-
-    def epsilons(self) -> dict[str, float]:
-        """Epsilon so far at ``delta``: ``epsilon`` (the configured method), ``epsilon-rdp`` and,
-        where dp_accounting supports it, ``epsilon-pld``."""
-        out = {"epsilon-rdp": self.accountant.epsilon(self.delta, "rdp")}
-        try:
-            out["epsilon-pld"] = self.accountant.epsilon(self.delta, "pld")
-        except ValueError:  # fixed-size sampling: no PLD bound
-            pass
-        out["epsilon"] = out[f"epsilon-{self.accounting}"]
-        return out
+    def sample(self, nodes: list[int]) -> list[int]:
+        """Poisson: each node independently with probability q; fixed-size: m without replacement."""
+        return self.mechanism.sample(nodes)
 
     def summary(self) -> None:
         super().summary()
+        mechanism = self.mechanism
         log(
             INFO,
             "\t├──> DP (%s): z %s, C %s, m %s (%s sampling), delta %s, %s accounting, target epsilon %s",
             self.mode,
-            self.noise_multiplier,
-            self.clip_norm,
-            self.expected_clients,
-            self.sampling,
-            self.delta,
-            self.accounting,
-            self.target_epsilon,
+            mechanism.noise_multiplier,
+            mechanism.clip_norm,
+            mechanism.expected_clients,
+            mechanism.sampling,
+            mechanism.delta,
+            mechanism.accounting,
+            mechanism.target_epsilon,
         )
 
     # ----------------------------------------------------------------------------- rounds
@@ -273,48 +199,24 @@ class DpFedAvgStrategy(AggregationStrategy):
     ) -> Iterable[Message]:
         self._layout = ModelLayout.of(arrays)
         self._global = self._layout.flatten(arrays)
-        nodes = self._wait_for_nodes(grid)
-        spec = self.round_spec(len(nodes))
-        if self.target_epsilon is not None:
-            after = self.accountant.epsilon_if_added(spec, delta=self.delta, method=self.accounting)
-            if after > self.target_epsilon:
-                now = self.accountant.epsilon(self.delta, self.accounting)
-                self.stop_reason = (
-                    f"privacy budget: round {server_round} would take epsilon from {now:.4g} to {after:.4g} "
-                    f"> dp-target-epsilon {self.target_epsilon:g} (delta {self.delta:g}); training stops "
-                    f"after {self.accountant.rounds} private rounds"
-                )
-                raise PrivacyBudgetExhausted(self.stop_reason)
+        nodes = wait_for_nodes(grid, self.min_available_nodes, None)
+        spec = self.mechanism.check_budget(server_round, len(nodes))
         sampled = self.sample(nodes)
         self._round_spec = spec
         self._sampled = len(sampled)
         log(
             INFO,
             "configure_train: %s sampling chose %d of %d nodes (expected %g)",
-            self.sampling,
+            self.mechanism.sampling,
             len(sampled),
             len(nodes),
-            self.expected_clients,
+            self.mechanism.expected_clients,
         )
         config["server-round"] = server_round
         if self.mode == "client-clipping":
             config["dp-clip-norm"] = float(self.clip_norm)
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return self._construct_messages(record, sampled, MessageType.TRAIN)
-
-    def _wait_for_nodes(self, grid: Grid) -> list[int]:
-        while len(nodes := sorted(grid.get_node_ids())) < self.min_available_nodes:
-            log(INFO, "Waiting for nodes: %d connected, %d required", len(nodes), self.min_available_nodes)
-            time.sleep(1)
-        return nodes
-
-    def sample(self, nodes: list[int]) -> list[int]:
-        """Poisson: each node independently with probability q; fixed-size: m without replacement."""
-        if self.sampling == "poisson":
-            keep = self.rng.random(len(nodes)) < self.sampling_rate
-            return [node for node, k in zip(nodes, keep) if k]
-        m = min(int(self.clients_per_round), len(nodes))
-        return [nodes[i] for i in sorted(self.rng.choice(len(nodes), size=m, replace=False))]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -336,23 +238,17 @@ class DpFedAvgStrategy(AggregationStrategy):
             "noise-std": noise_std,
             "noise-multiplier": self.noise_multiplier,
         }
+        norms: np.ndarray | None = None
         if self.mode in SERVER_NOISE_MODES:
-            norms = clip_rows_to_norm(updates, clip) if collected.count else np.zeros(0)
+            norms = self.mechanism.clip(updates)
             measurements["clipped-replies"] = int(np.sum(norms > clip))
             aggregate = self._bounded_rule_output(updates, clip)
-            aggregate += gaussian_noise(aggregate.shape, noise_std, self.rng)
-            if self.adaptive is not None:
-                self.adaptive.update(norms, self.expected_clients, self.rng)
         else:  # local DP: the updates are already private; any rule is post-processing
             aggregate = self._local_rule_output(updates)
-        # the mechanism ran (whoever replied): account the round
-        self.accountant.add_round(self._round_spec)
+        # the mechanism ran (whoever replied): noise (none for local DP) and account the round
+        self.mechanism.release(aggregate, self._round_spec, norms)
         self._round_spec = None
-        measurements.update(self.epsilons())
-        measurements["delta"] = self.delta
-        measurements["dp-rounds"] = self.accountant.rounds
-        if self.target_epsilon is not None:
-            measurements["dp-target-epsilon"] = self.target_epsilon
+        measurements.update(self.mechanism.metrics())
         new_global = self._server_step(aggregate)
         weights = np.ones(collected.count)
         metrics = self._train_metrics(collected, weights) if collected.count else MetricRecord({})
@@ -372,21 +268,19 @@ class DpFedAvgStrategy(AggregationStrategy):
 
     def _bounded_rule_output(self, clipped: np.ndarray, clip: float) -> np.ndarray:
         """``sum / m`` for the mean; otherwise the rule's output clipped to ``C`` (zero when the
-        rule cannot run on this many replies), so the sensitivity is that of :func:`rule_sensitivity`."""
+        rule cannot run on this many replies), so the sensitivity is the mechanism's
+        (:attr:`CentralGaussianMechanism.sensitivity`)."""
         size = self._layout.size
         count = clipped.shape[0]
         if self.rule_name == "mean":
-            if count == 0:
-                return np.zeros(size, np.float32)
-            total = np.einsum("ij->j", clipped, dtype=np.float64)
-            return (total / self.expected_clients).astype(np.float32)
+            return self.mechanism.mean(clipped)
         if not self._rule_can_run(count):
             return np.zeros(size, np.float32)
         params = round_params(self.rule_name, self.rule_params, count)
         output = np.array(self.rule(clipped, np.ones(count), **params), dtype=np.float32).reshape(1, -1)
         if output.shape[1] != size or not np.isfinite(output).all():
             return np.zeros(size, np.float32)
-        clip_rows_to_norm(output, clip)
+        clip_rows(output, clip)
         return output[0]
 
     def _local_rule_output(self, updates: np.ndarray) -> np.ndarray:
@@ -401,18 +295,11 @@ class DpFedAvgStrategy(AggregationStrategy):
 
     def state_dict(self) -> dict[str, Any]:
         """Momentum, the privacy accountant and the adaptive clip norm (restore all on resume)."""
-        state = super().state_dict()
-        state["privacy-accountant"] = self.accountant.state_dict()
-        if self.adaptive is not None:
-            state["adaptive-clip"] = self.adaptive.state_dict()
-        return state
+        return {**super().state_dict(), **self.mechanism.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
-        if "privacy-accountant" in state:
-            self.accountant = PrivacyAccountant.from_state_dict(state["privacy-accountant"])
-        if "adaptive-clip" in state and self.adaptive is not None:
-            self.adaptive.load_state_dict(dict(state["adaptive-clip"]))
+        self.mechanism.load_state_dict(state)
 
 
 # --------------------------------------------------------------------------------- factory
@@ -453,7 +340,7 @@ class DpParams:
     def __post_init__(self) -> None:
         one_of("dp-mode", self.mode, DP_MODES)
         one_of("dp-sampling", self.sampling, SAMPLINGS)
-        one_of("dp-accounting", self.accounting, ACCOUNTING_METHODS)
+        one_of("dp-accounting", self.accounting, METHODS)
         non_negative("dp-noise-multiplier", self.noise_multiplier)
         non_negative("dp-target-epsilon", self.target_epsilon)
         non_negative("dp-clip-count-noise", self.clip_count_noise)

@@ -1,14 +1,17 @@
 """Differential-privacy mechanisms over the K x P update matrix (pure NumPy).
 
-Rows are clients, columns are parameters, dtype float32. Every function here is vectorised over
-that matrix and draws its noise from a :class:`numpy.random.Generator` passed in by the caller;
-production code gets that generator from :func:`secure_generator`, never from NumPy's global state.
+Rows are clients, columns are parameters, dtype float32. Every function here draws its noise from
+a :class:`numpy.random.Generator` passed in by the caller; production code gets that generator
+from :func:`secure_generator`, never from NumPy's global state. Clipping to an L2 norm is
+:func:`strategies.core.clipping.clip_rows`.
 
 Mechanisms:
 
 * Central user-level DP-FedAvg (McMahan et al. 2018, "Learning Differentially Private Recurrent
   Language Models"): clip each client's update to L2 norm ``C``, sum, divide by the *expected*
-  number of clients ``m`` and add ``N(0, (z C / m)^2)`` per coordinate -- :func:`dp_fedavg`.
+  number of clients ``m`` and add ``N(0, (z C / m)^2)`` per coordinate --
+  :class:`strategies.private.central_mechanism.CentralGaussianMechanism`, built on
+  :func:`gaussian_noise`.
 * Adaptive clipping (Andrew et al. 2021, "Differentially Private Learning with Adaptive
   Clipping"): the clip norm follows a target quantile of the update norms, estimated from a
   noised count -- :class:`AdaptiveClipState`.
@@ -31,7 +34,8 @@ from typing import Any
 
 import numpy as np
 
-FloatMatrix = np.ndarray  # (K, P) float32
+from strategies.core.clipping import clip_rows
+
 FloatVector = np.ndarray
 
 
@@ -66,74 +70,6 @@ def _check_positive(name: str, value: float) -> float:
     return value
 
 
-def _check_matrix(updates: np.ndarray) -> None:
-    if updates.ndim != 2 or updates.dtype != np.float32:
-        raise ValueError(
-            f"updates must be a 2-D float32 matrix (clients x parameters), got {updates.ndim}-D {updates.dtype}"
-        )
-
-
-def row_norms(updates: FloatMatrix) -> np.ndarray:
-    """L2 norm of every row of a K x P float32 matrix, as float64 (shape ``(K,)``).
-
-    Accumulates in float64 without copying the matrix (``einsum`` casts block by block), so the
-    norms are exact to double precision even for millions of parameters; a float32 sum can be off
-    by 1e-4 relative at P = 1M, which would let clipped rows exceed the clip norm.
-    """
-    _check_matrix(updates)
-    return np.sqrt(np.einsum("ij,ij->i", updates, updates, dtype=np.float64))
-
-
-def _clip_scales(norms: np.ndarray, clip_norm: float) -> np.ndarray:
-    """Per-row factors ``min(1, C / ||u_i||)`` (exactly 1.0 for rows already within ``C``)."""
-    if not np.all(np.isfinite(norms)):
-        bad = np.flatnonzero(~np.isfinite(norms)).tolist()
-        raise ValueError(f"updates of rows {bad} are not finite (NaN or Inf); validate replies before clipping")
-    scales = np.ones_like(norms)
-    over = norms > clip_norm
-    scales[over] = clip_norm / norms[over]
-    return scales
-
-
-def clip_to_norm(
-    updates: FloatMatrix,
-    clip_norm: float,
-    *,
-    in_place: bool = False,
-    norms: np.ndarray | None = None,
-) -> tuple[FloatMatrix, np.ndarray]:
-    """Scale every row ``u_i`` of a K x P float32 matrix to ``u_i * min(1, C / ||u_i||_2)``.
-
-    Returns ``(clipped, norms)`` where ``norms`` are the L2 norms *before* clipping (float64).
-    Rows whose norm is at most ``C`` are returned bit for bit unchanged; the others end with norm
-    ``C`` up to float32 rounding (relative error ~1e-7).
-
-    ``in_place=True`` scales ``updates`` itself and returns it (no K x P allocation): use it on
-    the server's own decode buffer, never on an array the caller still needs. Pass ``norms`` when
-    they are already known (see :func:`row_norms`) to skip the pass that computes them.
-
-    Raises ``ValueError`` for a row that is not finite: clipping cannot bound NaN or Inf.
-    """
-    clip_norm = _check_positive("clip_norm", clip_norm)
-    norms = row_norms(updates) if norms is None else np.asarray(norms, dtype=np.float64)
-    if norms.shape != (updates.shape[0],):
-        raise ValueError(f"norms must have shape ({updates.shape[0]},), got {norms.shape}")
-    scales = _clip_scales(norms, clip_norm).astype(np.float32)[:, None]
-    if in_place:
-        np.multiply(updates, scales, out=updates)
-        return updates, norms
-    return updates * scales, norms
-
-
-def clip_vector(vector: FloatVector, clip_norm: float) -> tuple[FloatVector, float]:
-    """Scale a 1-D vector to L2 norm at most ``C``; returns ``(clipped copy, norm before)``."""
-    vector = np.asarray(vector, dtype=np.float32)
-    if vector.ndim != 1:
-        raise ValueError(f"vector must be 1-D, got shape {vector.shape}")
-    clipped, norms = clip_to_norm(vector[None, :], clip_norm)
-    return clipped[0], float(norms[0])
-
-
 def gaussian_noise(shape: int | tuple[int, ...], std: float, rng: np.random.Generator) -> np.ndarray:
     """float32 samples of ``N(0, std^2)``; zeros when ``std == 0``."""
     std = _check_nonnegative("noise std", std)
@@ -150,41 +86,6 @@ def laplace_noise(shape: int | tuple[int, ...], scale: float, rng: np.random.Gen
     if scale == 0.0:
         return np.zeros(shape, dtype=np.float32)
     return rng.laplace(0.0, scale, shape).astype(np.float32)
-
-
-def dp_fedavg(
-    updates: FloatMatrix,
-    clip_norm: float,
-    noise_multiplier: float,
-    expected_clients: float,
-    rng: np.random.Generator,
-    *,
-    norms: np.ndarray | None = None,
-) -> FloatVector:
-    """Central DP-FedAvg with equal weights (McMahan et al. 2018, Algorithm 1, fixed-denominator).
-
-        Delta = (1/m) * sum_i u_i * min(1, C / ||u_i||_2)  +  N(0, (z C / m)^2 I)
-
-    ``m`` is the *expected* number of clients per round (``q N`` under Poisson sampling, the
-    sample size under fixed-size sampling), not the number that replied: dividing by a
-    data-independent ``m`` keeps the sensitivity of the average at ``C / m``. Weights are equal
-    because a client-reported ``num_examples`` would be both a privacy leak and a lever for a
-    malicious client. ``updates`` is not modified; the clipped sum is one matrix-vector product.
-
-    With ``noise_multiplier = 0`` and ``clip_norm`` above every row norm this is the plain mean
-    of the rows when ``m = K``. With adaptive clipping, pass the update's noise multiplier from
-    :func:`strategies.private.accounting.adaptive_clipping_update_noise_multiplier`, not the total one.
-    """
-    _check_matrix(updates)
-    clip_norm = _check_positive("clip_norm", clip_norm)
-    noise_multiplier = _check_nonnegative("noise_multiplier", noise_multiplier)
-    expected_clients = _check_positive("expected_clients", expected_clients)
-    norms = row_norms(updates) if norms is None else np.asarray(norms, dtype=np.float64)
-    scales = _clip_scales(norms, clip_norm).astype(np.float32)
-    clipped_sum = scales @ updates
-    mean = clipped_sum / np.float32(expected_clients)
-    mean += gaussian_noise(mean.shape, noise_multiplier * clip_norm / expected_clients, rng)
-    return mean
 
 
 @dataclasses.dataclass
@@ -254,7 +155,10 @@ def local_dp_gaussian(update: FloatVector, clip_norm: float, noise_std: float, r
     ``2C`` and one call is the Gaussian mechanism with noise multiplier ``noise_std / (2C)``
     (see :class:`strategies.private.accounting.LocalGaussianRound`).
     """
-    clipped, _ = clip_vector(update, clip_norm)
+    clipped = np.array(update, dtype=np.float32)
+    if clipped.ndim != 1:
+        raise ValueError(f"update must be 1-D, got shape {clipped.shape}")
+    clip_rows(clipped[None, :], clip_norm)
     clipped += gaussian_noise(clipped.shape, noise_std, rng)
     return clipped
 

@@ -11,42 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from strategies.robust.rules import row_norms
-
-# The norms are exact to float64 precision, but scaling by max_norm / norm and rounding to
-# float32 can overshoot max_norm by up to about 2 * 2**-24 relatively; shrinking the factor by
-# 2**-22 guarantees norms <= max_norm.
-_ROUNDING_MARGIN = 1.0 - 2.0**-22
-
-
-def _check_bound(key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
-        raise ValueError(f"{key} must be a positive number, got {value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{key} must be a positive number, got {value!r}")
-    return float(value)
-
-
-def clip_rows_to_norm(updates: np.ndarray, max_norm: float) -> np.ndarray:
-    """Clip every row of ``updates`` to L2 norm at most ``max_norm``, in place.
-
-    ``x_i <- x_i * min(1, C / |x_i|)`` with ``C = max_norm``: rows within the bound are left
-    untouched (bit for bit); longer rows are scaled to norm C (a hair under it, so that float32
-    rounding can never leave a norm above C, as the sensitivity of DP noise requires).
-    Returns the rows' L2 norms before clipping (float64).
-    """
-    max_norm = _check_bound("max_norm", max_norm)
-    if not (
-        isinstance(updates, np.ndarray)
-        and updates.dtype == np.float32
-        and updates.ndim == 2
-        and updates.flags.writeable
-    ):
-        raise ValueError("updates must be a writeable K x P float32 matrix")
-    norms = row_norms(updates, float64=True)
-    for row in np.flatnonzero(norms > max_norm):
-        updates[row] *= np.float32(max_norm / norms[row] * _ROUNDING_MARGIN)
-    return norms
+from strategies.core.clipping import clip_rows, positive_number
 
 
 def norm_bound(updates: np.ndarray, bound: float) -> np.ndarray:
@@ -56,7 +21,7 @@ def norm_bound(updates: np.ndarray, bound: float) -> np.ndarray:
     ``x_i <- x_i / max(1, |x_i| / M)``, which limits how far one (boosted, model-replacement)
     update can pull the aggregate. Returns a boolean mask of the rows that were bounded.
     """
-    return clip_rows_to_norm(updates, bound) > bound
+    return clip_rows(updates, bound) > bound
 
 
 class QuantileNormBound:
@@ -79,8 +44,8 @@ class QuantileNormBound:
         if not 0.0 <= quantile <= 1.0:
             raise ValueError(f"quantile must be in [0, 1], got {quantile!r}")
         self.quantile = float(quantile)
-        self.learning_rate = _check_bound("learning_rate", learning_rate)
-        self._bound = _check_bound("initial_bound", initial_bound)
+        self.learning_rate = positive_number("learning_rate", learning_rate)
+        self._bound = positive_number("initial_bound", initial_bound)
 
     @property
     def bound(self) -> float:
@@ -92,7 +57,7 @@ class QuantileNormBound:
 
         Returns the rows' L2 norms before clipping.
         """
-        norms = clip_rows_to_norm(updates, self._bound)
+        norms = clip_rows(updates, self._bound)
         self.update(norms)
         return norms
 
@@ -113,4 +78,4 @@ class QuantileNormBound:
         """Restore the bound saved by :meth:`state_dict`."""
         if "bound" not in state:
             raise ValueError(f"QuantileNormBound state needs a 'bound', got keys {sorted(state)}")
-        self._bound = _check_bound("bound", state["bound"])
+        self._bound = positive_number("bound", state["bound"])

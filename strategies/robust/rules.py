@@ -189,22 +189,21 @@ def _median_of_sorted(block: np.ndarray) -> np.ndarray:
     return (middles * 0.5).astype(np.float32)
 
 
-def row_norms(updates: np.ndarray, center: np.ndarray | None = None, *, float64: bool = False) -> np.ndarray:
+def row_norms(updates: np.ndarray, center: np.ndarray | None = None) -> np.ndarray:
     """L2 norm of every row of ``updates`` (of ``updates[i] - center`` when given), in float64.
 
     Computed in column blocks, without a K x P temporary. Squares are summed in float32 within
-    a block (relative error around 1e-7) and in float64 across blocks; with ``float64=True``
-    they are summed in float64 throughout (about twice as slow), for bounds that must hold
-    exactly, such as a clipping norm.
+    a block (relative error around 1e-7) and in float64 across blocks: distances for the rules.
+    Bounds that must hold exactly, such as a clipping norm, use
+    :func:`strategies.core.clipping.row_norms` (float64 throughout).
     """
     updates = _as_update_matrix(updates)
-    accumulator = np.float64 if float64 else np.float32
     squares = np.zeros(updates.shape[0], dtype=np.float64)
     for columns in _column_blocks(*updates.shape):
         block = updates[:, columns]
         if center is not None:
             block = block - center[columns]
-        squares += np.einsum("ij,ij->i", block, block, dtype=accumulator)
+        squares += np.einsum("ij,ij->i", block, block, dtype=np.float32)
     return np.sqrt(squares)
 
 
