@@ -63,9 +63,23 @@ def client_scheme(settings: Settings, context: Context) -> HomomorphicScheme:
 
 
 def _info(context: Context) -> ConfigRecord:
-    if STATE_INFO not in context.state:
-        context.state[STATE_INFO] = ConfigRecord()
-    return context.state[STATE_INFO]
+    records = context.state.config_records
+    if STATE_INFO not in records:
+        records[STATE_INFO] = ConfigRecord()
+    return records[STATE_INFO]
+
+
+def _number(value: object, what: str) -> float:
+    """A config value that must be a number (the server's train config is not trusted blindly)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{what} must be a number, got {value!r}")
+    return float(value)
+
+
+def _numbers(value: object, what: str) -> list[float]:
+    if not isinstance(value, list):
+        raise ValueError(f"{what} must be a list of numbers, got {value!r}")
+    return [_number(v, what) for v in value]
 
 
 def global_weights(settings: Settings, context: Context, msg: Message) -> list[np.ndarray]:
@@ -77,20 +91,22 @@ def global_weights(settings: Settings, context: Context, msg: Message) -> list[n
             believes it received); the server then resends the chain from the initial model.
     """
     if settings.homomorphic_encryption == "none":
-        return msg.content["arrays"].to_numpy_ndarrays()
-    config = msg.content["config"]
-    target, start = int(config[protocol.CFG_TARGET]), int(config[protocol.CFG_FROM])
-    weights = [float(w) for w in config[protocol.CFG_WEIGHTS]]
-    summands = [int(k) for k in config[protocol.CFG_SUMMANDS]]
+        return msg.content.array_records["arrays"].to_numpy_ndarrays()
+    config = msg.content.config_records["config"]
+    target = int(_number(config[protocol.CFG_TARGET], protocol.CFG_TARGET))
+    start = int(_number(config[protocol.CFG_FROM], protocol.CFG_FROM))
+    weights = _numbers(config[protocol.CFG_WEIGHTS], protocol.CFG_WEIGHTS)
+    summands = [int(k) for k in _numbers(config[protocol.CFG_SUMMANDS], protocol.CFG_SUMMANDS)]
     info = _info(context)
-    stored = int(info["version"]) if "version" in info and STATE_MODEL in context.state else None
+    models = context.state.array_records
+    stored = int(_number(info["version"], "version")) if "version" in info and STATE_MODEL in models else None
 
     if stored == target:
-        base_version, arrays = target, context.state[STATE_MODEL].to_numpy_ndarrays()
+        base_version, arrays = target, models[STATE_MODEL].to_numpy_ndarrays()
     elif stored is not None and start <= stored < target:
-        base_version, arrays = stored, context.state[STATE_MODEL].to_numpy_ndarrays()
-    elif start == 0 and len(msg.content["arrays"]) > 0:
-        base_version, arrays = 0, msg.content["arrays"].to_numpy_ndarrays()
+        base_version, arrays = stored, models[STATE_MODEL].to_numpy_ndarrays()
+    elif start == 0 and len(msg.content.array_records["arrays"]) > 0:
+        base_version, arrays = 0, msg.content.array_records["arrays"].to_numpy_ndarrays()
     else:
         raise ValueError(
             f"{protocol.OUT_OF_DATE}: this node holds global version {stored}, the message carries "
@@ -100,7 +116,7 @@ def global_weights(settings: Settings, context: Context, msg: Message) -> list[n
     started = time.perf_counter()
     if base_version < target:
         scheme = client_scheme(settings, context)
-        chain = msg.content[protocol.CHAIN_KEY]
+        chain = msg.content.array_records[protocol.CHAIN_KEY]
         layout = ModelLayout.of_arrays(arrays)
         flat = layout.flatten_arrays(arrays)
         for version in range(base_version + 1, target + 1):
@@ -109,10 +125,10 @@ def global_weights(settings: Settings, context: Context, msg: Message) -> list[n
             decrypted = scheme.decrypt_sum(ciphertexts, flat.size, summands[index])
             flat = protocol.apply_delta(flat, decrypted, weights[index])
         arrays = layout.unflatten_arrays(flat)
-        context.state[STATE_MODEL] = ArrayRecord(arrays)
+        models[STATE_MODEL] = ArrayRecord(arrays)
         info[protocol.MET_DECRYPT] = time.perf_counter() - started  # the latest decryption
-    elif STATE_MODEL not in context.state or stored != target:
-        context.state[STATE_MODEL] = ArrayRecord(arrays)
+    elif STATE_MODEL not in models or stored != target:
+        models[STATE_MODEL] = ArrayRecord(arrays)
     info["version"] = target
     return arrays
 
@@ -140,8 +156,8 @@ def reply_metrics(settings: Settings, context: Context) -> dict[str, float | int
     if settings.homomorphic_encryption == "none":
         return {}
     info = _info(context)
-    metrics: dict[str, float | int] = {protocol.MET_BASE: int(info["version"])}
+    metrics: dict[str, float | int] = {protocol.MET_BASE: int(_number(info["version"], "version"))}
     for key in (protocol.MET_DECRYPT, protocol.MET_ENCRYPT):
-        if key in info and math.isfinite(float(info[key])):
-            metrics[key] = float(info[key])
+        if key in info and math.isfinite(seconds := _number(info[key], key)):
+            metrics[key] = seconds
     return metrics

@@ -56,7 +56,9 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from strategies.core.checks import in_interval, non_negative, one_of
 from strategies.core.update_matrix import ModelLayout
+from strategies.encrypted.ckks import CkksParameters
 from strategies.encrypted.keys import load_server_scheme
+from strategies.encrypted.paillier import PaillierParameters
 from strategies.encrypted.scheme import HomomorphicScheme
 from strategies.encrypted.security import HE_STANDARD_MAX_COEFF_BITS
 
@@ -237,13 +239,16 @@ def check_key_parameters(scheme: HomomorphicScheme, params: EncryptionParams) ->
             f"generate one with: python scripts/make_he_keys.py --scheme {params.scheme} --out-dir keys/"
         )
     key_params = scheme.parameters
-    if scheme.name == "ckks":
+    checks: tuple[tuple[str, int, int, str], ...]
+    if isinstance(key_params, CkksParameters):
         checks = (
             ("he-ckks-poly-degree", params.ckks_poly_degree, key_params.poly_modulus_degree, "--ckks-poly-degree"),
             ("he-ckks-scale-bits", params.ckks_scale_bits, key_params.scale_bits, "--ckks-scale-bits"),
         )
-    else:
+    elif isinstance(key_params, PaillierParameters):
         checks = (("he-paillier-key-bits", params.paillier_key_bits, key_params.key_bits, "--paillier-bits"),)
+    else:
+        raise EncryptionConfigError(f"he-public-key-path holds parameters of an unknown scheme: {key_params!r}")
     for key, configured, actual, flag in checks:
         if configured != actual:
             raise EncryptionConfigError(
@@ -500,12 +505,12 @@ class EncryptedFedAvg(FedAvg):
         )
         self._chain_bytes_sent = 0
         for key in (MET_ENCRYPT, MET_DECRYPT):
-            values = [float(m[key]) for _, _, m in accepted if isinstance(m.get(key), (int, float))]
+            values = [float(v) for _, _, m in accepted if isinstance(v := m.get(key), (int, float))]
             if values:
                 measurements[f"{key}-mean"] = float(np.mean(values))
                 measurements[f"{key}-max"] = float(np.max(values))
         for key in ("train-loss", "train-accuracy"):
-            pairs = [(float(m[key]), w) for _, w, m in accepted if isinstance(m.get(key), (int, float))]
+            pairs = [(float(v), w) for _, w, m in accepted if isinstance(v := m.get(key), (int, float))]
             if pairs:
                 measurements[key] = sum(v * w for v, w in pairs) / sum(w for _, w in pairs)
         return None, MetricRecord(measurements)
@@ -538,7 +543,7 @@ class EncryptedFedAvg(FedAvg):
         }
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         with path.open("wb") as handle:
-            np.savez(handle, **arrays)
+            np.savez(handle, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as bool
         return path
 
     def state_dict(self) -> dict[str, Any]:
