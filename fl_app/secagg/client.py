@@ -8,43 +8,40 @@ from __future__ import annotations
 import functools
 
 from flwr.app import Context, Message
+from flwr.client import NumPyClient
 
 
-class SecureKerasClient:
+def secure_keras_client(context: Context) -> NumPyClient:
     """Flower's legacy ``NumPyClient`` around :class:`~fl_app.task.keras_client.KerasClient`: clips (or noises)
     the update on the device and reports one example, so SecAgg+'s weighted mean is the plain mean."""
+    from fl_app.client.node_client import make_client, partition_id_of, settings_from_context
+    from fl_app.client.update_privacy import dp_sgd_report, maybe_fail, private_weights
 
-    def __new__(cls, context: Context):
-        from flwr.client import NumPyClient
+    inner = make_client(context)
+    settings = settings_from_context(context)
+    partition_id = partition_id_of(context)
 
-        from fl_app.client.node_client import make_client, partition_id_of, settings_from_context
-        from fl_app.client.update_privacy import dp_sgd_report, maybe_fail, private_weights
+    class _Client(NumPyClient):
+        def get_parameters(self, config):
+            return inner.get_parameters(config)
 
-        inner = make_client(context)
-        settings = settings_from_context(context)
-        partition_id = partition_id_of(context)
+        def fit(self, parameters, config):
+            config = dict(config)
+            server_round = int(config.get("server-round", 0))
+            maybe_fail(settings, partition_id, server_round)
+            weights, num_examples, metrics = inner.fit(parameters, config)
+            metrics.update(dp_sgd_report(settings, num_examples, server_round))
+            weights = private_weights(settings, parameters, weights, config)
+            return weights, 1, {**metrics, "partition-id": partition_id}
 
-        class _Client(NumPyClient):
-            def get_parameters(self, config):
-                return inner.get_parameters(config)
+        def evaluate(self, parameters, config):
+            return inner.evaluate(parameters, config)
 
-            def fit(self, parameters, config):
-                config = dict(config)
-                server_round = int(config.get("server-round", 0))
-                maybe_fail(settings, partition_id, server_round)
-                weights, num_examples, metrics = inner.fit(parameters, config)
-                metrics.update(dp_sgd_report(settings, num_examples, server_round))
-                weights = private_weights(settings, parameters, weights, config)
-                return weights, 1, {**metrics, "partition-id": partition_id}
-
-            def evaluate(self, parameters, config):
-                return inner.evaluate(parameters, config)
-
-        return _Client()
+    return _Client()
 
 
 def _client_fn(context: Context):
-    return SecureKerasClient(context).to_client()
+    return secure_keras_client(context).to_client()
 
 
 @functools.cache

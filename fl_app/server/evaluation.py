@@ -11,7 +11,10 @@ from fl_app.config.settings import Settings
 def model_spec(settings: Settings) -> tuple[tuple[int, ...], int, tuple[np.ndarray, np.ndarray] | None]:
     """(input shape, number of classes, server test set or None) for the configured data."""
     if settings.dataset == "local-file":
-        return settings.parsed_input_shape(), settings.num_classes, None
+        shape = settings.parsed_input_shape()
+        if shape is None:  # Settings.validate requires it; this keeps the promise explicit
+            raise ValueError("dataset='local-file' needs input-shape so that the server builds the nodes' model")
+        return shape, settings.num_classes, None
     from fl_app.task.data import federated_data
 
     data = federated_data(settings)

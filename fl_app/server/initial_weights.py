@@ -55,4 +55,4 @@ def query_initial_arrays(grid, settings: Settings, *, timeout: float | None = No
     reply = replies[0]
     if reply.has_error():
         raise RuntimeError(f"node {min(nodes)} failed to send the initial weights: {reply.error.reason}")
-    return reply.content["arrays"]
+    return reply.content.array_records["arrays"]
