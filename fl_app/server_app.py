@@ -79,7 +79,8 @@ def main(grid: Grid, context: Context) -> None:
     if settings.secure_aggregation:  # Flower's legacy SecAgg+ workflow (fl_app.secagg.server)
         from fl_app.secagg.server import run_secure_rounds
 
-        arrays, _, strategy = run_secure_rounds(grid, context, settings, initial, evaluator, on_round_end)
+        arrays, _, secure_strategy = run_secure_rounds(grid, context, settings, initial, evaluator, on_round_end)
+        stop_reason = secure_strategy.stop_reason
     else:
         arrays, _ = run_rounds(
             recorder,
@@ -93,9 +94,13 @@ def main(grid: Grid, context: Context) -> None:
             min_train_replies=settings.min_train_replies,
             sampling_seed=settings.seed,
         )
+        stop_reason = strategy.stop_reason
 
     if encrypted:  # G_0 + the encrypted chain; a key holder runs scripts/decrypt_model.py
-        model_file = strategy.save_encrypted_model(run_dir.file("encrypted-model.npz"))
+        from strategies.encrypted.strategy import EncryptedFedAvg
+
+        assert isinstance(strategy.inner, EncryptedFedAvg)
+        model_file = strategy.inner.save_encrypted_model(run_dir.file("encrypted-model.npz"))
     elif model is not None:
         model.set_weights(arrays.to_numpy_ndarrays())
         model_file = run_dir.file("model.keras")
@@ -121,7 +126,7 @@ def main(grid: Grid, context: Context) -> None:
     if export_report is not None:
         summary["export ready"] = export_report["ready"]
         summary["export check report"] = export_report["report_file"]
-    summary.update(privacy_summary(history, getattr(strategy, "stop_reason", None)))
+    summary.update(privacy_summary(history, stop_reason))
     run_dir.write_json("summary.json", summary)
     log(INFO, "")
     for key, value in summary.items():

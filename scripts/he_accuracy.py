@@ -91,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
             num_rounds=settings.num_server_rounds,
         )
         he_seconds = time.perf_counter() - started
-        flat = reconstruct(load_client_scheme(secret), np.concatenate([w.ravel() for w in initial]), strategy.deltas)
+        flat = reconstruct(
+            load_client_scheme(secret), np.concatenate([w.ravel() for w in initial]), strategy.inner.deltas
+        )
 
     weights, offset = [], 0
     for w in initial:
