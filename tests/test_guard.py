@@ -177,6 +177,21 @@ def test_the_guard_checks_against_the_arrays_of_the_current_round():
     assert arrays is not None and guard.rejections() == []
 
 
+def test_fedadam_keeps_a_float32_model_float32_so_float32_replies_stay_valid():
+    """FedAdam steps in float64; without the cast every honest reply of round 2 would be rejected."""
+    guard = GuardedStrategy(INNER["fedadam"]())
+    arrays = ArrayRecord(global_arrays())
+    for server_round in (1, 2, 3):
+        list(guard.configure_train(server_round, arrays, ConfigRecord({}), FakeGrid(NODES, lambda m: m)))
+        # clients train a float32 Keras model: their replies are float32 whatever they received
+        replies = [
+            reply(node, [(w + 0.1 * node).astype(np.float32) for w in arrays.to_numpy_ndarrays()]) for node in (1, 2)
+        ]
+        arrays, _ = guard.aggregate_train(server_round, replies)
+        assert guard.rejections() == [] and {a.dtype for a in arrays.to_numpy_ndarrays()} == {np.dtype(np.float32)}
+    assert np.isfinite(flat(arrays)).all() and not np.allclose(flat(arrays), 0.5)
+
+
 def test_a_round_of_only_bad_replies_aggregates_nothing():
     rng = np.random.default_rng(3)
     for name in INNER:

@@ -14,6 +14,10 @@ sees them:
   positive whole number;
 * arrays named, shaped and typed like the global arrays sent in ``configure_train``, all finite.
 
+What the inner strategy returns keeps the model's dtypes (Flower's FedAdam, FedYogi and FedAdagrad
+step in float64 and would turn a float32 model into float64, after which every client's float32
+reply would differ from it) and must be finite.
+
 A rejected reply is removed and recorded as ``"node <id>: rejected: <reason>"`` (:meth:`rejections`).
 An inner strategy that validates its replies itself (``validates_replies``, e.g. our
 :class:`~strategies.aggregation.strategy.AggregationStrategy`, which also decodes compressed
@@ -28,7 +32,8 @@ from collections.abc import Iterable, Mapping
 from logging import INFO, WARNING
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvgM, Strategy
@@ -133,8 +138,9 @@ class GuardedStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Screen ``replies`` (unless the inner strategy validates them) and aggregate the rest.
 
-        Raises ValueError when the inner strategy turns valid replies into NaN or infinite
-        arrays (e.g. an optimiser's moments overflowing): the round loop then keeps the model.
+        The inner strategy's arrays come back in the dtypes of the arrays sent. Raises ValueError
+        when it turns valid replies into NaN or infinite values (e.g. an optimiser's moments
+        overflowing): the round loop then keeps the model.
         """
         self._rejections = []
         reporting = self._reporting
@@ -147,14 +153,29 @@ class GuardedStrategy(Strategy):
             raise RuntimeError("aggregate_train called before configure_train")
         kept = self._screen(server_round, list(replies))
         arrays, metrics = self.inner.aggregate_train(server_round, kept)
-        if arrays is not None:
-            for key, array in arrays.items():
-                if not finite_values(array.numpy()):
-                    raise ValueError(
-                        f"{type(self.inner).__name__} aggregated the round's valid replies into NaN or "
-                        f"infinite values (array '{key}'); the global model is kept"
-                    )
-        return arrays, metrics
+        if arrays is None:
+            return None, metrics
+        values = self._in_model_dtypes(arrays)
+        for key, array in values.items():
+            if not finite_values(array):
+                raise ValueError(
+                    f"{type(self.inner).__name__} aggregated the round's valid replies into NaN or "
+                    f"infinite values (array '{key}'); the global model is kept"
+                )
+        if all(array.dtype == values[key].dtype for key, array in arrays.items()):
+            return arrays, metrics
+        return ArrayRecord(array_dict={key: Array(array) for key, array in values.items()}), metrics
+
+    def _in_model_dtypes(self, arrays: ArrayRecord) -> dict[str, np.ndarray]:
+        """The arrays, each cast to the dtype of the sent array of the same name (if any)."""
+        assert self._layout is not None
+        dtypes = dict(zip(self._layout.keys, self._layout.dtypes))
+        values = {}
+        for key, array in arrays.items():
+            value = array.numpy()
+            with np.errstate(over="ignore"):  # values beyond the dtype become inf, found by the caller
+                values[key] = value.astype(dtypes.get(key, value.dtype), copy=False)
+        return values
 
     def _screen(self, server_round: int, replies: list[Message]) -> list[Message]:
         """The replies the inner strategy may see (error replies included); the others are
