@@ -16,7 +16,7 @@ from __future__ import annotations
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fl_app.attacks.poisoning import poison_weights
+from fl_app.attacks.poisoning import poison_num_examples, poison_weights
 from fl_app.client.encryption import global_weights as received_global_weights
 from fl_app.client.encryption import reply_metrics
 from fl_app.client.node_client import client_fn, make_client, partition_id_of, settings_from_context
@@ -65,7 +65,7 @@ def train(msg: Message, context: Context) -> Message:
                     **metrics,
                     **reply_metrics(settings, context),
                     "partition-id": partition_id,
-                    "num-examples": num_examples,
+                    "num-examples": poison_num_examples(settings, partition_id, num_examples),
                 }
             ),
         }

@@ -82,6 +82,7 @@ def main(grid: Grid, context: Context) -> None:
         # the strategy that runs the rounds is the one whose state (the DP accountant) each checkpoint saves
         strategy = SecureDpFedAvg(settings, initial, evaluator)
         arrays, _ = run_secure_rounds(grid, context, strategy, on_round_end)
+        stop_reason = strategy.stop_reason
     else:
         arrays, _ = run_rounds(
             recorder,
@@ -95,9 +96,13 @@ def main(grid: Grid, context: Context) -> None:
             min_train_replies=settings.min_train_replies,
             sampling_seed=settings.seed,
         )
+        stop_reason = strategy.stop_reason
 
     if encrypted:  # G_0 + the encrypted chain; a key holder runs scripts/decrypt_model.py
-        model_file = strategy.save_encrypted_model(run_dir.file("encrypted-model.npz"))
+        from strategies.encrypted.strategy import EncryptedFedAvg
+
+        assert isinstance(strategy.inner, EncryptedFedAvg)
+        model_file = strategy.inner.save_encrypted_model(run_dir.file("encrypted-model.npz"))
     elif model is not None:
         model.set_weights(arrays.to_numpy_ndarrays())
         model_file = run_dir.file("model.keras")
@@ -123,7 +128,7 @@ def main(grid: Grid, context: Context) -> None:
     if export_report is not None:
         summary["export ready"] = export_report["ready"]
         summary["export check report"] = export_report["report_file"]
-    summary.update(privacy_summary(history, getattr(strategy, "stop_reason", None)))
+    summary.update(privacy_summary(history, stop_reason))
     run_dir.write_json("summary.json", summary)
     log(INFO, "")
     for key, value in summary.items():

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         he_seconds = time.perf_counter() - started
         layout = ModelLayout.of_arrays(initial)
-        flat = reconstruct(load_client_scheme(secret), layout.flatten_arrays(initial), strategy.deltas)
+        flat = reconstruct(load_client_scheme(secret), layout.flatten_arrays(initial), strategy.inner.deltas)
 
     weights = layout.unflatten_arrays(flat)
     evaluator = CentralEvaluator(model, *test_set)

@@ -13,7 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fl_app.attacks import catalogue as attacks
-from fl_app.config.choices import select_attackers
+from fl_app.attacks.poisoning import poison_num_examples, poison_weights
+from fl_app.config.choices import ATTACK_NAMES, select_attackers
+from fl_app.config.settings import Settings
 
 
 @pytest.fixture
@@ -124,6 +126,29 @@ def test_wrong_shapes_never_match_the_model():
     assert model[0].shape == (4, 3)  # inputs untouched
 
 
+def test_float64_keeps_names_and_shapes_but_not_the_dtype():
+    model = [np.ones((4, 3), np.float32), np.arange(3, dtype=np.float32)]
+    sent = attacks.float64_arrays(model)
+    assert [a.shape for a in sent] == [(4, 3), (3,)] and all(a.dtype == np.float64 for a in sent)
+    np.testing.assert_array_equal(sent[1], [0.0, 1.0, 2.0])
+    assert model[0].dtype == np.float32  # inputs untouched
+
+
+def test_negative_examples_reports_minus_five_whatever_the_count():
+    assert attacks.negative_examples(120) == attacks.negative_examples(1) == -5
+
+
+def test_client_side_reply_attacks_act_only_on_their_partitions():
+    settings = Settings(attack="float64,negative-examples", attack_ids="0,1", num_partitions=4)
+    model = [np.zeros((2, 2), np.float32), np.zeros(2, np.float32)]
+    trained = [w + 1 for w in model]
+    assert all(a.dtype == np.float64 for a in poison_weights(settings, 0, model, trained, 1))
+    assert poison_num_examples(settings, 0, 50) == 50  # float64 leaves the count alone
+    assert poison_weights(settings, 1, model, trained, 1) is trained  # negative-examples leaves the arrays
+    assert poison_num_examples(settings, 1, 50) == -5
+    assert poison_num_examples(settings, 2, 50) == 50 and poison_weights(settings, 2, model, trained, 1) is trained
+
+
 def test_registry_names_and_levels():
     assert set(attacks.ATTACKS) == {
         "label-flip",
@@ -134,9 +159,13 @@ def test_registry_names_and_levels():
         "ipm",
         "nan",
         "wrong-shapes",
+        "float64",
+        "negative-examples",
     }
+    assert set(attacks.ATTACKS) == set(ATTACK_NAMES)
     assert attacks.ATTACKS["label-flip"].level == "data"
-    assert attacks.ATTACKS["wrong-shapes"].level == "arrays"
+    assert attacks.ATTACKS["wrong-shapes"].level == attacks.ATTACKS["float64"].level == "arrays"
+    assert attacks.ATTACKS["negative-examples"].level == "examples"
     assert {name for name, a in attacks.ATTACKS.items() if a.omniscient} == {"alie", "ipm"}
     rng = np.random.default_rng(0)
     for name, attack in attacks.ATTACKS.items():

@@ -10,6 +10,7 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fl_app.config.settings import Settings, SettingsError
+from strategies.aggregation.guard import GuardedStrategy
 from strategies.core.clipping import clip_rows
 from strategies.encrypted import strategy as protocol
 from strategies.encrypted.keys import generate_keys, load_client_scheme, load_server_scheme
@@ -180,7 +181,7 @@ def test_bad_replies_are_rejected_with_node_ids(keys):
     )
     _, metrics = strategy.aggregate_train(1, [good, stale, short, garbage])
     assert metrics["accepted-replies"] == 1 and metrics["rejected-replies"] == 3
-    lines = " ".join(strategy.last_rejections)
+    lines = " ".join(strategy.rejections())
     node = [m.metadata.dst_node_id for m in messages]
     assert f"node {node[1]}: rejected: trained from global version 7" in lines
     assert f"node {node[2]}: rejected: ckks ciphertext 0 holds 100 values, expected 310" in lines
@@ -251,7 +252,7 @@ def test_server_refuses_the_secret_key_and_never_reads_it(keys, monkeypatch):
     from fl_app.server.strategy_setup import make_strategy
 
     config = he_config(keys, "ckks")
-    strategy = make_strategy(Settings.from_run_config(config))
+    strategy = make_strategy(Settings.from_run_config(config)).inner
     assert isinstance(strategy, EncryptedFedAvg) and not strategy.scheme.can_decrypt
     # the only file besides Python sources (a lazy scipy import reads its own) is the public key
     assert [path for path in read if not path.endswith(".py")] == [str(keys["ckks"][1].resolve())]
@@ -320,13 +321,14 @@ def run_encrypted(config: dict, num_rounds: int, first_round: int = 1, grid=None
     from fl_app.task.models import build_model
 
     settings = Settings.from_run_config(config)
-    strategy = strategy or make_strategy(settings)
+    run_config = settings.to_run_config()
+    guarded = make_strategy(settings) if strategy is None else GuardedStrategy(strategy)
     shape, classes, _ = model_spec(settings)
     tf.keras.utils.set_random_seed(settings.seed)
     initial = ArrayRecord(build_model(settings.model, shape, classes, settings.seed).get_weights())
-    grid = grid or LocalGrid(settings.to_run_config(), settings.num_partitions)
-    _, history = run_rounds(grid, strategy, initial, num_rounds=num_rounds, first_round=first_round)
-    return strategy, grid, history, initial
+    grid = grid or LocalGrid(run_config, settings.num_partitions)
+    _, history = run_rounds(grid, guarded, initial, num_rounds=num_rounds, first_round=first_round)
+    return guarded.inner, grid, history, initial
 
 
 BASE = {

@@ -24,6 +24,7 @@ from fl_app.server.checkpoint import (
 )
 from fl_app.server.round_loop import run_rounds
 from fl_app.server.run_directory import RoundRecord
+from strategies.aggregation.guard import GuardedStrategy
 
 
 @pytest.fixture(autouse=True)
@@ -148,12 +149,12 @@ def test_builtin_server_optimizer_state_survives_a_restart(tmp_path, factory):
 
     uninterrupted, _ = run(factory(), 1, _arrays(), kwargs["num_rounds"])
 
-    first = factory()
+    first = GuardedStrategy(factory())
     after_two, history = run(first, 1, _arrays(), 2)
     save_checkpoint(tmp_path, 2, after_two.to_numpy_ndarrays(), history, first, {"seed": 42})
     checkpoint = load_checkpoint(tmp_path)
     assert checkpoint.round == 2 and len(checkpoint.history) == 2
-    resumed_strategy = factory()
+    resumed_strategy = GuardedStrategy(factory())
     restore_strategy_state(resumed_strategy, checkpoint.strategy_state)
     resumed, _ = run(resumed_strategy, 3, ArrayRecord(checkpoint.weights), 3)
 
@@ -183,25 +184,26 @@ def test_state_dict_protocol_round_trips_nested_arrays(tmp_path):
     strategy = StatefulStrategy()
     strategy.clip = 0.25
     history = [RoundRecord(round=1, failures=["node 3: x"], extra={"epsilon": 1.5})]
-    save_checkpoint(tmp_path, 1, [np.ones(2)], history, strategy, {"a": 1})
+    save_checkpoint(tmp_path, 1, [np.ones(2)], history, GuardedStrategy(strategy), {"a": 1})
     fresh = StatefulStrategy()
     checkpoint = load_checkpoint(tmp_path)
-    restore_strategy_state(fresh, checkpoint.strategy_state)
+    restore_strategy_state(GuardedStrategy(fresh), checkpoint.strategy_state)
     assert fresh.clip == 0.25 and fresh.steps == 4
     np.testing.assert_array_equal(fresh.noise[0], np.arange(3.0))
     np.testing.assert_array_equal(fresh.noise[1]["inner"], np.eye(2))
     assert checkpoint.history == history and checkpoint.run_config == {"a": 1}
-    with pytest.raises(CheckpointError, match="has no load_state_dict"):
-        restore_strategy_state(FedAvg(), checkpoint.strategy_state)
+    with pytest.raises(CheckpointError, match=r"strategy FedAvg keeps \[\]; resume with the same strategy"):
+        restore_strategy_state(GuardedStrategy(FedAvg()), checkpoint.strategy_state)
 
 
 def test_checkpoint_errors_name_the_problem(tmp_path):
     with pytest.raises(CheckpointError, match="holds no checkpoint"):
         load_checkpoint(tmp_path)
-    save_checkpoint(tmp_path, 3, [np.zeros((2, 2))], [], FedAdam(), {})
-    assert strategy_state(FedAdam()) == {"attributes": {"m_t": None, "v_t": None}}
+    save_checkpoint(tmp_path, 3, [np.zeros((2, 2))], [], GuardedStrategy(FedAdam()), {})
+    assert strategy_state(GuardedStrategy(FedAdam())) == {"state_dict": {"m_t": None, "v_t": None}}
+    assert json.loads((tmp_path / "checkpoint" / "state.json").read_text())["strategy-class"].endswith(".FedAdam")
     with pytest.raises(CheckpointError, match="resume with the same strategy"):
-        restore_strategy_state(FedAvgM(), load_checkpoint(tmp_path).strategy_state)
+        restore_strategy_state(GuardedStrategy(FedAvgM()), load_checkpoint(tmp_path).strategy_state)
     with pytest.raises(CheckpointError, match=r"array shapes \[\(2, 2\)\]"):
         check_compatible(load_checkpoint(tmp_path), [np.zeros(3)])
     # an output directory's 'latest' leads to its newest run
@@ -209,9 +211,16 @@ def test_checkpoint_errors_name_the_problem(tmp_path):
     (tmp_path / "out" / "latest").write_text(str(tmp_path) + "\n")
     assert load_checkpoint(tmp_path / "out").round == 3
     # a second save replaces the first and leaves no temporary folder behind
-    save_checkpoint(tmp_path, 4, [np.zeros((2, 2))], [], FedAdam(), {})
+    save_checkpoint(tmp_path, 4, [np.zeros((2, 2))], [], GuardedStrategy(FedAdam()), {})
     assert json.loads((tmp_path / "checkpoint" / "state.json").read_text())["round"] == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "out"]
+
+
+def test_checkpoints_of_unguarded_strategies_still_restore():
+    """Checkpoints written before the guard kept Flower's optimizer state under 'attributes'."""
+    strategy = GuardedStrategy(FedAvgM(server_momentum=0.9))
+    restore_strategy_state(strategy, {"attributes": {"momentum_vector": {"0": np.ones(3)}}})
+    np.testing.assert_array_equal(strategy.inner.momentum_vector["0"], np.ones(3))
 
 
 def test_deployment_settings():

@@ -113,7 +113,7 @@ def test_strategy_streams_only_a_plain_mean_and_gives_the_same_model():
     for a, b in zip(ours.to_numpy_ndarrays(), reference.to_numpy_ndarrays()):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
     assert metrics["rejected-replies"] == reference_metrics["rejected-replies"] == 1
-    assert plain.last_rejections == bounded.last_rejections
+    assert plain.rejections() == bounded.rejections()
 
 
 def test_strategy_falls_back_to_the_matrix_when_the_streamed_mean_overflows():
@@ -130,4 +130,4 @@ def test_strategy_falls_back_to_the_matrix_when_the_streamed_mean_overflows():
     (arrays, metrics), (reference, reference_metrics) = round_of(streamed, g, replies), round_of(matrix, g, replies)
     assert arrays is None and reference is None  # every update x - w overflows: all rejected, round skipped
     assert dict(metrics) == dict(reference_metrics)
-    assert streamed.last_rejections == matrix.last_rejections
+    assert streamed.rejections() == matrix.rejections()

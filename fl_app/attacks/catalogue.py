@@ -9,8 +9,9 @@ weights minus global weights); ``honest_updates`` is a K_h x P matrix of the hon
 updates for omniscient attacks (ALIE, IPM), ``None`` otherwise. The result is the flat float32
 update the attacker sends instead. Inputs are never modified.
 
-Besides those, :func:`flip_labels` poisons a client's training data and :func:`wrong_shapes`
-corrupts the list of arrays a client sends. :data:`ATTACKS` names them all (the names the run config accepts are
+Besides those, :func:`flip_labels` poisons a client's training data, :func:`wrong_shapes` and
+:func:`float64_arrays` corrupt the list of arrays a client sends, and :func:`negative_examples`
+forges the example count it reports. :data:`ATTACKS` names them all (the names the run config accepts are
 :data:`fl_app.config.choices.ATTACK_NAMES`; a test keeps the two equal).
 """
 
@@ -195,7 +196,24 @@ def wrong_shapes(arrays: list[np.ndarray]) -> list[np.ndarray]:
     return [reshaped.copy(), *(np.array(array, copy=True) for array in arrays[1:-1])]
 
 
-AttackLevel = Literal["data", "update", "arrays"]
+def float64_arrays(arrays: list[np.ndarray]) -> list[np.ndarray]:
+    """Dtype fault: the client's arrays sent as float64 (what a client built with another
+    framework default or a careless cast sends): right names and shapes, twice the bytes, and a
+    dtype no float32 model has."""
+    return [np.asarray(array, dtype=np.float64) for array in arrays]
+
+
+NEGATIVE_EXAMPLES = -5
+
+
+def negative_examples(num_examples: int) -> int:
+    """Forged weight: report ``num-examples = -5`` whatever the client trained on. FedAvg weighs
+    by the reported count, so a negative one subtracts the client's model from the average (or,
+    with a total near zero, blows it up)."""
+    return NEGATIVE_EXAMPLES
+
+
+AttackLevel = Literal["data", "update", "arrays", "examples"]
 
 
 @dataclass(frozen=True)
@@ -204,7 +222,9 @@ class Attack:
 
     ``level`` says where it applies: ``"data"`` to the training labels (:func:`flip_labels`),
     ``"update"`` to the flat update (the common signature above), ``"arrays"`` to the list of
-    arrays sent (:func:`wrong_shapes`). ``omniscient`` update attacks need ``honest_updates``.
+    arrays sent (:func:`wrong_shapes`, :func:`float64_arrays`), ``"examples"`` to the
+    ``num-examples`` reported (:func:`negative_examples`). ``omniscient`` update attacks need
+    ``honest_updates``.
     """
 
     fn: Callable[..., Any]
@@ -221,4 +241,6 @@ ATTACKS: dict[str, Attack] = {
     "ipm": Attack(ipm, "update", omniscient=True),
     "nan": Attack(nan_update, "update"),
     "wrong-shapes": Attack(wrong_shapes, "arrays"),
+    "float64": Attack(float64_arrays, "arrays"),
+    "negative-examples": Attack(negative_examples, "examples"),
 }

@@ -7,7 +7,8 @@ partition-id order runs the (j mod len)-th, e.g. ``attack='nan,wrong-shapes' att
 
 * on the client, in the message it really sends: ``label-flip`` poisons the training labels;
   ``sign-flip`` (-s u), ``scaling`` (s u), ``gaussian`` (N(0, sigma^2)) and ``nan`` replace the
-  update; ``wrong-shapes`` corrupts the arrays. The server's validation sees them as they are.
+  update; ``wrong-shapes`` and ``float64`` corrupt the arrays; ``negative-examples`` reports
+  ``num-examples = -5``. The server's validation sees them as they are.
 * on the server, for the omniscient attacks ``alie`` and ``ipm``, which need the honest clients'
   updates of the round (the papers assume omniscience): :class:`OmniscientAttack` is an update
   hook of :class:`~strategies.aggregation.strategy.AggregationStrategy` that rewrites the attackers' rows after
@@ -45,6 +46,14 @@ def poison_labels(settings: Settings, partition_id: int, y: np.ndarray, num_clas
     return y
 
 
+def poison_num_examples(settings: Settings, partition_id: int, num_examples: int) -> int:
+    """The ``num-examples`` partition ``partition_id`` reports: the true count, or its attack's forgery."""
+    name = settings.attack_of(partition_id)
+    if name != "none" and ATTACKS[name].level == "examples":
+        return ATTACKS[name].fn(num_examples)
+    return num_examples
+
+
 def poison_weights(
     settings: Settings,
     partition_id: int,
@@ -60,7 +69,7 @@ def poison_weights(
     if attack.level == "arrays":
         return attack.fn(weights)
     if attack.level != "update" or attack.omniscient:
-        return weights  # data-level attacks acted before training; omniscient ones act on the server
+        return weights  # data attacks acted before training, examples attacks forge the count; omniscient: server
     layout = ModelLayout.of_arrays(global_weights)
     flat_global = layout.flatten_arrays(global_weights)
     update = layout.flatten_arrays(weights, minus=flat_global)

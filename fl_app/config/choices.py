@@ -17,7 +17,18 @@ DATASETS = ("digits", "synthetic", "local-file", "huggingface")
 PARTITIONERS = ("iid", "dirichlet", "shards")
 OPTIMIZERS = ("sgd", "adam")
 MODEL_NAMES = ("logreg", "mlp", "cnn")
-ATTACK_NAMES = ("label-flip", "sign-flip", "gaussian", "scaling", "nan", "wrong-shapes", "alie", "ipm")
+ATTACK_NAMES = (
+    "label-flip",
+    "sign-flip",
+    "gaussian",
+    "scaling",
+    "nan",
+    "wrong-shapes",
+    "float64",
+    "negative-examples",
+    "alie",
+    "ipm",
+)
 EXPORT_FORMATS = ("keras", "savedmodel", "tflite")
 TFLITE_TYPES = ("float32", "int8")
 

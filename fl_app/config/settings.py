@@ -210,7 +210,7 @@ class Settings:
     attack: str = _key(
         "none",
         "none or " + _choices(ATTACK_NAMES) + ", comma-separated",
-        "`none`, `label-flip`, `sign-flip`, `scaling`, `gaussian`, `alie`, `ipm`, `nan`, `wrong-shapes`; a comma-separated list gives the j-th attacker (in partition order) the (j mod len)-th",
+        "`none`, `label-flip`, `sign-flip`, `scaling`, `gaussian`, `alie`, `ipm`, `nan`, `wrong-shapes`, `float64`, `negative-examples`; a comma-separated list gives the j-th attacker (in partition order) the (j mod len)-th",
     )
     attack_fraction: float = _key(0.0, "[0, 1)", "fraction of partitions that attack (drawn with `seed`)")
     attack_ids: str = _key(

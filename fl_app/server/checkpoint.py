@@ -10,11 +10,12 @@ After every round the ServerApp writes ``<run dir>/checkpoint/``::
 The folder is written under a temporary name and renamed into place, so a process killed while
 writing leaves the previous checkpoint intact.
 
-Strategy state follows the project's protocol: a strategy MAY define ``state_dict() -> dict``
-(JSON-able values or numpy arrays, nested in dicts and lists) and ``load_state_dict(state)``.
-Flower's built-in server optimizers keep their state in attributes instead, which are saved here:
-``m_t`` and ``v_t`` of FedAdam / FedYogi / FedAdagrad (Reddi et al. 2021, "Adaptive Federated
-Optimization"), and ``momentum_vector`` of FedAvgM (Hsu et al. 2019).
+Strategy state is what the server's strategy (a :class:`~strategies.aggregation.guard.GuardedStrategy`)
+gives through :class:`~strategies.core.reporting.RoundReporting`: ``state_dict() -> dict`` (JSON-able
+values or numpy arrays, nested in dicts and lists) and ``load_state_dict(state)``. The guard passes
+on its inner strategy's own ``state_dict``, or the attributes in which Flower's built-in server
+optimizers keep theirs: ``m_t`` and ``v_t`` of FedAdam / FedYogi / FedAdagrad (Reddi et al. 2021,
+"Adaptive Federated Optimization"), and ``momentum_vector`` of FedAvgM (Hsu et al. 2019).
 
 ``resume-from=<run dir>`` in the run config continues from the last completed round.
 """
@@ -30,6 +31,8 @@ from typing import Any
 import numpy as np
 
 from fl_app.server.run_directory import RoundRecord
+from strategies.aggregation.guard import GuardedStrategy
+from strategies.core.reporting import RoundReporting
 
 CHECKPOINT_DIR = "checkpoint"
 _ARRAY = "__ndarray__"
@@ -53,44 +56,22 @@ class Checkpoint:
 # --------------------------------------------------------------------------- strategy state
 
 
-def _builtin_attributes(strategy: object) -> tuple[str, ...]:
-    from flwr.serverapp.strategy import FedAvgM
-    from flwr.serverapp.strategy.fedopt import FedOpt
-
-    if isinstance(strategy, FedOpt):
-        return ("m_t", "v_t")
-    if isinstance(strategy, FedAvgM):
-        return ("momentum_vector",)
-    return ()
+def strategy_state(strategy: RoundReporting) -> dict[str, Any]:
+    """The strategy's resumable state, as the checkpoint stores it."""
+    return {"state_dict": strategy.state_dict()}
 
 
-def strategy_state(strategy: object) -> dict[str, Any]:
-    """The strategy's resumable state: its ``state_dict()``, or the built-ins' attributes."""
-    if callable(getattr(strategy, "state_dict", None)):
-        return {"state_dict": strategy.state_dict()}
-    return {"attributes": {name: getattr(strategy, name) for name in _builtin_attributes(strategy)}}
+def restore_strategy_state(strategy: RoundReporting, state: dict[str, Any]) -> None:
+    """Put ``state`` (from :func:`strategy_state`) back into a freshly built strategy.
 
-
-def restore_strategy_state(strategy: object, state: dict[str, Any]) -> None:
-    """Put ``state`` (from :func:`strategy_state`) back into a freshly built strategy."""
-    if "state_dict" in state:
-        loader = getattr(strategy, "load_state_dict", None)
-        if not callable(loader):
-            raise CheckpointError(
-                f"the checkpoint holds a state_dict but strategy {type(strategy).__name__} has no "
-                "load_state_dict(); resume with the strategy that wrote it"
-            )
-        loader(state["state_dict"])
-        return
-    attributes = state.get("attributes", {})
-    expected = set(_builtin_attributes(strategy))
-    if set(attributes) != expected:
-        raise CheckpointError(
-            f"the checkpoint's strategy state has {sorted(attributes)} but strategy "
-            f"{type(strategy).__name__} keeps {sorted(expected)}; resume with the same strategy"
-        )
-    for name, value in attributes.items():
-        setattr(strategy, name, value)
+    Checkpoints written before strategies were guarded keep Flower's optimizer attributes under
+    ``attributes``; they are restored the same way.
+    """
+    saved = state["state_dict"] if "state_dict" in state else state.get("attributes", {})
+    try:
+        strategy.load_state_dict(saved)
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"the checkpoint's strategy state cannot be restored: {err}") from err
 
 
 # --------------------------------------------------------------------------- (de)serialisation
@@ -121,12 +102,17 @@ def _join_arrays(value: Any, arrays: Any) -> Any:
     return value
 
 
+def _class_name(strategy: object) -> str:
+    """The strategy's class as ``module.QualifiedName``, for whoever reads the checkpoint."""
+    return f"{type(strategy).__module__}.{type(strategy).__qualname__}"
+
+
 def save_checkpoint(
     run_dir: str | Path,
     server_round: int,
     weights: list[np.ndarray],
     history: list[RoundRecord],
-    strategy: object,
+    strategy: RoundReporting,
     run_config: dict[str, Any],
 ) -> Path:
     """Write ``<run_dir>/checkpoint`` atomically (temporary folder, then rename)."""
@@ -144,7 +130,7 @@ def save_checkpoint(
         "round": server_round,
         "history": [dataclasses.asdict(r) for r in history],
         "strategy": state,
-        "strategy-class": f"{type(strategy).__module__}.{type(strategy).__qualname__}",
+        "strategy-class": _class_name(strategy.inner if isinstance(strategy, GuardedStrategy) else strategy),
         "run-config": run_config,
     }
     (tmp / "state.json").write_text(json.dumps(_split_arrays(payload, {}), indent=1) + "\n", encoding="utf-8")

@@ -3,7 +3,10 @@
 :func:`run_rounds` drives any Message-API strategy (Flower's built-ins and ours) through
 ``configure_train → send → aggregate_train → configure_evaluate → send → aggregate_evaluate →
 centralized evaluation``, exactly as ``Strategy.start`` does, and in addition records per round who
-replied, who failed and why, bytes sent and received, and time. It never lets a client's reply
+replied, who failed and why, bytes sent and received, and time. The strategy runs inside a
+:class:`~strategies.aggregation.guard.GuardedStrategy`, so no unscreened train reply reaches it, and
+the loop reads what it rejected, why it stopped and its own minimum of replies through the guard's
+:class:`~strategies.core.reporting.RoundReporting` interface only. It never lets a client's reply
 crash the server: if a strategy's aggregation raises, the round keeps the previous global model and
 the error goes into the history.
 """
@@ -21,6 +24,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fl_app.server.run_directory import RoundRecord
+from strategies.aggregation.guard import GuardedStrategy
 from strategies.core.errors import StopTraining
 from strategies.core.nodes import NodesUnavailable
 
@@ -140,9 +144,11 @@ def run_rounds(
 ) -> tuple[ArrayRecord, list[RoundRecord]]:
     """Run rounds ``first_round..num_rounds``; return the final arrays and the history.
 
-    A round with fewer than ``min_train_replies`` valid training replies keeps the previous global
-    model (and says so in the history). Nodes that do not answer within ``timeout`` are recorded
-    as failures. With ``sampling_seed``, Python's ``random`` (which Flower's strategies sample
+    ``strategy`` is guarded (:meth:`GuardedStrategy.around`) unless it is already. A round with
+    fewer than ``min_train_replies`` training replies (or the strategy's own lower bound,
+    ``min_train_replies`` of its RoundReporting) keeps the previous global model (and says so in
+    the history); the replies the guard or strategy rejects are recorded as failures. Nodes that
+    do not answer within ``timeout`` are recorded as failures. With ``sampling_seed``, Python's ``random`` (which Flower's strategies sample
     nodes with) is seeded with ``(sampling_seed, round)`` before each round, so a resumed run
     samples as an uninterrupted one would from the same nodes.
 
@@ -153,8 +159,10 @@ def run_rounds(
     history: list[RoundRecord] = []
     arrays = initial_arrays
     grid = PatientGrid(grid)
+    guarded = GuardedStrategy.around(strategy)
     # a strategy may lower the bar: DP-FedAvg runs its mechanism (noise) on an empty Poisson sample
-    min_train_replies = min(min_train_replies, getattr(strategy, "min_train_replies", min_train_replies))
+    if guarded.min_train_replies is not None:
+        min_train_replies = min(min_train_replies, guarded.min_train_replies)
     if evaluate_fn is not None and first_round == 1:
         record = RoundRecord(round=0)
         started = time.perf_counter()
@@ -171,9 +179,7 @@ def run_rounds(
 
         grid.start_phase(timeout)
         try:
-            messages = list(
-                strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config or {})), grid)
-            )
+            messages = list(guarded.configure_train(server_round, arrays, ConfigRecord(dict(train_config or {})), grid))
         except StopTraining as err:  # e.g. the privacy budget: end after the last completed round
             log(WARNING, "Training stops before round %d: %s", server_round, err)
             break
@@ -203,13 +209,13 @@ def run_rounds(
             new_arrays, train_metrics = None, None
         else:
             try:
-                new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+                new_arrays, train_metrics = guarded.aggregate_train(server_round, replies)
             except Exception as err:  # a strategy that trusts its clients must not stop the run
                 log(WARNING, "Round %d: aggregation failed, the global model is kept: %r", server_round, err)
                 record.failures.append(f"aggregation: {err!r}")
                 new_arrays, train_metrics = None, None
-            # strategies that validate replies say which they rejected (error replies are counted above)
-            record.failures.extend(getattr(strategy, "last_rejections", []))
+            # the replies the guard or the strategy rejected (error replies are counted above)
+            record.failures.extend(guarded.rejections())
         if new_arrays is not None:
             arrays = new_arrays
         if train_metrics is not None:
@@ -222,7 +228,7 @@ def run_rounds(
         grid.start_phase(timeout)
         try:
             eval_messages = list(
-                strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(evaluate_config or {})), grid)
+                guarded.configure_evaluate(server_round, arrays, ConfigRecord(dict(evaluate_config or {})), grid)
             )
         except NodesUnavailable as err:
             record.failures.append(f"evaluate sampling: {err}")
@@ -233,7 +239,7 @@ def run_rounds(
             eval_failures += missing_replies(eval_messages, eval_replies, timeout)
             record.failures.extend(f"evaluate {line}" for line in eval_failures)
             try:
-                federated = strategy.aggregate_evaluate(server_round, eval_replies)
+                federated = guarded.aggregate_evaluate(server_round, eval_replies)
             except Exception as err:
                 log(WARNING, "Round %d: evaluation aggregation failed: %r", server_round, err)
                 record.failures.append(f"evaluate aggregation: {err!r}")

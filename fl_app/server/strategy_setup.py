@@ -1,14 +1,17 @@
-"""The configured strategy, with what the server adds around it (simulated attacks, decoders)."""
+"""The configured strategy, guarded, with what the server adds around it (simulated attacks, decoders)."""
 
 from __future__ import annotations
 
+from flwr.serverapp.strategy import Strategy
+
 from fl_app.config.settings import Settings, codec_from_settings
+from strategies.aggregation.guard import GuardedStrategy
 from strategies.aggregation.strategy import AggregationStrategy
 from strategies.compression.decoder import UpdateDecoder
 from strategies.registry import build_strategy
 
 
-def attach_simulated_attack(settings: Settings, strategy) -> None:
+def attach_simulated_attack(settings: Settings, strategy: Strategy) -> None:
     """Omniscient attacks (ALIE, IPM) act on the server, inside our aggregation strategy."""
     from fl_app.attacks.catalogue import ATTACKS
 
@@ -24,27 +27,31 @@ def attach_simulated_attack(settings: Settings, strategy) -> None:
     strategy.update_hooks.append(OmniscientAttack(settings))
 
 
-def make_strategy(settings: Settings) -> object:
-    """The configured strategy, built from the settings' typed parameters; with homomorphic
+def make_strategy(settings: Settings) -> GuardedStrategy:
+    """The configured strategy, built from the settings' typed parameters, inside a
+    :class:`GuardedStrategy` so that no unscreened train reply reaches it; with homomorphic
     encryption the server loads only the public key (``he-public-key-path``; ``he-secret-key-path``
     is never read here)."""
     if settings.homomorphic_encryption != "none":
         from strategies.encrypted.strategy import build_encrypted_strategy
 
-        return build_encrypted_strategy(
-            settings.encryption_params(),
-            strategy=settings.strategy,
-            aggregation=settings.aggregation_params(),
-            proximal_mu=settings.proximal_mu,
+        return GuardedStrategy(
+            build_encrypted_strategy(
+                settings.encryption_params(),
+                strategy=settings.strategy,
+                aggregation=settings.aggregation_params(),
+                proximal_mu=settings.proximal_mu,
+            )
         )
     strategy = build_strategy(settings.strategy, settings.strategy_params())
     attach_simulated_attack(settings, strategy)
     attach_compression(settings, strategy)
-    return strategy
+    return GuardedStrategy(strategy)
 
 
-def attach_compression(settings: Settings, strategy) -> UpdateDecoder | None:
-    """Give ``strategy`` the decoder of the configured codec (None when compression is off).
+def attach_compression(settings: Settings, strategy: Strategy) -> UpdateDecoder | None:
+    """Give ``strategy`` the decoder of the configured codec (None when compression is off); the
+    strategy passes each round's number to it.
 
     Raises ValueError when compression is on and ``strategy`` is not one of our aggregation
     strategies (Flower's built-ins would average the payload arrays as if they were weights).
@@ -59,11 +66,4 @@ def attach_compression(settings: Settings, strategy) -> UpdateDecoder | None:
         )
     decoder = UpdateDecoder(codec_from_settings(settings))
     strategy.decoder = decoder
-    aggregate_train = strategy.aggregate_train
-
-    def aggregate_train_at_round(server_round, replies):
-        decoder.server_round = server_round
-        return aggregate_train(server_round, replies)
-
-    strategy.aggregate_train = aggregate_train_at_round
     return decoder

@@ -8,13 +8,15 @@ TFF's aggregator factories nest)::
             ──weights────> a_k: uniform | num-examples | num-examples capped at c * median
             ──bound──────> u_k <- u_k * min(1, M / |u_k|)  (fixed M, or M tracking a norm quantile)
             ──rule───────> v = rule(U, a)  (mean, median, trimmed mean, Krum, Bulyan, …)
-            ──finalize───> (subclasses: e.g. DP noise)
             ──server step> m <- beta * m + v ;  w <- w + eta * m
 
-Replies with wrong shapes or dtypes, NaN/Inf, an update norm above ``max_update_norm`` or a forged
-``num-examples`` are rejected and logged with the node id; the round goes on with the rest. A round
-with fewer valid replies than the rule needs is skipped (the global model is kept) with a warning.
-Sampling, evaluation and metric aggregation are FedAvg's.
+Replies with wrong shapes or dtypes, NaN/Inf, an update norm above ``max_update_norm``, a forged
+``num-examples`` or a node's second reply are rejected (:mod:`strategies.core.replies`) and logged
+with the node id; the round goes on with the rest. A round with fewer valid replies than the rule
+needs is skipped (the global model is kept) with a warning. Sampling, evaluation and metric
+aggregation are FedAvg's. The strategy implements :class:`~strategies.core.reporting.RoundReporting`
+and validates its replies itself, so a :class:`~strategies.aggregation.guard.GuardedStrategy`
+around it only forwards them (a plain mean stays streamed from the reply bytes).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from strategies.core.checks import at_least, in_interval, non_negative, one_of, positive
+from strategies.core.replies import is_client_error
 from strategies.core.sampling import SamplingParams
 from strategies.core.update_matrix import (
     CollectedUpdates,
@@ -88,6 +91,8 @@ def blas_thread_limit(threads: int | None) -> contextlib.AbstractContextManager:
 class AggregationStrategy(FedAvg):
     """Validation → pre-aggregation → ``rule`` → server step, on Flower's Message API.
 
+    Implements :class:`~strategies.core.reporting.RoundReporting` (it validates its replies).
+
     Parameters
     ----------
     rule : ``rule(updates, weights, **rule_params) -> update`` (see :mod:`strategies.robust.rules`)
@@ -100,11 +105,19 @@ class AggregationStrategy(FedAvg):
         geometric update, without noise), starting at ``norm_bound`` (or 1.0)
     server_learning_rate, server_momentum : eta and beta of the server step (1, 0: plain update)
     min_valid_replies : skip a round with fewer valid replies
-    decoder : decodes compressed uploads (ArrayRecord, P) -> update; None: replies carry weights
+    decoder : decodes compressed uploads (ArrayRecord, P, server_round) -> update; None: replies
+        carry weights
     blas_threads : BLAS threads while aggregating (Gram matrix, matrix-vector products); None:
         the library's default (all cores)
     **sampling : FedAvg's ``fraction_train``, ``min_train_nodes``, …
     """
+
+    validates_replies = True
+    """:meth:`aggregate_train` screens every reply (:mod:`strategies.core.replies`) while decoding it."""
+    stop_reason: str | None = None
+    """Why training ended early; None: it did not (subclasses with a budget set it)."""
+    min_train_replies: int | None = None
+    """No bound of its own on the replies a round needs: the run config's ``min-train-replies``."""
 
     def __init__(
         self,
@@ -145,7 +158,7 @@ class AggregationStrategy(FedAvg):
         self._layout: ModelLayout | None = None
         self._global: np.ndarray | None = None
         self._momentum: np.ndarray | None = None
-        self.last_rejections: list[str] = []  # "node <id>: <reason>" of the last aggregate_train
+        self._rejections: list[str] = []  # "node <id>: <reason>" of the last aggregate_train
 
     def summary(self) -> None:
         super().summary()
@@ -200,7 +213,6 @@ class AggregationStrategy(FedAvg):
                 self.rule_name,
             )
             return None, MetricRecord({**measurements, "round-skipped": 1})
-        aggregate = self.finalize_update(server_round, aggregate, collected, measurements)
         new_global = self._server_step(aggregate)
         metrics = self._train_metrics(collected, weights)
         metrics.update(measurements)
@@ -234,6 +246,7 @@ class AggregationStrategy(FedAvg):
             self._buffer,
             max_norm=self.max_update_norm,
             decoder=self.decoder,
+            server_round=server_round,
         )
         self._log_rejections(server_round, collected)
         return collected
@@ -241,12 +254,11 @@ class AggregationStrategy(FedAvg):
     def _streams_mean(self) -> bool:
         """Whether the round is a plain weighted mean that needs no update matrix: the rule is
         :func:`~strategies.robust.rules.weighted_mean` and no hook, bound, norm limit or decoder
-        looks at single updates, and no subclass's ``finalize_update`` may want them."""
+        looks at single updates."""
         return (
             self.rule is weighted_mean
             and not self.update_hooks
             and self.decoder is None
-            and type(self).finalize_update is AggregationStrategy.finalize_update
             and self.max_update_norm is None
             and self.fixed_norm_bound is None
             and self.adaptive_bound is None
@@ -270,19 +282,14 @@ class AggregationStrategy(FedAvg):
         return streamed
 
     def _log_rejections(self, server_round: int, collected: CollectedUpdates) -> None:
-        self.last_rejections = [line for line in collected.rejections if ": client error: " not in line]
+        self._rejections = [line for line in collected.rejections if not is_client_error(line)]
         for line in collected.rejections:
             log(WARNING, "Round %d: %s", server_round, line)
 
-    def finalize_update(
-        self,
-        server_round: int,
-        aggregate: np.ndarray,
-        collected: CollectedUpdates,
-        measurements: dict[str, float],
-    ) -> np.ndarray:
-        """Hook after the rule (e.g. DP noise); the identity here."""
-        return aggregate
+    def rejections(self) -> list[str]:
+        """The replies the last :meth:`aggregate_train` rejected, as ``"node <id>: <reason>"``
+        (error replies are not listed: the round loop records them)."""
+        return list(self._rejections)
 
     # ----------------------------------------------------------------------------- pieces
 

@@ -9,16 +9,16 @@ from strategies.compression.codecs import Codec, payload_from_array_record
 
 
 class UpdateDecoder:
-    """``decoder(record, P) -> update`` for :func:`strategies.core.update_matrix.collect_updates`.
+    """``decoder(record, P, server_round=r) -> update``, the
+    :class:`~strategies.core.update_matrix.Decoder` of :func:`strategies.core.update_matrix.collect_updates`.
 
-    ``server_round`` must be set before a round's replies are decoded (random-mask rebuilds its
-    mask from it); the strategy does that.
+    The aggregation strategy passes the round its replies answer (random-mask rebuilds its mask
+    from it); the decoder keeps no state between rounds.
     """
 
     def __init__(self, codec: Codec) -> None:
         self.codec = codec
-        self.server_round = 0
 
-    def __call__(self, record: ArrayRecord, size: int) -> np.ndarray:
+    def __call__(self, record: ArrayRecord, size: int, *, server_round: int) -> np.ndarray:
         payload = payload_from_array_record(record)
-        return self.codec.decode(payload, size, round_seed=self.server_round)
+        return self.codec.decode(payload, size, round_seed=server_round)

@@ -5,9 +5,9 @@ The server's single representation (docs/architecture.md): every reply that pass
 straight from the received bytes (one copy per reply, no per-layer Python lists of arrays). A reply
 that cannot be trusted is rejected with a reason and the node id, never raised:
 
-* an error reply (the client failed);
-* not exactly one ``ArrayRecord`` and one ``MetricRecord``, or ``num-examples`` missing, not a
-  positive finite number;
+* the checks of :mod:`strategies.core.replies`: an error reply (the client failed), a second
+  reply of a node, not exactly one ``ArrayRecord`` and one ``MetricRecord``, or ``num-examples``
+  missing or not a positive whole number;
 * arrays whose names, shapes or dtypes differ from the global model's (or a compressed payload
   that does not decode);
 * NaN or infinite values;
@@ -18,17 +18,23 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.common.constant import SType
 from scipy.linalg.blas import saxpy  # at import, so that BLAS thread limits (threadpoolctl) see its library
 
+from strategies.core.replies import finite_values, rejection, screen_replies
 from strategies.core.wire_format import payload_from_array_record
 
-Decoder = Callable[[ArrayRecord, int], np.ndarray]
-"""Turns a reply's ArrayRecord into a length-P float32 *update* (for compressed uploads)."""
+
+class Decoder(Protocol):
+    """Turns a reply's ArrayRecord into a length-P float32 *update* (for compressed uploads);
+    ``server_round`` is the round the reply answers (random masks are rebuilt from it)."""
+
+    def __call__(self, record: ArrayRecord, size: int, *, server_round: int) -> np.ndarray: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,45 +221,6 @@ class CollectedUpdates:
         return len(self.node_ids)
 
 
-def _reply_records(message: Message) -> tuple[ArrayRecord, MetricRecord]:
-    content = message.content
-    arrays, metrics = list(content.array_records.values()), list(content.metric_records.values())
-    if len(arrays) != 1 or len(metrics) != 1:
-        raise ValueError(
-            f"a reply must hold one ArrayRecord and one MetricRecord, got {len(arrays)} and {len(metrics)}"
-        )
-    return arrays[0], metrics[0]
-
-
-def _num_examples(metrics: MetricRecord) -> float:
-    if "num-examples" not in metrics:
-        raise ValueError("the MetricRecord has no 'num-examples'")
-    value = metrics["num-examples"]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"num-examples must be a positive number, got {value!r}")
-    return float(value)
-
-
-def _screened(
-    replies: Iterable[Message], rejections: list[tuple[int, str]]
-) -> Iterator[tuple[int, int, ArrayRecord, MetricRecord, float]]:
-    """``(index, node, arrays, metrics, num-examples)`` of each reply that is not an error and holds
-    one ArrayRecord and one MetricRecord with a valid ``num-examples``; every other reply is
-    appended to ``rejections`` as ``(index, "node <id>: <reason>")``."""
-    for index, message in enumerate(replies):
-        node = message.metadata.src_node_id
-        if message.has_error():
-            rejections.append((index, f"node {node}: client error: {message.error.reason}"))
-            continue
-        try:
-            record, metrics = _reply_records(message)
-            count = _num_examples(metrics)
-        except ValueError as err:
-            rejections.append((index, f"node {node}: rejected: {err}"))
-            continue
-        yield index, node, record, metrics, count
-
-
 def _finite_norm(vector: np.ndarray) -> float:
     """L2 norm of a float32 vector, or a ValueError if it holds NaN or Inf.
 
@@ -278,11 +245,13 @@ def collect_updates(
     *,
     max_norm: float | None = None,
     decoder: Decoder | None = None,
+    server_round: int = 0,
 ) -> CollectedUpdates:
     """Validate ``replies`` and write ``w_k - w_global`` (or the decoded update) into ``buffer``.
 
     Row order follows the order of the valid replies. ``decoder`` (for compressed uploads) maps a
-    reply's ArrayRecord to its update directly; without it a reply carries full weights.
+    reply's ArrayRecord of round ``server_round`` to its update directly; without it a reply
+    carries full weights.
     """
     replies = list(replies)
     matrix = buffer.rows(len(replies), layout.size)
@@ -290,22 +259,22 @@ def collect_updates(
     metrics_list: list[MetricRecord] = []
     examples: list[float] = []
     rejections: list[tuple[int, str]] = []
-    for index, node, record, metrics, count in _screened(replies, rejections):
+    for screened in screen_replies(replies, rejections):
         row = matrix[len(node_ids)]
         try:
             if decoder is None:
-                layout.flatten(record, out=row, minus=global_vector)
+                layout.flatten(screened.arrays, out=row, minus=global_vector)
             else:
-                row[:] = decoder(record, layout.size)
+                row[:] = decoder(screened.arrays, layout.size, server_round=server_round)
             norm = _finite_norm(row)
             if max_norm is not None and norm > max_norm:
                 raise ValueError(f"update norm {norm:.4g} exceeds max-update-norm {max_norm:.4g}")
         except ValueError as err:
-            rejections.append((index, f"node {node}: rejected: {err}"))
+            rejections.append((screened.index, rejection(screened.node, err)))
             continue
-        node_ids.append(node)
-        metrics_list.append(metrics)
-        examples.append(count)
+        node_ids.append(screened.node)
+        metrics_list.append(screened.metrics)
+        examples.append(screened.num_examples)
     return CollectedUpdates(
         matrix[: len(node_ids)],
         np.asarray(examples, np.float64),
@@ -358,11 +327,13 @@ def stream_weighted_mean(
     """
     accepted: list[tuple[int, int, MetricRecord, float, list[np.ndarray]]] = []
     rejections: list[tuple[int, str]] = []
-    for index, node, record, metrics, count in _screened(replies, rejections):
+    for screened in screen_replies(replies, rejections):
         try:
-            accepted.append((index, node, metrics, count, layout.views(record)))
+            views = layout.views(screened.arrays)
         except ValueError as err:
-            rejections.append((index, f"node {node}: rejected: {err}"))
+            rejections.append((screened.index, rejection(screened.node, err)))
+            continue
+        accepted.append((screened.index, screened.node, screened.metrics, screened.num_examples, views))
     mean: np.ndarray | None = None
     while accepted:
         weights = np.asarray(weigh(np.asarray([entry[3] for entry in accepted], np.float64)), np.float64)
@@ -372,11 +343,11 @@ def stream_weighted_mean(
             mean -= np.float32(coefficients.sum(dtype=np.float64)) * global_vector
         if np.isfinite(mean).all():
             break
-        finite = [all(np.isfinite(view).all() for view in entry[4]) for entry in accepted]
+        finite = [all(finite_values(view) for view in entry[4]) for entry in accepted]
         if all(finite):
             return None
         rejections += [
-            (entry[0], f"node {entry[1]}: rejected: the update holds NaN or infinite values")
+            (entry[0], rejection(entry[1], "the update holds NaN or infinite values"))
             for entry, ok in zip(accepted, finite)
             if not ok
         ]

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from logging import INFO, WARNING
@@ -55,6 +54,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from strategies.core.checks import in_interval, non_negative, one_of
+from strategies.core.replies import ScreenedReply, is_client_error, rejection, screen_replies
 from strategies.core.update_matrix import ModelLayout
 from strategies.encrypted.ckks import CkksParameters
 from strategies.encrypted.keys import load_server_scheme
@@ -316,7 +316,17 @@ class EncryptedFedAvg(FedAvg):
     clip_norm : L2 bound the clients clip their update to before encrypting (0: off)
     train_config : extra keys sent in every train config (e.g. ``proximal-mu`` for FedProx)
     **sampling : FedAvg's ``fraction_train``, ``min_train_nodes``, …
+
+    Implements :class:`~strategies.core.reporting.RoundReporting`: it validates its replies
+    (ciphertexts, which a plaintext check would reject) itself.
     """
+
+    validates_replies = True
+    """:meth:`aggregate_train` screens every reply (:mod:`strategies.core.replies`, then the ciphertexts)."""
+    stop_reason: str | None = None
+    """It never ends training early."""
+    min_train_replies: int | None = None
+    """No bound of its own: the run config's ``min-train-replies``."""
 
     def __init__(
         self,
@@ -344,7 +354,7 @@ class EncryptedFedAvg(FedAvg):
         self.node_versions: dict[int, int] = {}  # version each node confirmed holding
         self._sent: dict[int, int] = {}  # node -> target version of the last message sent to it
         self._chain_bytes_sent = 0  # encrypted-sum bytes in messages since the last aggregate_train
-        self.last_rejections: list[str] = []
+        self._rejections: list[str] = []
 
     @property
     def version(self) -> int:
@@ -437,20 +447,19 @@ class EncryptedFedAvg(FedAvg):
 
     # ----------------------------------------------------------------------------- aggregation
 
-    def _check_reply(self, reply: Message, size: int) -> tuple[list[bytes], float, MetricRecord]:
-        content = reply.content
-        if len(content.array_records) != 1 or len(content.metric_records) != 1:
-            raise ValueError("a reply must hold one ArrayRecord and one MetricRecord")
-        metrics = next(iter(content.metric_records.values()))
-        num_examples = metrics.get("num-examples")
-        if not isinstance(num_examples, (int, float)) or not math.isfinite(num_examples) or num_examples <= 0:
-            raise ValueError(f"num-examples must be a positive number, got {num_examples!r}")
-        base = metrics.get(MET_BASE)
+    def _check_reply(self, reply: ScreenedReply, size: int) -> tuple[list[bytes], float, MetricRecord]:
+        """Ciphertexts, weight and metrics of a screened reply; ValueError if it is stale or its
+        ciphertexts do not fit the key and model."""
+        base = reply.metrics.get(MET_BASE)
         if base != self.version:
             raise ValueError(f"trained from global version {base!r}, the current one is {self.version}")
-        ciphertexts = record_to_ciphertexts(next(iter(content.array_records.values())))
+        ciphertexts = record_to_ciphertexts(reply.arrays)
         self.scheme.validate(ciphertexts, size)
-        return ciphertexts, client_weight(int(num_examples), self.weighting), metrics
+        return ciphertexts, client_weight(int(reply.num_examples), self.weighting), reply.metrics
+
+    def rejections(self) -> list[str]:
+        """The replies the last :meth:`aggregate_train` rejected, as ``"node <id>: rejected: <reason>"``."""
+        return list(self._rejections)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -466,21 +475,20 @@ class EncryptedFedAvg(FedAvg):
         self._track(replies)
         started = time.perf_counter()
         accepted: list[tuple[list[bytes], float, MetricRecord]] = []
-        self.last_rejections = []
-        for reply in replies:
-            if reply.has_error():
-                continue
+        lines: list[tuple[int, str]] = []
+        for screened in screen_replies(replies, lines):
             try:
                 if len(accepted) >= self.scheme.max_clients:
                     raise ValueError(f"the key adds at most max_clients={self.scheme.max_clients} updates")
-                accepted.append(self._check_reply(reply, self.layout.size))
+                accepted.append(self._check_reply(screened, self.layout.size))
             except (ValueError, KeyError, TypeError) as err:
-                line = f"node {reply.metadata.src_node_id}: rejected: {err}"
-                self.last_rejections.append(line)
-                log(WARNING, "Round %d: %s", server_round, line)
+                lines.append((screened.index, rejection(screened.node, err)))
+        self._rejections = [line for _, line in sorted(lines) if not is_client_error(line)]
+        for line in self._rejections:
+            log(WARNING, "Round %d: %s", server_round, line)
         measurements: dict[str, Any] = {
             "accepted-replies": len(accepted),
-            "rejected-replies": len(self.last_rejections),
+            "rejected-replies": len(self._rejections),
         }
         if not accepted:
             log(WARNING, "Round %d: no valid encrypted update, the global model is kept", server_round)
