@@ -10,8 +10,11 @@ switches both apps there, as Flower's ``fl-dp-sa`` example does:
   ``secrets``-seeded generator and receives only the *sum* of the clients' (clipped) weights. With
   ``strategy='dp-fedavg'`` (``dp-mode='client-clipping'``) the Message-API DP-FedAvg's
   :class:`~strategies.private.central_mechanism.CentralGaussianMechanism` adds
-  ``N(0, (z C / m)^2)`` to the mean update, accounts the round and stops at the privacy budget;
-  its state is the strategy's checkpoint state;
+  ``N(0, (z C / m)^2)`` to the mean update, accounts the round as the sampling performed (``m`` of
+  the ``N`` connected nodes without replacement: ``SampledWithoutReplacementDpEvent(N, m,
+  GaussianDpEvent(z / 2))`` under replace-one) and stops at the privacy budget; its state is the
+  strategy's checkpoint state, restored on resume (:func:`run_secure_rounds` then starts at
+  ``first_round``);
 * client (:func:`legacy_client_app`, reached from the app's own ``ClientApp`` handlers when a
   message is a legacy or SecAgg+ one): ``ClientApp(client_fn=…, mods=[secaggplus_mod])`` around
   the same :class:`~fl_app.task.keras_client.KerasClient`, whose update is clipped on the device
@@ -126,9 +129,10 @@ def _strategy_class():
             if len(clients) < self.m:
                 raise RuntimeError(f"{len(clients)} nodes connected, secure aggregation needs {self.m} per round")
             if self.mechanism is not None:
-                self.mechanism.check_budget(server_round, len(clients))
-                # accounted as m of m clients, whatever the population
-                self._round_spec = self.mechanism.round_spec(self.m)
+                # m of the N connected nodes without replacement, accounted as exactly that (the
+                # Message-API DP-FedAvg's fixed-size path): SampledWithoutReplacement(N, m, ...)
+                # under replace-one, the one relation every round of the run uses
+                self._round_spec = self.mechanism.check_budget(server_round, len(clients))
             chosen = fixed_size_sample(clients, self.m, self.rng)
             config = {"server-round": server_round, "dp-clip-norm": float(self.settings.dp_clip_norm)}
             self.records[server_round] = RoundRecord(round=server_round)
