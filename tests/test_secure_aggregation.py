@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -183,3 +184,43 @@ def test_secure_aggregation_stops_at_the_privacy_budget_without_crashing():
     assert history[-1].extra["epsilon"] == pytest.approx(fixed_size_epsilon(10, 5, 1.0, 2), rel=1e-9)
     assert history[-1].extra["epsilon"] <= target
     assert "round 3 would take epsilon" in strategy.stop_reason
+
+
+def run_server_app(monkeypatch, out, overrides: dict, nodes: int = 10) -> tuple[Path, list[dict]]:
+    """The whole ServerApp (``fl_app.server_app.main``) in-process on a LocalGrid; (run dir, history).
+
+    LocalGrid answers train and evaluate messages only, so the initial weights come from the model
+    built here instead of a query to a node."""
+    import fl_app.server.initial_weights as initial_weights
+    from fl_app import server_app
+    from fl_app.task.models import build_model
+
+    monkeypatch.setattr(
+        initial_weights,
+        "query_initial_arrays",
+        lambda grid, settings: ArrayRecord(build_model("mlp", (64,), 10, 42).get_weights()),
+    )
+    config = Settings.from_run_config(
+        {**SAMPLED, "centralized-evaluation": False, "output-dir": str(out), **overrides}
+    ).to_run_config()
+    grid = CopyingGrid(config, nodes)
+    server_app.main(grid, grid.contexts[1])
+    run_dir = out.parent / (out / "latest").read_text().strip()
+    return run_dir, json.loads((run_dir / "history.json").read_text())
+
+
+def test_resumed_secure_run_continues_epsilon_and_rounds(monkeypatch, tmp_path):
+    """2 rounds, then resume-from for 1 more: epsilon equals an uninterrupted 3-round run's (and
+    dp_accounting's), and the history holds rounds 1, 2, 3 once each."""
+    stopped, first = run_server_app(monkeypatch, tmp_path / "first", {"num-server-rounds": 2})
+    assert [r["round"] for r in first] == [1, 2]
+    resumed_dir, history = run_server_app(
+        monkeypatch, tmp_path / "resumed", {"num-server-rounds": 3, "resume-from": str(stopped)}
+    )
+    assert [r["round"] for r in history] == [1, 2, 3]
+    assert [r["extra"]["dp-rounds"] for r in history] == [1, 2, 3]
+    _, _, whole = run_secure({"num-server-rounds": 3}, seed=5)
+    assert history[-1]["extra"]["epsilon"] == pytest.approx(whole[-1].extra["epsilon"], rel=1e-12)
+    assert history[-1]["extra"]["epsilon"] == pytest.approx(fixed_size_epsilon(10, 5, 1.0, 3), rel=1e-9)
+    summary = json.loads((resumed_dir / "summary.json").read_text())
+    assert summary["epsilon (user level)"] == history[-1]["extra"]["epsilon"]

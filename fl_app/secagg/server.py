@@ -216,9 +216,15 @@ def run_secure_rounds(
     on_round_end: Callable[[RoundRecord, ArrayRecord], None] | None = None,
     *,
     node_wait: float = NODE_WAIT_SECONDS,
+    first_round: int = 1,
 ) -> tuple[ArrayRecord, list[RoundRecord]]:
-    """Run ``num-server-rounds`` rounds of SecAgg+ (+ DP) with ``strategy`` (a :class:`SecureDpFedAvg`,
-    whose settings, initial model and evaluator they are); return the final arrays and the history.
+    """Run rounds ``first_round .. num-server-rounds`` of SecAgg+ (+ DP) with ``strategy`` (a
+    :class:`SecureDpFedAvg`, whose settings, initial model and evaluator they are); return the final
+    arrays and the history of the rounds run here.
+
+    Resuming (``first_round > 1``): build ``strategy`` on the checkpoint's weights and restore its
+    :meth:`state_dict` (the DP accountant) first; round 0's evaluation is not repeated, so the
+    history returned holds only the new rounds.
 
     Raises :class:`strategies.core.nodes.NodesUnavailable` when fewer than the clients per round are
     connected within ``node_wait`` seconds.
@@ -267,7 +273,9 @@ def run_secure_rounds(
     cfg = ConfigRecord({Key.START_TIME: time.time()})
     legacy.state.config_records[MAIN_CONFIGS_RECORD] = cfg
     history: list[RoundRecord] = []
-    if evaluator is not None:
+    if int(first_round) != first_round or first_round < 1:
+        raise ValueError(f"first_round must be an integer >= 1, got {first_round}")
+    if evaluator is not None and first_round == 1:
         record = RoundRecord(round=0)
         result = evaluator(0, initial)
         record.centralized_loss, record.centralized_accuracy = float(result["loss"]), float(result["accuracy"])
@@ -275,7 +283,7 @@ def run_secure_rounds(
         if on_round_end:
             on_round_end(record, initial)
     arrays = initial
-    for server_round in range(1, settings.num_server_rounds + 1):
+    for server_round in range(int(first_round), settings.num_server_rounds + 1):
         cfg[Key.CURRENT_ROUND] = server_round
         started = time.perf_counter()
         try:
