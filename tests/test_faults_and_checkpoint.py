@@ -336,3 +336,15 @@ def test_same_strategy_class_with_other_privacy_or_dp_mode_is_refused(tmp_path):
     (tmp_path / "plain" / "checkpoint" / "state.json").write_text(json.dumps(state))
     with pytest.raises(CheckpointError, match="holds no privacy state"):
         check_same_strategy(load_checkpoint(tmp_path / "plain"), private)
+
+
+def test_private_strategy_with_another_dp_mode_is_refused(tmp_path):
+    from fl_app.server.checkpoint import resume_strategy
+    from fl_app.server.strategy_setup import make_strategy
+
+    central = make_strategy(Settings.from_run_config(PRIVATE))
+    local = make_strategy(Settings.from_run_config({**PRIVATE, "dp-mode": "client-clipping"}))
+    save_checkpoint(tmp_path, 1, [np.zeros(3)], [], central, {})
+    with pytest.raises(CheckpointError, match="written with dp-mode 'central', this run has dp-mode 'client-clipping'"):
+        resume_strategy(load_checkpoint(tmp_path), local)
+    resume_strategy(load_checkpoint(tmp_path), make_strategy(Settings.from_run_config(PRIVATE)))
