@@ -351,7 +351,8 @@ def test_adaptive_clipping_epsilon_equals_the_composition_of_update_and_count(
         event = both
     independent = rdp.RdpAccountant(neighboring_relation=relation).compose(event, rounds).get_epsilon(DELTA)
     reported = mechanism.epsilons()
-    assert reported["epsilon-rdp"] == pytest.approx(independent, rel=1e-9), (reported, independent)
+    # equal up to floating-point rounding (the ledger composes in another order: ~1e-15)
+    assert reported["epsilon-rdp"] == pytest.approx(independent, rel=1e-12), (reported, independent)
     if sampling == "poisson":  # PLD: the two Gaussians on one sample are one Gaussian (z^-2 adds)
         merged = dp_accounting.GaussianDpEvent((update_z**-2 + count_z**-2) ** -0.5)
         if rate_or_m < 1:

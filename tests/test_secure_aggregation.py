@@ -173,7 +173,7 @@ def test_secure_aggregation_accounts_the_fixed_size_sample_of_the_connected_node
     assert [r.round for r in history] == [1, 2, 3]
     assert [r.extra["secure-aggregation-clients"] for r in history] == [5, 5, 5]
     for r in history:
-        assert r.extra["epsilon"] == pytest.approx(fixed_size_epsilon(10, 5, 1.0, r.round), rel=1e-9), r.extra
+        assert r.extra["epsilon"] == pytest.approx(fixed_size_epsilon(10, 5, 1.0, r.round), rel=1e-12), r.extra
     assert strategy.stop_reason is None
 
 
@@ -181,7 +181,7 @@ def test_secure_aggregation_stops_at_the_privacy_budget_without_crashing():
     target = (fixed_size_epsilon(10, 5, 1.0, 2) + fixed_size_epsilon(10, 5, 1.0, 3)) / 2
     strategy, _, history = run_secure({"num-server-rounds": 5, "dp-target-epsilon": target})
     assert [r.round for r in history] == [1, 2]
-    assert history[-1].extra["epsilon"] == pytest.approx(fixed_size_epsilon(10, 5, 1.0, 2), rel=1e-9)
+    assert history[-1].extra["epsilon"] == pytest.approx(fixed_size_epsilon(10, 5, 1.0, 2), rel=1e-12)
     assert history[-1].extra["epsilon"] <= target
     assert "round 3 would take epsilon" in strategy.stop_reason
 
@@ -221,6 +221,6 @@ def test_resumed_secure_run_continues_epsilon_and_rounds(monkeypatch, tmp_path):
     assert [r["extra"]["dp-rounds"] for r in history] == [1, 2, 3]
     _, _, whole = run_secure({"num-server-rounds": 3}, seed=5)
     assert history[-1]["extra"]["epsilon"] == pytest.approx(whole[-1].extra["epsilon"], rel=1e-12)
-    assert history[-1]["extra"]["epsilon"] == pytest.approx(fixed_size_epsilon(10, 5, 1.0, 3), rel=1e-9)
+    assert history[-1]["extra"]["epsilon"] == pytest.approx(fixed_size_epsilon(10, 5, 1.0, 3), rel=1e-12)
     summary = json.loads((resumed_dir / "summary.json").read_text())
     assert summary["epsilon (user level)"] == history[-1]["extra"]["epsilon"]
