@@ -18,7 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fl_app.config.settings import Settings
 from fl_app.delivery.shipping import BestWeights, TrainReplyRecorder, finish_run
-from fl_app.server.checkpoint import check_compatible, load_checkpoint, restore_strategy_state, save_checkpoint
+from fl_app.server.checkpoint import check_compatible, load_checkpoint, resume_strategy, save_checkpoint
 from fl_app.server.evaluation import CentralEvaluator
 from fl_app.server.polling import ShortPollGrid
 from fl_app.server.round_loop import run_rounds
@@ -52,13 +52,20 @@ def main(grid: Grid, context: Context) -> None:
         initial = query_initial_arrays(grid, settings)
     history: list[RoundRecord] = []
     first_round = 1
+    checkpoint = None
     if settings.resume_from:  # continue after the last round that the earlier run completed
         checkpoint = load_checkpoint(settings.resume_from)
         check_compatible(checkpoint, initial.to_numpy_ndarrays())
-        restore_strategy_state(strategy, checkpoint.strategy_state)
         initial = ArrayRecord(checkpoint.weights)
         history = checkpoint.history
         first_round = checkpoint.round + 1
+    if settings.secure_aggregation:  # Flower's legacy SecAgg+ workflow (fl_app.secagg.server)
+        from fl_app.secagg.server import SecureDpFedAvg
+
+        # the strategy that runs the rounds is the one whose state (the DP accountant) each checkpoint saves
+        strategy = SecureDpFedAvg(settings, initial, evaluator)
+    if checkpoint is not None:  # same strategy class and privacy, then its state (accountant, ...)
+        resume_strategy(checkpoint, strategy)
         log(INFO, "Resuming from %s after round %d", settings.resume_from, checkpoint.round)
 
     run_dir = RunDirectory(settings.output_dir, settings.strategy)
@@ -76,13 +83,10 @@ def main(grid: Grid, context: Context) -> None:
             run_dir.path, record.round, arrays.to_numpy_ndarrays(), history, strategy, dict(context.run_config)
         )
 
-    if settings.secure_aggregation:  # Flower's legacy SecAgg+ workflow (fl_app.secagg.server)
-        from fl_app.secagg.server import SecureDpFedAvg, run_secure_rounds
+    if settings.secure_aggregation:
+        from fl_app.secagg.server import run_secure_rounds
 
-        # the strategy that runs the rounds is the one whose state (the DP accountant) each checkpoint saves
-        strategy = SecureDpFedAvg(settings, initial, evaluator)
-        arrays, _ = run_secure_rounds(grid, context, strategy, on_round_end)
-        stop_reason = strategy.stop_reason
+        arrays, _ = run_secure_rounds(grid, context, strategy, on_round_end, first_round=first_round)
     else:
         arrays, _ = run_rounds(
             recorder,
@@ -96,7 +100,7 @@ def main(grid: Grid, context: Context) -> None:
             min_train_replies=settings.min_train_replies,
             sampling_seed=settings.seed,
         )
-        stop_reason = strategy.stop_reason
+    stop_reason = strategy.stop_reason
 
     if encrypted:  # G_0 + the encrypted chain; a key holder runs scripts/decrypt_model.py
         from strategies.encrypted.strategy import EncryptedFedAvg

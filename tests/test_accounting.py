@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import dp_accounting
+import numpy as np
 import pytest
 from dp_accounting import pld, rdp
 
@@ -264,3 +265,97 @@ def test_invalid_queries_are_clear_errors():
         accountant.epsilon(DELTA, "gdp")
     with pytest.raises(ValueError, match="round spec kind"):
         PrivacyAccountant.from_state_dict({"rounds": [{"spec": {"kind": "x"}, "count": 1}]})
+
+
+def released_count_sensitivity(clip_norm: float, m: int, relation) -> float:
+    """Largest change of the adaptive clipping statistic the mechanism releases (``m b~``, whose
+    noise std is sigma_b), measured on the mechanism itself with the noise switched off: one
+    client added / removed (add/remove), or one client's bit flipped (replace-one)."""
+    from strategies.private.mechanisms import AdaptiveClipState, insecure_seeded_generator
+
+    state = AdaptiveClipState(clip_norm, count_noise_std=0.0)
+    rng = insecure_seeded_generator(0)
+    within, above = 0.5 * clip_norm, 2.0 * clip_norm
+    worst = 0.0
+    for k in range(m):  # neighbours of every data set of m (or m - 1) clients
+        base = [within] * k + [above] * (m - 1 - k)
+        for extra in (within, above):
+            if relation is REPLACE_ONE:
+                other = above if extra == within else within
+                a, b = [*base, extra], [*base, other]
+            else:
+                a, b = [*base, extra], base
+            fa = state.noised_unclipped_fraction(np.array(a), m, rng)
+            fb = state.noised_unclipped_fraction(np.array(b), m, rng)
+            worst = max(worst, abs(m * fa - m * fb))
+    return worst
+
+
+@pytest.mark.parametrize(
+    ("num_clients", "sampling", "rate_or_m", "z", "rounds"),
+    [
+        (10, "poisson", 1.0, 0.9, 10),  # the issue's case: reported 21.84, true 50.80 before the fix
+        (100, "poisson", 0.1, 0.95, 100),  # reported 8.72, true 36.45 before the fix
+        (20, "fixed-size", 10, 0.9, 10),
+    ],
+)
+def test_adaptive_clipping_epsilon_equals_the_composition_of_update_and_count(
+    num_clients, sampling, rate_or_m, z, rounds
+):
+    """The round releases the update (noise multiplier z_Delta on its sensitivity) and the noised
+    count (std sigma_b on the sensitivity the mechanism really has, measured above): epsilon is
+    recomputed from those two Gaussians under the same sampling, without our accountant."""
+    from strategies.private.central_mechanism import CentralGaussianMechanism
+    from strategies.private.mechanisms import insecure_seeded_generator
+
+    kwargs = {"sampling_rate": rate_or_m} if sampling == "poisson" else {"clients_per_round": rate_or_m}
+    mechanism = CentralGaussianMechanism(
+        noise_multiplier=z,
+        clip_norm=1.0,
+        num_clients=num_clients,
+        sampling=sampling,
+        clip_quantile=0.5,
+        delta=DELTA,
+        rng=insecure_seeded_generator(1),
+        **kwargs,
+    )
+    rng = np.random.default_rng(2)
+    m = mechanism.expected_clients
+    sigma_b = m / 20.0  # Andrew et al.'s default, which the mechanism uses
+    assert mechanism.adaptive is not None and mechanism.adaptive.count_noise_std == sigma_b
+    z_update = (z**-2 - (2 * sigma_b) ** -2) ** -0.5
+    assert mechanism.update_noise_multiplier == pytest.approx(z_update, rel=1e-12)
+    for r in range(1, rounds + 1):
+        spec = mechanism.check_budget(r, num_clients)
+        sampled = mechanism.sample(list(range(num_clients)))
+        updates = rng.normal(size=(len(sampled), 4)).astype(np.float32)
+        # the update noise really is z_Delta times the sensitivity of the mean, C / m
+        assert mechanism.noise_std() == pytest.approx(z_update * mechanism.clip_norm / m, rel=1e-12)
+        norms = mechanism.clip(updates)
+        mechanism.release(mechanism.mean(updates), spec, norms)
+
+    if sampling == "poisson":
+        relation = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
+        update_z, count_z = z_update, sigma_b / released_count_sensitivity(1.0, int(m), relation)
+    else:
+        relation = REPLACE_ONE  # replace-one: the clipped sum moves by 2C, so z_Delta / 2
+        update_z, count_z = z_update / 2, sigma_b / released_count_sensitivity(1.0, int(m), relation)
+    both = dp_accounting.ComposedDpEvent(
+        [dp_accounting.GaussianDpEvent(update_z), dp_accounting.GaussianDpEvent(count_z)]
+    )
+    if sampling == "poisson" and rate_or_m < 1:
+        event = dp_accounting.PoissonSampledDpEvent(rate_or_m, both)
+    elif sampling == "fixed-size":
+        event = dp_accounting.SampledWithoutReplacementDpEvent(num_clients, rate_or_m, both)
+    else:
+        event = both
+    independent = rdp.RdpAccountant(neighboring_relation=relation).compose(event, rounds).get_epsilon(DELTA)
+    reported = mechanism.epsilons()
+    # equal up to floating-point rounding (the ledger composes in another order: ~1e-15)
+    assert reported["epsilon-rdp"] == pytest.approx(independent, rel=1e-12), (reported, independent)
+    if sampling == "poisson":  # PLD: the two Gaussians on one sample are one Gaussian (z^-2 adds)
+        merged = dp_accounting.GaussianDpEvent((update_z**-2 + count_z**-2) ** -0.5)
+        if rate_or_m < 1:
+            merged = dp_accounting.PoissonSampledDpEvent(rate_or_m, merged)
+        pld_independent = pld.PLDAccountant().compose(merged, rounds).get_epsilon(DELTA)
+        assert reported["epsilon-pld"] == pytest.approx(pld_independent, rel=2e-3)

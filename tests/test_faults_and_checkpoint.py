@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -249,3 +250,110 @@ def test_a_node_gone_for_good_does_not_stop_the_run():
     assert any(f.startswith("evaluate sampling: only 2 node(s)") for f in failures)
     assert any("round skipped: 0 valid replies" in f for f in failures)
     np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], 1.0)  # round 1's model is kept
+
+
+def run_server_app(monkeypatch, out, overrides: dict, nodes: int = 4) -> Path:
+    """The whole ServerApp (``fl_app.server_app.main``) in-process on a LocalGrid; its run dir.
+
+    LocalGrid answers train and evaluate messages only, so the initial weights come from the model
+    built here instead of a query to a node."""
+    import fl_app.server.initial_weights as initial_weights
+    from fl_app import server_app
+    from fl_app.simulation.local_grid import LocalGrid
+    from fl_app.task.models import build_model
+
+    monkeypatch.setattr(
+        initial_weights,
+        "query_initial_arrays",
+        lambda grid, settings: ArrayRecord(build_model("mlp", (64,), 10, 42).get_weights()),
+    )
+    base = {
+        "num-partitions": nodes,
+        "min-train-clients": 2,
+        "min-available-clients": 2,
+        "partitioner": "iid",
+        "local-epochs": 1,
+        "centralized-evaluation": False,
+        "output-dir": str(out),
+    }
+    config = Settings.from_run_config({**base, **overrides}).to_run_config()
+    grid = LocalGrid(config, nodes)
+    server_app.main(grid, grid.contexts[1])
+    return out.parent / (out / "latest").read_text().strip()
+
+
+PRIVATE = {"strategy": "dp-fedavg", "dp-mode": "central", "dp-noise-multiplier": 1.0, "dp-clip-norm": 1.0}
+
+
+def test_private_run_refuses_to_resume_a_non_private_checkpoint(monkeypatch, tmp_path):
+    """FedAvg rounds resumed under dp-fedavg would be reported as private (the true epsilon is
+    infinite): refused, naming the checkpoint and the mismatch, before any round runs."""
+    stopped = run_server_app(monkeypatch, tmp_path / "plain", {"strategy": "fedavg", "num-server-rounds": 1})
+    with pytest.raises(CheckpointError) as refused:
+        run_server_app(
+            monkeypatch, tmp_path / "private", {**PRIVATE, "num-server-rounds": 2, "resume-from": str(stopped)}
+        )
+    message = str(refused.value)
+    assert str(stopped / "checkpoint") in message
+    assert "DpFedAvgStrategy" in message and "resume with the strategy" in message
+    assert not (tmp_path / "private").exists()  # refused before the run directory is made
+
+
+def test_non_private_run_refuses_to_resume_a_private_checkpoint(monkeypatch, tmp_path):
+    stopped = run_server_app(monkeypatch, tmp_path / "private", {**PRIVATE, "num-server-rounds": 1})
+    assert json.loads((stopped / "checkpoint" / "state.json").read_text())["privacy"] == {
+        "private": True,
+        "dp-mode": "central",
+    }
+    with pytest.raises(CheckpointError, match=f"{stopped / 'checkpoint'}' was written by strategy .*DpFedAvgStrategy"):
+        run_server_app(
+            monkeypatch, tmp_path / "plain", {"strategy": "fedavg", "num-server-rounds": 2, "resume-from": str(stopped)}
+        )
+
+
+def test_same_strategy_class_with_other_privacy_or_dp_mode_is_refused(tmp_path):
+    """SecAgg+'s one strategy class runs with and without DP: the privacy state decides."""
+    from fl_app.secagg.server import SecureDpFedAvg
+    from fl_app.server.checkpoint import check_same_strategy, resume_strategy
+
+    secure = {
+        "secure-aggregation": True,
+        "dp-sampling": "fixed-size",
+        "num-partitions": 5,
+        "min-train-clients": 5,
+        "min-available-clients": 5,
+    }
+    initial = ArrayRecord([np.zeros(3, np.float32)])
+    plain = SecureDpFedAvg(
+        Settings.from_run_config({**secure, "strategy": "robust", "aggregation-rule": "mean"}), initial, None
+    )
+    private = SecureDpFedAvg(
+        Settings.from_run_config({**secure, "strategy": "dp-fedavg", "dp-mode": "client-clipping"}), initial, None
+    )
+    save_checkpoint(tmp_path / "plain", 2, [np.zeros(3)], [], plain, {})
+    save_checkpoint(tmp_path / "private", 2, [np.zeros(3)], [], private, {})
+    with pytest.raises(CheckpointError, match=r"plain/checkpoint' holds no privacy state .*epsilon is infinite"):
+        resume_strategy(load_checkpoint(tmp_path / "plain"), private)
+    with pytest.raises(CheckpointError, match=r"private/checkpoint' holds a privacy accountant .* not private"):
+        resume_strategy(load_checkpoint(tmp_path / "private"), plain)
+    # same class and privacy: accepted, and the accountant comes back
+    resume_strategy(load_checkpoint(tmp_path / "private"), private)
+    check_same_strategy(load_checkpoint(tmp_path / "plain"), plain)
+    # a checkpoint written before 'privacy' was recorded is judged by its strategy state
+    state = json.loads((tmp_path / "plain" / "checkpoint" / "state.json").read_text())
+    del state["privacy"]
+    (tmp_path / "plain" / "checkpoint" / "state.json").write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match="holds no privacy state"):
+        check_same_strategy(load_checkpoint(tmp_path / "plain"), private)
+
+
+def test_private_strategy_with_another_dp_mode_is_refused(tmp_path):
+    from fl_app.server.checkpoint import resume_strategy
+    from fl_app.server.strategy_setup import make_strategy
+
+    central = make_strategy(Settings.from_run_config(PRIVATE))
+    local = make_strategy(Settings.from_run_config({**PRIVATE, "dp-mode": "client-clipping"}))
+    save_checkpoint(tmp_path, 1, [np.zeros(3)], [], central, {})
+    with pytest.raises(CheckpointError, match="written with dp-mode 'central', this run has dp-mode 'client-clipping'"):
+        resume_strategy(load_checkpoint(tmp_path), local)
+    resume_strategy(load_checkpoint(tmp_path), make_strategy(Settings.from_run_config(PRIVATE)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,3 +127,100 @@ def test_secure_aggregation_simulation_with_a_dropout(tmp_path):
     assert 0 < epsilons[0] < epsilons[1] < epsilons[2]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["epsilon (user level)"] == epsilons[-1]
+
+
+SAMPLED = {
+    **SECURE,
+    "num-partitions": 10,
+    "fraction-train": 0.5,  # m = 5 of the N = 10 connected nodes
+    "fraction-evaluate": 0.2,
+    "dp-noise-multiplier": 1.0,
+    "dp-clip-norm": 0.5,
+}
+
+
+def run_secure(overrides: dict, nodes: int = 10, **kwargs):
+    """``run_secure_rounds`` in-process on ``nodes`` LocalGrid nodes; (strategy, history)."""
+    from fl_app.task.models import build_model
+
+    config = Settings.from_run_config({**SAMPLED, **overrides}).to_run_config()
+    settings = Settings.from_run_config(config)
+    grid = CopyingGrid(config, nodes)
+    model = build_model("mlp", (64,), 10, 42)
+    initial = kwargs.pop("initial", None) or ArrayRecord(model.get_weights())
+    strategy = SecureDpFedAvg(settings, initial, None, rng=insecure_seeded_generator(kwargs.pop("seed", 0)))
+    if "state" in kwargs:
+        strategy.load_state_dict(kwargs.pop("state"))
+    arrays, history = run_secure_rounds(grid, grid.contexts[1], strategy, **kwargs)
+    return strategy, arrays, history
+
+
+def fixed_size_epsilon(population: int, m: int, z: float, rounds: int) -> float:
+    """dp_accounting's RDP for m of N without replacement, replace-one (the clipped sum moves by 2C,
+    so the event's noise multiplier is z / 2), built here and not through our accountant."""
+    import dp_accounting
+    from dp_accounting import rdp
+
+    event = dp_accounting.SampledWithoutReplacementDpEvent(population, m, dp_accounting.GaussianDpEvent(z / 2))
+    accountant = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    return accountant.compose(event, rounds).get_epsilon(1e-5)
+
+
+def test_secure_aggregation_accounts_the_fixed_size_sample_of_the_connected_nodes():
+    """m = 5 of N = 10 connected nodes without replacement: the history's epsilon is that of the
+    sampling actually performed (not m of m)."""
+    strategy, _, history = run_secure({"num-server-rounds": 3})
+    assert [r.round for r in history] == [1, 2, 3]
+    assert [r.extra["secure-aggregation-clients"] for r in history] == [5, 5, 5]
+    for r in history:
+        assert r.extra["epsilon"] == pytest.approx(fixed_size_epsilon(10, 5, 1.0, r.round), rel=1e-12), r.extra
+    assert strategy.stop_reason is None
+
+
+def test_secure_aggregation_stops_at_the_privacy_budget_without_crashing():
+    target = (fixed_size_epsilon(10, 5, 1.0, 2) + fixed_size_epsilon(10, 5, 1.0, 3)) / 2
+    strategy, _, history = run_secure({"num-server-rounds": 5, "dp-target-epsilon": target})
+    assert [r.round for r in history] == [1, 2]
+    assert history[-1].extra["epsilon"] == pytest.approx(fixed_size_epsilon(10, 5, 1.0, 2), rel=1e-12)
+    assert history[-1].extra["epsilon"] <= target
+    assert "round 3 would take epsilon" in strategy.stop_reason
+
+
+def run_server_app(monkeypatch, out, overrides: dict, nodes: int = 10) -> tuple[Path, list[dict]]:
+    """The whole ServerApp (``fl_app.server_app.main``) in-process on a LocalGrid; (run dir, history).
+
+    LocalGrid answers train and evaluate messages only, so the initial weights come from the model
+    built here instead of a query to a node."""
+    import fl_app.server.initial_weights as initial_weights
+    from fl_app import server_app
+    from fl_app.task.models import build_model
+
+    monkeypatch.setattr(
+        initial_weights,
+        "query_initial_arrays",
+        lambda grid, settings: ArrayRecord(build_model("mlp", (64,), 10, 42).get_weights()),
+    )
+    config = Settings.from_run_config(
+        {**SAMPLED, "centralized-evaluation": False, "output-dir": str(out), **overrides}
+    ).to_run_config()
+    grid = CopyingGrid(config, nodes)
+    server_app.main(grid, grid.contexts[1])
+    run_dir = out.parent / (out / "latest").read_text().strip()
+    return run_dir, json.loads((run_dir / "history.json").read_text())
+
+
+def test_resumed_secure_run_continues_epsilon_and_rounds(monkeypatch, tmp_path):
+    """2 rounds, then resume-from for 1 more: epsilon equals an uninterrupted 3-round run's (and
+    dp_accounting's), and the history holds rounds 1, 2, 3 once each."""
+    stopped, first = run_server_app(monkeypatch, tmp_path / "first", {"num-server-rounds": 2})
+    assert [r["round"] for r in first] == [1, 2]
+    resumed_dir, history = run_server_app(
+        monkeypatch, tmp_path / "resumed", {"num-server-rounds": 3, "resume-from": str(stopped)}
+    )
+    assert [r["round"] for r in history] == [1, 2, 3]
+    assert [r["extra"]["dp-rounds"] for r in history] == [1, 2, 3]
+    _, _, whole = run_secure({"num-server-rounds": 3}, seed=5)
+    assert history[-1]["extra"]["epsilon"] == pytest.approx(whole[-1].extra["epsilon"], rel=1e-12)
+    assert history[-1]["extra"]["epsilon"] == pytest.approx(fixed_size_epsilon(10, 5, 1.0, 3), rel=1e-12)
+    summary = json.loads((resumed_dir / "summary.json").read_text())
+    assert summary["epsilon (user level)"] == history[-1]["extra"]["epsilon"]

@@ -10,8 +10,11 @@ switches both apps there, as Flower's ``fl-dp-sa`` example does:
   ``secrets``-seeded generator and receives only the *sum* of the clients' (clipped) weights. With
   ``strategy='dp-fedavg'`` (``dp-mode='client-clipping'``) the Message-API DP-FedAvg's
   :class:`~strategies.private.central_mechanism.CentralGaussianMechanism` adds
-  ``N(0, (z C / m)^2)`` to the mean update, accounts the round and stops at the privacy budget;
-  its state is the strategy's checkpoint state;
+  ``N(0, (z C / m)^2)`` to the mean update, accounts the round as the sampling performed (``m`` of
+  the ``N`` connected nodes without replacement: ``SampledWithoutReplacementDpEvent(N, m,
+  GaussianDpEvent(z / 2))`` under replace-one) and stops at the privacy budget; its state is the
+  strategy's checkpoint state, restored on resume (:func:`run_secure_rounds` then starts at
+  ``first_round``);
 * client (:func:`legacy_client_app`, reached from the app's own ``ClientApp`` handlers when a
   message is a legacy or SecAgg+ one): ``ClientApp(client_fn=…, mods=[secaggplus_mod])`` around
   the same :class:`~fl_app.task.keras_client.KerasClient`, whose update is clipped on the device
@@ -126,9 +129,10 @@ def _strategy_class():
             if len(clients) < self.m:
                 raise RuntimeError(f"{len(clients)} nodes connected, secure aggregation needs {self.m} per round")
             if self.mechanism is not None:
-                self.mechanism.check_budget(server_round, len(clients))
-                # accounted as m of m clients, whatever the population
-                self._round_spec = self.mechanism.round_spec(self.m)
+                # m of the N connected nodes without replacement, accounted as exactly that (the
+                # Message-API DP-FedAvg's fixed-size path): SampledWithoutReplacement(N, m, ...)
+                # under replace-one, the one relation every round of the run uses
+                self._round_spec = self.mechanism.check_budget(server_round, len(clients))
             chosen = fixed_size_sample(clients, self.m, self.rng)
             config = {"server-round": server_round, "dp-clip-norm": float(self.settings.dp_clip_norm)}
             self.records[server_round] = RoundRecord(round=server_round)
@@ -212,9 +216,15 @@ def run_secure_rounds(
     on_round_end: Callable[[RoundRecord, ArrayRecord], None] | None = None,
     *,
     node_wait: float = NODE_WAIT_SECONDS,
+    first_round: int = 1,
 ) -> tuple[ArrayRecord, list[RoundRecord]]:
-    """Run ``num-server-rounds`` rounds of SecAgg+ (+ DP) with ``strategy`` (a :class:`SecureDpFedAvg`,
-    whose settings, initial model and evaluator they are); return the final arrays and the history.
+    """Run rounds ``first_round .. num-server-rounds`` of SecAgg+ (+ DP) with ``strategy`` (a
+    :class:`SecureDpFedAvg`, whose settings, initial model and evaluator they are); return the final
+    arrays and the history of the rounds run here.
+
+    Resuming (``first_round > 1``): build ``strategy`` on the checkpoint's weights and restore its
+    :meth:`state_dict` (the DP accountant) first; round 0's evaluation is not repeated, so the
+    history returned holds only the new rounds.
 
     Raises :class:`strategies.core.nodes.NodesUnavailable` when fewer than the clients per round are
     connected within ``node_wait`` seconds.
@@ -263,7 +273,9 @@ def run_secure_rounds(
     cfg = ConfigRecord({Key.START_TIME: time.time()})
     legacy.state.config_records[MAIN_CONFIGS_RECORD] = cfg
     history: list[RoundRecord] = []
-    if evaluator is not None:
+    if int(first_round) != first_round or first_round < 1:
+        raise ValueError(f"first_round must be an integer >= 1, got {first_round}")
+    if evaluator is not None and first_round == 1:
         record = RoundRecord(round=0)
         result = evaluator(0, initial)
         record.centralized_loss, record.centralized_accuracy = float(result["loss"]), float(result["accuracy"])
@@ -271,7 +283,7 @@ def run_secure_rounds(
         if on_round_end:
             on_round_end(record, initial)
     arrays = initial
-    for server_round in range(1, settings.num_server_rounds + 1):
+    for server_round in range(int(first_round), settings.num_server_rounds + 1):
         cfg[Key.CURRENT_ROUND] = server_round
         started = time.perf_counter()
         try:

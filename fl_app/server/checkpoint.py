@@ -18,6 +18,11 @@ optimizers keep theirs: ``m_t`` and ``v_t`` of FedAdam / FedYogi / FedAdagrad (R
 "Adaptive Federated Optimization"), and ``momentum_vector`` of FedAvgM (Hsu et al. 2019).
 
 ``resume-from=<run dir>`` in the run config continues from the last completed round.
+:func:`resume_strategy` refuses a checkpoint written by another strategy class, or whose privacy
+differs from the run's (a private strategy resumed from rounds that ran without DP would report an
+epsilon for a model whose true epsilon is infinite; a non-private run would drop the accountant):
+``state.json`` records ``strategy-class`` and ``privacy`` (``private``: the strategy state holds a
+privacy accountant; ``dp-mode``).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +57,9 @@ class Checkpoint:
     history: list[RoundRecord]
     strategy_state: dict[str, Any]
     run_config: dict[str, Any]
+    path: Path | None = None
+    strategy_class: str | None = None
+    privacy: dict[str, Any] | None = None
 
 
 # --------------------------------------------------------------------------- strategy state
@@ -72,6 +81,73 @@ def restore_strategy_state(strategy: RoundReporting, state: dict[str, Any]) -> N
         strategy.load_state_dict(saved)
     except (ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"the checkpoint's strategy state cannot be restored: {err}") from err
+
+
+def _unguarded(strategy: object) -> object:
+    """The strategy the guard wraps (its class and privacy are what a checkpoint records)."""
+    return strategy.inner if isinstance(strategy, GuardedStrategy) else strategy
+
+
+def strategy_class_name(strategy: object) -> str:
+    """``module.QualifiedName`` of the (unguarded) strategy's class, as ``state.json`` records it."""
+    inner = _unguarded(strategy)
+    return f"{type(inner).__module__}.{type(inner).__qualname__}"
+
+
+def _private_state(state: Mapping[str, Any]) -> bool:
+    inner = state.get("state_dict")
+    return isinstance(inner, Mapping) and "privacy-accountant" in inner
+
+
+def privacy_record(strategy: RoundReporting, state: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``{"private": bool, "dp-mode": str | None}``: whether the strategy's state holds a privacy
+    accountant (its rounds are accounted), and its DP mode (``dp-mode`` of the run config)."""
+    private = _private_state(strategy_state(strategy) if state is None else state)
+    mode = None
+    if private:
+        inner = _unguarded(strategy)
+        mode = getattr(inner, "mode", None) or getattr(getattr(inner, "settings", None), "dp_mode", None)
+    return {"private": private, "dp-mode": mode if isinstance(mode, str) else None}
+
+
+def check_same_strategy(checkpoint: Checkpoint, strategy: object) -> None:
+    """Raise :class:`CheckpointError` unless ``strategy`` is of the class that wrote the checkpoint
+    and has the same privacy (accountant present or not, same dp-mode).
+
+    Checkpoints written before ``privacy`` was recorded are judged by their strategy state.
+    """
+    where = f"checkpoint '{checkpoint.path}'" if checkpoint.path else "the checkpoint"
+    current = strategy_class_name(strategy)
+    if checkpoint.strategy_class and checkpoint.strategy_class != current:
+        raise CheckpointError(
+            f"{where} was written by strategy {checkpoint.strategy_class}, this run's strategy is "
+            f"{current}: resume with the strategy (and run config) that wrote it, or start a new run"
+        )
+    recorded = checkpoint.privacy or privacy_record(object(), checkpoint.strategy_state)
+    now = privacy_record(strategy)
+    if bool(recorded.get("private")) != now["private"]:
+        if now["private"]:
+            raise CheckpointError(
+                f"{where} holds no privacy state (its {checkpoint.round} rounds ran without DP, so "
+                f"the model's epsilon is infinite), but this run's strategy {current} is private: "
+                "resuming would report an epsilon that does not hold; start a new private run"
+            )
+        raise CheckpointError(
+            f"{where} holds a privacy accountant (its rounds ran with DP), but this run's strategy "
+            f"{current} is not private: resume with the private run config that wrote it"
+        )
+    if now["private"] and recorded.get("dp-mode") and recorded.get("dp-mode") != now["dp-mode"]:
+        raise CheckpointError(
+            f"{where} was written with dp-mode '{recorded['dp-mode']}', this run has dp-mode "
+            f"'{now['dp-mode']}': one run's epsilon cannot mix them; resume with dp-mode '{recorded['dp-mode']}'"
+        )
+
+
+def resume_strategy(checkpoint: Checkpoint, strategy: object) -> None:
+    """Check that ``strategy`` may continue ``checkpoint`` (:func:`check_same_strategy`), then
+    restore its state (:func:`restore_strategy_state`)."""
+    check_same_strategy(checkpoint, strategy)
+    restore_strategy_state(strategy, checkpoint.strategy_state)
 
 
 # --------------------------------------------------------------------------- (de)serialisation
@@ -102,11 +178,6 @@ def _join_arrays(value: Any, arrays: Any) -> Any:
     return value
 
 
-def _class_name(strategy: object) -> str:
-    """The strategy's class as ``module.QualifiedName``, for whoever reads the checkpoint."""
-    return f"{type(strategy).__module__}.{type(strategy).__qualname__}"
-
-
 def save_checkpoint(
     run_dir: str | Path,
     server_round: int,
@@ -124,13 +195,15 @@ def save_checkpoint(
     tmp.mkdir(parents=True)
     np.savez(tmp / "weights.npz", *[np.asarray(w) for w in weights])
     arrays: dict[str, np.ndarray] = {}
-    state = _split_arrays(strategy_state(strategy), arrays)
+    raw_state = strategy_state(strategy)
+    state = _split_arrays(raw_state, arrays)
     np.savez(tmp / "strategy.npz", **arrays)
     payload = {
         "round": server_round,
         "history": [dataclasses.asdict(r) for r in history],
         "strategy": state,
-        "strategy-class": _class_name(strategy.inner if isinstance(strategy, GuardedStrategy) else strategy),
+        "strategy-class": strategy_class_name(strategy),
+        "privacy": privacy_record(strategy, raw_state),
         "run-config": run_config,
     }
     (tmp / "state.json").write_text(json.dumps(_split_arrays(payload, {}), indent=1) + "\n", encoding="utf-8")
@@ -183,6 +256,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         history=history,
         strategy_state=_join_arrays(payload["strategy"], arrays),
         run_config=payload.get("run-config", {}),
+        path=folder,
+        strategy_class=payload.get("strategy-class"),
+        privacy=payload.get("privacy"),
     )
 
 

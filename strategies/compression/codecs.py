@@ -299,14 +299,23 @@ class Int8Codec(Codec):
     def _encode(self, update: np.ndarray, *, round_seed: int, client_seed: int) -> Payload:
         starts = np.arange(0, update.size, self.block)
         block_max = np.maximum.reduceat(np.abs(update), starts)
-        inverse = np.divide(_INT8_LEVELS, block_max, out=np.zeros_like(block_max), where=block_max > 0)
+        with np.errstate(over="ignore"):  # 127 / a subnormal maximum: those blocks are redone below
+            inverse = np.divide(_INT8_LEVELS, block_max, out=np.zeros_like(block_max), where=block_max > 0)
         rng = np.random.Generator(np.random.PCG64(_rng_seed(round_seed, client_seed, _INT8_ROUNDING_STREAM)))
+        draws = rng.random(update.size, dtype=np.float32)
         levels = update * np.repeat(inverse, self.block)[: update.size]
-        levels += rng.random(update.size, dtype=np.float32)
+        levels += draws
         np.floor(levels, out=levels)
         # |u| * 127 / max|u| can round a hair above 127 in float32; clip keeps the int8 range.
         np.clip(levels, -_INT8_LEVELS, _INT8_LEVELS, out=levels)
         scales = (block_max / np.float32(_INT8_LEVELS)).astype(np.float32)
+        tiny = (block_max > 0) & (scales < np.finfo(np.float32).tiny)
+        if tiny.any():  # subnormal block maxima: max/127 underflows in float32 (and 127/max overflows)
+            scales[tiny] = np.maximum(scales[tiny], np.finfo(np.float32).smallest_subnormal)
+            values = np.repeat(tiny, self.block)[: update.size]
+            step = np.repeat(scales.astype(np.float64), self.block)[: update.size][values]
+            exact = np.floor(update[values].astype(np.float64) / step + draws[values])
+            levels[values] = np.clip(exact, -_INT8_LEVELS, _INT8_LEVELS)
         return {"q": levels.astype(np.int8), "scales": scales}
 
     def _decode(self, payload: Mapping[str, np.ndarray], size: int, *, round_seed: int) -> np.ndarray:

@@ -19,9 +19,17 @@ Specs:
   Full participation (``m = N``) is the plain Gaussian mechanism, ``GaussianDpEvent(z)``.
 * :class:`LocalGaussianRound`, :class:`LocalLaplaceRound` -- local DP, per client and round.
 
-Adaptive clipping (Andrew et al. 2021) spends part of the budget on the noised count: account
-the round with the total noise multiplier ``z`` and noise the update with
-:func:`adaptive_clipping_update_noise_multiplier`.
+Adaptive clipping (Andrew et al. 2021) spends part of the budget on the noised count of
+unclipped updates. The count is centred (each client adds ``b_i - 1/2``, add/remove sensitivity
+``1/2``) and noised with std ``sigma_b``, so it is ``GaussianDpEvent(sigma_b / (1/2))``; the update
+gets ``z_Delta = (z^-2 - (2 sigma_b)^-2)^(-1/2)`` (:func:`adaptive_clipping_update_noise_multiplier`)
+and a round is, under the same sampling as the update,
+
+    ComposedDpEvent([GaussianDpEvent(z_Delta), GaussianDpEvent(2 sigma_b)])     (add/remove)
+
+(``DpFedAvgRound(z, N, m, sampling, count_noise_multiplier=2 sigma_b)``), which costs exactly
+what ``GaussianDpEvent(z)`` costs: two Gaussians on the same sample are one Gaussian whose
+``z^-2`` is the sum of theirs (Mironov et al. 2019, Sec. 3).
 """
 
 from __future__ import annotations
@@ -109,6 +117,11 @@ class DpFedAvgRound:
         clients_per_round: ``m``; the sample size under fixed-size sampling, the expected one
             (``q N``) under Poisson sampling.
         sampling: ``"poisson"`` or ``"fixed-size"`` (``m`` of ``N`` without replacement).
+        count_noise_multiplier: adaptive clipping only (0: fixed clipping): ``2 sigma_b``, the
+            noise std of the centred count of unclipped updates over its add/remove sensitivity
+            ``1/2``. The round's mechanism is then the update with
+            ``z_Delta = (z^-2 - count_noise_multiplier^-2)^(-1/2)`` composed with the count with
+            ``count_noise_multiplier``, both on the same sampled clients (see :meth:`to_dp_event`).
     """
 
     kind: ClassVar[str] = "dp-fedavg"
@@ -117,6 +130,7 @@ class DpFedAvgRound:
     num_clients: int
     clients_per_round: float
     sampling: Sampling = "poisson"
+    count_noise_multiplier: float = 0.0
 
     def __post_init__(self) -> None:
         z = _check_finite("noise_multiplier", self.noise_multiplier, minimum=0.0, strict=False)
@@ -131,7 +145,11 @@ class DpFedAvgRound:
             if not m.is_integer():
                 raise ValueError(f"clients_per_round must be an integer for fixed-size sampling, got {m:g}")
             m = int(m)
+        count_z = _check_finite("count_noise_multiplier", self.count_noise_multiplier, minimum=0.0, strict=False)
+        if count_z:  # fails unless the count leaves budget for the update (count_z > z)
+            adaptive_clipping_update_noise_multiplier(z, count_z / 2.0)
         object.__setattr__(self, "noise_multiplier", z)
+        object.__setattr__(self, "count_noise_multiplier", count_z)
         object.__setattr__(self, "num_clients", int(self.num_clients))
         object.__setattr__(self, "clients_per_round", m)
 
@@ -159,21 +177,50 @@ class DpFedAvgRound:
             return NeighboringRelation.REPLACE_ONE
         return NeighboringRelation.ADD_OR_REMOVE_ONE
 
-    def to_dp_event(self) -> dp_accounting.DpEvent:
+    @property
+    def update_noise_multiplier(self) -> float:
+        """``z_Delta``: the update's noise multiplier (``z`` with fixed clipping)."""
+        return adaptive_clipping_update_noise_multiplier(self.noise_multiplier, self.count_noise_multiplier / 2.0)
+
+    def _gaussians(self, merge: bool) -> dp_accounting.DpEvent:
+        """The un-sampled round under this spec's relation: the update's Gaussian, composed with
+        the count's with adaptive clipping (``merge``: as the one equivalent Gaussian, whose
+        ``z^-2`` is the sum of theirs, for accountants that take only a Gaussian under sampling).
+
+        Add/remove: update ``z_Delta``, count ``count_noise_multiplier``. Replace-one (fixed-size
+        sampling): every sensitivity doubles (clipped sum ``2C``, centred count 1), so both halve.
+        """
+        scale = 2.0 if self.neighboring_relation is NeighboringRelation.REPLACE_ONE else 1.0
+        if not self.count_noise_multiplier:
+            return dp_accounting.GaussianDpEvent(self.noise_multiplier / scale)
+        update_z, count_z = self.update_noise_multiplier / scale, self.count_noise_multiplier / scale
+        if merge:
+            return dp_accounting.GaussianDpEvent((update_z**-2 + count_z**-2) ** -0.5)
+        return dp_accounting.ComposedDpEvent(
+            [dp_accounting.GaussianDpEvent(update_z), dp_accounting.GaussianDpEvent(count_z)]
+        )
+
+    def to_dp_event(self, *, merge_gaussians: bool = False) -> dp_accounting.DpEvent:
+        """The round as a ``DpEvent``:
+
+        * full participation: ``G`` (add/remove);
+        * Poisson: ``PoissonSampledDpEvent(q, G)`` (add/remove);
+        * fixed-size: ``SampledWithoutReplacementDpEvent(N, m, G)`` (replace-one, where the
+          clipped sum moves by up to ``2C``, so noise / sensitivity = ``z / 2``);
+
+        with ``G = GaussianDpEvent(z)``, or with adaptive clipping
+        ``ComposedDpEvent([GaussianDpEvent(z_Delta), GaussianDpEvent(2 sigma_b)])`` (both halved
+        under replace-one). ``merge_gaussians`` folds that composition into its one equivalent
+        Gaussian (the PLD accountant takes only a Gaussian under sampling).
+        """
         if self.noise_multiplier == 0.0:
             return dp_accounting.NonPrivateDpEvent()
+        gaussians = self._gaussians(merge_gaussians)
         if self.full_participation:
-            return dp_accounting.GaussianDpEvent(self.noise_multiplier)
+            return gaussians
         if self.sampling == "poisson":
-            return dp_accounting.PoissonSampledDpEvent(
-                self.sampling_rate, dp_accounting.GaussianDpEvent(self.noise_multiplier)
-            )
-        # Replace-one: the clipped sum moves by up to 2C, so noise / sensitivity = z / 2.
-        return dp_accounting.SampledWithoutReplacementDpEvent(
-            self.num_clients,
-            int(self.clients_per_round),
-            dp_accounting.GaussianDpEvent(self.noise_multiplier / 2.0),
-        )
+            return dp_accounting.PoissonSampledDpEvent(self.sampling_rate, gaussians)
+        return dp_accounting.SampledWithoutReplacementDpEvent(self.num_clients, int(self.clients_per_round), gaussians)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,8 +282,12 @@ ROUND_SPECS: dict[str, type] = {spec.kind: spec for spec in (DpFedAvgRound, Loca
 
 
 def spec_to_dict(spec: RoundSpec) -> dict[str, Any]:
-    """JSON-able form of a round spec: its fields plus ``"kind"``."""
-    return {"kind": spec.kind, **dataclasses.asdict(spec)}
+    """JSON-able form of a round spec: its fields plus ``"kind"`` (a fixed-clipping DP-FedAvg round
+    leaves out ``count_noise_multiplier = 0``, so its form is the one saved before that field)."""
+    fields = dataclasses.asdict(spec)
+    if fields.get("count_noise_multiplier", None) == 0.0:
+        del fields["count_noise_multiplier"]
+    return {"kind": spec.kind, **fields}
 
 
 def spec_from_dict(data: Mapping[str, Any]) -> RoundSpec:
@@ -322,9 +373,17 @@ class PrivacyAccountant:
             self._counts[spec] = self._counts.get(spec, 0) + int(rounds)
 
     @staticmethod
-    def _ledger(counts: Mapping[RoundSpec, int]) -> dp_accounting.DpEvent:
+    def _ledger(counts: Mapping[RoundSpec, int], method: AccountingMethod = "rdp") -> dp_accounting.DpEvent:
+        """The rounds as one event; for PLD an adaptive round's two Gaussians are merged into
+        their equivalent Gaussian (dp_accounting's PLD accountant samples only a Gaussian)."""
+
+        def event(spec: RoundSpec) -> dp_accounting.DpEvent:
+            if isinstance(spec, DpFedAvgRound):
+                return spec.to_dp_event(merge_gaussians=method == "pld")
+            return spec.to_dp_event()
+
         return dp_accounting.ComposedDpEvent(
-            [dp_accounting.SelfComposedDpEvent(s.to_dp_event(), n) for s, n in counts.items()]
+            [dp_accounting.SelfComposedDpEvent(event(s), n) for s, n in counts.items()]
         )
 
     @property
@@ -338,7 +397,7 @@ class PrivacyAccountant:
         if not counts:
             return 0.0
         relation = next(iter(counts)).neighboring_relation
-        return _epsilon_of_event(self._ledger(counts), relation, delta, method)
+        return _epsilon_of_event(self._ledger(counts, method), relation, delta, method)
 
     def epsilon(self, delta: float, method: AccountingMethod = "rdp") -> float:
         """Epsilon of every round so far at ``delta`` (``inf`` if any round had no noise)."""

@@ -25,9 +25,11 @@ One round, as :class:`CentralGaussianMechanism` runs it for every server path (t
    rule's output lies in the ball of radius ``C``, so two outputs differ by at most its diameter
    ``2C``. ``z_u = z`` with a fixed clip norm. With adaptive clipping (Andrew et al. 2021,
    "Differentially Private Learning with Adaptive Clipping") ``C`` follows a target quantile of
-   the update norms through a noised count with std ``sigma_b``, which spends part of the budget:
-   the round is accounted with the total ``z`` and the update gets
-   ``z_u = (z^-2 - (2 sigma_b)^-2)^-1/2`` (Sec. 3 of the paper).
+   the update norms through a noised *centred* count ``sum_i (1[||u_i|| <= C] - 1/2) + N(0, sigma_b^2)``
+   (add/remove sensitivity 1/2, as TF Privacy's quantile estimator), which spends part of the
+   budget: the update gets ``z_u = (z^-2 - (2 sigma_b)^-2)^-1/2`` (Sec. 3 of the paper) and the
+   round is accounted as ``ComposedDpEvent([GaussianDpEvent(z_u), GaussianDpEvent(2 sigma_b)])``
+   under the round's sampling, which costs what one Gaussian round at the total ``z`` costs.
 
 Every round is one :class:`strategies.private.accounting.DpFedAvgRound` in a
 :class:`strategies.private.accounting.PrivacyAccountant` (or, for local DP, the clients' own
@@ -192,10 +194,13 @@ class CentralGaussianMechanism:
         if self.local_round is not None:
             return self.local_round
         population = max(int(connected or self.num_clients), 1)
+        # adaptive clipping: the centred count (sensitivity 1/2) with noise sigma_b is released too
+        count_z = 2.0 * self.adaptive.count_noise_std if self.adaptive is not None else 0.0
         if self.sampling == "poisson":
-            return DpFedAvgRound.poisson(self.noise_multiplier, population, self.sampling_rate)
+            q = self.sampling_rate
+            return DpFedAvgRound(self.noise_multiplier, population, q * population, "poisson", count_z)
         m = min(int(self.clients_per_round or 0), population)
-        return DpFedAvgRound(self.noise_multiplier, population, m, "fixed-size")
+        return DpFedAvgRound(self.noise_multiplier, population, m, "fixed-size", count_z)
 
     def _check_accounting_supported(self) -> None:
         spec = self.round_spec()

@@ -94,14 +94,20 @@ class AdaptiveClipState:
 
     After each round, with ``m`` the expected number of clients and ``b_i = 1[||u_i|| <= C]``:
 
-        b~ = (sum_i b_i + N(0, sigma_b^2)) / m          (noised fraction of unclipped updates)
+        S  = sum_i (b_i - 1/2) + N(0, sigma_b^2)         (the released, centred, noised count)
+        b~ = S / m + 1/2                                 (noised fraction of unclipped updates)
         C  <- C * exp(-eta * (b~ - gamma))               (geometric update)
 
     so ``C`` grows while fewer than a fraction ``gamma`` of the updates fit under it and shrinks
-    otherwise. The noised count costs privacy: account the round with the *total* noise
-    multiplier and add update noise with
-    :func:`strategies.private.accounting.adaptive_clipping_update_noise_multiplier`. The paper suggests
-    ``gamma = 0.5``, ``eta = 0.2`` and ``sigma_b = m / 20``.
+    otherwise. Each client contributes ``b_i - 1/2 in {-1/2, +1/2}``, so adding or removing one
+    client moves ``S`` by at most ``1/2`` (replacing one by at most 1): the count is a Gaussian
+    mechanism with noise multiplier ``2 sigma_b`` under add/remove, as in TensorFlow Privacy's
+    ``quantile_estimator_query.py`` (the un-centred count ``sum_i b_i`` would have sensitivity 1
+    and cost four times as much RDP). ``b~`` only post-processes ``S`` (``m`` is public). The
+    noised count costs privacy: the round is accounted with
+    ``DpFedAvgRound(..., count_noise_multiplier=2 sigma_b)`` and the update noised with
+    :func:`strategies.private.accounting.adaptive_clipping_update_noise_multiplier`. The paper
+    suggests ``gamma = 0.5``, ``eta = 0.2`` and ``sigma_b = m / 20``.
 
     Attributes:
         clip_norm: current clip norm ``C`` (> 0); use it to clip this round, then call
@@ -124,12 +130,18 @@ class AdaptiveClipState:
         self.learning_rate = _check_nonnegative("learning_rate", self.learning_rate)
         self.count_noise_std = _check_nonnegative("count_noise_std", self.count_noise_std)
 
-    def noised_unclipped_fraction(self, norms: np.ndarray, expected_clients: float, rng: np.random.Generator) -> float:
-        """``b~ = (#{i : ||u_i|| <= C} + N(0, sigma_b^2)) / m`` for the current ``C``."""
-        expected_clients = _check_positive("expected_clients", expected_clients)
-        count = float(np.count_nonzero(np.asarray(norms, dtype=np.float64) <= self.clip_norm))
+    def noised_centred_count(self, norms: np.ndarray, rng: np.random.Generator) -> float:
+        """``S = sum_i (1[||u_i|| <= C] - 1/2) + N(0, sigma_b^2)`` for the current ``C``: the value
+        the mechanism releases (add/remove sensitivity 1/2)."""
+        norms = np.asarray(norms, dtype=np.float64).ravel()
+        centred = float(np.count_nonzero(norms <= self.clip_norm)) - 0.5 * norms.size
         noise = float(rng.normal(0.0, self.count_noise_std)) if self.count_noise_std > 0 else 0.0
-        return (count + noise) / expected_clients
+        return centred + noise
+
+    def noised_unclipped_fraction(self, norms: np.ndarray, expected_clients: float, rng: np.random.Generator) -> float:
+        """``b~ = S / m + 1/2`` (:meth:`noised_centred_count`), the noised fraction of updates within ``C``."""
+        expected_clients = _check_positive("expected_clients", expected_clients)
+        return self.noised_centred_count(norms, rng) / expected_clients + 0.5
 
     def update(self, norms: np.ndarray, expected_clients: float, rng: np.random.Generator) -> float:
         """Move ``C`` one geometric step toward the target quantile; returns the new ``C``."""
