@@ -13,6 +13,8 @@ Users of Flower's legacy stack can take :func:`client_fn` instead (``ClientApp(c
 
 from __future__ import annotations
 
+from typing import Any
+
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -39,6 +41,22 @@ def _is_legacy(msg: Message) -> bool:
     return any(name.startswith(("secaggplus", "fitins", "evaluateins", "getparametersins")) for name in names)
 
 
+def _config_of(msg: Message) -> dict[str, Any]:
+    """The message's train or evaluate config (empty when it carries none)."""
+    records = msg.content.config_records
+    return dict(records["config"]) if "config" in records else {}
+
+
+def _server_round(config: dict[str, Any]) -> int:
+    value = config.get("server-round", 0)
+    return int(value) if isinstance(value, (int, float)) else 0
+
+
+def _numeric(metrics: dict[str, Any]) -> dict[str, int | float]:
+    """The metrics a ``MetricRecord`` can carry (numbers); KerasClient reports only numbers."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Fit on local data, starting from the global weights in ``msg``."""
@@ -51,18 +69,19 @@ def train(msg: Message, context: Context) -> Message:
     client = make_client(context)
     settings = settings_from_context(context)
     partition_id = partition_id_of(context)
-    config = dict(msg.content["config"]) if "config" in msg.content else {}
-    maybe_fail(settings, partition_id, int(config.get("server-round", 0)))
+    config = _config_of(msg)
+    server_round = _server_round(config)
+    maybe_fail(settings, partition_id, server_round)
     global_weights = received_global_weights(settings, context, msg)
     weights, num_examples, metrics = client.fit(global_weights, config)
-    metrics.update(dp_sgd_report(settings, num_examples, int(config.get("server-round", 0))))
-    weights = poison_weights(settings, partition_id, global_weights, weights, int(config.get("server-round", 0)))
+    metrics.update(dp_sgd_report(settings, num_examples, server_round))
+    weights = poison_weights(settings, partition_id, global_weights, weights, server_round)
     content = RecordDict(
         {
             "arrays": upload(settings, context, global_weights, weights, {**config, "num-examples": num_examples}),
             "metrics": MetricRecord(
                 {
-                    **metrics,
+                    **_numeric(metrics),
                     **reply_metrics(settings, context),
                     "partition-id": partition_id,
                     "num-examples": poison_num_examples(settings, partition_id, num_examples),
@@ -83,10 +102,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     client = make_client(context)
     if is_export_check(msg):  # the exported TFLite model, checked before it ships
         return answer_export_check(msg, client, settings_from_context(context).client_threads)
-    config = dict(msg.content["config"]) if "config" in msg.content else {}
+    config = _config_of(msg)
     global_weights = received_global_weights(settings_from_context(context), context, msg)
     loss, num_examples, metrics = client.evaluate(global_weights, config)
-    content = RecordDict({"metrics": MetricRecord({"loss": loss, **metrics, "num-examples": num_examples})})
+    content = RecordDict({"metrics": MetricRecord({"loss": loss, **_numeric(metrics), "num-examples": num_examples})})
     return Message(content=content, reply_to=msg)
 
 

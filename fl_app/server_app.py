@@ -1,9 +1,10 @@
 """The ``ServerApp``: settings → strategy → rounds → run directory.
 
 ``main`` reads the run config into :class:`~fl_app.config.settings.Settings` (bad values stop the run
-here, before any client trains), builds the strategy by name, creates the initial Keras model,
-runs the rounds with federated evaluation on the clients and centralized evaluation on the
-server's held-out test set, and writes the run directory (:mod:`fl_app.server.run_directory`).
+here, before any client trains), builds the strategy by name inside the reply guard, creates the
+initial Keras model, runs the rounds with federated evaluation on the clients and centralized
+evaluation on the server's held-out test set, and writes the run directory
+(:mod:`fl_app.server.run_directory`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fl_app.config.settings import Settings
 from fl_app.delivery.shipping import BestWeights, TrainReplyRecorder, finish_run
+from fl_app.server import initial_weights
 from fl_app.server.checkpoint import check_compatible, load_checkpoint, resume_strategy, save_checkpoint
 from fl_app.server.evaluation import CentralEvaluator
 from fl_app.server.polling import ShortPollGrid
@@ -25,6 +27,7 @@ from fl_app.server.round_loop import run_rounds
 from fl_app.server.run_directory import RoundRecord, RunDirectory
 from fl_app.server.strategy_setup import make_strategy
 from fl_app.server.summary import privacy_summary, summarize
+from strategies.core.reporting import Stateful
 
 app = ServerApp()
 
@@ -34,38 +37,39 @@ def main(grid: Grid, context: Context) -> None:
     """Run the federation that the run config describes."""
     started = time.perf_counter()
     settings = Settings.from_run_config(context.run_config)
-    strategy = make_strategy(settings)
     grid = ShortPollGrid(grid)  # Flower's grid sleeps 3 s between polls for replies
-
-    from fl_app.server.initial_weights import query_initial_arrays, server_model
 
     model = evaluator = test_set = None
     encrypted = settings.homomorphic_encryption != "none"
     # TensorFlow on the server only for centralized evaluation and for exporting the model
     if settings.centralized_evaluation or settings.export_formats():
-        model, test_set = server_model(settings)
+        model, test_set = initial_weights.server_model(settings)
         # with encryption the server never holds the model after round 0: no centralized evaluation
         if settings.centralized_evaluation and test_set is not None and not encrypted:
             evaluator = CentralEvaluator(model, *test_set)
         initial = ArrayRecord(model.get_weights())
     else:
-        initial = query_initial_arrays(grid, settings)
+        initial = initial_weights.query_initial_arrays(grid, settings)
     history: list[RoundRecord] = []
     first_round = 1
-    checkpoint = None
-    if settings.resume_from:  # continue after the last round that the earlier run completed
-        checkpoint = load_checkpoint(settings.resume_from)
+    checkpoint = load_checkpoint(settings.resume_from) if settings.resume_from else None
+    if checkpoint is not None:  # continue after the last round that the earlier run completed
         check_compatible(checkpoint, initial.to_numpy_ndarrays())
         initial = ArrayRecord(checkpoint.weights)
         history = checkpoint.history
         first_round = checkpoint.round + 1
+
+    # the strategy that runs the rounds is the one whose state (e.g. the DP accountant) checkpoints keep
+    guarded = secure = None
+    running: Stateful
     if settings.secure_aggregation:  # Flower's legacy SecAgg+ workflow (fl_app.secagg.server)
         from fl_app.secagg.server import SecureDpFedAvg
 
-        # the strategy that runs the rounds is the one whose state (the DP accountant) each checkpoint saves
-        strategy = SecureDpFedAvg(settings, initial, evaluator)
-    if checkpoint is not None:  # same strategy class and privacy, then its state (accountant, ...)
-        resume_strategy(checkpoint, strategy)
+        running = secure = SecureDpFedAvg(settings, initial, evaluator)
+    else:
+        running = guarded = make_strategy(settings)
+    if checkpoint is not None:  # same strategy class and privacy, then its state
+        resume_strategy(checkpoint, running)
         log(INFO, "Resuming from %s after round %d", settings.resume_from, checkpoint.round)
 
     run_dir = RunDirectory(settings.output_dir, settings.strategy)
@@ -80,17 +84,19 @@ def main(grid: Grid, context: Context) -> None:
         if best is not None:
             best.update(record, arrays)
         save_checkpoint(
-            run_dir.path, record.round, arrays.to_numpy_ndarrays(), history, strategy, dict(context.run_config)
+            run_dir.path, record.round, arrays.to_numpy_ndarrays(), history, running, dict(context.run_config)
         )
 
-    if settings.secure_aggregation:
+    if secure is not None:
         from fl_app.secagg.server import run_secure_rounds
 
-        arrays, _ = run_secure_rounds(grid, context, strategy, on_round_end, first_round=first_round)
+        arrays, _ = run_secure_rounds(grid, context, secure, on_round_end, first_round=first_round)
+        stop_reason = secure.stop_reason
     else:
+        assert guarded is not None
         arrays, _ = run_rounds(
             recorder,
-            strategy,
+            guarded,
             initial,
             num_rounds=settings.num_server_rounds,
             first_round=first_round,
@@ -100,13 +106,13 @@ def main(grid: Grid, context: Context) -> None:
             min_train_replies=settings.min_train_replies,
             sampling_seed=settings.seed,
         )
-    stop_reason = strategy.stop_reason
+        stop_reason = guarded.stop_reason
 
-    if encrypted:  # G_0 + the encrypted chain; a key holder runs scripts/decrypt_model.py
+    if encrypted and guarded is not None:  # G_0 + the encrypted chain; a key holder runs scripts/decrypt_model.py
         from strategies.encrypted.strategy import EncryptedFedAvg
 
-        assert isinstance(strategy.inner, EncryptedFedAvg)
-        model_file = strategy.inner.save_encrypted_model(run_dir.file("encrypted-model.npz"))
+        assert isinstance(guarded.inner, EncryptedFedAvg)
+        model_file = guarded.inner.save_encrypted_model(run_dir.file("encrypted-model.npz"))
     elif model is not None:
         model.set_weights(arrays.to_numpy_ndarrays())
         model_file = run_dir.file("model.keras")

@@ -39,9 +39,11 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
+from flwr.serverapp import Grid
 
 from fl_app.delivery.export import ExportedModel, export_model
 from fl_app.delivery.tflite import TFLitePredictor
+from fl_app.server.grid_wrapper import GridWrapper
 
 CHECK_FLAG = "export-check"
 TFLITE_RECORD = "tflite"
@@ -51,27 +53,22 @@ EXPORT_DIR = "export"
 LATENCY_EXAMPLES = 200
 
 
-class TrainReplyRecorder:
-    """A Grid that remembers which nodes replied (without error) to the latest train messages.
+class TrainReplyRecorder(GridWrapper):
+    """A Grid that remembers which nodes replied (without error) to the latest train messages;
+    every other method is the wrapped grid's."""
 
-    Every other attribute is the wrapped Grid's, so strategies and the round loop use it as is.
-    """
-
-    def __init__(self, grid) -> None:
-        self._grid = grid
+    def __init__(self, grid: Grid) -> None:
+        super().__init__(grid)
         self.last_train_nodes: set[int] = set()
         self.train_rounds_seen = 0
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         messages = list(messages)
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        replies = list(self.inner.send_and_receive(messages, timeout=timeout))
         if messages and all(m.metadata.message_type == MessageType.TRAIN for m in messages):
             self.last_train_nodes = {r.metadata.src_node_id for r in replies if not r.has_error()}
             self.train_rounds_seen += 1
         return replies
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._grid, name)
 
 
 # --------------------------------------------------------------------------- client side

@@ -34,7 +34,7 @@ import functools
 import time
 from collections.abc import Callable
 from logging import INFO, WARNING
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from flwr.app import ArrayRecord, Context
@@ -46,6 +46,7 @@ from fl_app.config.settings import Settings
 from fl_app.server.run_directory import RoundRecord
 from strategies.core.errors import StopTraining
 from strategies.core.nodes import wait_for_nodes
+from strategies.core.reporting import Stateful
 from strategies.core.update_matrix import ModelLayout
 from strategies.private.accounting import RoundSpec
 from strategies.private.central_mechanism import CentralGaussianMechanism, fixed_size_sample
@@ -54,17 +55,23 @@ from strategies.private.mechanisms import secure_generator
 NODE_WAIT_SECONDS = 30.0
 
 
-class SecureDpFedAvg:
-    """Factory of the legacy strategy (a ``flwr.server.strategy.FedAvg`` subclass, built lazily)."""
+class SecureStrategy(Stateful, Protocol):
+    """What the server reads from the SecAgg+ strategy besides Flower's legacy interface."""
 
-    def __new__(
-        cls,
-        settings: Settings,
-        initial: ArrayRecord,
-        evaluator: Callable | None,
-        rng: np.random.Generator | None = None,
-    ):
-        return _strategy_class()(settings, initial, evaluator, rng)
+    @property
+    def stop_reason(self) -> str | None: ...
+
+
+def SecureDpFedAvg(
+    settings: Settings,
+    initial: ArrayRecord,
+    evaluator: Callable | None,
+    rng: np.random.Generator | None = None,
+) -> SecureStrategy:
+    """The legacy strategy (a ``flwr.server.strategy.FedAvg`` subclass, whose class is built on
+    first use, so that a run without SecAgg+ never imports Flower's legacy stack)."""
+    strategy: SecureStrategy = _strategy_class()(settings, initial, evaluator, rng)
+    return strategy
 
 
 @functools.cache

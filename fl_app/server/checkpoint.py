@@ -38,7 +38,7 @@ import numpy as np
 
 from fl_app.server.run_directory import RoundRecord
 from strategies.aggregation.guard import GuardedStrategy
-from strategies.core.reporting import RoundReporting
+from strategies.core.reporting import Stateful
 
 CHECKPOINT_DIR = "checkpoint"
 _ARRAY = "__ndarray__"
@@ -65,12 +65,12 @@ class Checkpoint:
 # --------------------------------------------------------------------------- strategy state
 
 
-def strategy_state(strategy: RoundReporting) -> dict[str, Any]:
+def strategy_state(strategy: Stateful) -> dict[str, Any]:
     """The strategy's resumable state, as the checkpoint stores it."""
     return {"state_dict": strategy.state_dict()}
 
 
-def restore_strategy_state(strategy: RoundReporting, state: dict[str, Any]) -> None:
+def restore_strategy_state(strategy: Stateful, state: dict[str, Any]) -> None:
     """Put ``state`` (from :func:`strategy_state`) back into a freshly built strategy.
 
     Checkpoints written before strategies were guarded keep Flower's optimizer attributes under
@@ -99,7 +99,7 @@ def _private_state(state: Mapping[str, Any]) -> bool:
     return isinstance(inner, Mapping) and "privacy-accountant" in inner
 
 
-def privacy_record(strategy: RoundReporting, state: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def privacy_record(strategy: Stateful, state: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """``{"private": bool, "dp-mode": str | None}``: whether the strategy's state holds a privacy
     accountant (its rounds are accounted), and its DP mode (``dp-mode`` of the run config)."""
     private = _private_state(strategy_state(strategy) if state is None else state)
@@ -110,7 +110,7 @@ def privacy_record(strategy: RoundReporting, state: Mapping[str, Any] | None = N
     return {"private": private, "dp-mode": mode if isinstance(mode, str) else None}
 
 
-def check_same_strategy(checkpoint: Checkpoint, strategy: object) -> None:
+def check_same_strategy(checkpoint: Checkpoint, strategy: Stateful) -> None:
     """Raise :class:`CheckpointError` unless ``strategy`` is of the class that wrote the checkpoint
     and has the same privacy (accountant present or not, same dp-mode).
 
@@ -123,7 +123,7 @@ def check_same_strategy(checkpoint: Checkpoint, strategy: object) -> None:
             f"{where} was written by strategy {checkpoint.strategy_class}, this run's strategy is "
             f"{current}: resume with the strategy (and run config) that wrote it, or start a new run"
         )
-    recorded = checkpoint.privacy or privacy_record(object(), checkpoint.strategy_state)
+    recorded = checkpoint.privacy or {"private": _private_state(checkpoint.strategy_state), "dp-mode": None}
     now = privacy_record(strategy)
     if bool(recorded.get("private")) != now["private"]:
         if now["private"]:
@@ -143,7 +143,7 @@ def check_same_strategy(checkpoint: Checkpoint, strategy: object) -> None:
         )
 
 
-def resume_strategy(checkpoint: Checkpoint, strategy: object) -> None:
+def resume_strategy(checkpoint: Checkpoint, strategy: Stateful) -> None:
     """Check that ``strategy`` may continue ``checkpoint`` (:func:`check_same_strategy`), then
     restore its state (:func:`restore_strategy_state`)."""
     check_same_strategy(checkpoint, strategy)
@@ -183,7 +183,7 @@ def save_checkpoint(
     server_round: int,
     weights: list[np.ndarray],
     history: list[RoundRecord],
-    strategy: RoundReporting,
+    strategy: Stateful,
     run_config: dict[str, Any],
 ) -> Path:
     """Write ``<run_dir>/checkpoint`` atomically (temporary folder, then rename)."""
@@ -197,7 +197,7 @@ def save_checkpoint(
     arrays: dict[str, np.ndarray] = {}
     raw_state = strategy_state(strategy)
     state = _split_arrays(raw_state, arrays)
-    np.savez(tmp / "strategy.npz", **arrays)
+    np.savez(tmp / "strategy.npz", **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as bool
     payload = {
         "round": server_round,
         "history": [dataclasses.asdict(r) for r in history],

@@ -20,6 +20,8 @@ from collections.abc import Iterable
 
 from flwr.app import Message
 
+from fl_app.server.grid_wrapper import GridWrapper
+
 POLL_INITIAL_S = 0.01
 POLL_GROWTH = 1.5
 POLL_MAXIMUM_S = 0.1
@@ -69,18 +71,9 @@ def send_and_receive(
     return replies
 
 
-class ShortPollGrid:
-    """A Grid whose ``send_and_receive`` is :func:`send_and_receive` (short, growing polls).
-
-    Every other attribute is the wrapped grid's; wrappers built on top of it (the export check's
-    reply recorder, the round loop's patient sampling) keep using ``send_and_receive``.
-    """
-
-    def __init__(self, grid) -> None:
-        self._grid = grid
+class ShortPollGrid(GridWrapper):
+    """A Grid whose ``send_and_receive`` is :func:`send_and_receive` (short, growing polls); every
+    other method is the wrapped grid's."""
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        return send_and_receive(self._grid, messages, timeout=timeout)
-
-    def __getattr__(self, name: str):
-        return getattr(self._grid, name)
+        return send_and_receive(self.inner, messages, timeout=timeout)

@@ -23,6 +23,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fl_app.server.grid_wrapper import GridWrapper
 from fl_app.server.run_directory import RoundRecord
 from strategies.aggregation.guard import GuardedStrategy
 from strategies.core.errors import StopTraining
@@ -77,7 +78,7 @@ def max_of_reply_metrics(replies: Iterable[Message]) -> dict[str, float]:
     return out
 
 
-class PatientGrid:
+class PatientGrid(GridWrapper):
     """A :class:`Grid` whose ``get_node_ids`` gives up once a phase has waited ``timeout`` s.
 
     Flower's strategies, and ours through :func:`strategies.core.nodes.wait_for_nodes`, sample
@@ -89,7 +90,7 @@ class PatientGrid:
     """
 
     def __init__(self, grid: Grid) -> None:
-        self._grid = grid
+        super().__init__(grid)
         self._deadline: float | None = None
         self._timeout = 0.0
 
@@ -98,16 +99,13 @@ class PatientGrid:
         self._deadline = time.monotonic() + timeout
 
     def get_node_ids(self) -> Iterable[int]:
-        node_ids = self._grid.get_node_ids()
+        node_ids = self.inner.get_node_ids()
         if self._deadline is not None and time.monotonic() > self._deadline:
             raise NodesUnavailable(
                 f"only {len(list(node_ids))} node(s) connected after waiting {self._timeout:g} s "
                 "(round-timeout) for the strategy's min-available-clients"
             )
         return node_ids
-
-    def __getattr__(self, name: str):
-        return getattr(self._grid, name)
 
 
 def missing_replies(messages: Iterable[Message], replies: Iterable[Message], timeout: float) -> list[str]:
@@ -158,7 +156,7 @@ def run_rounds(
     """
     history: list[RoundRecord] = []
     arrays = initial_arrays
-    grid = PatientGrid(grid)
+    patient = PatientGrid(grid)
     guarded = GuardedStrategy.around(strategy)
     # a strategy may lower the bar: DP-FedAvg runs its mechanism (noise) on an empty Poisson sample
     if guarded.min_train_replies is not None:
@@ -177,9 +175,11 @@ def run_rounds(
         if sampling_seed is not None:
             random.seed(f"{sampling_seed}/{server_round}")
 
-        grid.start_phase(timeout)
+        patient.start_phase(timeout)
         try:
-            messages = list(guarded.configure_train(server_round, arrays, ConfigRecord(dict(train_config or {})), grid))
+            messages = list(
+                guarded.configure_train(server_round, arrays, ConfigRecord(dict(train_config or {})), patient)
+            )
         except StopTraining as err:  # e.g. the privacy budget: end after the last completed round
             log(WARNING, "Training stops before round %d: %s", server_round, err)
             break
@@ -187,7 +187,7 @@ def run_rounds(
             record.failures.append(f"train sampling: {err}")
             messages = []
         record.bytes_sent = message_bytes(messages)
-        replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
+        replies = list(patient.send_and_receive(messages, timeout=timeout)) if messages else []
         ok, failures = split_replies(replies, messages)
         failures += missing_replies(messages, replies, timeout)
         record.clients_replied, record.clients_failed = len(ok), len(failures)
@@ -220,21 +220,21 @@ def run_rounds(
             arrays = new_arrays
         if train_metrics is not None:
             for key, value in train_metrics.items():
-                if key in _TRAIN_KEYS:
+                if key in _TRAIN_KEYS and isinstance(value, (int, float)):
                     setattr(record, _TRAIN_KEYS[key], float(value))
                 else:
                     record.extra[key] = value
 
-        grid.start_phase(timeout)
+        patient.start_phase(timeout)
         try:
             eval_messages = list(
-                guarded.configure_evaluate(server_round, arrays, ConfigRecord(dict(evaluate_config or {})), grid)
+                guarded.configure_evaluate(server_round, arrays, ConfigRecord(dict(evaluate_config or {})), patient)
             )
         except NodesUnavailable as err:
             record.failures.append(f"evaluate sampling: {err}")
             eval_messages = []
         if eval_messages:
-            eval_replies = list(grid.send_and_receive(eval_messages, timeout=timeout))
+            eval_replies = list(patient.send_and_receive(eval_messages, timeout=timeout))
             _, eval_failures = split_replies(eval_replies, eval_messages)
             eval_failures += missing_replies(eval_messages, eval_replies, timeout)
             record.failures.extend(f"evaluate {line}" for line in eval_failures)

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import time
 import traceback
+import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from flwr.app import ArrayRecord, Context, Error, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from fl_app.config.settings import Settings
@@ -30,11 +33,13 @@ def _ensure_task_identity() -> None:
             setattr(TaskIdentity, name, 0 if name == "node_id" else 1)
 
 
-class LocalGrid:
-    """Enough of ``flwr.serverapp.Grid`` for strategies and :func:`run_rounds`, in one process.
+class LocalGrid(Grid):
+    """A Flower ``Grid`` whose nodes are this process: strategies and :func:`run_rounds` use it as
+    they use Flower's.
 
     Node ``i`` (node id ``i + 1``) is partition ``i``. ``node_configs`` may add keys per node
-    (e.g. ``data-path``).
+    (e.g. ``data-path``). A pushed message is answered at once by the ClientApp handler; its
+    reply waits until it is pulled.
     """
 
     def __init__(
@@ -45,6 +50,7 @@ class LocalGrid:
     ) -> None:
         _ensure_task_identity()
         self.run_config = dict(run_config)
+        self._run = Run.create_empty(run_id=1)
         self.contexts = {
             i + 1: Context(
                 run_id=1,
@@ -56,9 +62,41 @@ class LocalGrid:
             for i in range(num_nodes)
         }
         self.seconds_in_clients = 0.0
+        self._replies: dict[str, Message] = {}
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        messages = list(messages)
+        for message in messages:  # Flower's grid gives a pushed message its id (its content hash)
+            if not message.metadata.message_id:
+                message.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+        ids = []
+        for reply in self.send_and_receive(messages):
+            self._replies[reply.metadata.reply_to_message_id] = reply
+            ids.append(reply.metadata.reply_to_message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        return [self._replies.pop(i) for i in message_ids if i in self._replies]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         from fl_app import client_app

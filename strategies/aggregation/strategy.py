@@ -114,7 +114,6 @@ class AggregationStrategy(FedAvg):
 
     validates_replies = True
     """:meth:`aggregate_train` screens every reply (:mod:`strategies.core.replies`) while decoding it."""
-    stop_reason: str | None = None
     """Why training ended early; None: it did not (subclasses with a budget set it)."""
     min_train_replies: int | None = None
     """No bound of its own on the replies a round needs: the run config's ``min-train-replies``."""
@@ -177,7 +176,7 @@ class AggregationStrategy(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._layout = ModelLayout.of(arrays)
-        self._global = self._layout.flatten(arrays)
+        self._global = self.layout.flatten(arrays)
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
@@ -205,7 +204,7 @@ class AggregationStrategy(FedAvg):
         weights = client_weights(collected.num_examples, self.weighting, self.cap_ratio)
         if aggregate is None:
             aggregate = self._apply_rule(server_round, collected, weights, measurements)
-        if aggregate.shape != (self._layout.size,) or not np.isfinite(aggregate).all():
+        if aggregate.shape != (self.layout.size,) or not np.isfinite(aggregate).all():
             log(
                 WARNING,
                 "Round %d skipped: rule %s returned a non-finite or mis-shaped update",
@@ -217,7 +216,7 @@ class AggregationStrategy(FedAvg):
         metrics = self._train_metrics(collected, weights)
         metrics.update(measurements)
         metrics["update-norm"] = float(np.linalg.norm(aggregate))
-        return self._layout.unflatten(new_global), metrics
+        return self.layout.unflatten(new_global), metrics
 
     def _apply_rule(
         self, server_round: int, collected: CollectedUpdates, weights: np.ndarray, measurements: dict[str, float]
@@ -225,7 +224,7 @@ class AggregationStrategy(FedAvg):
         """Hooks, norm bound and the rule on the update matrix."""
         for hook in self.update_hooks:
             hook(server_round, collected)
-        updates = collected.updates
+        updates = collected.matrix()
         if self.adaptive_bound is not None:
             measurements["norm-bound"] = self.adaptive_bound.bound
             norms = self.adaptive_bound.clip(updates)
@@ -241,8 +240,8 @@ class AggregationStrategy(FedAvg):
         """Validate the replies into the update matrix; log and remember the rejected ones."""
         collected = collect_updates(
             list(replies),
-            self._layout,
-            self._global,
+            self.layout,
+            self.global_flat,
             self._buffer,
             max_norm=self.max_update_norm,
             decoder=self.decoder,
@@ -268,12 +267,12 @@ class AggregationStrategy(FedAvg):
         self, server_round: int, replies: list[Message]
     ) -> tuple[CollectedUpdates, np.ndarray | None] | None:
         """The weighted mean straight from the reply bytes (:func:`stream_weighted_mean`)."""
-        if self._stream_out is None or self._stream_out.shape != (self._layout.size,):
-            self._stream_out = np.empty(self._layout.size, np.float32)
+        if self._stream_out is None or self._stream_out.shape != (self.layout.size,):
+            self._stream_out = np.empty(self.layout.size, np.float32)
         streamed = stream_weighted_mean(
             replies,
-            self._layout,
-            self._global,
+            self.layout,
+            self.global_flat,
             lambda counts: client_weights(counts, self.weighting, self.cap_ratio),
             self._stream_out,
         )
@@ -285,6 +284,25 @@ class AggregationStrategy(FedAvg):
         self._rejections = [line for line in collected.rejections if not is_client_error(line)]
         for line in collected.rejections:
             log(WARNING, "Round %d: %s", server_round, line)
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why training stopped early; an aggregation strategy never stops it (DP-FedAvg may)."""
+        return None
+
+    @property
+    def layout(self) -> ModelLayout:
+        """The global model's layout (known from :meth:`configure_train` on)."""
+        if self._layout is None:
+            raise RuntimeError("aggregate_train called before configure_train")
+        return self._layout
+
+    @property
+    def global_flat(self) -> np.ndarray:
+        """The global model this round started from, as one float32 vector."""
+        if self._global is None:
+            raise RuntimeError("aggregate_train called before configure_train")
+        return self._global
 
     def rejections(self) -> list[str]:
         """The replies the last :meth:`aggregate_train` rejected, as ``"node <id>: <reason>"``
@@ -314,7 +332,7 @@ class AggregationStrategy(FedAvg):
             step = self._momentum
         else:
             step = aggregate
-        return self._global + np.float32(self.server_learning_rate) * step
+        return self.global_flat + np.float32(self.server_learning_rate) * step
 
     @staticmethod
     def _train_metrics(collected: CollectedUpdates, weights: np.ndarray) -> MetricRecord:
@@ -325,7 +343,9 @@ class AggregationStrategy(FedAvg):
             for key, value in record.items():
                 if key != "num-examples" and isinstance(value, (int, float)) and math.isfinite(value):
                     sums[key] = sums.get(key, 0.0) + float(value) * float(weight) / total
-        return MetricRecord(sums)
+        values: dict[str, int | float | list[int] | list[float]] = {}
+        values.update(sums)
+        return MetricRecord(values)
 
     # ----------------------------------------------------------------------------- state
 

@@ -220,6 +220,12 @@ class CollectedUpdates:
     def count(self) -> int:
         return len(self.node_ids)
 
+    def matrix(self) -> np.ndarray:
+        """The K x P update matrix (a round whose mean was streamed has none)."""
+        if self.updates is None:
+            raise RuntimeError("this round's mean was streamed from the replies: there is no update matrix")
+        return self.updates
+
 
 def _finite_norm(vector: np.ndarray) -> float:
     """L2 norm of a float32 vector, or a ValueError if it holds NaN or Inf.

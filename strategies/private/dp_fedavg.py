@@ -198,7 +198,7 @@ class DpFedAvgStrategy(AggregationStrategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._layout = ModelLayout.of(arrays)
-        self._global = self._layout.flatten(arrays)
+        self._global = self.layout.flatten(arrays)
         nodes = wait_for_nodes(grid, self.min_available_nodes, None)
         spec = self.mechanism.check_budget(server_round, len(nodes))
         sampled = self.sample(nodes)
@@ -227,7 +227,7 @@ class DpFedAvgStrategy(AggregationStrategy):
         if collected.count:
             for hook in self.update_hooks:
                 hook(server_round, collected)
-        updates = collected.updates
+        updates = collected.matrix()
         clip = self.clip_norm
         noise_std = self.noise_std()
         measurements: dict[str, float] = {
@@ -254,7 +254,7 @@ class DpFedAvgStrategy(AggregationStrategy):
         metrics = self._train_metrics(collected, weights) if collected.count else MetricRecord({})
         metrics.update(measurements)
         metrics["update-norm"] = float(np.linalg.norm(aggregate))
-        return self._layout.unflatten(new_global), metrics
+        return self.layout.unflatten(new_global), metrics
 
     def _rule_can_run(self, count: int) -> bool:
         if count < self.min_valid_replies:
@@ -270,7 +270,7 @@ class DpFedAvgStrategy(AggregationStrategy):
         """``sum / m`` for the mean; otherwise the rule's output clipped to ``C`` (zero when the
         rule cannot run on this many replies), so the sensitivity is the mechanism's
         (:attr:`CentralGaussianMechanism.sensitivity`)."""
-        size = self._layout.size
+        size = self.layout.size
         count = clipped.shape[0]
         if self.rule_name == "mean":
             return self.mechanism.mean(clipped)
@@ -286,10 +286,10 @@ class DpFedAvgStrategy(AggregationStrategy):
     def _local_rule_output(self, updates: np.ndarray) -> np.ndarray:
         count = updates.shape[0]
         if count == 0 or not self._rule_can_run(count):
-            return np.zeros(self._layout.size, np.float32)
+            return np.zeros(self.layout.size, np.float32)
         params = round_params(self.rule_name, self.rule_params, count)
         output = np.asarray(self.rule(updates, np.ones(count), **params), dtype=np.float32)
-        return output if np.isfinite(output).all() else np.zeros(self._layout.size, np.float32)
+        return output if np.isfinite(output).all() else np.zeros(self.layout.size, np.float32)
 
     # ----------------------------------------------------------------------------- state
 
@@ -383,7 +383,7 @@ def calibrated_noise_multiplier(sampling: SamplingParams, dp: DpParams) -> float
         num_clients=params["num_clients"],
         clients_per_round=m,
         sampling=params["sampling"],
-        method=dp.accounting,
+        method="pld" if dp.accounting == "pld" else "rdp",  # DpParams checked it is one of the two
     )
 
 
