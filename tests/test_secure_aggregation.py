@@ -103,6 +103,12 @@ def test_impossible_secure_aggregation_settings_are_refused(overrides, fragment)
         Settings.from_run_config({**SECURE, **overrides})
 
 
+def test_plain_fedavg_runs_under_secure_aggregation():
+    """The refusal message recommends strategy='fedavg'; it must be accepted (it is the mean)."""
+    settings = Settings.from_run_config({**SECURE, "strategy": "fedavg"})
+    assert settings.secure_aggregation and settings.strategy == "fedavg"
+
+
 def test_too_few_nodes_fail_fast_with_a_clear_error():
     settings = Settings.from_run_config(SECURE)
     grid = LocalGrid(settings.to_run_config(), 3)

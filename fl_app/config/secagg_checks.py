@@ -10,7 +10,10 @@ if TYPE_CHECKING:
 
 def check_secure_aggregation(settings: Settings) -> None:
     """Refuse settings that SecAgg+ cannot serve (errors name the keys)."""
-    rule = settings.aggregation_rule if settings.strategy in ("robust", "dp-fedavg") else settings.strategy
+    # FedAvg is the mean; robust and dp-fedavg run the rule named by aggregation-rule
+    rule = {"fedavg": "mean", "robust": settings.aggregation_rule, "dp-fedavg": settings.aggregation_rule}.get(
+        settings.strategy, settings.strategy
+    )
     if settings.strategy not in ("fedavg", "dp-fedavg", "robust") or rule != "mean":
         raise ValueError(
             f"secure-aggregation=true: the server only sees the sum of the updates, so strategy "
