@@ -20,7 +20,7 @@ from strategies.encrypted.keys import KEY_MAGIC, generate_keys, load_client_sche
 from strategies.encrypted.packing import pack_slots, unpack_slots
 from strategies.encrypted.paillier import PaillierParameters
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 NUM_CLIENTS = 4
 PAILLIER_TEST = {"key_bits": 2048, "fraction_bits": 16, "value_bits": 24, "max_clients": 4}
 

@@ -21,7 +21,7 @@ from fl_app.deploy.operator import LoopbackDeployment, write_node_files
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 LOCAL = "dataset='local-file' num-classes=10 input-shape='8,8,1' local-epochs=1"
 
 

@@ -11,7 +11,7 @@ from flwr.app import ArrayRecord
 
 from strategies.core.update_matrix import ModelLayout
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def load_script(name):

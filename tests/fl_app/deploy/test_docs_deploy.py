@@ -2,7 +2,7 @@
 
 They use the document's fixed ports (9092, 9094-9096) and write ``deploy/`` and ``outputs/`` in the
 repository, so this test runs only when asked for: ``FL_KERAS_DOCS_DEPLOY=1 pytest
-tests/test_docs_deploy.py``.
+tests/fl_app/deploy/test_docs_deploy.py``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ opt_in = pytest.mark.skipif(
     reason="set FL_KERAS_DOCS_DEPLOY=1 (uses fixed ports and the repository's deploy/)",
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def docs_loopback_block() -> str:

@@ -47,20 +47,20 @@ def test_builtin_names_build_flower_strategies():
 
 
 def test_dotted_path_class_gets_sampling_arguments():
-    strategy = build_strategy("tests.test_registry:MyFedAvg", params(**{"fraction-evaluate": 0.3}))
+    strategy = build_strategy("tests.strategies.test_registry:MyFedAvg", params(**{"fraction-evaluate": 0.3}))
     assert type(strategy) is MyFedAvg and strategy.fraction_evaluate == 0.3
 
 
 def test_dotted_path_factory_gets_run_config():
-    strategy = build_strategy("tests.test_registry:my_factory", params(**{"server-momentum": 0.7}))
+    strategy = build_strategy("tests.strategies.test_registry:my_factory", params(**{"server-momentum": 0.7}))
     assert isinstance(strategy, FedAvgM) and strategy.server_momentum == 0.7
 
 
 def test_dotted_path_errors():
     with pytest.raises(StrategyNameError, match="returned int, not a flwr.serverapp.strategy.Strategy"):
-        build_strategy("tests.test_registry:not_a_strategy", params())
+        build_strategy("tests.strategies.test_registry:not_a_strategy", params())
     with pytest.raises(StrategyNameError, match="not of the form 'package.module:Name'"):
-        check_strategy_name("tests.test_registry:")
+        check_strategy_name("tests.strategies.test_registry:")
     with pytest.raises(StrategyNameError, match="unknown strategy 'fedavgg'; known: "):
         check_strategy_name("fedavgg")
 

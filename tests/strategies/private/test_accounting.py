@@ -227,7 +227,7 @@ def test_pure_modules_do_not_import_tensorflow():
         "import sys, strategies.private.accounting, strategies.private.mechanisms; "
         "sys.exit('tensorflow' in sys.modules)"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[3])
 
 
 def test_dpsgd_counts_partial_last_batch_as_a_step():

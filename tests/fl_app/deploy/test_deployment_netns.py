@@ -24,7 +24,7 @@ from fl_app.deploy.operator import LoopbackDeployment, write_node_files
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 NODES = 3
 
 
