@@ -4,6 +4,9 @@ and what is allowed, so that a user can fix the configuration from the message a
 from __future__ import annotations
 
 import math
+from typing import Any
+
+import numpy as np
 
 
 def at_least(key: str, value: float, minimum: float) -> None:
@@ -36,3 +39,12 @@ def one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
     """Raise ValueError unless ``value`` is one of ``allowed``."""
     if value not in allowed:
         raise ValueError(f"{key} must be one of {', '.join(allowed)}; got '{value}'")
+
+
+def positive_number(key: str, value: Any) -> float:
+    """``value`` as a float if it is a finite number > 0 (not a bool), else ``ValueError`` naming ``key``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+        raise ValueError(f"{key} must be a positive number, got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{key} must be a positive number, got {value!r}")
+    return float(value)

@@ -13,24 +13,14 @@ Learning?") and of the encrypted path's clipped uploads.
 
 from __future__ import annotations
 
-import math
-from typing import Any
-
 import numpy as np
+
+from strategies.core.checks import positive_number
 
 # The norms are exact to float64 precision, but scaling by C / norm and rounding to float32 can
 # overshoot C by up to about 2 * 2**-24 relatively; shrinking the factor by 2**-22 guarantees
 # norms <= C, as the sensitivity of DP noise requires.
 ROUNDING_MARGIN = 1.0 - 2.0**-22
-
-
-def positive_number(key: str, value: Any) -> float:
-    """``value`` as a float if it is a finite number > 0 (not a bool), else ``ValueError`` naming ``key``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
-        raise ValueError(f"{key} must be a positive number, got {value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{key} must be a positive number, got {value!r}")
-    return float(value)
 
 
 def row_norms(updates: np.ndarray) -> np.ndarray:

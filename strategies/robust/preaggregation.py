@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from strategies.core.clipping import clip_rows, positive_number
+from strategies.core.checks import positive_number
+from strategies.core.clipping import clip_rows
 
 
 def norm_bound(updates: np.ndarray, bound: float) -> np.ndarray:

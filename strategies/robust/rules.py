@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from strategies.core.checks import positive_number
+
 Rule = Callable[..., np.ndarray]
 
 _BLOCK_BYTES = 4 * 2**20  # bytes of float32 per column block: small enough to stay in cache
@@ -72,15 +74,6 @@ def _check_int(key: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
     return int(value)
-
-
-def _check_positive(key: str, value: Any) -> float:
-    """``value`` as a finite float > 0, else a ValueError naming ``key``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
-        raise ValueError(f"{key} must be a positive number, got {value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{key} must be a positive number, got {value!r}")
-    return float(value)
 
 
 def _check_trimmed_mean(num_clients: int, beta: Any, beta_key: str = "beta") -> int:
@@ -133,7 +126,7 @@ def _check_geometric_median(
 ) -> tuple[int, float, float]:
     """Validate the Weiszfeld parameters."""
     max_iter = _check_int(max_iter_key, max_iter, 1)
-    eps = _check_positive("eps", eps)
+    eps = positive_number("eps", eps)
     if isinstance(tol, bool) or not isinstance(tol, (int, float, np.number)) or not tol >= 0:
         raise ValueError(f"tol must be a number >= 0, got {tol!r}")
     return max_iter, eps, float(tol)
@@ -143,7 +136,7 @@ def _check_centered_clipping(
     tau: Any, iterations: Any, tau_key: str = "tau", iterations_key: str = "iterations"
 ) -> tuple[float, int]:
     """Validate centered clipping's radius and number of iterations."""
-    return _check_positive(tau_key, tau), _check_int(iterations_key, iterations, 1)
+    return positive_number(tau_key, tau), _check_int(iterations_key, iterations, 1)
 
 
 # ---------------------------------------------------------------------------------------------
