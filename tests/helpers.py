@@ -1,4 +1,4 @@
-"""Helpers for integration tests that start real processes."""
+"""Helpers for tests that run the whole app: real processes, or the ServerApp in-process."""
 
 from __future__ import annotations
 
@@ -98,3 +98,30 @@ def run_to_completion(out: Path, clients: int, run_config: str) -> FinishedRun:
     assert_launcher_cleaned_up(output)
     run_dir = out.parent / (out / "latest").read_text().strip()  # relative to out's parent, or absolute
     return FinishedRun(output, run_dir, json.loads((run_dir / "history.json").read_text()))
+
+
+def run_server_app_in_process(monkeypatch, run_config: dict, nodes: int, grid_class=None) -> Path:
+    """The whole ServerApp (``fl_app.server_app.main``) in-process on a LocalGrid (or
+    ``grid_class``, a LocalGrid subclass) of ``nodes`` nodes; returns the run directory.
+
+    LocalGrid answers train and evaluate messages only, so the initial weights come from the
+    seeded model built here instead of a query to a node (``run_config`` sets
+    ``centralized-evaluation=false`` and ``output-dir``)."""
+    from flwr.app import ArrayRecord
+
+    import fl_app.server.initial_weights as initial_weights
+    from fl_app import server_app
+    from fl_app.config.settings import Settings
+    from fl_app.simulation.local_grid import LocalGrid
+    from fl_app.task.models import build_model
+
+    monkeypatch.setattr(
+        initial_weights,
+        "query_initial_arrays",
+        lambda grid, settings: ArrayRecord(build_model("mlp", (64,), 10, 42).get_weights()),
+    )
+    config = Settings.from_run_config(run_config).to_run_config()
+    grid = (grid_class or LocalGrid)(config, nodes)
+    server_app.main(grid, grid.contexts[1])
+    out = Path(str(config["output-dir"]))
+    return out.parent / (out / "latest").read_text().strip()

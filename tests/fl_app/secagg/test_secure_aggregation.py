@@ -17,7 +17,7 @@ from fl_app.simulation.local_grid import LocalGrid
 from strategies.core.nodes import NodesUnavailable
 from strategies.private.accounting import PrivacyAccountant
 from strategies.private.mechanisms import insecure_seeded_generator
-from tests.helpers import run_to_completion
+from tests.helpers import run_server_app_in_process, run_to_completion
 
 
 class CopyingGrid(LocalGrid):
@@ -193,25 +193,9 @@ def test_secure_aggregation_stops_at_the_privacy_budget_without_crashing():
 
 
 def run_server_app(monkeypatch, out, overrides: dict, nodes: int = 10) -> tuple[Path, list[dict]]:
-    """The whole ServerApp (``fl_app.server_app.main``) in-process on a LocalGrid; (run dir, history).
-
-    LocalGrid answers train and evaluate messages only, so the initial weights come from the model
-    built here instead of a query to a node."""
-    import fl_app.server.initial_weights as initial_weights
-    from fl_app import server_app
-    from fl_app.task.models import build_model
-
-    monkeypatch.setattr(
-        initial_weights,
-        "query_initial_arrays",
-        lambda grid, settings: ArrayRecord(build_model("mlp", (64,), 10, 42).get_weights()),
-    )
-    config = Settings.from_run_config(
-        {**SAMPLED, "centralized-evaluation": False, "output-dir": str(out), **overrides}
-    ).to_run_config()
-    grid = CopyingGrid(config, nodes)
-    server_app.main(grid, grid.contexts[1])
-    run_dir = out.parent / (out / "latest").read_text().strip()
+    """The whole ServerApp in-process on a CopyingGrid; (run dir, history)."""
+    config = {**SAMPLED, "centralized-evaluation": False, "output-dir": str(out), **overrides}
+    run_dir = run_server_app_in_process(monkeypatch, config, nodes, grid_class=CopyingGrid)
     return run_dir, json.loads((run_dir / "history.json").read_text())
 
 

@@ -26,6 +26,7 @@ from fl_app.server.checkpoint import (
 from fl_app.server.round_loop import run_rounds
 from fl_app.server.run_directory import RoundRecord
 from strategies.aggregation.guard import GuardedStrategy
+from tests.helpers import run_server_app_in_process
 
 
 @pytest.fixture(autouse=True)
@@ -253,20 +254,7 @@ def test_a_node_gone_for_good_does_not_stop_the_run():
 
 
 def run_server_app(monkeypatch, out, overrides: dict, nodes: int = 4) -> Path:
-    """The whole ServerApp (``fl_app.server_app.main``) in-process on a LocalGrid; its run dir.
-
-    LocalGrid answers train and evaluate messages only, so the initial weights come from the model
-    built here instead of a query to a node."""
-    import fl_app.server.initial_weights as initial_weights
-    from fl_app import server_app
-    from fl_app.simulation.local_grid import LocalGrid
-    from fl_app.task.models import build_model
-
-    monkeypatch.setattr(
-        initial_weights,
-        "query_initial_arrays",
-        lambda grid, settings: ArrayRecord(build_model("mlp", (64,), 10, 42).get_weights()),
-    )
+    """The whole ServerApp in-process on a LocalGrid of ``nodes`` nodes; its run dir."""
     base = {
         "num-partitions": nodes,
         "min-train-clients": 2,
@@ -276,10 +264,7 @@ def run_server_app(monkeypatch, out, overrides: dict, nodes: int = 4) -> Path:
         "centralized-evaluation": False,
         "output-dir": str(out),
     }
-    config = Settings.from_run_config({**base, **overrides}).to_run_config()
-    grid = LocalGrid(config, nodes)
-    server_app.main(grid, grid.contexts[1])
-    return out.parent / (out / "latest").read_text().strip()
+    return run_server_app_in_process(monkeypatch, {**base, **overrides}, nodes)
 
 
 PRIVATE = {"strategy": "dp-fedavg", "dp-mode": "central", "dp-noise-multiplier": 1.0, "dp-clip-norm": 1.0}
