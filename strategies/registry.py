@@ -44,6 +44,7 @@ __all__ = [
     "StrategyNameError",
     "StrategyParams",
     "build_strategy",
+    "check_dp_inner_strategy",
     "check_strategy_name",
     "load_object",
     "register_strategy",
@@ -134,12 +135,34 @@ ROBUST_STRATEGIES: dict[str, StrategyFactory] = {
 
 
 def _dp_fedavg(params: StrategyParams) -> Strategy:
+    """DP-FedAvg around ``dp-inner-strategy`` (built to train exactly the nodes DP samples)."""
     from strategies.private.dp_fedavg import build_dp_strategy
 
-    return build_dp_strategy(params.aggregation, params.dp)
+    name = params.dp.inner_strategy
+    check_dp_inner_strategy(name)
+    if name == "fedavg":  # DP-FedAvg's own server step (server-learning-rate, server-momentum)
+        return build_dp_strategy(params.aggregation, params.dp)
+    inner_params = dataclasses.replace(
+        params,
+        aggregation=dataclasses.replace(params.aggregation, sampling=params.sampling.every_node()),
+    )
+    return build_dp_strategy(params.aggregation, params.dp, inner=build_strategy(name, inner_params))
 
 
 PRIVATE_STRATEGIES: dict[str, StrategyFactory] = {"dp-fedavg": _dp_fedavg}
+
+
+def check_dp_inner_strategy(name: str) -> None:
+    """Raise ValueError unless ``name`` may be ``dp-inner-strategy``: one of Flower's strategies or a
+    dotted path (not a robust rule nor DP itself: under DP the rule is ``aggregation-rule``)."""
+    if name in ROBUST_STRATEGIES or name in PRIVATE_STRATEGIES or (":" not in name and name not in BUILTIN_STRATEGIES):
+        raise ValueError(
+            f"dp-inner-strategy must be one of {', '.join(BUILTIN_STRATEGIES)} or 'package.module:Name', got "
+            f"'{name}': under DP the rule is aggregation-rule, and the inner strategy only steps on the "
+            "released aggregate"
+        )
+    check_strategy_name(name)
+
 
 _REGISTRY: dict[str, StrategyFactory] = {**BUILTIN_STRATEGIES, **ROBUST_STRATEGIES, **PRIVATE_STRATEGIES}
 

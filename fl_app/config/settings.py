@@ -280,6 +280,13 @@ class Settings:
     )
     dp_target_epsilon: float = _key(0.0, ">= 0", "stop before a round would exceed this epsilon (0: no budget)")
     dp_local_epsilon: float = _key(1.0, "> 0", "per-round epsilon of `local-laplace`")
+    dp_inner_strategy: str = _key(
+        "fedavg",
+        "`fedavg`, `fedavgm`, `fedadam`, `fedyogi`, `fedadagrad`, `fedprox` or `package.module:Name`",
+        "the strategy inside `dp-fedavg`, whose server step takes the released (noised) aggregate as its "
+        "one reply: `fedavg` is w + eta m with `server-learning-rate` and `server-momentum`; e.g. "
+        "`fedadam` runs Adam on it (post-processing: epsilon is unchanged)",
+    )
     dp_sgd_noise_multiplier: float = _key(0.0, ">= 0", "DP-SGD noise multiplier on every client (0: off)")
     dp_sgd_l2_clip: float = _key(1.0, "> 0", "DP-SGD per-example gradient clip norm")
     dp_sgd_microbatches: int = _key(
@@ -478,6 +485,7 @@ class Settings:
             target_epsilon=self.dp_target_epsilon,
             local_epsilon=self.dp_local_epsilon,
             num_rounds=self.num_server_rounds,
+            inner_strategy=self.dp_inner_strategy,
         )
 
     def encryption_params(self) -> EncryptionParams:
@@ -603,6 +611,9 @@ class Settings:
                 build_dp_strategy(
                     self.aggregation_params(), self.dp_params(), noise_multiplier=self.dp_noise_multiplier
                 )
+                from strategies.registry import check_dp_inner_strategy
+
+                check_dp_inner_strategy(self.dp_inner_strategy)
             except ValueError as err:
                 raise SettingsError(f"strategy 'dp-fedavg': {err}") from err
         if self.secure_aggregation:

@@ -43,7 +43,7 @@ from flwr.serverapp import Grid
 
 from fl_app.delivery.export import ExportedModel, export_model
 from fl_app.delivery.tflite import TFLitePredictor
-from fl_app.server.grid_wrapper import GridWrapper
+from strategies.core.grid_wrapper import GridWrapper
 
 CHECK_FLAG = "export-check"
 TFLITE_RECORD = "tflite"

@@ -123,6 +123,11 @@ def _strategy_class():
             self._round_spec: RoundSpec | None = None
 
         @property
+        def dp_mode(self) -> str | None:
+            """``dp-mode`` (``client-clipping``: the server noises the unmasked sum) with DP-FedAvg, else None."""
+            return self.settings.dp_mode if self.mechanism is not None else None
+
+        @property
         def stop_reason(self) -> str | None:
             """Why training stopped before the last round (the privacy budget), or None."""
             return self.mechanism.stop_reason if self.mechanism is not None else None

@@ -38,7 +38,7 @@ import numpy as np
 
 from fl_app.server.run_directory import RoundRecord
 from strategies.aggregation.guard import GuardedStrategy
-from strategies.core.reporting import Stateful
+from strategies.core.reporting import Private, Stateful
 
 CHECKPOINT_DIR = "checkpoint"
 _ARRAY = "__ndarray__"
@@ -99,15 +99,12 @@ def _private_state(state: Mapping[str, Any]) -> bool:
     return isinstance(inner, Mapping) and "privacy-accountant" in inner
 
 
-def privacy_record(strategy: Stateful, state: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """``{"private": bool, "dp-mode": str | None}``: whether the strategy's state holds a privacy
-    accountant (its rounds are accounted), and its DP mode (``dp-mode`` of the run config)."""
-    private = _private_state(strategy_state(strategy) if state is None else state)
-    mode = None
-    if private:
-        inner = _unguarded(strategy)
-        mode = getattr(inner, "mode", None) or getattr(getattr(inner, "settings", None), "dp_mode", None)
-    return {"private": private, "dp-mode": mode if isinstance(mode, str) else None}
+def privacy_record(strategy: Stateful) -> dict[str, Any]:
+    """``{"private": bool, "dp-mode": str | None}``: whether the strategy is differentially private
+    (its rounds are accounted) and its DP mode (``dp-mode`` of the run config), as it reports them
+    (:class:`strategies.core.reporting.Private`)."""
+    mode = strategy.dp_mode if isinstance(strategy, Private) else None
+    return {"private": mode is not None, "dp-mode": mode}
 
 
 def check_same_strategy(checkpoint: Checkpoint, strategy: Stateful) -> None:
@@ -203,7 +200,7 @@ def save_checkpoint(
         "history": [dataclasses.asdict(r) for r in history],
         "strategy": state,
         "strategy-class": strategy_class_name(strategy),
-        "privacy": privacy_record(strategy, raw_state),
+        "privacy": privacy_record(strategy),
         "run-config": run_config,
     }
     (tmp / "state.json").write_text(json.dumps(_split_arrays(payload, {}), indent=1) + "\n", encoding="utf-8")

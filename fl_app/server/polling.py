@@ -20,7 +20,7 @@ from collections.abc import Iterable
 
 from flwr.app import Message
 
-from fl_app.server.grid_wrapper import GridWrapper
+from strategies.core.grid_wrapper import GridWrapper
 
 POLL_INITIAL_S = 0.01
 POLL_GROWTH = 1.5

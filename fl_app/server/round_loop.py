@@ -23,10 +23,10 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fl_app.server.grid_wrapper import GridWrapper
 from fl_app.server.run_directory import RoundRecord
 from strategies.aggregation.guard import GuardedStrategy
 from strategies.core.errors import StopTraining
+from strategies.core.grid_wrapper import GridWrapper
 from strategies.core.nodes import NodesUnavailable
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]

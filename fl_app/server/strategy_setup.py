@@ -8,7 +8,12 @@ from fl_app.config.settings import Settings, codec_from_settings
 from strategies.aggregation.guard import GuardedStrategy
 from strategies.aggregation.strategy import AggregationStrategy
 from strategies.compression.decoder import UpdateDecoder
+from strategies.private.dp_fedavg import DpFedAvgStrategy
 from strategies.registry import build_strategy
+
+COLLECTING_STRATEGIES = (AggregationStrategy, DpFedAvgStrategy)
+"""Our strategies: their :class:`~strategies.aggregation.collector.ReplyCollector` decodes and
+validates every reply, and runs the server-side hooks."""
 
 
 def attach_simulated_attack(settings: Settings, strategy: Strategy) -> None:
@@ -19,12 +24,12 @@ def attach_simulated_attack(settings: Settings, strategy: Strategy) -> None:
         return
     from fl_app.attacks.poisoning import OmniscientAttack
 
-    if not isinstance(strategy, AggregationStrategy):
+    if not isinstance(strategy, COLLECTING_STRATEGIES):
         raise ValueError(
             f"attack '{settings.attack}' is simulated on the server and needs one of our aggregation "
             f"strategies (strategy='robust' with aggregation-rule='mean' is FedAvg); got '{settings.strategy}'"
         )
-    strategy.update_hooks.append(OmniscientAttack(settings))
+    strategy.collector.hooks.append(OmniscientAttack(settings))
 
 
 def make_strategy(settings: Settings) -> GuardedStrategy:
@@ -58,12 +63,12 @@ def attach_compression(settings: Settings, strategy: Strategy) -> UpdateDecoder 
     """
     if settings.compression == "none":
         return None
-    if not isinstance(strategy, AggregationStrategy):
+    if not isinstance(strategy, COLLECTING_STRATEGIES):
         raise ValueError(
             f"compression='{settings.compression}' needs one of our aggregation strategies, which "
             f"decode uploads before aggregating (e.g. strategy='robust' aggregation-rule='mean' "
             f"client-weighting='num-examples' is FedAvg); got strategy '{settings.strategy}'"
         )
     decoder = UpdateDecoder(codec_from_settings(settings))
-    strategy.decoder = decoder
+    strategy.collector.decoder = decoder
     return decoder

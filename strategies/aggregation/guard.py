@@ -40,7 +40,7 @@ from flwr.serverapp.strategy import FedAvgM, Strategy
 from flwr.serverapp.strategy.fedopt import FedOpt
 
 from strategies.core.replies import finite_values, rejection, screen_replies
-from strategies.core.reporting import RoundReporting, Stateful
+from strategies.core.reporting import Private, RoundReporting, Stateful
 from strategies.core.update_matrix import ModelLayout
 
 
@@ -94,6 +94,11 @@ class GuardedStrategy(Strategy):
     @property
     def min_train_replies(self) -> int | None:
         return self._reporting.min_train_replies if self._reporting is not None else None
+
+    @property
+    def dp_mode(self) -> str | None:
+        """The inner strategy's ``dp-mode`` (None: not private, e.g. any of Flower's strategies)."""
+        return self.inner.dp_mode if isinstance(self.inner, Private) else None
 
     def rejections(self) -> list[str]:
         """The train replies the last :meth:`aggregate_train` rejected, ``"node <id>: <reason>"``."""

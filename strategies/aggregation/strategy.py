@@ -1,16 +1,16 @@
-"""One Message-API strategy that composes validation, pre-aggregation, any rule and a server step.
+"""One Message-API strategy that chains validation, weights, a norm bound, any rule and a server step.
 
-Per round, :class:`AggregationStrategy` does (each step a small piece that composes, as
-TFF's aggregator factories nest)::
+Per round, :class:`AggregationStrategy` runs its steps, each a small object that checks its
+parameters when it is built and reports its measurements (as TFF's aggregator factories nest)::
 
-    replies ──validate──> K x P update matrix U (rows u_k = w_k - w, float32, reused buffer)
-            ──hooks──────> (simulation only: e.g. omniscient attackers rewrite their rows)
-            ──weights────> a_k: uniform | num-examples | num-examples capped at c * median
-            ──bound──────> u_k <- u_k * min(1, M / |u_k|)  (fixed M, or M tracking a norm quantile)
-            ──rule───────> v = rule(U, a)  (mean, median, trimmed mean, Krum, Bulyan, …)
-            ──server step> m <- beta * m + v ;  w <- w + eta * m
+    replies ──ReplyCollector──> K x P update matrix U (rows u_k = w_k - w, float32, reused buffer),
+                                then its hooks (simulation only: omniscient attackers rewrite rows)
+            ──ClientWeighting─> a_k: uniform | num-examples | num-examples capped at c * median
+            ──NormBound───────> u_k <- u_k * min(1, M / |u_k|)  (fixed M, or M tracking a norm quantile)
+            ──RuleStep────────> v = rule(U, a)  (mean, median, trimmed mean, Krum, Bulyan, …)
+            ──ServerStep──────> m <- beta * m + v ;  w <- w + eta * m
 
-Replies with wrong shapes or dtypes, NaN/Inf, an update norm above ``max_update_norm``, a forged
+Replies with wrong shapes or dtypes, NaN/Inf, an update norm above ``max-update-norm``, a forged
 ``num-examples`` or a node's second reply are rejected (:mod:`strategies.core.replies`) and logged
 with the node id; the round goes on with the rest. A round with fewer valid replies than the rule
 needs is skipped (the global model is kept) with a warning. Sampling, evaluation and metric
@@ -25,7 +25,7 @@ import contextlib
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from logging import INFO, WARNING
 from typing import Any
 
@@ -35,39 +35,12 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from strategies.aggregation.collector import ReplyCollector
+from strategies.aggregation.steps import WEIGHTINGS, ClientWeighting, RuleStep, ServerStep
 from strategies.core.checks import at_least, in_interval, non_negative, one_of, positive
-from strategies.core.replies import is_client_error
 from strategies.core.sampling import SamplingParams
-from strategies.core.update_matrix import (
-    CollectedUpdates,
-    Decoder,
-    ModelLayout,
-    UpdateBuffer,
-    collect_updates,
-    stream_weighted_mean,
-)
-from strategies.robust.preaggregation import QuantileNormBound, norm_bound
-from strategies.robust.rules import RULES, check_rule_conditions, weighted_mean
-
-Rule = Callable[..., np.ndarray]
-UpdateHook = Callable[[int, CollectedUpdates], None]
-
-WEIGHTINGS = ("uniform", "num-examples", "capped")
-
-
-def client_weights(num_examples: np.ndarray, weighting: str, cap_ratio: float = 2.0) -> np.ndarray:
-    """Aggregation weights a_k from the (untrusted) reported example counts n_k.
-
-    ``uniform``: a_k = 1 (robust rules' default: a client cannot buy influence by lying);
-    ``num-examples``: a_k = n_k (FedAvg); ``capped``: a_k = min(n_k, c * median(n)).
-    """
-    if weighting == "uniform":
-        return np.ones(len(num_examples))
-    if weighting == "num-examples":
-        return np.asarray(num_examples, np.float64)
-    if weighting == "capped":
-        return np.minimum(num_examples, cap_ratio * np.median(num_examples))
-    raise ValueError(f"client-weighting must be one of {', '.join(WEIGHTINGS)}; got '{weighting}'")
+from strategies.robust.preaggregation import FixedNormBound, NormBound, QuantileNormBound
+from strategies.robust.rules import RULES
 
 
 @functools.cache
@@ -89,24 +62,18 @@ def blas_thread_limit(threads: int | None) -> contextlib.AbstractContextManager:
 
 
 class AggregationStrategy(FedAvg):
-    """Validation → pre-aggregation → ``rule`` → server step, on Flower's Message API.
+    """Collect → weights → bound → rule → server step, on Flower's Message API.
 
-    Implements :class:`~strategies.core.reporting.RoundReporting` (it validates its replies).
+    Implements :class:`~strategies.core.reporting.RoundReporting` (its collector validates the replies).
 
     Parameters
     ----------
-    rule : ``rule(updates, weights, **rule_params) -> update`` (see :mod:`strategies.robust.rules`)
-    rule_name : for logs and checks; a built-in name enables the rule's minimum-client check
-    rule_params : keyword parameters of the rule
-    weighting, cap_ratio : see :func:`client_weights`
-    max_update_norm : reject (not clip) updates longer than this; None: no limit
-    norm_bound : clip updates to this L2 norm before the rule; None: off
-    norm_bound_quantile : if set, the bound tracks this quantile of the norms (Andrew et al. 2021
-        geometric update, without noise), starting at ``norm_bound`` (or 1.0)
-    server_learning_rate, server_momentum : eta and beta of the server step (1, 0: plain update)
+    rule : the rule step (:class:`~strategies.aggregation.steps.RuleStep`)
+    weighting : client weights (default uniform)
+    bound : a norm bound before the rule (:mod:`strategies.robust.preaggregation`); None: off
+    server_step : the server's step (default ``w + v``)
+    collector : decoding and validation (default: full-weight replies, no norm limit)
     min_valid_replies : skip a round with fewer valid replies
-    decoder : decodes compressed uploads (ArrayRecord, P, server_round) -> update; None: replies
-        carry weights
     blas_threads : BLAS threads while aggregating (Gram matrix, matrix-vector products); None:
         the library's default (all cores)
     **sampling : FedAvg's ``fraction_train``, ``min_train_nodes``, …
@@ -114,255 +81,130 @@ class AggregationStrategy(FedAvg):
 
     validates_replies = True
     """:meth:`aggregate_train` screens every reply (:mod:`strategies.core.replies`) while decoding it."""
-    """Why training ended early; None: it did not (subclasses with a budget set it)."""
     min_train_replies: int | None = None
     """No bound of its own on the replies a round needs: the run config's ``min-train-replies``."""
+    dp_mode: str | None = None
+    """Not differentially private."""
 
     def __init__(
         self,
-        rule: Rule,
+        rule: RuleStep,
         *,
-        rule_name: str = "custom",
-        rule_params: Mapping[str, Any] | None = None,
-        weighting: str = "uniform",
-        cap_ratio: float = 2.0,
-        max_update_norm: float | None = None,
-        norm_bound: float | None = None,
-        norm_bound_quantile: float | None = None,
-        server_learning_rate: float = 1.0,
-        server_momentum: float = 0.0,
+        weighting: ClientWeighting | None = None,
+        bound: NormBound | None = None,
+        server_step: ServerStep | None = None,
+        collector: ReplyCollector | None = None,
         min_valid_replies: int = 1,
-        decoder: Decoder | None = None,
         blas_threads: int | None = None,
         **sampling: Any,
     ) -> None:
         super().__init__(**sampling)
-        client_weights(np.ones(1), weighting, cap_ratio)  # validates the name
+        at_least("min-valid-replies", min_valid_replies, 1)
+        if blas_threads is not None:
+            at_least("aggregation-threads", blas_threads, 1)
         self.rule = rule
-        self.rule_name = rule_name
-        self.rule_params = dict(rule_params or {})
-        self.weighting = weighting
-        self.cap_ratio = cap_ratio
-        self.max_update_norm = max_update_norm
-        self.fixed_norm_bound = None if norm_bound_quantile else norm_bound
-        self.adaptive_bound = QuantileNormBound(norm_bound_quantile, norm_bound or 1.0) if norm_bound_quantile else None
-        self.server_learning_rate = server_learning_rate
-        self.server_momentum = server_momentum
-        self.min_valid_replies = max(1, min_valid_replies)
-        self.decoder = decoder
+        self.weighting = weighting or ClientWeighting()
+        self.bound = bound
+        self.server_step = server_step or ServerStep()
+        self.collector = collector or ReplyCollector()
+        self.min_valid_replies = int(min_valid_replies)
         self.blas_threads = blas_threads
-        self.update_hooks: list[UpdateHook] = []
-        self._buffer = UpdateBuffer()
-        self._stream_out: np.ndarray | None = None  # the streamed mean's reused vector
-        self._layout: ModelLayout | None = None
-        self._global: np.ndarray | None = None
-        self._momentum: np.ndarray | None = None
-        self._rejections: list[str] = []  # "node <id>: <reason>" of the last aggregate_train
 
     def summary(self) -> None:
         super().summary()
-        log(INFO, "\t├──> Aggregation: rule %s %s, weighting %s", self.rule_name, self.rule_params, self.weighting)
-        log(
-            INFO,
-            "\t│\t├── reject update norm > %s; norm bound %s",
-            self.max_update_norm,
-            self.adaptive_bound.state_dict() if self.adaptive_bound else self.fixed_norm_bound,
-        )
-        log(INFO, "\t│\t└── server step: eta %s, momentum %s", self.server_learning_rate, self.server_momentum)
+        log(INFO, "\t├──> Aggregation: %s, %s", self.rule, self.weighting)
+        log(INFO, "\t│\t├── reject update norm > %s; bound %s", self.collector.max_update_norm, self.bound)
+        log(INFO, "\t│\t└── %s", self.server_step)
 
     # ----------------------------------------------------------------------------- rounds
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self._layout = ModelLayout.of(arrays)
-        self._global = self.layout.flatten(arrays)
+        self.collector.start_round(arrays)
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        if self._layout is None or self._global is None:
-            raise RuntimeError("aggregate_train called before configure_train")
         with blas_thread_limit(self.blas_threads):
             return self._aggregate_train(server_round, list(replies))
 
     def _aggregate_train(
         self, server_round: int, replies: list[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        streamed = self._stream_mean(server_round, replies) if self._streams_mean() else None
-        collected, aggregate = streamed if streamed is not None else (self.collect(server_round, replies), None)
-        measurements: dict[str, float] = {
-            "accepted-replies": collected.count,
-            "rejected-replies": len(collected.rejections),
-        }
-        reason = self._cannot_aggregate(collected.count, len(collected.rejections))
+        collector = self.collector
+        streamed = collector.stream_mean(server_round, replies, self.weighting) if self.streams_mean() else None
+        collected, aggregate = streamed if streamed is not None else (collector.collect(server_round, replies), None)
+        measurements = collector.measurements(collected)
+        faults = collector.faults(collected)
+        reason = self._cannot_aggregate(collected.count, faults)
         if reason:
             log(WARNING, "Round %d skipped, the global model is kept: %s", server_round, reason)
             return None, MetricRecord({**measurements, "round-skipped": 1})
 
-        weights = client_weights(collected.num_examples, self.weighting, self.cap_ratio)
+        weights = self.weighting(collected.num_examples)
         if aggregate is None:
-            aggregate = self._apply_rule(server_round, collected, weights, measurements)
-        if aggregate.shape != (self.layout.size,) or not np.isfinite(aggregate).all():
-            log(
-                WARNING,
-                "Round %d skipped: rule %s returned a non-finite or mis-shaped update",
-                server_round,
-                self.rule_name,
-            )
+            updates = collected.matrix()
+            if self.bound is not None:
+                measurements.update(self.bound(updates))
+            aggregate, rule_measurements = self.rule(updates, weights, faults)
+            measurements.update(rule_measurements)
+        if aggregate.shape != (collector.layout.size,) or not np.isfinite(aggregate).all():
+            log(WARNING, "Round %d skipped: %s returned a non-finite or mis-shaped update", server_round, self.rule)
             return None, MetricRecord({**measurements, "round-skipped": 1})
-        new_global = self._server_step(aggregate)
-        metrics = self._train_metrics(collected, weights)
+        new_global = self.server_step(collector.global_flat, aggregate)
+        metrics = train_metrics(collected.metrics, weights)
         metrics.update(measurements)
         metrics["update-norm"] = float(np.linalg.norm(aggregate))
-        return self.layout.unflatten(new_global), metrics
+        return collector.layout.unflatten(new_global), metrics
 
-    def _apply_rule(
-        self, server_round: int, collected: CollectedUpdates, weights: np.ndarray, measurements: dict[str, float]
-    ) -> np.ndarray:
-        """Hooks, norm bound and the rule on the update matrix."""
-        for hook in self.update_hooks:
-            hook(server_round, collected)
-        updates = collected.matrix()
-        if self.adaptive_bound is not None:
-            measurements["norm-bound"] = self.adaptive_bound.bound
-            norms = self.adaptive_bound.clip(updates)
-            measurements["bounded-replies"] = int(np.sum(norms > measurements["norm-bound"]))
-        elif self.fixed_norm_bound is not None:
-            measurements["bounded-replies"] = int(np.sum(norm_bound(updates, self.fixed_norm_bound)))
-        params = round_params(self.rule_name, self.rule_params, collected.count, len(collected.rejections))
-        if "f" in params and params["f"] != self.rule_params.get("f", params["f"]):
-            measurements["rule-f"] = params["f"]
-        return np.asarray(self.rule(updates, weights, **params), dtype=np.float32)
-
-    def collect(self, server_round: int, replies: Iterable[Message]) -> CollectedUpdates:
-        """Validate the replies into the update matrix; log and remember the rejected ones."""
-        collected = collect_updates(
-            list(replies),
-            self.layout,
-            self.global_flat,
-            self._buffer,
-            max_norm=self.max_update_norm,
-            decoder=self.decoder,
-            server_round=server_round,
-        )
-        self._log_rejections(server_round, collected)
-        return collected
-
-    def _streams_mean(self) -> bool:
-        """Whether the round is a plain weighted mean that needs no update matrix: the rule is
-        :func:`~strategies.robust.rules.weighted_mean` and no hook, bound, norm limit or decoder
-        looks at single updates."""
-        return (
-            self.rule is weighted_mean
-            and not self.update_hooks
-            and self.decoder is None
-            and self.max_update_norm is None
-            and self.fixed_norm_bound is None
-            and self.adaptive_bound is None
-        )
-
-    def _stream_mean(
-        self, server_round: int, replies: list[Message]
-    ) -> tuple[CollectedUpdates, np.ndarray | None] | None:
-        """The weighted mean straight from the reply bytes (:func:`stream_weighted_mean`)."""
-        if self._stream_out is None or self._stream_out.shape != (self.layout.size,):
-            self._stream_out = np.empty(self.layout.size, np.float32)
-        streamed = stream_weighted_mean(
-            replies,
-            self.layout,
-            self.global_flat,
-            lambda counts: client_weights(counts, self.weighting, self.cap_ratio),
-            self._stream_out,
-        )
-        if streamed is not None:
-            self._log_rejections(server_round, streamed[0])
-        return streamed
-
-    def _log_rejections(self, server_round: int, collected: CollectedUpdates) -> None:
-        self._rejections = [line for line in collected.rejections if not is_client_error(line)]
-        for line in collected.rejections:
-            log(WARNING, "Round %d: %s", server_round, line)
-
-    @property
-    def stop_reason(self) -> str | None:
-        """Why training stopped early; an aggregation strategy never stops it (DP-FedAvg may)."""
-        return None
-
-    @property
-    def layout(self) -> ModelLayout:
-        """The global model's layout (known from :meth:`configure_train` on)."""
-        if self._layout is None:
-            raise RuntimeError("aggregate_train called before configure_train")
-        return self._layout
-
-    @property
-    def global_flat(self) -> np.ndarray:
-        """The global model this round started from, as one float32 vector."""
-        if self._global is None:
-            raise RuntimeError("aggregate_train called before configure_train")
-        return self._global
-
-    def rejections(self) -> list[str]:
-        """The replies the last :meth:`aggregate_train` rejected, as ``"node <id>: <reason>"``
-        (error replies are not listed: the round loop records them)."""
-        return list(self._rejections)
-
-    # ----------------------------------------------------------------------------- pieces
+    def streams_mean(self) -> bool:
+        """Whether a round is a plain weighted mean that needs no update matrix: the rule is the
+        mean and no bound, decoder, norm limit or hook looks at single updates."""
+        return self.rule.is_mean and self.bound is None and not self.collector.reads_single_updates
 
     def _cannot_aggregate(self, count: int, faults: int = 0) -> str:
         if count < self.min_valid_replies:
             return f"{count} valid replies, min-valid-replies is {self.min_valid_replies}"
-        if self.rule_name in RULES:
-            try:
-                check_rule_conditions(
-                    self.rule_name, count, round_params(self.rule_name, self.rule_params, count, faults)
-                )
-            except ValueError as err:
-                return f"{count} valid replies are too few for {self.rule_name}: {err}"
-        return ""
+        return self.rule.cannot_run(count, faults)
 
-    def _server_step(self, aggregate: np.ndarray) -> np.ndarray:
-        if self.server_momentum > 0:
-            if self._momentum is None or self._momentum.shape != aggregate.shape:
-                self._momentum = np.zeros_like(aggregate)
-            self._momentum *= np.float32(self.server_momentum)
-            self._momentum += aggregate
-            step = self._momentum
-        else:
-            step = aggregate
-        return self.global_flat + np.float32(self.server_learning_rate) * step
+    # ----------------------------------------------------------------------------- RoundReporting
 
-    @staticmethod
-    def _train_metrics(collected: CollectedUpdates, weights: np.ndarray) -> MetricRecord:
-        """Weighted means of the clients' numeric train metrics (for display)."""
-        total = float(weights.sum()) or 1.0
-        sums: dict[str, float] = {}
-        for record, weight in zip(collected.metrics, weights):
-            for key, value in record.items():
-                if key != "num-examples" and isinstance(value, (int, float)) and math.isfinite(value):
-                    sums[key] = sums.get(key, 0.0) + float(value) * float(weight) / total
-        values: dict[str, int | float | list[int] | list[float]] = {}
-        values.update(sums)
-        return MetricRecord(values)
+    @property
+    def stop_reason(self) -> str | None:
+        """Why training stopped early; an aggregation strategy never stops it."""
+        return None
 
-    # ----------------------------------------------------------------------------- state
+    def rejections(self) -> list[str]:
+        """The replies the last :meth:`aggregate_train` rejected, as ``"node <id>: <reason>"``
+        (error replies are not listed: the round loop records them)."""
+        return self.collector.rejections()
 
     def state_dict(self) -> dict[str, Any]:
         """Server momentum and adaptive bound, for checkpoints."""
-        state: dict[str, Any] = {}
-        if self._momentum is not None:
-            state["momentum"] = self._momentum.copy()
-        if self.adaptive_bound is not None:
-            state["norm-bound"] = self.adaptive_bound.state_dict()
+        state: dict[str, Any] = self.server_step.state_dict()
+        if isinstance(self.bound, QuantileNormBound):
+            state["norm-bound"] = self.bound.state_dict()
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if "momentum" in state:
-            self._momentum = np.asarray(state["momentum"], np.float32).copy()
-        if "norm-bound" in state and self.adaptive_bound is not None:
-            self.adaptive_bound.load_state_dict(dict(state["norm-bound"]))
+        self.server_step.load_state_dict(state)
+        if "norm-bound" in state and isinstance(self.bound, QuantileNormBound):
+            self.bound.load_state_dict(dict(state["norm-bound"]))
+
+
+def train_metrics(records: list[MetricRecord], weights: np.ndarray) -> MetricRecord:
+    """Weighted means of the clients' numeric train metrics (for display)."""
+    total = float(weights.sum()) or 1.0
+    sums: dict[str, float] = {}
+    for record, weight in zip(records, weights):
+        for key, value in record.items():
+            if key != "num-examples" and isinstance(value, (int, float)) and math.isfinite(value):
+                sums[key] = sums.get(key, 0.0) + float(value) * float(weight) / total
+    values: dict[str, int | float | list[int] | list[float]] = {}
+    values.update(sums)
+    return MetricRecord(values)
 
 
 # --------------------------------------------------------------------------------- factories
@@ -457,56 +299,43 @@ class AggregationParams:
         at_least("aggregation-threads", self.aggregation_threads, 0)
 
 
-def build_aggregation_strategy(rule_name: str, params: AggregationParams, **overrides: Any) -> AggregationStrategy:
-    """An :class:`AggregationStrategy` for a built-in rule name or ``package.module:function``.
+def rule_step(rule_name: str, params: AggregationParams) -> RuleStep:
+    """The rule step of a built-in rule name (its parameters from ``params.rules``) or of a user's
+    ``package.module:function``.
 
     Built-in rules are checked at start-up against the number of clients sampled per round
     (e.g. Krum needs n > 2f + 2, Bulyan n >= 4f + 3), so that a configuration that can never
     work fails before any client trains.
     """
-    from strategies.core.loading import load_object
-
     if ":" in rule_name:
-        rule, rule_params = load_object(rule_name, key="aggregation-rule"), {}
-    elif rule_name in RULES:
-        rule, rule_params = RULES[rule_name], params.rules.of_rule(rule_name)
-        n = params.sampling.clients_per_round(capped=False)
-        check_rule_conditions(rule_name, n, round_params(rule_name, rule_params, n))
-    else:
+        from strategies.core.loading import load_object
+
+        return RuleStep(load_object(rule_name, key="aggregation-rule"), rule_name)
+    if rule_name not in RULES:
         raise ValueError(
             f"aggregation-rule must be one of {', '.join(RULES)} or 'package.module:function'; got '{rule_name}'"
         )
-    kwargs: dict[str, Any] = dict(
-        rule_name=rule_name,
-        rule_params=rule_params,
-        weighting=params.weighting,
-        cap_ratio=params.cap_ratio,
-        max_update_norm=params.max_update_norm or None,
-        norm_bound=params.norm_bound or None,
-        norm_bound_quantile=params.norm_bound_quantile or None,
-        server_learning_rate=params.server_learning_rate,
-        server_momentum=params.server_momentum,
+    n = params.sampling.clients_per_round(capped=False)
+    return RuleStep.builtin(rule_name, params.rules.of_rule(rule_name), num_clients=n)
+
+
+def norm_bound_step(params: AggregationParams) -> NormBound | None:
+    """``norm-bound`` (fixed), ``norm-bound-quantile`` (adaptive, starting at ``norm-bound`` or 1), or None."""
+    if params.norm_bound_quantile:
+        return QuantileNormBound(params.norm_bound_quantile, params.norm_bound or 1.0)
+    return FixedNormBound(params.norm_bound) if params.norm_bound else None
+
+
+def build_aggregation_strategy(rule_name: str, params: AggregationParams) -> AggregationStrategy:
+    """An :class:`AggregationStrategy` for a built-in rule name or ``package.module:function``,
+    its steps built from ``params``."""
+    return AggregationStrategy(
+        rule_step(rule_name, params),
+        weighting=ClientWeighting(params.weighting, params.cap_ratio),
+        bound=norm_bound_step(params),
+        server_step=ServerStep(params.server_learning_rate, params.server_momentum),
+        collector=ReplyCollector(max_update_norm=params.max_update_norm or None),
         min_valid_replies=params.min_valid_replies,
         blas_threads=params.aggregation_threads or None,
         **params.sampling.kwargs(),
     )
-    kwargs.update(overrides)
-    return AggregationStrategy(rule, **kwargs)
-
-
-def round_params(name: str, params: Mapping[str, Any], num_replies: int, faults: int = 0) -> dict[str, Any]:
-    """The rule's parameters for a round of ``num_replies`` valid replies.
-
-    Multi-Krum's m = 0/None is n - f. ``faults`` is the number of replies rejected this round
-    (invalid, or a client error): each comes from one of the up-to-f faulty clients the rule is
-    configured for, so at most ``f - faults`` of them remain among the valid replies, and Krum,
-    Multi-Krum and Bulyan run with that f. Their conditions then still hold whenever they held
-    for all replies (e.g. n - r > 2(f - r) + 2 if n > 2f + 2), so clients that send NaN or wrong
-    shapes cannot stall the training by shrinking n below 4f + 3 (Bulyan) or 2f + 3 (Krum).
-    """
-    params = dict(params)
-    if name in ("krum", "multi-krum", "bulyan") and faults > 0 and "f" in params:
-        params["f"] = max(0, int(params["f"]) - faults)
-    if name == "multi-krum" and params.get("m") is None:
-        params["m"] = max(1, num_replies - int(params.get("f", 0)))
-    return params

@@ -10,6 +10,8 @@ the server needs a little more, and reads it only through :class:`RoundReporting
   its mechanism runs and is accounted on any sample), or None to leave the run config's;
 * ``validates_replies``: True when ``aggregate_train`` screens its replies itself with
   :mod:`strategies.core.replies` (so that a guard need not screen them again);
+* ``dp_mode``: the strategy's ``dp-mode`` when it is differentially private (its rounds are
+  accounted), else None (:class:`Private`; a checkpoint records it, and refuses to resume across it);
 * ``state_dict()`` / ``load_state_dict()``: the state a checkpoint saves and a resumed run restores.
 
 :class:`strategies.aggregation.guard.GuardedStrategy` implements it around any strategy; our own
@@ -33,7 +35,15 @@ class Stateful(Protocol):
 
 
 @runtime_checkable
-class RoundReporting(Stateful, Protocol):
+class Private(Protocol):
+    """A strategy that says whether it is differentially private: ``dp_mode`` (None: it is not)."""
+
+    @property
+    def dp_mode(self) -> str | None: ...
+
+
+@runtime_checkable
+class RoundReporting(Stateful, Private, Protocol):
     """A strategy that tells the server what it rejected, whether it stops, and its state."""
 
     @property

@@ -19,6 +19,8 @@ class SamplingParams:
         min_evaluate_nodes: never sample fewer for evaluation (``min-evaluate-clients``), >= 0.
         min_available_nodes: wait until this many are connected (``min-available-clients``), >= 1.
         num_nodes: the nodes of the federation, one per data partition (``num-partitions``), >= 1.
+        trains_every_node: a strategy wrapped by DP, which samples for it: :meth:`kwargs` asks it to
+            train every node of the grid it is handed, without waiting (see :meth:`every_node`).
     """
 
     fraction_train: float
@@ -27,6 +29,7 @@ class SamplingParams:
     min_evaluate_nodes: int
     min_available_nodes: int
     num_nodes: int
+    trains_every_node: bool = False
 
     def __post_init__(self) -> None:
         in_interval("fraction-train", self.fraction_train, 0, 1, "(]")
@@ -38,13 +41,20 @@ class SamplingParams:
 
     def kwargs(self) -> dict[str, Any]:
         """The node-sampling arguments every Flower Message-API strategy takes."""
-        return {
-            "fraction_train": self.fraction_train,
-            "fraction_evaluate": self.fraction_evaluate,
-            "min_train_nodes": self.min_train_nodes,
-            "min_evaluate_nodes": self.min_evaluate_nodes,
-            "min_available_nodes": self.min_available_nodes,
-        }
+        if self.trains_every_node:
+            train: dict[str, Any] = {"fraction_train": 1.0, "min_train_nodes": 0, "min_available_nodes": 0}
+        else:
+            train = {
+                "fraction_train": self.fraction_train,
+                "min_train_nodes": self.min_train_nodes,
+                "min_available_nodes": self.min_available_nodes,
+            }
+        return {**train, "fraction_evaluate": self.fraction_evaluate, "min_evaluate_nodes": self.min_evaluate_nodes}
+
+    def every_node(self) -> SamplingParams:
+        """These parameters for a strategy inside DP: it trains exactly the nodes DP sampled (the
+        grid it is handed lists only them), and evaluates as configured."""
+        return dataclasses.replace(self, trains_every_node=True)
 
     def clients_per_round(self, *, capped: bool = True) -> int:
         """``m = max(min-train-clients, floor(fraction-train * num-partitions))``, the sample size

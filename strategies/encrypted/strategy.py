@@ -327,6 +327,8 @@ class EncryptedFedAvg(FedAvg):
     """It never ends training early."""
     min_train_replies: int | None = None
     """No bound of its own: the run config's ``min-train-replies``."""
+    dp_mode: str | None = None
+    """Encryption hides the updates from the server; it is not differential privacy."""
 
     def __init__(
         self,

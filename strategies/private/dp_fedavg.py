@@ -1,15 +1,19 @@
-"""User-level differentially private federated averaging on Flower's Message API.
+"""User-level differentially private federated averaging, as a wrapper around any strategy.
 
-:class:`DpFedAvgStrategy` is :class:`strategies.aggregation.strategy.AggregationStrategy` with three
-changes, all made by its :class:`strategies.private.central_mechanism.CentralGaussianMechanism`
-(the same mechanism as the SecAgg+ path's, :mod:`fl_app.secagg.server`):
+:class:`DpFedAvgStrategy` wraps an inner Message-API strategy (Flower's ``FedAvg``, ``FedAdam``, …,
+our :class:`~strategies.aggregation.strategy.AggregationStrategy`, or a user's own), as Flower's
+``DifferentialPrivacy*`` wrappers do, and runs the private part of every round itself with its
+:class:`strategies.private.central_mechanism.CentralGaussianMechanism` (the same mechanism as the
+SecAgg+ path's, :mod:`fl_app.secagg.server`):
 
 * **sampling** (``configure_train``): Poisson (each connected node joins independently with
   probability ``q``) or fixed-size (``m`` of the ``N`` connected nodes without replacement), both
   from a generator seeded by :mod:`secrets`, so that amplification by sampling is what the
-  accountant assumes;
-* **aggregation** (``aggregate_train``): every valid update is clipped to L2 norm ``C`` (fixed, or
-  adaptive at a target quantile with a noised count, Andrew et al. 2021), then
+  accountant assumes. The inner strategy builds the train messages for exactly those nodes (it is
+  handed a grid that lists only them, :class:`SampledNodes`);
+* **aggregation** (``aggregate_train``): the replies are validated (:class:`ReplyCollector`), every
+  valid update is clipped to L2 norm ``C`` (fixed, or adaptive at a target quantile with a noised
+  count, Andrew et al. 2021), then, with the wrapper's rule step,
 
       mean rule:   Delta = (1/m) sum_i clip(u_i, C)  +  N(0, (z C / m)^2 I)     (McMahan et al. 2018)
       other rule:  Delta = clip(rule(clip(u_1, C), ...), C)  +  N(0, (2 z C)^2 I)
@@ -20,11 +24,16 @@ changes, all made by its :class:`strategies.private.central_mechanism.CentralGau
   ball's diameter ``2C``. Both are the Gaussian mechanism with noise multiplier ``z``. Failed or
   rejected clients contribute nothing (a zero row), and a round with no valid reply still
   releases noise: the mechanism ran;
-* **accounting**: every round is one :class:`strategies.private.accounting.DpFedAvgRound` (or a local-DP
-  round spec) in a :class:`strategies.private.accounting.PrivacyAccountant`; epsilon at ``delta``
-  (RDP and, where ``dp_accounting`` supports it, PLD) goes into the round's MetricRecord, and
-  ``configure_train`` raises :class:`strategies.core.errors.PrivacyBudgetExhausted` *before* a round
-  that would take epsilon above the target. The accountant is part of :meth:`state_dict`.
+* **the inner strategy's step**: the inner strategy receives the released ``w + Delta`` as the
+  round's one reply (``num-examples`` 1) and applies its own server step to it (FedAvg: ``w +
+  Delta``; FedAdam: an Adam step on ``Delta``; ours: ``server-learning-rate`` and momentum).
+  Whatever it does and whatever state it keeps is post-processing of the released ``Delta``: it
+  never sees a client's update, so the guarantee holds for any inner strategy;
+* **accounting**: every round is one :class:`strategies.private.accounting.DpFedAvgRound` (or a
+  local-DP round spec) in a :class:`strategies.private.accounting.PrivacyAccountant`; epsilon at
+  ``delta`` (RDP and, where ``dp_accounting`` supports it, PLD) goes into the round's MetricRecord,
+  and ``configure_train`` raises :class:`strategies.core.errors.PrivacyBudgetExhausted` *before* a
+  round that would take epsilon above the target. The accountant is part of :meth:`state_dict`.
 
 Modes (``dp-mode``): ``central`` (the server clips), ``client-clipping`` (clients clip to the
 ``dp-clip-norm`` sent in the train config, the server clips again and adds the noise, so the
@@ -46,13 +55,17 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, Strategy
 
-from strategies.aggregation.strategy import AggregationParams, AggregationStrategy, Rule, round_params
+from strategies.aggregation.collector import ReplyCollector
+from strategies.aggregation.guard import GuardedStrategy
+from strategies.aggregation.steps import RuleStep, ServerStep
+from strategies.aggregation.strategy import AggregationParams, AggregationStrategy, rule_step, train_metrics
 from strategies.core.checks import at_least, in_interval, non_negative, one_of, positive
 from strategies.core.clipping import clip_rows
+from strategies.core.grid_wrapper import GridWrapper
 from strategies.core.nodes import wait_for_nodes
 from strategies.core.sampling import SamplingParams
-from strategies.core.update_matrix import ModelLayout
 from strategies.private.accounting import (
     METHODS,
     SAMPLINGS,
@@ -62,96 +75,107 @@ from strategies.private.accounting import (
     calibrate_noise_multiplier,
 )
 from strategies.private.central_mechanism import CentralGaussianMechanism
-from strategies.robust.rules import RULES, check_rule_conditions
 
 DP_MODES = ("central", "client-clipping", "local-gaussian", "local-laplace")
 SERVER_NOISE_MODES = ("central", "client-clipping")
+RELEASE_NODE_ID = 0
+"""The source node id of the one reply the inner strategy receives: the released aggregate."""
 
 
-class DpFedAvgStrategy(AggregationStrategy):
-    """Central user-level DP-FedAvg (and the server side of client clipping and local DP).
+class SampledNodes(GridWrapper):
+    """The server's grid, listing only the nodes DP sampled this round (the inner strategy's view)."""
 
-    Sampling, clipping, noise, accounting and the budget stop are those of its
-    :class:`~strategies.private.central_mechanism.CentralGaussianMechanism` (:attr:`mechanism`).
+    def __init__(self, inner: Grid, nodes: Iterable[int]) -> None:
+        super().__init__(inner)
+        self.nodes = list(nodes)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.nodes)
+
+
+class DpFedAvgStrategy(Strategy):
+    """Central user-level DP around ``inner`` (and the server side of client clipping and local DP).
+
+    Sampling, clipping, noise, accounting and the budget stop are those of ``mechanism``.
 
     Parameters
     ----------
-    rule, rule_name, rule_params : the aggregation rule (``mean`` is DP-FedAvg)
+    inner : the strategy whose server step is applied to the released aggregate; it must train
+        every node of the grid it is handed (e.g. ``fraction_train=1.0, min_train_nodes=0,
+        min_available_nodes=0``): :meth:`configure_train` checks it
+    mechanism : the central Gaussian mechanism of the run (its ``mean`` must match ``rule``; its
+        ``local_round`` is set exactly for the local modes)
+    rule : the aggregation rule under DP (default the mean: DP-FedAvg)
     mode : one of :data:`DP_MODES`
-    noise_multiplier : ``z`` (total, including the adaptive clipping count's share)
-    clip_norm : ``C``; with ``clip_quantile`` the initial clip norm
-    num_clients : ``N``, the population the run config expects (``num-partitions``)
-    sampling : ``poisson`` (rate ``sampling_rate``) or ``fixed-size`` (``clients_per_round``)
-    delta, accounting : epsilon is reported at this delta; ``rdp`` or ``pld`` decides the stop
-    target_epsilon : stop before a round that would exceed it (None: no budget)
-    clip_quantile, clip_learning_rate, count_noise_std : adaptive clipping (gamma, eta, sigma_b;
-        ``count_noise_std`` None: ``m / 20`` as Andrew et al. suggest)
-    local_epsilon : per-round epsilon of ``local-laplace``
-    rng : noise and sampling generator (default :func:`secure_generator`; tests may pass a seeded one)
-    **kwargs : :class:`AggregationStrategy` / FedAvg arguments (server step, evaluation sampling, …)
+    collector : decoding and validation of the replies (default: full weights, no norm limit)
+    min_available_nodes : wait for this many connected nodes before sampling
     """
 
+    validates_replies = True
+    """:meth:`aggregate_train` validates every reply with its collector."""
     min_train_replies = 0
     """The round loop's minimum of replies: the mechanism runs (and is accounted) on any sample."""
 
     def __init__(
         self,
-        rule: Rule,
+        inner: Strategy,
+        mechanism: CentralGaussianMechanism,
         *,
-        rule_name: str = "mean",
-        rule_params: Mapping[str, Any] | None = None,
+        rule: RuleStep | None = None,
         mode: str = "central",
-        noise_multiplier: float = 1.0,
-        clip_norm: float = 1.0,
-        num_clients: int,
-        sampling: str = "poisson",
-        sampling_rate: float = 1.0,
-        clients_per_round: int | None = None,
-        delta: float = 1e-5,
-        accounting: str = "rdp",
-        target_epsilon: float | None = None,
-        clip_quantile: float | None = None,
-        clip_learning_rate: float = 0.2,
-        count_noise_std: float | None = None,
-        local_epsilon: float = 1.0,
-        rng: np.random.Generator | None = None,
-        **kwargs: Any,
+        collector: ReplyCollector | None = None,
+        min_available_nodes: int = 1,
     ) -> None:
-        for key in ("weighting", "norm_bound_quantile", "norm_bound"):
-            if kwargs.pop(key, None) not in (None, "uniform"):
-                raise ValueError(f"{key} is not allowed with differential privacy (dp-clip-norm clips)")
-        super().__init__(rule, rule_name=rule_name, rule_params=rule_params, weighting="uniform", **kwargs)
-        if mode not in DP_MODES:
-            raise ValueError(f"dp-mode must be one of {', '.join(DP_MODES)}; got '{mode}'")
-        if clip_quantile and mode != "central":
-            raise ValueError("adaptive clipping (dp-clip-quantile > 0) needs dp-mode='central'")
-        local_round: RoundSpec | None = None
-        if mode == "local-gaussian":
-            local_round = LocalGaussianRound(float(clip_norm), float(noise_multiplier) * float(clip_norm))
-        elif mode == "local-laplace":
-            if not local_epsilon > 0:
-                raise ValueError(f"dp-local-epsilon must be > 0 for local-laplace, got {local_epsilon}")
-            local_round = LocalLaplaceRound(float(local_epsilon))
+        one_of("dp-mode", mode, DP_MODES)
+        rule = rule or RuleStep.mean()
+        if isinstance(inner, (DpFedAvgStrategy, GuardedStrategy)):
+            raise ValueError(f"the strategy inside DP must be a plain strategy, got {type(inner).__name__}")
+        if mechanism.mean_rule != rule.is_mean:
+            raise ValueError(
+                f"the mechanism's sensitivity is for {'the mean' if mechanism.mean_rule else 'a clipped rule output'}"
+                f" but the rule is {rule.name}: build it with mean={rule.is_mean}"
+            )
+        if (mode in SERVER_NOISE_MODES) != (mechanism.local_round is None):
+            raise ValueError(
+                f"dp-mode '{mode}' needs a mechanism {'without' if mode in SERVER_NOISE_MODES else 'with'} a local round"
+            )
+        at_least("min-available-clients", min_available_nodes, 0)
+        self.inner = GuardedStrategy(inner)
+        self.mechanism = mechanism
+        self.rule = rule
         self.mode = mode
-        self.mechanism = CentralGaussianMechanism(
-            noise_multiplier=noise_multiplier,
-            clip_norm=clip_norm,
-            num_clients=num_clients,
-            sampling=sampling,
-            sampling_rate=sampling_rate,
-            clients_per_round=clients_per_round,
-            mean=self.rule_name == "mean",
-            delta=delta,
-            accounting=accounting,
-            target_epsilon=target_epsilon,
-            clip_quantile=clip_quantile,
-            clip_learning_rate=clip_learning_rate,
-            count_noise_std=count_noise_std,
-            local_round=local_round,
-            rng=rng,
-        )
+        self.collector = collector or ReplyCollector()
+        self.min_available_nodes = int(min_available_nodes)
         self._round_spec: RoundSpec | None = None
-        self._sampled = 0
+        self._sampled: list[int] = []
+        self._instruction: Message | None = None
+
+    # ----------------------------------------------------------------------------- RoundReporting
+
+    @property
+    def dp_mode(self) -> str:
+        """``dp-mode``: this strategy is differentially private."""
+        return self.mode
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why training stopped before the last round (the privacy budget), or None."""
+        return self.mechanism.stop_reason
+
+    def rejections(self) -> list[str]:
+        """The replies the last :meth:`aggregate_train` rejected, as ``"node <id>: <reason>"``."""
+        return self.collector.rejections()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The privacy accountant and the adaptive clip norm, and the inner strategy's state under ``inner``."""
+        return {**self.mechanism.state_dict(), "inner": self.inner.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.mechanism.load_state_dict(state)
+        if "inner" in state:
+            self.inner.load_state_dict(state["inner"])
+
+    # ----------------------------------------------------------------------------- quantities
 
     @property
     def noise_multiplier(self) -> float:
@@ -163,26 +187,13 @@ class DpFedAvgStrategy(AggregationStrategy):
         """The clip norm ``C`` of the next round."""
         return self.mechanism.clip_norm
 
-    @property
-    def stop_reason(self) -> str | None:
-        """Why training stopped before the last round (the privacy budget), or None."""
-        return self.mechanism.stop_reason
-
-    def noise_std(self) -> float:
-        """Std of the Gaussian noise on the aggregate this round (0 for local modes)."""
-        return self.mechanism.noise_std()
-
-    def sample(self, nodes: list[int]) -> list[int]:
-        """Poisson: each node independently with probability q; fixed-size: m without replacement."""
-        return self.mechanism.sample(nodes)
-
     def summary(self) -> None:
-        super().summary()
         mechanism = self.mechanism
         log(
             INFO,
-            "\t├──> DP (%s): z %s, C %s, m %s (%s sampling), delta %s, %s accounting, target epsilon %s",
+            "\t├──> DP (%s): %s, z %s, C %s, m %s (%s sampling), delta %s, %s accounting, target epsilon %s",
             self.mode,
+            self.rule,
             mechanism.noise_multiplier,
             mechanism.clip_norm,
             mechanism.expected_clients,
@@ -191,19 +202,19 @@ class DpFedAvgStrategy(AggregationStrategy):
             mechanism.accounting,
             mechanism.target_epsilon,
         )
+        log(INFO, "\t├──> inside DP: %s", type(self.inner.inner).__name__)
+        self.inner.summary()
 
     # ----------------------------------------------------------------------------- rounds
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self._layout = ModelLayout.of(arrays)
-        self._global = self.layout.flatten(arrays)
+        self.collector.start_round(arrays)
         nodes = wait_for_nodes(grid, self.min_available_nodes, None)
         spec = self.mechanism.check_budget(server_round, len(nodes))
-        sampled = self.sample(nodes)
-        self._round_spec = spec
-        self._sampled = len(sampled)
+        sampled = self.mechanism.sample(nodes)
+        self._round_spec, self._sampled = spec, list(sampled)
         log(
             INFO,
             "configure_train: %s sampling chose %d of %d nodes (expected %g)",
@@ -212,94 +223,94 @@ class DpFedAvgStrategy(AggregationStrategy):
             len(nodes),
             self.mechanism.expected_clients,
         )
-        config["server-round"] = server_round
         if self.mode == "client-clipping":
             config["dp-clip-norm"] = float(self.clip_norm)
-        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        return self._construct_messages(record, sampled, MessageType.TRAIN)
+        messages = list(self.inner.configure_train(server_round, arrays, config, SampledNodes(grid, sampled)))
+        addressed = sorted(message.metadata.dst_node_id for message in messages)
+        if addressed != sorted(sampled):
+            raise ValueError(
+                f"the strategy inside DP ({type(self.inner.inner).__name__}) addressed {len(addressed)} train "
+                f"messages for the {len(sampled)} nodes DP sampled: it must train every node of the grid it is "
+                "handed (build it with fraction_train=1.0, min_train_nodes=0, min_available_nodes=0)"
+            )
+        self._instruction = messages[0] if messages else None
+        return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        if self._layout is None or self._global is None or self._round_spec is None:
+        spec = self._round_spec
+        if spec is None:
             raise RuntimeError("aggregate_train called before configure_train")
-        collected = self.collect(server_round, replies)
-        if collected.count:
-            for hook in self.update_hooks:
-                hook(server_round, collected)
+        collector, mechanism = self.collector, self.mechanism
+        collected = collector.collect(server_round, replies)
         updates = collected.matrix()
-        clip = self.clip_norm
-        noise_std = self.noise_std()
         measurements: dict[str, float] = {
-            "accepted-replies": collected.count,
-            "rejected-replies": len(collected.rejections),
-            "dp-sampled": self._sampled,
-            "clip-norm": clip,
-            "noise-std": noise_std,
-            "noise-multiplier": self.noise_multiplier,
+            **collector.measurements(collected),
+            "dp-sampled": len(self._sampled),
+            "clip-norm": mechanism.clip_norm,
+            "noise-std": mechanism.noise_std(),
+            "noise-multiplier": mechanism.noise_multiplier,
         }
+        faults = collector.faults(collected)
         norms: np.ndarray | None = None
         if self.mode in SERVER_NOISE_MODES:
-            norms = self.mechanism.clip(updates)
+            clip = mechanism.clip_norm
+            norms = mechanism.clip(updates)
             measurements["clipped-replies"] = int(np.sum(norms > clip))
-            aggregate = self._bounded_rule_output(updates, clip)
+            aggregate = self._bounded_rule_output(updates, clip, faults)
         else:  # local DP: the updates are already private; any rule is post-processing
-            aggregate = self._local_rule_output(updates)
+            aggregate = self._rule_output(updates, faults)
         # the mechanism ran (whoever replied): noise (none for local DP) and account the round
-        self.mechanism.release(aggregate, self._round_spec, norms)
+        mechanism.release(aggregate, spec, norms)
         self._round_spec = None
-        measurements.update(self.mechanism.metrics())
-        new_global = self._server_step(aggregate)
-        weights = np.ones(collected.count)
-        metrics = self._train_metrics(collected, weights) if collected.count else MetricRecord({})
+        measurements.update(mechanism.metrics())
+        arrays, _ = self.inner.aggregate_train(server_round, [self._released(aggregate)])
+        metrics = train_metrics(collected.metrics, np.ones(collected.count))
         metrics.update(measurements)
         metrics["update-norm"] = float(np.linalg.norm(aggregate))
-        return self.layout.unflatten(new_global), metrics
+        return arrays, metrics
 
-    def _rule_can_run(self, count: int) -> bool:
-        if count < self.min_valid_replies:
-            return False
-        if self.rule_name in RULES:
-            try:
-                check_rule_conditions(self.rule_name, count, round_params(self.rule_name, self.rule_params, count))
-            except ValueError:
-                return False
-        return True
+    def _released(self, aggregate: np.ndarray) -> Message:
+        """The inner strategy's one reply: the global model plus the released aggregate."""
+        layout = self.collector.layout
+        weighted_by = self.inner.inner.weighted_by_key if isinstance(self.inner.inner, FedAvg) else "num-examples"
+        content = RecordDict(
+            {
+                "arrays": layout.unflatten(self.collector.global_flat + aggregate),
+                "metrics": MetricRecord({weighted_by: 1}),
+            }
+        )
+        instruction = self._instruction or Message(
+            RecordDict(), dst_node_id=RELEASE_NODE_ID, message_type=MessageType.TRAIN
+        )
+        return Message(content, reply_to=instruction)
 
-    def _bounded_rule_output(self, clipped: np.ndarray, clip: float) -> np.ndarray:
-        """``sum / m`` for the mean; otherwise the rule's output clipped to ``C`` (zero when the
-        rule cannot run on this many replies), so the sensitivity is the mechanism's
-        (:attr:`CentralGaussianMechanism.sensitivity`)."""
-        size = self.layout.size
-        count = clipped.shape[0]
-        if self.rule_name == "mean":
+    def _rule_output(self, updates: np.ndarray, faults: int) -> np.ndarray:
+        """The rule's output (zero when it cannot run on these replies or fails to give a finite
+        vector of the model's size)."""
+        count, size = updates.shape
+        if count == 0 or self.rule.cannot_run(count, faults):
+            return np.zeros(size, np.float32)
+        output, _ = self.rule(updates, np.ones(count), faults)
+        return output if output.shape == (size,) and np.isfinite(output).all() else np.zeros(size, np.float32)
+
+    def _bounded_rule_output(self, clipped: np.ndarray, clip: float, faults: int) -> np.ndarray:
+        """``sum / m`` for the mean; otherwise the rule's output clipped to ``C``, so the
+        sensitivity is the mechanism's (:attr:`CentralGaussianMechanism.sensitivity`)."""
+        if self.rule.is_mean:
             return self.mechanism.mean(clipped)
-        if not self._rule_can_run(count):
-            return np.zeros(size, np.float32)
-        params = round_params(self.rule_name, self.rule_params, count)
-        output = np.array(self.rule(clipped, np.ones(count), **params), dtype=np.float32).reshape(1, -1)
-        if output.shape[1] != size or not np.isfinite(output).all():
-            return np.zeros(size, np.float32)
+        output = self._rule_output(clipped, faults).reshape(1, -1)
         clip_rows(output, clip)
         return output[0]
 
-    def _local_rule_output(self, updates: np.ndarray) -> np.ndarray:
-        count = updates.shape[0]
-        if count == 0 or not self._rule_can_run(count):
-            return np.zeros(self.layout.size, np.float32)
-        params = round_params(self.rule_name, self.rule_params, count)
-        output = np.asarray(self.rule(updates, np.ones(count), **params), dtype=np.float32)
-        return output if np.isfinite(output).all() else np.zeros(self.layout.size, np.float32)
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
-    # ----------------------------------------------------------------------------- state
-
-    def state_dict(self) -> dict[str, Any]:
-        """Momentum, the privacy accountant and the adaptive clip norm (restore all on resume)."""
-        return {**super().state_dict(), **self.mechanism.state_dict()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.mechanism.load_state_dict(state)
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round, replies)
 
 
 # --------------------------------------------------------------------------------- factory
@@ -322,6 +333,9 @@ class DpParams:
         target_epsilon: stop before a round would exceed it (``dp-target-epsilon``), >= 0 (0: no budget).
         local_epsilon: per-round epsilon of ``local-laplace`` (``dp-local-epsilon``), > 0.
         num_rounds: the rounds a calibrated z must last (``num-server-rounds``), >= 1.
+        inner_strategy: the strategy inside DP, whose server step takes the released aggregate
+            (``dp-inner-strategy``): ``fedavg`` (``w + eta Delta`` with ``server-learning-rate`` and
+            ``server-momentum``), another of Flower's strategies, or ``package.module:Name``.
     """
 
     mode: str
@@ -336,6 +350,7 @@ class DpParams:
     target_epsilon: float
     local_epsilon: float
     num_rounds: int
+    inner_strategy: str
 
     def __post_init__(self) -> None:
         one_of("dp-mode", self.mode, DP_MODES)
@@ -403,35 +418,70 @@ def check_dp_combination(aggregation: AggregationParams) -> None:
         )
 
 
-def build_dp_strategy(aggregation: AggregationParams, dp: DpParams, **overrides: Any) -> DpFedAvgStrategy:
-    """The ``dp-fedavg`` strategy with the rule ``aggregation.rule`` (``aggregation-rule``)."""
-    from strategies.aggregation.strategy import build_aggregation_strategy
-
-    check_dp_combination(aggregation)
-    base = build_aggregation_strategy(aggregation.rule, aggregation)  # validates the rule and its conditions
-    sampling = aggregation.sampling
-    kwargs: dict[str, Any] = dict(
-        rule_name=base.rule_name,
-        rule_params=base.rule_params,
-        mode=dp.mode,
+def dp_mechanism(
+    sampling: SamplingParams,
+    dp: DpParams,
+    *,
+    mean: bool,
+    noise_multiplier: float | None = None,
+    rng: np.random.Generator | None = None,
+) -> CentralGaussianMechanism:
+    """The run's :class:`CentralGaussianMechanism` from the ``dp-*`` settings; ``mean``: the rule is
+    the mean (sensitivity ``C / m``); ``noise_multiplier`` None: ``dp-noise-multiplier``, calibrated
+    to ``dp-target-epsilon`` when it is 0 (:func:`calibrated_noise_multiplier`)."""
+    local_round: RoundSpec | None = None
+    z = calibrated_noise_multiplier(sampling, dp) if noise_multiplier is None else noise_multiplier
+    if dp.mode == "local-gaussian":
+        local_round = LocalGaussianRound(float(dp.clip_norm), float(z) * float(dp.clip_norm))
+    elif dp.mode == "local-laplace":
+        local_round = LocalLaplaceRound(float(dp.local_epsilon))
+    if dp.clip_quantile and dp.mode != "central":
+        raise ValueError("adaptive clipping (dp-clip-quantile > 0) needs dp-mode='central'")
+    return CentralGaussianMechanism(
+        noise_multiplier=z,
         clip_norm=dp.clip_norm,
+        mean=mean,
         delta=dp.delta,
         accounting=dp.accounting,
         target_epsilon=dp.target_epsilon or None,
         clip_quantile=dp.clip_quantile or None,
         clip_learning_rate=dp.clip_learning_rate,
         count_noise_std=dp.clip_count_noise or None,
-        local_epsilon=dp.local_epsilon,
-        max_update_norm=base.max_update_norm,
-        server_learning_rate=base.server_learning_rate,
-        server_momentum=base.server_momentum,
-        min_valid_replies=base.min_valid_replies,
-        fraction_evaluate=sampling.fraction_evaluate,
-        min_evaluate_nodes=sampling.min_evaluate_nodes,
-        min_available_nodes=sampling.min_available_nodes,
+        local_round=local_round,
+        rng=rng,
         **dp_sampling_params(sampling, dp),
     )
-    kwargs.update(overrides)
-    if "noise_multiplier" not in kwargs:  # calibration costs seconds: only when it is needed
-        kwargs["noise_multiplier"] = calibrated_noise_multiplier(sampling, dp)
-    return DpFedAvgStrategy(base.rule, **kwargs)
+
+
+def build_dp_strategy(
+    aggregation: AggregationParams,
+    dp: DpParams,
+    *,
+    inner: Strategy | None = None,
+    noise_multiplier: float | None = None,
+    rng: np.random.Generator | None = None,
+) -> DpFedAvgStrategy:
+    """The ``dp-fedavg`` strategy: DP with the rule ``aggregation.rule`` (``aggregation-rule``) around
+    ``inner`` (default: ``w + eta Delta`` with ``server-learning-rate`` and ``server-momentum``).
+
+    ``inner`` must train every node of the grid it is handed (build it with
+    :meth:`strategies.core.sampling.SamplingParams.every_node`'s arguments).
+    ``noise_multiplier`` None calibrates ``z`` to the target when ``dp-noise-multiplier`` is 0 (seconds).
+    """
+    check_dp_combination(aggregation)
+    rule = rule_step(aggregation.rule, aggregation)  # validates the rule and its conditions
+    sampling = aggregation.sampling
+    if inner is None:
+        inner = AggregationStrategy(
+            RuleStep.mean(),
+            server_step=ServerStep(aggregation.server_learning_rate, aggregation.server_momentum),
+            **sampling.every_node().kwargs(),
+        )
+    return DpFedAvgStrategy(
+        inner,
+        dp_mechanism(sampling, dp, mean=rule.is_mean, noise_multiplier=noise_multiplier, rng=rng),
+        rule=rule,
+        mode=dp.mode,
+        collector=ReplyCollector(max_update_norm=aggregation.max_update_norm or None),
+        min_available_nodes=sampling.min_available_nodes,
+    )

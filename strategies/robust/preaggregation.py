@@ -1,18 +1,25 @@
-"""Pre-aggregation steps on the K x P matrix of client updates; they compose with any rule.
+"""Norm bounds: pre-aggregation steps on the K x P matrix of client updates, composing with any rule.
 
-Unlike the rules, these functions modify ``updates`` in place (the matrix is the strategy's
-per-round buffer), and say so.
+A bound is called on the round's matrix, clips its rows in place (the matrix is the strategy's
+per-round buffer) and returns its measurements (:class:`NormBound`): :class:`FixedNormBound`
+(Sun et al. 2019) or :class:`QuantileNormBound` (Andrew et al. 2021, without noise).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from strategies.core.checks import positive_number
 from strategies.core.clipping import clip_rows
+
+
+class NormBound(Protocol):
+    """A pre-aggregation step: clips the rows of ``updates`` in place, returns its measurements."""
+
+    def __call__(self, updates: np.ndarray) -> dict[str, float]: ...
 
 
 def norm_bound(updates: np.ndarray, bound: float) -> np.ndarray:
@@ -23,6 +30,19 @@ def norm_bound(updates: np.ndarray, bound: float) -> np.ndarray:
     update can pull the aggregate. Returns a boolean mask of the rows that were bounded.
     """
     return clip_rows(updates, bound) > bound
+
+
+class FixedNormBound:
+    """:func:`norm_bound` with a fixed ``M`` (``norm-bound``); measures ``bounded-replies``."""
+
+    def __init__(self, bound: float) -> None:
+        self.bound = positive_number("norm-bound", bound)
+
+    def __call__(self, updates: np.ndarray) -> dict[str, float]:
+        return {"bounded-replies": int(np.sum(norm_bound(updates, self.bound)))}
+
+    def __repr__(self) -> str:
+        return f"FixedNormBound({self.bound:g})"
 
 
 class QuantileNormBound:
@@ -52,6 +72,15 @@ class QuantileNormBound:
     def bound(self) -> float:
         """The bound that the next call of :meth:`clip` applies."""
         return self._bound
+
+    def __call__(self, updates: np.ndarray) -> dict[str, float]:
+        """:meth:`clip`; measures the ``norm-bound`` applied and the ``bounded-replies``."""
+        applied = self._bound
+        norms = self.clip(updates)
+        return {"norm-bound": applied, "bounded-replies": int(np.sum(norms > applied))}
+
+    def __repr__(self) -> str:
+        return f"QuantileNormBound(quantile={self.quantile:g}, bound={self._bound:g})"
 
     def clip(self, updates: np.ndarray) -> np.ndarray:
         """Clip the rows of ``updates`` in place to the current bound, then adapt the bound.

@@ -82,7 +82,7 @@ def test_the_strategy_decodes_each_round_with_its_own_number():
     )
     strategy = make_strategy(s)
     inner = strategy.inner
-    assert isinstance(inner, AggregationStrategy) and isinstance(inner.decoder, UpdateDecoder)
+    assert isinstance(inner, AggregationStrategy) and isinstance(inner.collector.decoder, UpdateDecoder)
     assert strategy.aggregate_train.__func__ is GuardedStrategy.aggregate_train  # nothing patched
     assert "aggregate_train" not in vars(inner)  # the strategy's own method, not a closure set on it
     for server_round in (4, 5):
@@ -99,7 +99,7 @@ def test_only_our_aggregation_strategies_can_decode():
     s = Settings(compression="top-k", strategy="robust")
     strategy = build_strategy("robust", s.strategy_params())
     decoder = attach_compression(s, strategy)
-    assert strategy.decoder is decoder
+    assert strategy.collector.decoder is decoder
     flower = build_strategy("fedavg", Settings().strategy_params())
     with pytest.raises(ValueError, match="needs one of our aggregation strategies"):
         attach_compression(s, flower)

@@ -14,11 +14,11 @@ from hypothesis import strategies as st
 from fl_app.config.settings import Settings
 from fl_app.server.round_loop import run_rounds
 from strategies.aggregation.guard import GuardedStrategy
+from strategies.aggregation.steps import ClientWeighting, RuleStep
 from strategies.aggregation.strategy import AggregationStrategy, build_aggregation_strategy
 from strategies.core.replies import num_examples
 from strategies.core.reporting import RoundReporting
 from strategies.private.dp_fedavg import build_dp_strategy
-from strategies.robust.rules import weighted_mean
 from tests.fakes import FakeGrid, error_reply, instruction, reply
 
 SHAPES = [(3, 2), (2,)]
@@ -267,10 +267,10 @@ def test_our_strategy_validates_itself_so_the_guard_only_forwards(monkeypatch):
         raise AssertionError("the guard screened replies that our strategy validates")
 
     monkeypatch.setattr(guard_module, "screen_replies", no_screening)
-    inner = AggregationStrategy(weighted_mean, rule_name="mean", weighting="num-examples")
+    inner = AggregationStrategy(RuleStep.mean(), weighting=ClientWeighting("num-examples"))
     streamed = []
-    original = inner._stream_mean
-    monkeypatch.setattr(inner, "_stream_mean", lambda *a: streamed.append(1) or original(*a))
+    original = inner.collector.stream_mean
+    monkeypatch.setattr(inner.collector, "stream_mean", lambda *a: streamed.append(1) or original(*a))
     guard = configured(GuardedStrategy(inner))
     assert not guard.screens and guard._layout is None
     rng = np.random.default_rng(4)
@@ -293,7 +293,7 @@ def test_our_strategy_rejects_a_second_reply_of_a_node_too():
 def test_round_reporting_is_delegated_to_the_inner_strategy():
     config = Settings(strategy="dp-fedavg", num_partitions=4, dp_target_epsilon=1.0, min_train_clients=2)
     dp = build_dp_strategy(config.aggregation_params(), config.dp_params())
-    for strategy in (dp, AggregationStrategy(weighted_mean), GuardedStrategy(FedAvg())):
+    for strategy in (dp, AggregationStrategy(RuleStep.mean()), GuardedStrategy(FedAvg())):
         assert isinstance(strategy, RoundReporting)
     assert not isinstance(FedAvg(), RoundReporting)
     guarded = GuardedStrategy(dp)
@@ -302,6 +302,8 @@ def test_round_reporting_is_delegated_to_the_inner_strategy():
     dp.mechanism.stop_reason = "privacy budget: round 9 would exceed dp-target-epsilon"
     assert guarded.stop_reason == dp.stop_reason and GuardedStrategy(FedAvg()).stop_reason is None
     assert guarded.state_dict().keys() == dp.state_dict().keys()
+    assert guarded.dp_mode == "central" and GuardedStrategy(AggregationStrategy(RuleStep.mean())).dp_mode is None
+    assert GuardedStrategy(FedAvg()).dp_mode is None
     assert GuardedStrategy.around(guarded) is guarded
     with pytest.raises(ValueError, match="already guarded"):
         GuardedStrategy(guarded)

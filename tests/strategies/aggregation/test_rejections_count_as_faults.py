@@ -1,9 +1,11 @@
-"""Rejected replies count against f: faulty clients cannot stall Krum or Bulyan by shrinking n."""
+"""Rejected replies count against f (faulty clients cannot stall Krum or Bulyan by shrinking n);
+honest client errors do not (they cannot make a rule average an attacker in)."""
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord
 
-from strategies.aggregation.strategy import build_aggregation_strategy, round_params
+from strategies.aggregation.steps import round_params
+from strategies.aggregation.strategy import build_aggregation_strategy
 from strategies.robust.rules import bulyan, multi_krum
 from tests.fakes import FakeGrid, error_reply, reply, settings_of
 
@@ -30,16 +32,31 @@ def test_round_params_lower_f_by_the_rejected_replies():
 def test_bulyan_aggregates_the_valid_replies_when_faulty_ones_are_rejected():
     rng = np.random.default_rng(0)
     g = [np.zeros(s, np.float32) for s in SHAPES]
-    honest = [[rng.standard_normal(s).astype(np.float32) for s in SHAPES] for _ in range(6)]
+    honest = [[rng.standard_normal(s).astype(np.float32) for s in SHAPES] for _ in range(7)]
     nan = [np.full(s, np.nan, np.float32) for s in SHAPES]
-    replies = [reply(i, w) for i, w in enumerate(honest)] + [reply(6, nan), error_reply(7, "crashed")]
+    replies = [reply(i, w) for i, w in enumerate(honest)] + [reply(7, nan), error_reply(8, "crashed")]
     strategy = build_aggregation_strategy(
         "bulyan", settings_of({"bulyan-f": 2, "num-partitions": 11, "min-train-clients": 11}).aggregation_params()
     )
     new, metrics = run_round(strategy, g, replies)
-    assert new is not None and metrics["rejected-replies"] == 2 and metrics["rule-f"] == 0
+    # the NaN reply lowers f to 1 (7 >= 4f + 3 holds); the crash does not lower it further
+    assert new is not None and metrics["rejected-replies"] == 2 and metrics["rule-f"] == 1
     updates = np.stack([flat(w) for w in honest])
-    np.testing.assert_allclose(flat(new.to_numpy_ndarrays()), bulyan(updates, np.ones(6), 0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(flat(new.to_numpy_ndarrays()), bulyan(updates, np.ones(7), 1), rtol=1e-6, atol=1e-6)
+
+
+def test_an_honest_client_error_does_not_let_multi_krum_average_the_attacker_in():
+    rng = np.random.default_rng(2)
+    g = [np.zeros(s, np.float32) for s in SHAPES]
+    honest = [[0.1 * rng.standard_normal(s).astype(np.float32) for s in SHAPES] for _ in range(5)]
+    attacker = [np.full(s, 100.0, np.float32) for s in SHAPES]
+    replies = [reply(i, w) for i, w in enumerate(honest)] + [reply(5, attacker), error_reply(6, "crashed")]
+    strategy = build_aggregation_strategy(
+        "multi-krum", settings_of({"krum-f": 1, "num-partitions": 7, "min-train-clients": 7}).aggregation_params()
+    )
+    new, metrics = run_round(strategy, g, replies)
+    assert "rule-f" not in metrics  # f stays 1: Multi-Krum averages n - f = 5 updates, the honest ones
+    assert np.abs(flat(new.to_numpy_ndarrays())).max() < 1.0
 
 
 def test_multi_krum_keeps_f_for_the_faults_it_has_not_seen():

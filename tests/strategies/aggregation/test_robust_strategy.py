@@ -5,10 +5,12 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import FedAvg
 
-from strategies.aggregation.strategy import AggregationStrategy, build_aggregation_strategy, client_weights
+from strategies.aggregation.steps import ClientWeighting, RuleStep, ServerStep
+from strategies.aggregation.strategy import AggregationStrategy, build_aggregation_strategy
 from strategies.core.update_matrix import ModelLayout, UpdateBuffer, collect_updates
 from strategies.registry import ROBUST_STRATEGIES, build_strategy
-from strategies.robust.rules import coordinate_median, weighted_mean
+from strategies.robust.preaggregation import FixedNormBound, QuantileNormBound
+from strategies.robust.rules import coordinate_median
 from tests.fakes import FakeGrid, error_reply, reply, settings_of
 
 SHAPES = [(3, 2), (2,)]
@@ -79,7 +81,7 @@ def test_mean_with_example_weights_equals_flower_fedavg():
     counts = [5, 10, 20, 40]
     replies = [reply(i, w, n) for i, (w, n) in enumerate(zip(clients, counts))]
     ours, metrics = run_round(
-        AggregationStrategy(weighted_mean, rule_name="mean", weighting="num-examples"), g, replies
+        AggregationStrategy(RuleStep.mean(), weighting=ClientWeighting("num-examples")), g, replies
     )
     flower, _ = FedAvg().aggregate_train(1, replies)
     for a, b in zip(ours.to_numpy_ndarrays(), flower.to_numpy_ndarrays()):
@@ -93,7 +95,7 @@ def test_median_strategy_ignores_a_huge_attacker_and_a_nan_client():
     replies = [reply(i, w) for i, w in enumerate(honest)]
     replies.append(reply(10, [a + 1e6 for a in g]))
     replies.append(reply(11, [np.full(s, np.nan, np.float32) for s in SHAPES]))
-    new, metrics = run_round(AggregationStrategy(coordinate_median, rule_name="median"), g, replies)
+    new, metrics = run_round(AggregationStrategy(RuleStep.builtin("median")), g, replies)
     result = flat(new.to_numpy_ndarrays())
     stacked = np.stack([flat(w) for w in honest])
     assert np.all(result >= stacked.min(0) - 1e-6) and np.all(result <= stacked.max(0) + 1e-6)
@@ -118,25 +120,25 @@ def test_norm_bound_limits_a_scaled_update():
     g = weights_like()
     honest = [[a + 0.01 for a in g] for _ in range(3)]
     attacker = [a + 50.0 for a in g]
-    strategy = AggregationStrategy(weighted_mean, rule_name="mean", norm_bound=1.0)
+    strategy = AggregationStrategy(RuleStep.mean(), bound=FixedNormBound(1.0))
     new, metrics = run_round(strategy, g, [reply(i, w) for i, w in enumerate([*honest, attacker])])
     assert np.linalg.norm(flat(new.to_numpy_ndarrays()) - flat(g)) <= 0.25 + 0.75 * 0.01 * np.sqrt(8) + 1e-5
     assert metrics["bounded-replies"] == 1
 
 
 def test_adaptive_norm_bound_moves_and_round_trips():
-    strategy = AggregationStrategy(weighted_mean, rule_name="mean", norm_bound=1.0, norm_bound_quantile=0.5)
+    strategy = AggregationStrategy(RuleStep.mean(), bound=QuantileNormBound(0.5, 1.0))
     g = weights_like()
     run_round(strategy, g, [reply(i, [a + 5.0 for a in g]) for i in range(4)])
     bound = strategy.state_dict()["norm-bound"]["bound"]
     assert bound > 1.0
-    other = AggregationStrategy(weighted_mean, rule_name="mean", norm_bound=1.0, norm_bound_quantile=0.5)
+    other = AggregationStrategy(RuleStep.mean(), bound=QuantileNormBound(0.5, 1.0))
     other.load_state_dict(strategy.state_dict())
-    assert other.adaptive_bound.bound == bound
+    assert other.bound.bound == bound
 
 
 def test_server_momentum_accumulates():
-    strategy = AggregationStrategy(weighted_mean, rule_name="mean", server_learning_rate=1.0, server_momentum=0.5)
+    strategy = AggregationStrategy(RuleStep.mean(), server_step=ServerStep(1.0, 0.5))
     g = [np.zeros(s, np.float32) for s in SHAPES]
     step = [np.ones(s, np.float32) for s in SHAPES]
     first, _ = run_round(strategy, g, [reply(0, step)])
@@ -148,11 +150,13 @@ def test_server_momentum_accumulates():
 
 def test_client_weights():
     n = np.array([10.0, 20.0, 1e9])
-    assert np.array_equal(client_weights(n, "uniform"), [1, 1, 1])
-    assert np.array_equal(client_weights(n, "num-examples"), n)
-    assert np.array_equal(client_weights(n, "capped", 2.0), [10, 20, 40])
+    assert np.array_equal(ClientWeighting("uniform")(n), [1, 1, 1])
+    assert np.array_equal(ClientWeighting("num-examples")(n), n)
+    assert np.array_equal(ClientWeighting("capped", 2.0)(n), [10, 20, 40])
     with pytest.raises(ValueError, match="client-weighting must be one of"):
-        client_weights(n, "trusting")
+        ClientWeighting("trusting")
+    with pytest.raises(ValueError, match="weight-cap-ratio must be > 0"):
+        ClientWeighting("capped", 0.0)
 
 
 def test_every_robust_name_builds():
@@ -164,7 +168,7 @@ def test_every_robust_name_builds():
 def test_user_rule_by_dotted_path():
     params = settings_of().aggregation_params()
     strategy = build_aggregation_strategy("strategies.robust.rules:coordinate_median", params)
-    assert strategy.rule is coordinate_median
+    assert strategy.rule.rule is coordinate_median
     with pytest.raises(ValueError, match="aggregation-rule must be one of"):
         build_aggregation_strategy("avg", params)
 
@@ -175,7 +179,7 @@ def test_rule_params_come_from_the_settings():
     assert params.rules.of_rule("trimmed-mean") == {"beta": 0.1}
     assert params.rules.of_rule("mean") == {}
     strategy = build_aggregation_strategy("krum", params)
-    assert strategy.rule_params == {"f": 2} and strategy.weighting == params.weighting
+    assert strategy.rule.params == {"f": 2} and strategy.weighting.name == params.weighting
 
 
 @pytest.mark.parametrize(

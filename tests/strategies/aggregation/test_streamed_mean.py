@@ -12,7 +12,9 @@ from flwr.common.constant import SType
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from strategies.aggregation.strategy import AggregationStrategy, client_weights
+from strategies.aggregation.collector import ReplyCollector
+from strategies.aggregation.steps import ClientWeighting, RuleStep
+from strategies.aggregation.strategy import AggregationStrategy
 from strategies.core.update_matrix import ModelLayout, UpdateBuffer, collect_updates, stream_weighted_mean
 from strategies.robust.rules import weighted_mean
 from tests.fakes import FakeGrid, error_reply, reply
@@ -88,7 +90,7 @@ def test_streamed_mean_equals_the_matrix_path(seed, num_clients, weighting, faul
             error_reply(node, "crashed") if fault == "error" else reply(node, bad, 0 if fault == "count" else 5),
         )
     layout = ModelLayout.of(ArrayRecord(g))
-    weigh = lambda counts: client_weights(counts, weighting)  # noqa: E731
+    weigh = ClientWeighting(weighting)
     matrix = collect_updates(replies, layout, flat(g), UpdateBuffer())
     streamed, mean = stream_weighted_mean(replies, layout, flat(g), weigh, np.empty(layout.size, np.float32))
     assert streamed.updates is None
@@ -104,10 +106,12 @@ def test_strategy_streams_only_a_plain_mean_and_gives_the_same_model():
     g = arrays_of(rng)
     replies = [reply(n, arrays_of(rng), n * 7) for n in range(1, 6)]
     replies.append(reply(6, [np.full(s, np.nan, np.float32) for s in SHAPES], 3))
-    plain = AggregationStrategy(weighted_mean, rule_name="mean", weighting="num-examples")
-    assert plain._streams_mean()
-    bounded = AggregationStrategy(weighted_mean, rule_name="mean", weighting="num-examples", max_update_norm=1e9)
-    assert not bounded._streams_mean()
+    plain = AggregationStrategy(RuleStep.mean(), weighting=ClientWeighting("num-examples"))
+    assert plain.streams_mean()
+    bounded = AggregationStrategy(
+        RuleStep.mean(), weighting=ClientWeighting("num-examples"), collector=ReplyCollector(max_update_norm=1e9)
+    )
+    assert not bounded.streams_mean()
     ours, metrics = round_of(plain, g, replies)
     reference, reference_metrics = round_of(bounded, g, replies)
     for a, b in zip(ours.to_numpy_ndarrays(), reference.to_numpy_ndarrays()):
@@ -124,9 +128,9 @@ def test_strategy_falls_back_to_the_matrix_when_the_streamed_mean_overflows():
         stream_weighted_mean(replies, layout, flat(g), lambda c: np.ones(len(c)), np.empty(layout.size, np.float32))
         is None
     )
-    streamed = AggregationStrategy(weighted_mean, rule_name="mean", weighting="uniform")
-    matrix = AggregationStrategy(weighted_mean, rule_name="mean", weighting="uniform", max_update_norm=np.inf)
-    assert streamed._streams_mean() and not matrix._streams_mean()
+    streamed = AggregationStrategy(RuleStep.mean())
+    matrix = AggregationStrategy(RuleStep.mean(), collector=ReplyCollector(max_update_norm=np.inf))
+    assert streamed.streams_mean() and not matrix.streams_mean()
     (arrays, metrics), (reference, reference_metrics) = round_of(streamed, g, replies), round_of(matrix, g, replies)
     assert arrays is None and reference is None  # every update x - w overflows: all rejected, round skipped
     assert dict(metrics) == dict(reference_metrics)

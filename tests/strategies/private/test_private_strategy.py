@@ -14,11 +14,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fl_app.server.round_loop import run_rounds
+from strategies.aggregation.steps import RuleStep
 from strategies.core.clipping import clip_rows
 from strategies.core.errors import PrivacyBudgetExhausted
+from strategies.private.central_mechanism import CentralGaussianMechanism
 from strategies.private.dp_fedavg import DpFedAvgStrategy, build_dp_strategy, calibrated_noise_multiplier
 from strategies.private.mechanisms import insecure_seeded_generator
-from strategies.robust.rules import weighted_mean
 from tests.fakes import FakeGrid, reply, settings_of
 
 SHAPES = [(20, 5), (5,)]
@@ -47,7 +48,13 @@ def gaussian_updates(scale=1.0):
     return update_of
 
 
-def strategy(**kwargs):
+EVERY_NODE = dict(
+    fraction_train=1.0, min_train_nodes=0, min_available_nodes=0, fraction_evaluate=1e-9, min_evaluate_nodes=0
+)
+
+
+def strategy(inner=None, **kwargs):
+    """DP-FedAvg (mean rule) around Flower's FedAvg (or ``inner``); ``kwargs`` go to the mechanism."""
     defaults = dict(
         num_clients=20,
         sampling="poisson",
@@ -55,12 +62,9 @@ def strategy(**kwargs):
         noise_multiplier=1.1,
         clip_norm=1.0,
         rng=insecure_seeded_generator(0),
-        min_available_nodes=1,
-        fraction_evaluate=1e-9,
-        min_evaluate_nodes=0,
     )
     defaults.update(kwargs)
-    return DpFedAvgStrategy(weighted_mean, **defaults)
+    return DpFedAvgStrategy(inner or FedAvg(**EVERY_NODE), CentralGaussianMechanism(**defaults), min_available_nodes=1)
 
 
 def run(strat, rounds, nodes=20, update_of=None, initial=None):
@@ -116,7 +120,7 @@ def test_poisson_sampling_rate_and_rounds_without_clients_are_accounted():
     assert any(r.clients_replied == 0 for r in history)  # 0.99**20 = 0.82 per round
     assert history[-1].extra["dp-rounds"] == 8
     strat = strategy(sampling_rate=0.3, num_clients=1000)
-    sizes = [len(strat.sample(list(range(1000)))) for _ in range(200)]
+    sizes = [len(strat.mechanism.sample(list(range(1000)))) for _ in range(200)]
     assert np.mean(sizes) == pytest.approx(300, rel=0.02)
     assert len(set(sizes)) > 10  # the sample size varies, as Poisson sampling does
 
@@ -269,6 +273,98 @@ def test_target_epsilon_without_z_calibrates_z():
 
 def test_other_rules_use_the_ball_diameter_as_sensitivity():
     strat = dp_strategy(base_config(**{"aggregation-rule": "krum", "dp-noise-multiplier": 1.0}))
-    assert strat.noise_std() == pytest.approx(2.0 * 1.0)
+    assert strat.mechanism.noise_std() == pytest.approx(2.0 * 1.0)
     mean = dp_strategy(base_config())
-    assert mean.noise_std() == pytest.approx(1.0 / 5)
+    assert mean.mechanism.noise_std() == pytest.approx(1.0 / 5)
+
+
+# --------------------------------------------------------------------------------- DP around any strategy
+
+
+class SpyFedAvg(FedAvg):
+    """FedAvg that records every reply it aggregates."""
+
+    def __init__(self):
+        super().__init__(**EVERY_NODE)
+        self.seen = []
+
+    def aggregate_train(self, server_round, replies):
+        replies = list(replies)
+        self.seen.append(replies)
+        return super().aggregate_train(server_round, replies)
+
+
+def test_the_inner_strategy_sees_only_the_released_aggregate():
+    spy = SpyFedAvg()
+    strat = strategy(inner=spy, sampling="fixed-size", clients_per_round=5)
+    arrays, history = run(strat, 3)
+    assert [len(replies) for replies in spy.seen] == [1, 1, 1]
+    released = spy.seen[-1][0]
+    assert released.content["metrics"]["num-examples"] == 1 and released.metadata.src_node_id in range(1, 21)
+    for a, b in zip(arrays.to_numpy_ndarrays(), released.content["arrays"].to_numpy_ndarrays()):
+        np.testing.assert_array_equal(a, b)  # FedAvg of one reply: the released w + Delta itself
+    assert all(r.clients_replied == 5 for r in history)
+
+
+def test_dp_around_fedadam_is_fedadam_on_the_dp_aggregate():
+    from flwr.serverapp.strategy import FedAdam
+
+    initial = [np.full(s, 0.5, np.float32) for s in SHAPES]
+    dp = strategy(
+        inner=FedAdam(**EVERY_NODE, eta=0.1),
+        sampling="fixed-size",
+        clients_per_round=6,
+        num_clients=6,
+        noise_multiplier=0.0,
+        clip_norm=1e9,
+    )
+    dp_arrays, dp_history = run(dp, 3, nodes=6, initial=initial)
+    grid = FakeGrid(range(1, 7), answer_with(gaussian_updates()))
+    plain = FedAdam(min_available_nodes=1, min_train_nodes=6, fraction_evaluate=1e-9, min_evaluate_nodes=0, eta=0.1)
+    plain_arrays, _ = run_rounds(grid, plain, ArrayRecord(initial), num_rounds=3)
+    for a, b in zip(dp_arrays.to_numpy_ndarrays(), plain_arrays.to_numpy_ndarrays()):
+        assert a.dtype == np.float32
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+    assert math.isinf(dp_history[-1].extra["epsilon"])
+    assert set(dp.state_dict()["inner"]) == {"m_t", "v_t"}  # Adam's moments are checkpointed
+
+
+def test_epsilon_does_not_depend_on_the_inner_strategy():
+    from flwr.serverapp.strategy import FedYogi
+
+    _, with_fedavg = run(strategy(), 3)
+    _, with_yogi = run(strategy(inner=FedYogi(**EVERY_NODE)), 3)
+    assert [r.extra["epsilon"] for r in with_fedavg] == [r.extra["epsilon"] for r in with_yogi]
+
+
+def test_an_inner_strategy_that_samples_on_its_own_is_refused():
+    strat = strategy(
+        inner=FedAvg(fraction_train=0.5, min_available_nodes=1), sampling="fixed-size", clients_per_round=8
+    )
+    grid = FakeGrid(range(1, 21), answer_with(gaussian_updates()))
+    with pytest.raises(ValueError, match="must train every node of the grid it is handed"):
+        list(strat.configure_train(1, ArrayRecord(zeros()), ConfigRecord({}), grid))
+
+
+def test_the_mechanism_must_match_the_rule_and_the_mode():
+    mechanism = CentralGaussianMechanism(noise_multiplier=1.0, clip_norm=1.0, num_clients=10, sampling_rate=0.5)
+    with pytest.raises(ValueError, match="build it with mean=False"):
+        DpFedAvgStrategy(FedAvg(**EVERY_NODE), mechanism, rule=RuleStep.builtin("median"))
+    with pytest.raises(ValueError, match="dp-mode 'local-gaussian' needs a mechanism with a local round"):
+        DpFedAvgStrategy(FedAvg(**EVERY_NODE), mechanism, mode="local-gaussian")
+    with pytest.raises(ValueError, match="must be a plain strategy"):
+        DpFedAvgStrategy(DpFedAvgStrategy(FedAvg(**EVERY_NODE), mechanism), mechanism)
+
+
+def test_dp_inner_strategy_in_the_run_config():
+    from flwr.serverapp.strategy import FedAdam
+
+    from fl_app.config.settings import Settings, SettingsError
+    from strategies.registry import build_strategy
+
+    settings = Settings.from_run_config(base_config(**{"dp-inner-strategy": "fedadam"}))
+    strat = build_strategy("dp-fedavg", settings.strategy_params())
+    assert isinstance(strat, DpFedAvgStrategy) and isinstance(strat.inner.inner, FedAdam)
+    assert strat.inner.inner.fraction_train == 1.0 and strat.inner.inner.min_available_nodes == 0
+    with pytest.raises(SettingsError, match="dp-inner-strategy must be one of .* got 'median'"):
+        Settings.from_run_config(base_config(**{"dp-inner-strategy": "median"}))

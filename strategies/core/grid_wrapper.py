@@ -1,6 +1,7 @@
 """A Flower ``Grid`` that hands every call to another grid: the base of the server's grid layers.
 
-The server stacks small layers on Flower's grid, each changing one method: short polls for
+DP-FedAvg hands its inner strategy a grid that lists only the nodes it sampled
+(:class:`strategies.private.dp_fedavg.SampledNodes`). The server stacks small layers on Flower's grid, each changing one method: short polls for
 replies (:class:`fl_app.server.polling.ShortPollGrid`), a record of who trained
 (:class:`fl_app.delivery.shipping.TrainReplyRecorder`), and a deadline on waiting for nodes
 (:class:`fl_app.server.round_loop.PatientGrid`). Each subclasses :class:`GridWrapper` and

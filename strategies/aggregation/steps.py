@@ -1,0 +1,190 @@
+"""The steps of one aggregation round after validation: client weights, the rule, the server step.
+
+Each step is a small object that checks its parameters when it is built (errors name the run-config
+key) and reports what it measured in the round, as TensorFlow Federated's aggregator factories do;
+:class:`~strategies.aggregation.strategy.AggregationStrategy` chains them::
+
+    CollectedUpdates ──ClientWeighting──> a_k
+                     ──NormBound─────────> rows clipped       (strategies.robust.preaggregation)
+                     ──RuleStep──────────> v = rule(U, a)
+                     ──ServerStep────────> w <- w + eta * (beta * m + v)
+
+:class:`~strategies.private.dp_fedavg.DpFedAvgStrategy` runs the same :class:`RuleStep` between its
+clip and its noise. Nothing here imports TensorFlow or Flower.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from strategies.core.checks import in_interval, one_of, positive
+from strategies.robust.rules import RULES, check_rule_conditions, weighted_mean
+
+Rule = Callable[..., np.ndarray]
+"""``rule(updates: K x P float32, weights: K, **params) -> P float32`` (:mod:`strategies.robust.rules`)."""
+
+WEIGHTINGS = ("uniform", "num-examples", "capped")
+
+
+class ClientWeighting:
+    """Aggregation weights a_k from the (untrusted) reported example counts n_k.
+
+    ``uniform``: a_k = 1 (the robust rules' default: a client cannot buy influence by lying);
+    ``num-examples``: a_k = n_k (FedAvg, McMahan et al. 2017); ``capped``: a_k = min(n_k, c * median(n)).
+    """
+
+    def __init__(self, name: str = "uniform", cap_ratio: float = 2.0) -> None:
+        one_of("client-weighting", name, WEIGHTINGS)
+        positive("weight-cap-ratio", cap_ratio)
+        self.name = name
+        self.cap_ratio = float(cap_ratio)
+
+    def __call__(self, num_examples: np.ndarray) -> np.ndarray:
+        """The K weights of the K reported counts (float64)."""
+        counts = np.asarray(num_examples, np.float64)
+        if self.name == "uniform":
+            return np.ones(len(counts))
+        if self.name == "num-examples":
+            return counts
+        return np.minimum(counts, self.cap_ratio * np.median(counts)) if len(counts) else counts
+
+    def __repr__(self) -> str:
+        return f"ClientWeighting({self.name!r}, cap_ratio={self.cap_ratio:g})"
+
+
+def round_params(name: str, params: Mapping[str, Any], num_replies: int, faults: int = 0) -> dict[str, Any]:
+    """Rule ``name``'s parameters for a round of ``num_replies`` valid replies.
+
+    Multi-Krum's m = 0/None is n - f. ``faults`` is the number of replies rejected this round as
+    malformed or hostile: each comes from one of the up-to-f faulty clients the rule is configured
+    for, so at most ``f - faults`` of them remain among the valid replies, and Krum, Multi-Krum and
+    Bulyan run with that f. Their conditions then still hold whenever they held for all replies
+    (e.g. n - r > 2(f - r) + 2 if n > 2f + 2), so clients that send NaN or wrong shapes cannot
+    stall the training by shrinking n below 4f + 3 (Bulyan) or 2f + 3 (Krum). A client that failed
+    (an error reply) is not counted: an honest crash does not lower f.
+    """
+    params = dict(params)
+    if name in ("krum", "multi-krum", "bulyan") and faults > 0 and "f" in params:
+        params["f"] = max(0, int(params["f"]) - faults)
+    if name == "multi-krum" and params.get("m") is None:
+        params["m"] = max(1, num_replies - int(params.get("f", 0)))
+    return params
+
+
+class RuleStep:
+    """An aggregation rule with its parameters: a built-in name of :data:`strategies.robust.rules.RULES`
+    or a user's function.
+
+    Parameters
+    ----------
+    rule : the rule function
+    name : its name: a built-in name enables the rule's conditions (e.g. Krum's n > 2f + 2),
+        checked per round on the valid replies
+    params : the rule's keyword parameters (Multi-Krum's ``m=None``: n - f per round)
+    """
+
+    def __init__(self, rule: Rule, name: str = "custom", params: Mapping[str, Any] | None = None) -> None:
+        if not callable(rule):
+            raise ValueError(f"aggregation-rule '{name}' is not callable: {rule!r}")
+        if name in RULES and rule is not RULES[name]:
+            raise ValueError(f"rule name '{name}' is the built-in rule's; give {rule!r} another name")
+        self.rule = rule
+        self.name = name
+        self.params = dict(params or {})
+
+    @classmethod
+    def builtin(cls, name: str, params: Mapping[str, Any] | None = None, *, num_clients: int | None = None) -> RuleStep:
+        """Built-in rule ``name``; with ``num_clients``, its conditions are checked for that many
+        replies now, so that a configuration that can never work fails before any client trains."""
+        if name not in RULES:
+            raise ValueError(
+                f"aggregation-rule must be one of {', '.join(RULES)} or 'package.module:function'; got '{name}'"
+            )
+        step = cls(RULES[name], name, params)
+        if num_clients is not None:
+            check_rule_conditions(name, num_clients, round_params(name, step.params, num_clients))
+        return step
+
+    @classmethod
+    def mean(cls) -> RuleStep:
+        """The weighted mean (FedAvg's rule)."""
+        return cls.builtin("mean")
+
+    @property
+    def is_mean(self) -> bool:
+        """Whether this is the plain weighted mean (which the strategy may stream from the reply bytes)."""
+        return self.rule is weighted_mean
+
+    def params_for(self, num_replies: int, faults: int = 0) -> dict[str, Any]:
+        """The parameters of a round with ``num_replies`` valid replies and ``faults`` rejected ones."""
+        return round_params(self.name, self.params, num_replies, faults) if self.name in RULES else dict(self.params)
+
+    def cannot_run(self, num_replies: int, faults: int = 0) -> str:
+        """Why the rule cannot aggregate ``num_replies`` valid replies ("" when it can)."""
+        if self.name not in RULES:
+            return ""
+        try:
+            check_rule_conditions(self.name, num_replies, self.params_for(num_replies, faults))
+        except ValueError as err:
+            return f"{num_replies} valid replies are too few for {self.name}: {err}"
+        return ""
+
+    def __call__(
+        self, updates: np.ndarray, weights: np.ndarray, faults: int = 0
+    ) -> tuple[np.ndarray, dict[str, float]]:
+        """The aggregate (length-P float32) and the measurements: ``rule-f`` when rejected replies
+        lowered the rule's f this round."""
+        params = self.params_for(updates.shape[0], faults)
+        measurements: dict[str, float] = {}
+        if "f" in params and params["f"] != self.params.get("f", params["f"]):
+            measurements["rule-f"] = params["f"]
+        return np.asarray(self.rule(updates, weights, **params), dtype=np.float32), measurements
+
+    def __repr__(self) -> str:
+        return f"RuleStep({self.name!r}, {self.params})"
+
+
+class ServerStep:
+    """The server's step on the aggregate v (Reddi et al. 2021, "Adaptive Federated Optimization",
+    with SGD and momentum as the server optimizer)::
+
+        m <- beta * m + v ;   w <- w + eta * m         (beta = 0: w <- w + eta * v; eta = 1: FedAvg)
+
+    The momentum m is the step's state (:meth:`state_dict`).
+    """
+
+    def __init__(self, learning_rate: float = 1.0, momentum: float = 0.0) -> None:
+        positive("server-learning-rate", learning_rate)
+        in_interval("server-momentum", momentum, 0, 1, "[)")
+        self.learning_rate = float(learning_rate)
+        self.momentum = float(momentum)
+        self._velocity: np.ndarray | None = None
+
+    def __call__(self, global_flat: np.ndarray, aggregate: np.ndarray) -> np.ndarray:
+        """The new global model (a new float32 vector) from the round's start and its aggregate."""
+        step = aggregate
+        if self.momentum > 0:
+            if self._velocity is None or self._velocity.shape != aggregate.shape:
+                self._velocity = np.zeros_like(aggregate)
+            self._velocity *= np.float32(self.momentum)
+            self._velocity += aggregate
+            step = self._velocity
+        return global_flat + np.float32(self.learning_rate) * step
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"momentum": m}`` once the momentum exists (empty otherwise)."""
+        return {} if self._velocity is None else {"momentum": self._velocity.copy()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s momentum (absent: left as it is); ValueError if not finite."""
+        if "momentum" in state:
+            velocity = np.asarray(state["momentum"], np.float32).copy()
+            if not np.isfinite(velocity).all():
+                raise ValueError("the server momentum in the saved state holds NaN or infinite values")
+            self._velocity = velocity
+
+    def __repr__(self) -> str:
+        return f"ServerStep(learning_rate={self.learning_rate:g}, momentum={self.momentum:g})"
