@@ -604,6 +604,12 @@ class Settings:
         self.fault_partitions()
 
     def _validate_server_privacy(self) -> None:
+        if self.dp_target_epsilon > 0 and self.strategy != "dp-fedavg":
+            raise SettingsError(
+                f"dp-target-epsilon={self.dp_target_epsilon:g} is the privacy budget of strategy='dp-fedavg', "
+                f"but strategy is '{self.strategy}': it would be ignored (DP-SGD reports its epsilon and stops "
+                "on no budget); set strategy='dp-fedavg' or dp-target-epsilon=0"
+            )
         if self.strategy == "dp-fedavg":
             from strategies.private.dp_fedavg import build_dp_strategy
 

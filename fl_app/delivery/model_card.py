@@ -65,6 +65,24 @@ def _fields_with_prefix(settings: Settings, prefixes: tuple[str, ...]) -> dict[s
     return {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings) if f.name.startswith(prefixes)}
 
 
+def user_level_relation(settings: Settings) -> str:
+    """The neighbouring relation and the sampling the user-level epsilon is stated for."""
+    if settings.dp_mode in ("local-gaussian", "local-laplace"):
+        return (
+            "local DP: each client's update is private against everyone, the server included, for "
+            "any change of that update; composed over the rounds, no amplification by sampling claimed"
+        )
+    if settings.secure_aggregation or settings.dp_sampling == "fixed-size":
+        return (
+            "neighbouring data sets differ by replacing one client's data; m clients sampled per round "
+            "without replacement (a secret generator)"
+        )
+    return (
+        "neighbouring data sets differ by adding or removing one client's data; each client sampled "
+        "per round with probability fraction-train (Poisson, a secret generator)"
+    )
+
+
 def privacy_lines(settings: Settings, history: list[RoundRecord]) -> list[str]:
     """The privacy guarantee: (epsilon, delta) and level for each mechanism that ran, else 'none'."""
     epsilon = next((r.extra["epsilon"] for r in reversed(history) if "epsilon" in r.extra), None)
@@ -82,7 +100,7 @@ def privacy_lines(settings: Settings, history: list[RoundRecord]) -> list[str]:
             lines.append(
                 f"- user level ({settings.dp_mode}): (epsilon = {_fmt(float(epsilon))}, delta = "
                 f"{_fmt(settings.dp_delta)})-DP after {rounds} rounds, accounted with "
-                f"{settings.dp_accounting.upper()} for {settings.dp_sampling} client sampling"
+                f"{settings.dp_accounting.upper()}; {user_level_relation(settings)}"
             )
         else:
             lines.append(

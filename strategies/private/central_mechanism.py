@@ -49,12 +49,14 @@ from strategies.core.clipping import clip_rows
 from strategies.core.errors import PrivacyBudgetExhausted
 from strategies.private.accounting import (
     METHODS,
+    PLD_MIN_NOISE_MULTIPLIER,
     SAMPLINGS,
     AccountingMethod,
     DpFedAvgRound,
     PrivacyAccountant,
     RoundSpec,
     adaptive_clipping_update_noise_multiplier,
+    gaussian_noise_multipliers,
 )
 from strategies.private.mechanisms import AdaptiveClipState, gaussian_noise, secure_generator
 
@@ -203,16 +205,19 @@ class CentralGaussianMechanism:
         return DpFedAvgRound(self.noise_multiplier, population, m, "fixed-size", count_z)
 
     def _check_accounting_supported(self) -> None:
-        spec = self.round_spec()
-        if (
-            self.accounting == "pld"
-            and isinstance(spec, DpFedAvgRound)
-            and spec.sampling == "fixed-size"
-            and not spec.full_participation
-        ):
+        if self.accounting == "pld":
+            smallest = min(gaussian_noise_multipliers(self.round_spec().to_dp_event()), default=math.inf)
+            if smallest < PLD_MIN_NOISE_MULTIPLIER:
+                raise ValueError(
+                    f"dp-accounting='pld' needs every Gaussian's noise multiplier >= {PLD_MIN_NOISE_MULTIPLIER} "
+                    f"(its grid grows as 1/z^2), this run's is {smallest:.3g} (dp-noise-multiplier "
+                    f"{self.noise_multiplier:g}): use dp-accounting='rdp' or more noise"
+                )
+        if self.accounting == "pld" and self.local_round is None and self.sampling == "fixed-size":
             raise ValueError(
                 "dp-accounting='pld' cannot account dp-sampling='fixed-size' (dp_accounting has no PLD "
-                "bound for sampling without replacement): use dp-accounting='rdp' or dp-sampling='poisson'"
+                "bound for sampling without replacement, which any round with more connected nodes than "
+                "m runs): use dp-accounting='rdp' or dp-sampling='poisson'"
             )
 
     # ----------------------------------------------------------------------------- one round

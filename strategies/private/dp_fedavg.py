@@ -130,7 +130,7 @@ class DpFedAvgStrategy(Strategy):
         rule = rule or RuleStep.mean()
         if isinstance(inner, (DpFedAvgStrategy, GuardedStrategy)):
             raise ValueError(f"the strategy inside DP must be a plain strategy, got {type(inner).__name__}")
-        if mechanism.mean_rule != rule.is_mean:
+        if mechanism.local_round is None and mechanism.mean_rule != rule.is_mean:
             raise ValueError(
                 f"the mechanism's sensitivity is for {'the mean' if mechanism.mean_rule else 'a clipped rule output'}"
                 f" but the rule is {rule.name}: build it with mean={rule.is_mean}"

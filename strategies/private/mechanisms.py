@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from strategies.core.clipping import clip_rows
+from strategies.core.clipping import ROUNDING_MARGIN, clip_rows
 
 FloatVector = np.ndarray
 
@@ -186,7 +186,9 @@ def clip_l1(vector: FloatVector, clip_norm: float) -> FloatVector:
         raise ValueError("update is not finite (NaN or Inf); cannot clip it")
     if norm <= clip_norm:
         return vector.copy()
-    return vector * np.float32(clip_norm / norm)
+    # shrunk by the margin of the L2 clip: the factor's and each product's float32 rounding
+    # (2**-24 relative each) can then never leave the L1 norm above C
+    return vector * np.float32(clip_norm / norm * ROUNDING_MARGIN)
 
 
 def local_dp_laplace(update: FloatVector, clip_norm: float, epsilon: float, rng: np.random.Generator) -> FloatVector:

@@ -177,3 +177,9 @@ def test_only_the_config_reads_the_run_config_mapping(project_root):
         if needle in path.read_text(encoding="utf-8") and "fl_app/config" not in path.as_posix()
     ]
     assert readers == []
+
+
+def test_a_privacy_budget_without_dp_fedavg_is_refused_not_ignored():
+    with pytest.raises(SettingsError, match="dp-target-epsilon=3 is the privacy budget of strategy='dp-fedavg'"):
+        Settings.from_run_config({"strategy": "fedavg", "dp-target-epsilon": 3.0})
+    Settings.from_run_config({"strategy": "dp-fedavg", "dp-target-epsilon": 3.0})

@@ -351,3 +351,22 @@ def test_inference_script_text_output(tflite_models, digits, tmp_path, capsys):
     assert script.main([str(model), str(data), "--show", "2"]) == 0
     out = capsys.readouterr().out
     assert "ms per example" in out and "KiB" in out and "#1: class" in out and "accuracy" not in out
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        ({}, "adding or removing one client's data; each client sampled per round with probability"),
+        ({"dp_sampling": "fixed-size"}, "replacing one client's data; m clients sampled per round without"),
+        ({"dp_mode": "local-laplace"}, "local DP: each client's update is private against everyone"),
+    ],
+)
+def test_model_card_states_the_neighbouring_relation_of_the_mode(overrides, fragment):
+    from fl_app.delivery.model_card import render
+    from fl_app.server.run_directory import RoundRecord
+
+    settings = Settings(strategy="dp-fedavg", **overrides)
+    history = [RoundRecord(round=1, extra={"epsilon": 2.0})]
+    card = render(settings, history, parameters=10, keras_size=40, export_report=None, num_server_test=1)
+    assert fragment in card
+    assert ("Poisson" in card) == (not overrides)  # no sampling amplification claimed for the other modes

@@ -67,9 +67,24 @@ def test_fixed_size_epsilon_is_replace_one_without_replacement_with_half_noise_m
 def test_full_participation_is_the_gaussian_mechanism(method, sampling):
     z, rounds = 3.0, 30
     ours = accountant_with(DpFedAvgRound(z, 20, 20, sampling), rounds).epsilon(DELTA, method)
-    accountant = rdp.RdpAccountant() if method == "rdp" else pld.PLDAccountant()
-    expected = accountant.compose(dp_accounting.GaussianDpEvent(z), rounds).get_epsilon(DELTA)
+    # fixed-size sampling is always accounted under replace-one (sensitivity 2C: z / 2)
+    relation = REPLACE_ONE if sampling == "fixed-size" else dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
+    event = dp_accounting.GaussianDpEvent(z / 2 if sampling == "fixed-size" else z)
+    accountant = rdp.RdpAccountant(neighboring_relation=relation) if method == "rdp" else pld.PLDAccountant(relation)
+    expected = accountant.compose(event, rounds).get_epsilon(DELTA)
     assert ours == pytest.approx(expected, rel=2e-3)
+
+
+def test_a_fixed_size_run_composes_rounds_with_and_without_sampling_under_one_relation():
+    accountant = accountant_with(DpFedAvgRound(1.0, 3, 3, "fixed-size"), 2)  # 3 connected, m = 5: all train
+    accountant.add_round(DpFedAvgRound(1.0, 10, 5, "fixed-size"), 3)  # then 10 connected: 5 of 10
+    expected = (
+        rdp.RdpAccountant(neighboring_relation=REPLACE_ONE)
+        .compose(dp_accounting.GaussianDpEvent(0.5), 2)
+        .compose(dp_accounting.SampledWithoutReplacementDpEvent(10, 5, dp_accounting.GaussianDpEvent(0.5)), 3)
+        .get_epsilon(DELTA)
+    )
+    assert accountant.epsilon(DELTA) == pytest.approx(expected, rel=1e-9)
 
 
 @pytest.mark.parametrize(
@@ -359,3 +374,19 @@ def test_adaptive_clipping_epsilon_equals_the_composition_of_update_and_count(
             merged = dp_accounting.PoissonSampledDpEvent(rate_or_m, merged)
         pld_independent = pld.PLDAccountant().compose(merged, rounds).get_epsilon(DELTA)
         assert reported["epsilon-pld"] == pytest.approx(pld_independent, rel=2e-3)
+
+
+def test_pld_refuses_noise_so_small_that_its_grid_would_not_fit_in_memory():
+    from strategies.private.central_mechanism import CentralGaussianMechanism
+
+    accountant = accountant_with(DpFedAvgRound(1e-4, 100, 50, "poisson"), 3)
+    with pytest.raises(ValueError, match="PLD accounting of a Gaussian with noise multiplier 0.0001 < 0.1"):
+        accountant.epsilon(DELTA, "pld")
+    assert accountant.epsilon(DELTA, "rdp") > 100  # RDP has no grid: it still answers
+    with pytest.raises(ValueError, match="dp-accounting='pld' needs every Gaussian's noise multiplier >= 0.1"):
+        CentralGaussianMechanism(
+            noise_multiplier=1e-4, clip_norm=1.0, num_clients=10, sampling_rate=0.5, accounting="pld"
+        )
+    mechanism = CentralGaussianMechanism(noise_multiplier=1e-4, clip_norm=1.0, num_clients=10, sampling_rate=0.5)
+    mechanism.accountant.add_round(mechanism.round_spec())
+    assert "epsilon-pld" not in mechanism.epsilons() and mechanism.epsilons()["epsilon"] > 100

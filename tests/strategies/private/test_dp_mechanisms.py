@@ -241,3 +241,11 @@ def test_local_dp_gaussian_clips_in_l2_then_adds_noise():
     clipped_value = 3.0 / np.sqrt(100_000)
     assert noised.mean() == pytest.approx(clipped_value, abs=0.01)
     assert noised.std() == pytest.approx(0.5, rel=0.02)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 2000), st.floats(1e-3, 1e3), st.floats(-6, 6), st.integers(0, 2**31))
+def test_l1_clipped_vectors_never_exceed_c_in_float64(p, clip, log_scale, seed):
+    vector = (np.random.default_rng(seed).standard_normal(p) * 10.0**log_scale).astype(np.float32)
+    clipped = clip_l1(vector, clip)
+    assert float(np.sum(np.abs(clipped), dtype=np.float64)) <= clip

@@ -368,3 +368,29 @@ def test_dp_inner_strategy_in_the_run_config():
     assert strat.inner.inner.fraction_train == 1.0 and strat.inner.inner.min_available_nodes == 0
     with pytest.raises(SettingsError, match="dp-inner-strategy must be one of .* got 'median'"):
         Settings.from_run_config(base_config(**{"dp-inner-strategy": "median"}))
+
+
+def test_fixed_size_with_fewer_connected_nodes_than_m_trains_them_all_and_accounts_it():
+    strat = strategy(sampling="fixed-size", clients_per_round=5, num_clients=10, target_epsilon=50.0)
+    _, history = run(strat, 3, nodes=3)  # m = 5 of N = 10, but only 3 nodes are connected
+    assert [r.clients_replied for r in history] == [3, 3, 3] and all(r.extra["accepted-replies"] == 3 for r in history)
+    relation = dp_accounting.NeighboringRelation.REPLACE_ONE  # every round: all 3 train, sensitivity 2C
+    expected = independent_epsilon(dp_accounting.GaussianDpEvent(1.1 / 2), 3, 1e-5, relation)
+    assert history[-1].extra["epsilon"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_a_local_dp_round_whose_rule_cannot_run_is_still_accounted():
+    from strategies.private.accounting import LocalGaussianRound
+
+    local = LocalGaussianRound(1.0, 2.0)
+    mechanism = CentralGaussianMechanism(
+        noise_multiplier=2.0, clip_norm=1.0, num_clients=20, sampling_rate=0.1, local_round=local
+    )
+    strat = DpFedAvgStrategy(
+        FedAvg(**EVERY_NODE), mechanism, rule=RuleStep.builtin("krum", {"f": 1}), mode="local-gaussian"
+    )
+    _, history = run(strat, 2, nodes=2)  # 2 replies: Krum needs n > 2f + 2 = 4, so the rule cannot run
+    assert all(r.extra["update-norm"] == 0.0 for r in history)  # the model is kept...
+    assert history[-1].extra["dp-rounds"] == 2  # ...but the clients released noised updates: accounted
+    expected = independent_epsilon(local.to_dp_event(), 2, 1e-5, dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+    assert history[-1].extra["epsilon"] == pytest.approx(expected, rel=1e-9)
