@@ -18,7 +18,7 @@ from typing import Any
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fl_app.attacks.poisoning import poison_num_examples, poison_weights
+from fl_app.attacks.poisoning import poison_weights
 from fl_app.client.encryption import global_weights as received_global_weights
 from fl_app.client.encryption import reply_metrics
 from fl_app.client.node_client import client_fn, make_client, partition_id_of, settings_from_context
@@ -60,7 +60,7 @@ def _numeric(metrics: dict[str, Any]) -> dict[str, int | float]:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Fit on local data, starting from the global weights in ``msg``."""
-    from fl_app.client.update_privacy import dp_sgd_report, maybe_fail
+    from fl_app.client.update_privacy import dp_sgd_report, maybe_fail, released_train_metrics
 
     if _is_legacy(msg):  # Flower's legacy workflows (SecAgg+): see fl_app.secagg.client
         from fl_app.secagg.client import legacy_client_app
@@ -81,10 +81,8 @@ def train(msg: Message, context: Context) -> Message:
             "arrays": upload(settings, context, global_weights, weights, {**config, "num-examples": num_examples}),
             "metrics": MetricRecord(
                 {
-                    **_numeric(metrics),
+                    **released_train_metrics(settings, _numeric(metrics), num_examples, partition_id),
                     **reply_metrics(settings, context),
-                    "partition-id": partition_id,
-                    "num-examples": poison_num_examples(settings, partition_id, num_examples),
                 }
             ),
         }

@@ -138,7 +138,7 @@ def main(grid: Grid, context: Context) -> None:
     if export_report is not None:
         summary["export ready"] = export_report["ready"]
         summary["export check report"] = export_report["report_file"]
-    summary.update(privacy_summary(history, stop_reason))
+    summary.update(privacy_summary(settings, history, stop_reason))
     run_dir.write_json("summary.json", summary)
     log(INFO, "")
     for key, value in summary.items():

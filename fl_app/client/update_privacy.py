@@ -13,6 +13,8 @@ Noise comes from :func:`strategies.private.mechanisms.secure_generator` (seeded 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from fl_app.config.settings import Settings
@@ -64,6 +66,39 @@ def private_weights(
             clip_rows(update[None, :], bound)
             out = layout.unflatten_arrays(flat_global + update)
     return out
+
+
+def released_train_metrics(
+    settings: Settings, metrics: dict[str, Any], num_examples: int, partition_id: int
+) -> dict[str, Any]:
+    """The metrics of a train reply, as the run's privacy allows (:mod:`fl_app.config.privacy_scope`).
+
+    * user-level DP (``strategy='dp-fedavg'``, any mode): ``num-examples`` = 1 (the private mean
+      weighs clients uniformly, so the true count has no use and would leak the data set's size)
+      and nothing else; in a simulated attack, also the ``partition-id`` that tells the server's
+      attack simulation who the attackers are (an experiment, outside the guarantee);
+    * DP-SGD (example-level): ``num-examples``, ``partition-id`` and the ``dp-sgd-*`` report, no
+      train loss, accuracy or timing (functions of the examples);
+    * no DP: everything, with ``num-examples`` and ``partition-id``.
+
+    ``num-examples`` is what :func:`fl_app.attacks.poisoning.poison_num_examples` makes of it for
+    a simulated attacker.
+    """
+    from fl_app.attacks.poisoning import poison_num_examples
+    from fl_app.config.privacy_scope import example_level_dp, user_level_dp
+
+    if user_level_dp(settings):
+        released: dict[str, Any] = {"num-examples": poison_num_examples(settings, partition_id, 1)}
+        if settings.attackers():
+            released["partition-id"] = partition_id
+        return released
+    if example_level_dp(settings):
+        metrics = {key: value for key, value in metrics.items() if key.startswith("dp-sgd")}
+    return {
+        **metrics,
+        "partition-id": partition_id,
+        "num-examples": poison_num_examples(settings, partition_id, num_examples),
+    }
 
 
 def dp_sgd_report(settings: Settings, num_examples: int, server_round: int) -> dict[str, float]:

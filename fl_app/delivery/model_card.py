@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from fl_app.config.privacy_scope import privacy_scope
 from fl_app.config.settings import Settings
 from fl_app.server.run_directory import RoundRecord
 
@@ -112,6 +113,8 @@ def privacy_lines(settings: Settings, history: list[RoundRecord]) -> list[str]:
         lines.append(
             f"- example level (DP-SGD on the clients): largest client {value}, delta = {_fmt(settings.dp_delta)}"
         )
+    for level, parts in privacy_scope(settings).items():
+        lines.extend(f"- {level}, {part}: {text}" for part, text in parts.items())
     fields = _fields_with_prefix(settings, PRIVACY_PREFIXES)
     lines.extend(f"- `{_key(k)}` = {_fmt(v)}" for k, v in fields.items())
     return lines

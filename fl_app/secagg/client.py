@@ -15,7 +15,7 @@ def secure_keras_client(context: Context) -> NumPyClient:
     """Flower's legacy ``NumPyClient`` around :class:`~fl_app.task.keras_client.KerasClient`: clips (or noises)
     the update on the device and reports one example, so SecAgg+'s weighted mean is the plain mean."""
     from fl_app.client.node_client import make_client, partition_id_of, settings_from_context
-    from fl_app.client.update_privacy import dp_sgd_report, maybe_fail, private_weights
+    from fl_app.client.update_privacy import dp_sgd_report, maybe_fail, private_weights, released_train_metrics
 
     inner = make_client(context)
     settings = settings_from_context(context)
@@ -32,7 +32,9 @@ def secure_keras_client(context: Context) -> NumPyClient:
             weights, num_examples, metrics = inner.fit(parameters, config)
             metrics.update(dp_sgd_report(settings, num_examples, server_round))
             weights = private_weights(settings, parameters, weights, config)
-            return weights, 1, {**metrics, "partition-id": partition_id}
+            released = released_train_metrics(settings, metrics, 1, partition_id)
+            del released["num-examples"]  # SecAgg+ sums with weight 1: its mean is the plain mean
+            return weights, 1, released
 
         def evaluate(self, parameters, config):
             return inner.evaluate(parameters, config)

@@ -7,13 +7,18 @@ import sys
 
 import numpy as np
 
+from fl_app.config.privacy_scope import privacy_scope
 from fl_app.config.settings import Settings
 from fl_app.server.run_directory import RoundRecord, RunDirectory
 
 
-def privacy_summary(history: list[RoundRecord], stop_reason: str | None) -> dict:
-    """Epsilon (user level, and the clients' largest DP-SGD example-level one) and why training stopped."""
+def privacy_summary(settings: Settings, history: list[RoundRecord], stop_reason: str | None) -> dict:
+    """Epsilon (user level, and the clients' largest DP-SGD example-level one), what it covers
+    (:func:`fl_app.config.privacy_scope.privacy_scope`) and why training stopped."""
     out: dict = {}
+    scope = privacy_scope(settings)
+    if scope:
+        out["what epsilon covers"] = scope
     for key, name in (
         ("epsilon", "epsilon (user level)"),
         ("delta", "delta"),

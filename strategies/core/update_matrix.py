@@ -274,7 +274,8 @@ def collect_updates(
                 row[:] = decoder(screened.arrays, layout.size, server_round=server_round)
             norm = _finite_norm(row)
             if max_norm is not None and norm > max_norm:
-                raise ValueError(f"update norm {norm:.4g} exceeds max-update-norm {max_norm:.4g}")
+                # not the norm itself: a private run's history releases the reasons
+                raise ValueError(f"the update norm exceeds max-update-norm {max_norm:.4g}")
         except ValueError as err:
             rejections.append((screened.index, rejection(screened.node, err)))
             continue

@@ -29,6 +29,9 @@ SecAgg+ path's, :mod:`fl_app.secagg.server`):
   Delta``; FedAdam: an Adam step on ``Delta``; ours: ``server-learning-rate`` and momentum).
   Whatever it does and whatever state it keeps is post-processing of the released ``Delta``: it
   never sees a client's update, so the guarantee holds for any inner strategy;
+* **what else is released**: the round's MetricRecord holds the mechanism's figures (epsilon,
+  noise, clip norm), the released aggregate's norm and the reply counts; no client metric and not
+  the exact count of clipped updates (see :mod:`fl_app.config.privacy_scope` for each field);
 * **accounting**: every round is one :class:`strategies.private.accounting.DpFedAvgRound` (or a
   local-DP round spec) in a :class:`strategies.private.accounting.PrivacyAccountant`; epsilon at
   ``delta`` (RDP and, where ``dp_accounting`` supports it, PLD) goes into the round's MetricRecord,
@@ -60,7 +63,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from strategies.aggregation.collector import ReplyCollector
 from strategies.aggregation.guard import GuardedStrategy
 from strategies.aggregation.steps import RuleStep, ServerStep
-from strategies.aggregation.strategy import AggregationParams, AggregationStrategy, rule_step, train_metrics
+from strategies.aggregation.strategy import AggregationParams, AggregationStrategy, rule_step
 from strategies.core.checks import at_least, in_interval, non_negative, one_of, positive
 from strategies.core.clipping import clip_rows
 from strategies.core.grid_wrapper import GridWrapper
@@ -256,8 +259,7 @@ class DpFedAvgStrategy(Strategy):
         norms: np.ndarray | None = None
         if self.mode in SERVER_NOISE_MODES:
             clip = mechanism.clip_norm
-            norms = mechanism.clip(updates)
-            measurements["clipped-replies"] = int(np.sum(norms > clip))
+            norms = mechanism.clip(updates)  # their exact count above C is not released (adaptive clipping noises it)
             aggregate = self._bounded_rule_output(updates, clip, faults)
         else:  # local DP: the updates are already private; any rule is post-processing
             aggregate = self._rule_output(updates, faults)
@@ -266,8 +268,7 @@ class DpFedAvgStrategy(Strategy):
         self._round_spec = None
         measurements.update(mechanism.metrics())
         arrays, _ = self.inner.aggregate_train(server_round, [self._released(aggregate)])
-        metrics = train_metrics(collected.metrics, np.ones(collected.count))
-        metrics.update(measurements)
+        metrics = MetricRecord(measurements)  # no client metric: they are not covered by epsilon
         metrics["update-norm"] = float(np.linalg.norm(aggregate))
         return arrays, metrics
 

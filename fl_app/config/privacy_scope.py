@@ -1,0 +1,66 @@
+"""What a run's epsilon covers, field by field, and what is released beside it.
+
+A differentially private run releases more than its model: history fields, client metrics,
+logs. Each field is one of three things under each DP mode, and this module is the one place
+that says which (summary.json and the model card print it; docs/privacy.md has the table):
+
+* **covered**: a function of the released (noised) aggregates only, i.e. post-processing;
+* **not sent**: the client leaves it out of its reply (:func:`fl_app.client.update_privacy.released_train_metrics`),
+  or the server leaves it out of the history (:mod:`strategies.private.dp_fedavg`);
+* **outside the guarantee**: released exactly, and stated as not covered by epsilon.
+"""
+
+from __future__ import annotations
+
+from fl_app.config.settings import Settings
+
+USER_LEVEL_COVERED = (
+    "the global model after every round (each round's released, noised aggregate) and everything "
+    "computed from it: update-norm, centralized loss and accuracy on the server's own test set, the "
+    "adaptive clip-norm (from the noised count), noise-std, epsilon"
+)
+USER_LEVEL_NOT_SENT = (
+    "clients' train loss, train accuracy, fit seconds and partition id (replies carry num-examples = 1); "
+    "the exact count of clipped updates"
+)
+USER_LEVEL_OUTSIDE = (
+    "federated evaluation (clients' exact loss and accuracy on their own test data; set "
+    "fraction-evaluate to the smallest value or use centralized evaluation only), the counts of "
+    "sampled, accepted, rejected and failed replies and the rejection reasons (which node sent a "
+    "malformed reply), timing"
+)
+EXAMPLE_LEVEL_COVERED = "each client's model updates, given its number of examples"
+EXAMPLE_LEVEL_NOT_SENT = "clients' train loss, train accuracy and fit seconds"
+EXAMPLE_LEVEL_OUTSIDE = (
+    "each client's num-examples and its dp-sgd-epsilon (a function of it): example-level DP "
+    "takes the data set's size as public; federated evaluation on the clients' test data"
+)
+
+
+def user_level_dp(settings: Settings) -> bool:
+    """Whether the run is user-level DP (DP-FedAvg in any mode, with or without SecAgg+)."""
+    return settings.strategy == "dp-fedavg"
+
+
+def example_level_dp(settings: Settings) -> bool:
+    """Whether the clients run DP-SGD (example-level DP)."""
+    return settings.dp_sgd_noise_multiplier > 0
+
+
+def privacy_scope(settings: Settings) -> dict[str, dict[str, str]]:
+    """``{"user level" | "example level": {"covered", "not sent", "outside the guarantee"}}`` for the
+    guarantees this run has (empty when it has none)."""
+    scope: dict[str, dict[str, str]] = {}
+    if user_level_dp(settings):
+        scope["user level"] = {
+            "covered": USER_LEVEL_COVERED,
+            "not sent": USER_LEVEL_NOT_SENT,
+            "outside the guarantee": USER_LEVEL_OUTSIDE,
+        }
+    if example_level_dp(settings):
+        scope["example level"] = {
+            "covered": EXAMPLE_LEVEL_COVERED,
+            "not sent": EXAMPLE_LEVEL_NOT_SENT,
+            "outside the guarantee": EXAMPLE_LEVEL_OUTSIDE,
+        }
+    return scope
