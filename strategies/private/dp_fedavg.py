@@ -268,9 +268,10 @@ class DpFedAvgStrategy(Strategy):
         self._round_spec = None
         measurements.update(mechanism.metrics())
         arrays, _ = self.inner.aggregate_train(server_round, [self._released(aggregate)])
-        metrics = MetricRecord(measurements)  # no client metric: they are not covered by epsilon
-        metrics["update-norm"] = float(np.linalg.norm(aggregate))
-        return arrays, metrics
+        measurements["update-norm"] = float(np.linalg.norm(aggregate))
+        values: dict[str, int | float | list[int] | list[float]] = {}
+        values.update(measurements)  # no client metric: they are not covered by epsilon
+        return arrays, MetricRecord(values)
 
     def _released(self, aggregate: np.ndarray) -> Message:
         """The inner strategy's one reply: the global model plus the released aggregate."""
