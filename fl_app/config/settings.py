@@ -384,6 +384,11 @@ class Settings:
         ">= 0",
         "BLAS threads of the server's aggregation (0: the library's default, all cores); one keeps a shared machine, such as a simulation's, predictable",
     )
+    aggregation_memory_gb: float = _key(
+        0.0,
+        ">= 0",
+        "GiB the round's K x P float32 update matrix may take (0: half of the server's physical memory); a round with more valid replies aggregates the first that fit and drops the rest, with a warning",
+    )
 
     @classmethod
     def parse(cls, run_config: Mapping[str, Any]) -> Settings:
@@ -465,6 +470,7 @@ class Settings:
             server_momentum=self.server_momentum,
             min_valid_replies=self.min_valid_replies,
             aggregation_threads=self.aggregation_threads,
+            memory_gb=self.aggregation_memory_gb,
         )
 
     def dp_params(self) -> DpParams:

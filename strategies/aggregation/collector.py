@@ -28,6 +28,7 @@ from strategies.core.update_matrix import (
     ModelLayout,
     UpdateBuffer,
     collect_updates,
+    default_memory_budget,
     stream_weighted_mean,
 )
 
@@ -43,13 +44,26 @@ class ReplyCollector:
     max_update_norm : reject (not clip) updates longer than this; None: no limit
     decoder : decodes compressed uploads (ArrayRecord, P, server_round) -> update; None: replies
         carry weights
+    memory_budget_gb : GiB the K x P float32 matrix may take (None: half of the machine's physical
+        memory); a round with more valid replies than fit aggregates the first that fit and drops
+        the rest, with a warning (dropped replies are not counted as faults)
     """
 
-    def __init__(self, *, max_update_norm: float | None = None, decoder: Decoder | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        max_update_norm: float | None = None,
+        decoder: Decoder | None = None,
+        memory_budget_gb: float | None = None,
+    ) -> None:
         if max_update_norm is not None and max_update_norm != np.inf:
             positive("max-update-norm", max_update_norm)
+        if memory_budget_gb is not None:
+            positive("aggregation-memory-gb", memory_budget_gb)
         self.max_update_norm = max_update_norm
         self.decoder = decoder
+        self.memory_budget = int(memory_budget_gb * 2**30) if memory_budget_gb is not None else default_memory_budget()
+        """Bytes the update matrix may take."""
         self.hooks: list[UpdateHook] = []
         self._buffer = UpdateBuffer()
         self._stream_out: np.ndarray | None = None
@@ -92,7 +106,20 @@ class ReplyCollector:
             max_norm=self.max_update_norm,
             decoder=self.decoder,
             server_round=server_round,
+            max_rows=self.max_rows,
         )
+        if collected.dropped:
+            log(
+                WARNING,
+                "Round %d: %d valid replies of %d parameters would take %.1f GiB, over the memory budget of "
+                "%.1f GiB (aggregation-memory-gb): the last %d are dropped",
+                server_round,
+                collected.count + len(collected.dropped),
+                self.layout.size,
+                (collected.count + len(collected.dropped)) * self.layout.size * 4 / 2**30,
+                self.memory_budget / 2**30,
+                len(collected.dropped),
+            )
         self._record(server_round, collected)
         if collected.count:
             for hook in self.hooks:
@@ -115,6 +142,11 @@ class ReplyCollector:
             self._record(server_round, streamed[0])
         return streamed
 
+    @property
+    def max_rows(self) -> int:
+        """The most updates of the current model the memory budget holds (at least one)."""
+        return max(1, self.memory_budget // (4 * max(self.layout.size, 1)))
+
     def rejections(self) -> list[str]:
         """The replies of the last round that were rejected as malformed or hostile, as
         ``"node <id>: <reason>"`` (error replies are not listed: the round loop records them)."""
@@ -122,8 +154,12 @@ class ReplyCollector:
 
     @staticmethod
     def measurements(collected: CollectedUpdates) -> dict[str, float]:
-        """``accepted-replies`` and ``rejected-replies`` (error replies included) of the round."""
-        return {"accepted-replies": collected.count, "rejected-replies": len(collected.rejections)}
+        """``accepted-replies`` and ``rejected-replies`` (error replies included) of the round, and
+        ``dropped-replies`` when the memory budget dropped some."""
+        out: dict[str, float] = {"accepted-replies": collected.count, "rejected-replies": len(collected.rejections)}
+        if collected.dropped:
+            out["dropped-replies"] = len(collected.dropped)
+        return out
 
     @staticmethod
     def faults(collected: CollectedUpdates) -> int:
@@ -131,6 +167,6 @@ class ReplyCollector:
         return sum(not is_client_error(line) for line in collected.rejections)
 
     def _record(self, server_round: int, collected: CollectedUpdates) -> None:
-        self._rejections = [line for line in collected.rejections if not is_client_error(line)]
+        self._rejections = [line for line in collected.rejections if not is_client_error(line)] + collected.dropped
         for line in collected.rejections:
             log(WARNING, "Round %d: %s", server_round, line)

@@ -272,6 +272,8 @@ class AggregationParams:
         min_valid_replies: skip a round with fewer valid replies (``min-valid-replies``), >= 1.
         aggregation_threads: BLAS threads while aggregating (``aggregation-threads``), >= 0 (0: the
             library's default).
+        memory_gb: GiB the round's K x P update matrix may take (``aggregation-memory-gb``), >= 0
+            (0: half of the server's physical memory).
     """
 
     sampling: SamplingParams
@@ -286,6 +288,7 @@ class AggregationParams:
     server_momentum: float
     min_valid_replies: int
     aggregation_threads: int
+    memory_gb: float
 
     def __post_init__(self) -> None:
         one_of("client-weighting", self.weighting, WEIGHTINGS)
@@ -297,6 +300,11 @@ class AggregationParams:
         in_interval("server-momentum", self.server_momentum, 0, 1, "[)")
         at_least("min-valid-replies", self.min_valid_replies, 1)
         at_least("aggregation-threads", self.aggregation_threads, 0)
+        non_negative("aggregation-memory-gb", self.memory_gb, " (0: half of the physical memory)")
+
+    def collector(self) -> ReplyCollector:
+        """The reply collector these parameters describe (no decoder: compression attaches one)."""
+        return ReplyCollector(max_update_norm=self.max_update_norm or None, memory_budget_gb=self.memory_gb or None)
 
 
 def rule_step(rule_name: str, params: AggregationParams) -> RuleStep:
@@ -334,7 +342,7 @@ def build_aggregation_strategy(rule_name: str, params: AggregationParams) -> Agg
         weighting=ClientWeighting(params.weighting, params.cap_ratio),
         bound=norm_bound_step(params),
         server_step=ServerStep(params.server_learning_rate, params.server_momentum),
-        collector=ReplyCollector(max_update_norm=params.max_update_norm or None),
+        collector=params.collector(),
         min_valid_replies=params.min_valid_replies,
         blas_threads=params.aggregation_threads or None,
         **params.sampling.kwargs(),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
@@ -195,15 +196,26 @@ def _array_view(array: Array, key: str) -> np.ndarray:
 
 
 class UpdateBuffer:
-    """A K x P float32 matrix reused across rounds (grown, never shrunk)."""
+    """A K x P float32 matrix reused across rounds: grown when a round needs more rows, shrunk
+    when a round needs less than half of them (so one large round does not pin its memory)."""
 
     def __init__(self) -> None:
         self._data = np.empty((0, 0), np.float32)
 
+    @property
+    def capacity(self) -> int:
+        """The rows held now."""
+        return int(self._data.shape[0])
+
     def rows(self, k: int, p: int) -> np.ndarray:
-        if self._data.shape[1] != p or self._data.shape[0] < k:
+        if self._data.shape[1] != p or self._data.shape[0] < k or self._data.shape[0] > max(2 * k, 1):
             self._data = np.empty((k, p), np.float32)
         return self._data[:k]
+
+
+def default_memory_budget() -> int:
+    """Bytes the update matrix may take by default: half of the machine's physical memory."""
+    return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2)
 
 
 @dataclasses.dataclass
@@ -215,6 +227,7 @@ class CollectedUpdates:
     node_ids: list[int]
     metrics: list[MetricRecord]
     rejections: list[str]  # "node <id>: <reason>"
+    dropped: list[str] = dataclasses.field(default_factory=list)  # valid, but over the memory budget
 
     @property
     def count(self) -> int:
@@ -252,20 +265,41 @@ def collect_updates(
     max_norm: float | None = None,
     decoder: Decoder | None = None,
     server_round: int = 0,
+    max_rows: int | None = None,
 ) -> CollectedUpdates:
     """Validate ``replies`` and write ``w_k - w_global`` (or the decoded update) into ``buffer``.
 
     Row order follows the order of the valid replies. ``decoder`` (for compressed uploads) maps a
     reply's ArrayRecord of round ``server_round`` to its update directly; without it a reply
-    carries full weights.
+    carries full weights. The matrix is allocated only for the replies that pass the cheap checks
+    (records, ``num-examples``, array names, shapes and dtypes), at most ``max_rows`` of them (the
+    server's memory budget); valid replies beyond it are ``dropped``, in reply order.
     """
     replies = list(replies)
-    matrix = buffer.rows(len(replies), layout.size)
+    rejections: list[tuple[int, str]] = []
+    candidates = []
+    for screened in screen_replies(replies, rejections):
+        if decoder is None:
+            try:
+                layout.views(screened.arrays)  # names, shapes, dtypes, byte counts: no copy
+            except ValueError as err:
+                rejections.append((screened.index, rejection(screened.node, err)))
+                continue
+        candidates.append(screened)
+    dropped: list[str] = []
+    if max_rows is not None and len(candidates) > max_rows:
+        dropped = [
+            rejection(
+                c.node, f"dropped: {len(candidates)} valid replies exceed the server's memory budget of {max_rows}"
+            )
+            for c in candidates[max_rows:]
+        ]
+        candidates = candidates[:max_rows]
+    matrix = buffer.rows(len(candidates), layout.size)
     node_ids: list[int] = []
     metrics_list: list[MetricRecord] = []
     examples: list[float] = []
-    rejections: list[tuple[int, str]] = []
-    for screened in screen_replies(replies, rejections):
+    for screened in candidates:
         row = matrix[len(node_ids)]
         try:
             if decoder is None:
@@ -288,6 +322,7 @@ def collect_updates(
         node_ids,
         metrics_list,
         [line for _, line in sorted(rejections)],
+        dropped,
     )
 
 

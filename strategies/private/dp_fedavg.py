@@ -484,6 +484,6 @@ def build_dp_strategy(
         dp_mechanism(sampling, dp, mean=rule.is_mean, noise_multiplier=noise_multiplier, rng=rng),
         rule=rule,
         mode=dp.mode,
-        collector=ReplyCollector(max_update_norm=aggregation.max_update_norm or None),
+        collector=aggregation.collector(),
         min_available_nodes=sampling.min_available_nodes,
     )
