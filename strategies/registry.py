@@ -22,6 +22,9 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     FedAdagrad,
     FedAdam,
@@ -46,6 +49,7 @@ __all__ = [
     "build_strategy",
     "check_dp_inner_strategy",
     "check_strategy_name",
+    "check_user_strategy",
     "load_object",
     "register_strategy",
     "strategy_names",
@@ -196,6 +200,93 @@ def build_strategy(name: str, params: StrategyParams) -> Strategy:
     check_strategy_name(name)
     if ":" not in name:
         return _REGISTRY[name](params)
+    return _user_strategy(name, params)
+
+
+def check_user_strategy(name: str, params: StrategyParams, num_nodes: int = 4) -> None:
+    """Run a fresh instance of the user's strategy ``name`` through one synthetic round (``num_nodes``
+    nodes, a two-array model, replies ``w + N(0, 0.01)`` with 10 examples each) and raise
+    :class:`StrategyNameError` unless it addresses train messages to some of the nodes and
+    aggregates their replies into arrays of the model's names and shapes with finite values (or
+    None): a broken strategy fails when the server starts, not after the clients trained.
+    Needs a Flower run context (the ServerApp's) to build messages.
+    """
+    if ":" not in name:
+        return
+    strategy = _user_strategy(name, params)
+    model = {"kernel": np.zeros((4, 3), np.float32), "bias": np.zeros(3, np.float32)}
+    grid = _SyntheticNodes(list(range(1, num_nodes + 1)))
+    rng = np.random.default_rng(0)
+    try:
+        messages = list(
+            strategy.configure_train(1, ArrayRecord({k: Array(v) for k, v in model.items()}), ConfigRecord({}), grid)
+        )
+        if not messages or any(m.metadata.dst_node_id not in grid.nodes for m in messages):
+            raise ValueError(f"configure_train addressed {len(messages)} messages, none or not to the grid's nodes")
+        replies = [
+            Message(
+                RecordDict(
+                    {
+                        "arrays": ArrayRecord(
+                            {
+                                k: Array((v + 0.01 * rng.standard_normal(v.shape)).astype(np.float32))
+                                for k, v in model.items()
+                            }
+                        ),
+                        "metrics": MetricRecord({"num-examples": 10}),
+                    }
+                ),
+                reply_to=message,
+            )
+            for message in messages
+        ]
+        arrays, _ = strategy.aggregate_train(1, replies)
+        if arrays is not None:
+            values = {key: array.numpy() for key, array in arrays.items()}
+            if {k: v.shape for k, v in values.items()} != {k: v.shape for k, v in model.items()}:
+                raise ValueError(f"aggregate_train returned arrays {sorted(values)} of other names or shapes")
+            if not all(np.isfinite(v).all() for v in values.values()):
+                raise ValueError("aggregate_train returned NaN or infinite values")
+    except Exception as err:  # a user's code: any failure is reported as the strategy's
+        raise StrategyNameError(
+            f"strategy '{name}' failed on a synthetic round of {num_nodes} nodes: {type(err).__name__}: {err}"
+        ) from err
+
+
+class _SyntheticNodes(Grid):
+    """The grid of :func:`check_user_strategy`: lists its nodes; a synthetic round sends nothing."""
+
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+
+    def set_run(self, run: Any) -> None:
+        raise RuntimeError("a synthetic round has no run")
+
+    @property
+    def run(self) -> Any:
+        raise RuntimeError("a synthetic round has no run")
+
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+    def push_messages(self, messages: Any) -> Any:
+        raise RuntimeError("a synthetic round sends nothing: strategies return messages from configure_train")
+
+    def pull_messages(self, message_ids: Any) -> Any:
+        raise RuntimeError("a synthetic round receives nothing")
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> Any:
+        raise RuntimeError("a synthetic round sends nothing: strategies return messages from configure_train")
+
+
+def _user_strategy(name: str, params: StrategyParams) -> Strategy:
+    """A user's ``package.module:Name``: a Strategy class built with the sampling arguments it
+    accepts, or a factory called with the run config."""
     obj = load_object(name)
     if inspect.isclass(obj) and issubclass(obj, Strategy):
         accepted = inspect.signature(obj.__init__).parameters

@@ -9,7 +9,7 @@ from strategies.aggregation.guard import GuardedStrategy
 from strategies.aggregation.strategy import AggregationStrategy
 from strategies.compression.decoder import UpdateDecoder
 from strategies.private.dp_fedavg import DpFedAvgStrategy
-from strategies.registry import build_strategy
+from strategies.registry import build_strategy, check_user_strategy
 
 COLLECTING_STRATEGIES = (AggregationStrategy, DpFedAvgStrategy)
 """Our strategies: their :class:`~strategies.aggregation.collector.ReplyCollector` decodes and
@@ -48,7 +48,10 @@ def make_strategy(settings: Settings) -> GuardedStrategy:
                 proximal_mu=settings.proximal_mu,
             )
         )
-    strategy = build_strategy(settings.strategy, settings.strategy_params())
+    params = settings.strategy_params()
+    for name in (settings.strategy, settings.dp_inner_strategy if settings.strategy == "dp-fedavg" else ""):
+        check_user_strategy(name, params)  # a user's dotted-path strategy, on a synthetic round
+    strategy = build_strategy(settings.strategy, params)
     attach_simulated_attack(settings, strategy)
     attach_compression(settings, strategy)
     return GuardedStrategy(strategy)

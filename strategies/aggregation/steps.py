@@ -113,6 +113,33 @@ class RuleStep:
         """The weighted mean (FedAvg's rule)."""
         return cls.builtin("mean")
 
+    def check_on_synthetic_round(self, num_clients: int, size: int = 16) -> None:
+        """Run the rule once on a synthetic K x P round (K = ``num_clients``, P = ``size``, updates
+        N(0, 1), uniform weights) and raise ValueError naming ``aggregation-rule`` unless it returns a
+        finite length-P vector and leaves its input unchanged: a broken user rule fails at start-up,
+        not after training (where it would leave an untrained model behind a successful exit)."""
+        updates = np.random.default_rng(0).standard_normal((max(num_clients, 1), size)).astype(np.float32)
+        before = updates.copy()
+        try:
+            output = np.asarray(self.rule(updates, np.ones(len(updates)), **self.params_for(len(updates))))
+        except Exception as err:  # a user's code: any failure is reported as the rule's
+            raise ValueError(
+                f"aggregation-rule '{self.name}' failed on a synthetic round of {len(updates)} updates of "
+                f"{size} values: {type(err).__name__}: {err}"
+            ) from err
+        problem = ""
+        if output.shape != (size,):
+            problem = f"returned shape {list(output.shape)}, expected [{size}] (one value per parameter)"
+        elif not np.issubdtype(output.dtype, np.number) or not np.isfinite(output).all():
+            problem = "returned NaN, infinite or non-numeric values"
+        elif not np.array_equal(updates, before):
+            problem = "modified its input matrix (rules must not: the matrix is the server's buffer)"
+        if problem:
+            raise ValueError(
+                f"aggregation-rule '{self.name}' {problem} on a synthetic round of {len(updates)} updates "
+                f"of {size} values; a rule is rule(updates: K x P, weights: K) -> length-P vector"
+            )
+
     @property
     def is_mean(self) -> bool:
         """Whether this is the plain weighted mean (which the strategy may stream from the reply bytes)."""

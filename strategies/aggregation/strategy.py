@@ -312,13 +312,16 @@ def rule_step(rule_name: str, params: AggregationParams) -> RuleStep:
     ``package.module:function``.
 
     Built-in rules are checked at start-up against the number of clients sampled per round
-    (e.g. Krum needs n > 2f + 2, Bulyan n >= 4f + 3), so that a configuration that can never
-    work fails before any client trains.
+    (e.g. Krum needs n > 2f + 2, Bulyan n >= 4f + 3), and a user's rule is run once on a synthetic
+    round (:meth:`RuleStep.check_on_synthetic_round`), so that a configuration that can never work
+    fails before any client trains.
     """
     if ":" in rule_name:
         from strategies.core.loading import load_object
 
-        return RuleStep(load_object(rule_name, key="aggregation-rule"), rule_name)
+        step = RuleStep(load_object(rule_name, key="aggregation-rule"), rule_name)
+        step.check_on_synthetic_round(params.sampling.clients_per_round())
+        return step
     if rule_name not in RULES:
         raise ValueError(
             f"aggregation-rule must be one of {', '.join(RULES)} or 'package.module:function'; got '{rule_name}'"

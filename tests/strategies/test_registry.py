@@ -3,7 +3,9 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, Strategy
 
 from fl_app.config.settings import Settings
@@ -12,9 +14,11 @@ from strategies.registry import (
     StrategyNameError,
     build_strategy,
     check_strategy_name,
+    check_user_strategy,
     register_strategy,
     strategy_names,
 )
+from tests.fakes import settings_of
 
 
 class MyFedAvg(FedAvg):
@@ -92,3 +96,37 @@ def test_typed_params_name_key_value_and_allowed():
         ValueError, match=r"dp-mode must be one of central, client-clipping, local-gaussian, local-laplace"
     ):
         params(**{"dp-mode": "global"})
+
+
+class NanFedAvg(FedAvg):
+    """A broken user strategy: its aggregate is NaN."""
+
+    def aggregate_train(self, server_round, replies):
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        return ArrayRecord({k: Array(np.full(v.numpy().shape, np.nan, np.float32)) for k, v in arrays.items()}), metrics
+
+
+class SilentFedAvg(FedAvg):
+    """A broken user strategy: it trains nobody."""
+
+    def configure_train(self, server_round, arrays, config, grid):
+        return []
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("NanFedAvg", "aggregate_train returned NaN or infinite values"),
+        ("SilentFedAvg", "configure_train addressed 0 messages"),
+    ],
+)
+def test_a_broken_user_strategy_fails_on_the_synthetic_round(name, message):
+    import tests.fakes  # noqa: F401  (a run context for messages, as the ServerApp has)
+
+    params = settings_of({"min-available-clients": 4}).strategy_params()
+    key = f"tests.strategies.test_registry:{name}"
+    with pytest.raises(
+        StrategyNameError, match=f"strategy '{key}' failed on a synthetic round of 4 nodes: .*{message}"
+    ):
+        check_user_strategy(key, params)
+    check_user_strategy("strategies.examples:MinExamplesFedAvg", params)  # a working one passes

@@ -92,3 +92,38 @@ def test_the_composition_example_of_the_docs_builds():
     strategy = namespace["strategy"]
     assert isinstance(strategy, AggregationStrategy) and strategy.rule.params == {"beta": 0.1}
     assert strategy.collector.max_update_norm == 100.0 and not strategy.streams_mean()
+
+
+def nan_rule(updates, weights):
+    return np.full(updates.shape[1], np.nan, np.float32)
+
+
+def scalar_rule(updates, weights):
+    return np.float32(updates.mean())
+
+
+def crashing_rule(updates, weights):
+    raise KeyError("boom")
+
+
+def in_place_rule(updates, weights):
+    updates *= 0
+    return updates[0]
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("nan_rule", "returned NaN, infinite or non-numeric values"),
+        ("scalar_rule", r"returned shape \[\], expected \[16\]"),
+        ("crashing_rule", "failed on a synthetic round of 10 updates of 16 values: KeyError"),
+        ("in_place_rule", "modified its input matrix"),
+    ],
+)
+def test_a_broken_user_rule_fails_at_start_up(name, message):
+    from fl_app.config.settings import Settings, SettingsError
+
+    key = f"tests.strategies.aggregation.test_steps:{name}"
+    with pytest.raises(SettingsError, match=f"aggregation-rule '{key}' {message}"):
+        Settings.from_run_config({"strategy": "robust", "aggregation-rule": key})
+    Settings.from_run_config({"strategy": "robust", "aggregation-rule": "strategies.robust.rules:coordinate_median"})
