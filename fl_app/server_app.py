@@ -54,7 +54,7 @@ def main(grid: Grid, context: Context) -> None:
     first_round = 1
     checkpoint = load_checkpoint(settings.resume_from) if settings.resume_from else None
     if checkpoint is not None:  # continue after the last round that the earlier run completed
-        check_compatible(checkpoint, initial.to_numpy_ndarrays())
+        check_compatible(checkpoint, initial.to_numpy_ndarrays(), settings.num_server_rounds)
         initial = ArrayRecord(checkpoint.weights)
         history = checkpoint.history
         first_round = checkpoint.round + 1

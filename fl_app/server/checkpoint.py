@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -77,10 +79,32 @@ def restore_strategy_state(strategy: Stateful, state: dict[str, Any]) -> None:
     ``attributes``; they are restored the same way.
     """
     saved = state["state_dict"] if "state_dict" in state else state.get("attributes", {})
+    bad = _non_finite(saved)
+    if bad:
+        raise CheckpointError(f"the checkpoint's strategy state holds NaN or infinite values at {bad}")
     try:
         strategy.load_state_dict(saved)
     except (ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"the checkpoint's strategy state cannot be restored: {err}") from err
+
+
+def _non_finite(value: Any, where: str = "state") -> str:
+    """The path of the first non-finite number in a nested state ("" when all are finite)."""
+    if isinstance(value, np.ndarray):
+        return where if np.issubdtype(value.dtype, np.number) and not np.isfinite(value).all() else ""
+    if isinstance(value, float):
+        return "" if math.isfinite(value) else where
+    if isinstance(value, Mapping):
+        items: Any = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return ""
+    for key, item in items:
+        found = _non_finite(item, f"{where}[{key!r}]")
+        if found:
+            return found
+    return ""
 
 
 def _unguarded(strategy: object) -> object:
@@ -236,7 +260,13 @@ def find_checkpoint(path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read the checkpoint that :func:`find_checkpoint` finds for ``path``."""
+    """Read the checkpoint that :func:`find_checkpoint` finds for ``path``.
+
+    Raises :class:`CheckpointError` naming the folder and the problem for anything that is not a
+    checkpoint this code wrote: an unreadable or truncated ``.npz``, ``state.json`` that is not
+    JSON or lacks a field, a round that is not a whole number >= 0 or disagrees with the history,
+    a history record of other fields, and weights that are not finite floating-point arrays.
+    """
     folder = find_checkpoint(path)
     try:
         payload = json.loads((folder / "state.json").read_text(encoding="utf-8"))
@@ -244,14 +274,36 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             weights = [archive[f"arr_{i}"] for i in range(len(archive.files))]
         with np.load(folder / "strategy.npz", allow_pickle=False) as archive:
             arrays = {k: archive[k] for k in archive.files}
-    except (OSError, ValueError, KeyError) as err:
-        raise CheckpointError(f"checkpoint '{folder}' cannot be read: {err}") from err
-    history = [RoundRecord(**record) for record in payload["history"]]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        raise CheckpointError(f"checkpoint '{folder}' cannot be read: {type(err).__name__}: {err}") from err
+    where = f"checkpoint '{folder}'"
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{where}: state.json holds {type(payload).__name__}, not an object")
+    missing = [key for key in ("round", "history", "strategy") if key not in payload]
+    if missing:
+        raise CheckpointError(f"{where}: state.json lacks {', '.join(missing)}")
+    completed = payload["round"]
+    if isinstance(completed, bool) or not isinstance(completed, int) or completed < 0:
+        raise CheckpointError(f"{where}: round must be a whole number >= 0, got {completed!r}")
+    try:
+        history = [RoundRecord(**record) for record in payload["history"]]
+    except TypeError as err:
+        raise CheckpointError(f"{where}: the history is not a list of round records: {err}") from err
+    trained = [record.round for record in history if record.round > 0]
+    if trained and trained[-1] != completed:
+        raise CheckpointError(f"{where}: round is {completed} but the history ends with round {trained[-1]}")
+    for i, array in enumerate(weights):
+        if not np.issubdtype(array.dtype, np.floating) or not np.isfinite(array).all():
+            raise CheckpointError(f"{where}: weights array {i} ({array.dtype}) is not finite floating-point")
+    try:
+        state = _join_arrays(payload["strategy"], arrays)
+    except (KeyError, TypeError) as err:
+        raise CheckpointError(f"{where}: the strategy state refers to arrays strategy.npz lacks: {err}") from err
     return Checkpoint(
-        round=int(payload["round"]),
+        round=completed,
         weights=weights,
         history=history,
-        strategy_state=_join_arrays(payload["strategy"], arrays),
+        strategy_state=state,
         run_config=payload.get("run-config", {}),
         path=folder,
         strategy_class=payload.get("strategy-class"),
@@ -259,12 +311,18 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     )
 
 
-def check_compatible(checkpoint: Checkpoint, weights: list[np.ndarray]) -> None:
-    """Raise :class:`CheckpointError` unless the checkpoint's arrays fit the model built now."""
-    got = [tuple(w.shape) for w in checkpoint.weights]
-    want = [tuple(w.shape) for w in weights]
+def check_compatible(checkpoint: Checkpoint, weights: list[np.ndarray], num_rounds: int) -> None:
+    """Raise :class:`CheckpointError` unless the checkpoint's arrays fit the model built now (shapes
+    and dtypes) and its round lies within the run's ``num_rounds``."""
+    where = f"checkpoint '{checkpoint.path}'" if checkpoint.path else "the checkpoint"
+    got = [(tuple(w.shape), w.dtype.name) for w in checkpoint.weights]
+    want = [(tuple(w.shape), w.dtype.name) for w in weights]
     if got != want:
         raise CheckpointError(
-            f"the checkpoint's model has array shapes {got}, the configured model {want}; "
+            f"{where}'s model has arrays (shape, dtype) {got}, the configured model {want}; "
             "resume with the model, input-shape and num-classes of the original run"
+        )
+    if checkpoint.round > num_rounds:
+        raise CheckpointError(
+            f"{where} is after round {checkpoint.round}, beyond this run's num-server-rounds={num_rounds}"
         )

@@ -206,8 +206,8 @@ def test_checkpoint_errors_name_the_problem(tmp_path):
     assert json.loads((tmp_path / "checkpoint" / "state.json").read_text())["strategy-class"].endswith(".FedAdam")
     with pytest.raises(CheckpointError, match="resume with the same strategy"):
         restore_strategy_state(GuardedStrategy(FedAvgM()), load_checkpoint(tmp_path).strategy_state)
-    with pytest.raises(CheckpointError, match=r"array shapes \[\(2, 2\)\]"):
-        check_compatible(load_checkpoint(tmp_path), [np.zeros(3)])
+    with pytest.raises(CheckpointError, match=r"arrays \(shape, dtype\) \[\(\(2, 2\), 'float64'\)\]"):
+        check_compatible(load_checkpoint(tmp_path), [np.zeros(3)], 10)
     # an output directory's 'latest' leads to its newest run
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "latest").write_text(str(tmp_path) + "\n")
@@ -342,3 +342,57 @@ def test_private_strategy_with_another_dp_mode_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="written with dp-mode 'central', this run has dp-mode 'client-clipping'"):
         resume_strategy(load_checkpoint(tmp_path), local)
     resume_strategy(load_checkpoint(tmp_path), make_strategy(Settings.from_run_config(PRIVATE)))
+
+
+def _corrupt(folder, what):
+    """Damage a saved checkpoint in one way (``what``)."""
+    state_file = folder / "checkpoint" / "state.json"
+    state = json.loads(state_file.read_text())
+    if what == "truncated weights.npz":
+        data = (folder / "checkpoint" / "weights.npz").read_bytes()
+        (folder / "checkpoint" / "weights.npz").write_bytes(data[: len(data) // 2])
+    elif what == "missing history":
+        del state["history"]
+    elif what == "round 'abc'":
+        state["round"] = "abc"
+    elif what == "history ends elsewhere":
+        state["round"] = 7
+    elif what == "NaN weights":
+        np.savez(folder / "checkpoint" / "weights.npz", np.full(3, np.nan, np.float32))
+    elif what == "a history record of other fields":
+        state["history"] = [{"round": 1, "colour": "red"}]
+    state_file.write_text(json.dumps(state))
+
+
+@pytest.mark.parametrize(
+    ("what", "message"),
+    [
+        ("truncated weights.npz", "cannot be read: BadZipFile"),
+        ("missing history", "state.json lacks history"),
+        ("round 'abc'", "round must be a whole number >= 0, got 'abc'"),
+        ("history ends elsewhere", "round is 7 but the history ends with round 1"),
+        ("NaN weights", "weights array 0 .* is not finite"),
+        ("a history record of other fields", "the history is not a list of round records"),
+    ],
+)
+def test_every_bad_checkpoint_raises_a_checkpoint_error_naming_the_file(tmp_path, what, message):
+    save_checkpoint(tmp_path, 1, [np.zeros(3, np.float32)], [RoundRecord(round=1)], GuardedStrategy(FedAvg()), {})
+    _corrupt(tmp_path, what)
+    with pytest.raises(CheckpointError, match=f"checkpoint '{tmp_path / 'checkpoint'}'.*{message}"):
+        load_checkpoint(tmp_path)
+
+
+def test_a_checkpoint_must_fit_the_run_and_hold_finite_state(tmp_path):
+    from strategies.aggregation.steps import RuleStep, ServerStep
+    from strategies.aggregation.strategy import AggregationStrategy
+
+    save_checkpoint(tmp_path, 9, [np.zeros(3, np.float32)], [RoundRecord(round=9)], GuardedStrategy(FedAvg()), {})
+    checkpoint = load_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="after round 9, beyond this run's num-server-rounds=5"):
+        check_compatible(checkpoint, [np.zeros(3, np.float32)], 5)
+    with pytest.raises(CheckpointError, match=r"\(\(3,\), 'float32'\)\], the configured model \[\(\(3,\), 'float64'\)"):
+        check_compatible(checkpoint, [np.zeros(3, np.float64)], 10)
+    check_compatible(checkpoint, [np.zeros(3, np.float32)], 10)
+    momentum = GuardedStrategy(AggregationStrategy(RuleStep.mean(), server_step=ServerStep(1.0, 0.9)))
+    with pytest.raises(CheckpointError, match=r"NaN or infinite values at state\['momentum'\]"):
+        restore_strategy_state(momentum, {"state_dict": {"momentum": np.array([np.nan, 0.0], np.float32)}})
