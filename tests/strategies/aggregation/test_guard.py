@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM
+from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -331,15 +331,60 @@ def test_num_examples_must_be_a_positive_whole_number(value, ok):
             num_examples(metrics)
 
 
-@settings(max_examples=40, deadline=None)
+def _ours(rule: str, **params):
+    from strategies.aggregation.collector import ReplyCollector
+    from strategies.robust.preaggregation import FixedNormBound
+
+    def build():
+        return AggregationStrategy(
+            RuleStep.builtin(rule, params),
+            bound=FixedNormBound(5.0) if rule != "mean" else None,
+            collector=ReplyCollector(max_update_norm=1e3),
+            min_available_nodes=1,
+        )
+
+    return build
+
+
+def _dp(mode: str):
+    def build():
+        config = Settings(
+            strategy="dp-fedavg", num_partitions=12, min_train_clients=1, min_available_clients=1, dp_mode=mode
+        )
+        return build_dp_strategy(config.aggregation_params(), config.dp_params())
+
+    return build
+
+
+FUZZED = {
+    **INNER,
+    "fedavgm": lambda: FedAvgM(min_available_nodes=1, min_train_nodes=1, server_momentum=0.9),
+    "fedyogi": lambda: FedYogi(eta=0.1, min_available_nodes=1, min_train_nodes=1),
+    "fedadagrad": lambda: FedAdagrad(eta=0.1, min_available_nodes=1, min_train_nodes=1),
+    "fedprox": lambda: FedProx(proximal_mu=0.1, min_available_nodes=1, min_train_nodes=1),
+    "ours-mean": lambda: AggregationStrategy(RuleStep.mean(), min_available_nodes=1),
+    "ours-median": _ours("median"),
+    "ours-trimmed-mean": _ours("trimmed-mean", beta=0.2),
+    "ours-krum": _ours("krum", f=1),
+    "ours-multi-krum": _ours("multi-krum", f=1, m=None),
+    "ours-bulyan": _ours("bulyan", f=1),
+    "ours-geometric-median": _ours("geometric-median"),
+    "ours-centered-clipping": _ours("centered-clipping", tau=1.0, iterations=3),
+    "dp-central": _dp("central"),
+    "dp-local-gaussian": _dp("local-gaussian"),
+}
+"""Every kind of strategy the server can run: the fuzz below drives hostile replies into each."""
+
+
+@settings(max_examples=150, deadline=None)
 @given(
-    st.sampled_from(sorted(INNER)),
+    st.sampled_from(sorted(FUZZED)),
     st.integers(0, 2**32 - 1),
     st.lists(st.sampled_from(("good", "error", "duplicate", *HOSTILE)), min_size=1, max_size=10),
 )
 def test_any_mix_of_replies_never_raises_and_keeps_the_model_finite(name, seed, kinds):
     rng = np.random.default_rng(seed)
-    guard = configured(GuardedStrategy(INNER[name]()))
+    guard = configured(GuardedStrategy(FUZZED[name]()))
     replies, good_nodes, bad_nodes = [], set(), set()
     for node, kind in enumerate(kinds, start=1):
         if kind == "good":
