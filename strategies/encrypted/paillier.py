@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import secrets
 from collections.abc import Sequence
 
@@ -211,6 +212,10 @@ class PaillierScheme(HomomorphicScheme):
         ciphertext = int.from_bytes(blob, "big")
         if not 0 < ciphertext < self._nsquare:
             raise ValueError(f"paillier ciphertext {index} is outside (0, n^2)")
+        if math.gcd(ciphertext, self._n) != 1:
+            # not in Z*_{n^2}: no encryption gives it (c = n needs no key), and its product with
+            # any sum stays outside the group, so the chain's later decryptions would all fail
+            raise ValueError(f"paillier ciphertext {index} is not invertible modulo n^2 (shares a factor with n)")
         return ciphertext
 
 

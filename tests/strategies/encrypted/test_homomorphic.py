@@ -211,6 +211,10 @@ def test_paillier_server_cannot_decrypt_and_validates(paillier_keys):
         server.validate([b"\xff" * 512], 2)
     with pytest.raises(ValueError, match="needs 1 ciphertexts"):
         server.validate(good + good, 2)
+    n = server._n  # the public modulus
+    for forged in (n, 2 * n, n * n - n):  # in (0, n^2) but not in Z*_{n^2}: made without any key
+        with pytest.raises(ValueError, match="not invertible modulo n\\^2"):
+            server.validate([forged.to_bytes(512, "big")], 2)
 
 
 def test_paillier_ciphertexts_are_textbook_paillier(paillier_keys):
