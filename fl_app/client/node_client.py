@@ -14,7 +14,7 @@ from flwr.app import Context
 
 from fl_app.attacks.poisoning import poison_labels
 from fl_app.config.settings import Settings
-from fl_app.task.data import ClientData, client_data
+from fl_app.task.data import ClientData, client_data, node_data_path
 from fl_app.task.keras_client import KerasClient, compile_model
 
 
@@ -91,8 +91,7 @@ def make_client(context: Context) -> KerasClient:
     """The KerasClient of the node that ``context`` describes (node config: partition-id, data-path)."""
     settings = settings_from_context(context)
     partition_id = partition_id_of(context)
-    data_path = str(context.node_config.get("data-path", ""))
-    data = client_data_of(settings, partition_id, data_path)
+    data = client_data_of(settings, partition_id, node_data_path(settings, context.node_config, partition_id))
     model, proximal = compiled_model(
         settings.model,
         tuple(data.x_train.shape[1:]),

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import zipfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -115,44 +118,74 @@ def load_hf_arrays(name: str, label_column: str) -> tuple[np.ndarray, np.ndarray
     return x, y, int(y.max()) + 1
 
 
+DATA_FILE_MAX_BYTES = 2**30
+"""The most a node's data file may hold (a CSV on disk, an ``.npz`` uncompressed, from its zip
+directory, read before anything is loaded): 1 GiB (268M float32 values) keeps a hostile or broken
+file from exhausting the device (a 2.4 MB ``.npz`` can expand to 2.5 GB)."""
+
+
 def load_local_file(path: str | Path, label_column: str = "label") -> tuple[np.ndarray, np.ndarray]:
-    """Read a node's own data: ``.npz`` with ``x`` and ``y``, or CSV with a label column."""
+    """Read a node's own data: ``.npz`` with ``x`` and ``y``, or CSV with a label column.
+
+    Errors name the file and the problem, never the file's contents (they travel to the server
+    in the node's error reply).
+    """
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataFileError(f"data file '{path}' does not exist")
     suffix = path.suffix.lower()
+    if suffix == ".npz":
+        return _check_arrays(path, *_read_npz(path))
+    if suffix == ".csv":
+        if path.stat().st_size > DATA_FILE_MAX_BYTES:
+            raise DataFileError(f"data file '{path}' is {path.stat().st_size:,} bytes, over {DATA_FILE_MAX_BYTES:,}")
+        return _check_arrays(path, *_read_csv(path, label_column))
+    raise DataFileError(f"data file '{path}' must be .npz or .csv, got '{suffix}'")
+
+
+def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
-        if suffix == ".npz":
-            with np.load(path, allow_pickle=False) as archive:
-                missing = {"x", "y"} - set(archive.files)
-                if missing:
-                    raise DataFileError(
-                        f"data file '{path}' lacks array(s) {', '.join(sorted(missing))}; "
-                        f"it has {', '.join(archive.files) or 'none'} (expected 'x' and 'y')"
-                    )
-                x, y = archive["x"], archive["y"]
-        elif suffix == ".csv":
-            x, y = _read_csv(path, label_column)
-        else:
-            raise DataFileError(f"data file '{path}' must be .npz or .csv, got '{suffix}'")
+        with zipfile.ZipFile(path) as archive:
+            declared = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError) as err:
+        raise DataFileError(
+            f"data file '{path}' is not a valid .npz archive (corrupt, or not written by numpy.savez): {type(err).__name__}"
+        ) from err
+    if declared > DATA_FILE_MAX_BYTES:
+        raise DataFileError(
+            f"data file '{path}' expands to {declared:,} bytes, over {DATA_FILE_MAX_BYTES:,} (checked before loading)"
+        )
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            missing = {"x", "y"} - set(archive.files)
+            if missing:
+                raise DataFileError(
+                    f"data file '{path}' lacks array(s) {', '.join(sorted(missing))}; it has "
+                    f"{len(archive.files)} other array(s) (expected 'x' and 'y')"
+                )
+            return archive["x"], archive["y"]
     except DataFileError:
         raise
-    except Exception as err:  # numpy raises many kinds for a corrupt file
-        raise DataFileError(f"data file '{path}' cannot be read: {err}") from err
-    return _check_arrays(path, x, y)
+    except Exception as err:  # numpy raises many kinds for a corrupt member (and advises allow_pickle)
+        raise DataFileError(
+            f"data file '{path}' holds a corrupt or non-numeric array (object arrays are refused): {type(err).__name__}"
+        ) from err
 
 
 def _read_csv(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
-    with path.open(encoding="utf-8") as handle:
-        header = handle.readline().strip().split(",")
+    try:
+        with path.open(encoding="utf-8") as handle:
+            header = handle.readline().strip().split(",")
+    except (UnicodeDecodeError, OSError) as err:
+        raise DataFileError(f"data file '{path}' is not a UTF-8 text file: {type(err).__name__}") from err
     if label_column not in header:
         raise DataFileError(
-            f"data file '{path}' has no column '{label_column}' (label-column); columns: {', '.join(header)}"
+            f"data file '{path}' has no column '{label_column}' (label-column) among its {len(header)} columns"
         )
     try:
         table = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.float64, ndmin=2)
     except ValueError as err:
-        raise DataFileError(f"data file '{path}' has a non-numeric value: {err}") from err
+        raise DataFileError(f"data file '{path}' has a value that is not a number, or rows of unequal length") from err
     if table.shape[1] != len(header):
         raise DataFileError(f"data file '{path}' rows have {table.shape[1]} values but the header names {len(header)}")
     label = header.index(label_column)
@@ -281,6 +314,35 @@ def federated_data(settings: Settings) -> FederatedData:
         seed=settings.seed,
     )
     return FederatedData(x_pool, y_pool, partitions, x[held_out], y[held_out], num_classes)
+
+
+def node_data_path(settings: Settings, node_config: Mapping[str, Any], partition_id: int) -> str:
+    """The data file this node may read ("" for the configured pool).
+
+    The node's own ``data-path`` (its node config, set by whoever runs the node) is trusted. The
+    run config's ``data-path`` comes from the server, so a node reads it only inside its own
+    ``data-root`` (node config; symlinks resolved): a server cannot make a node train on, or
+    report errors about, any other file. In Flower's simulation engine, whose virtual nodes have
+    only ``partition-id`` and ``num-partitions`` in their node config, the run config is the
+    user's own and needs no root.
+    """
+    own = str(node_config.get("data-path", ""))
+    if own or settings.dataset != "local-file" or not settings.data_path:
+        return own
+    path = settings.data_path.replace("{partition-id}", str(partition_id))
+    root = str(node_config.get("data-root", ""))
+    if not root:
+        if "num-partitions" in node_config:  # a simulated node
+            return path
+        raise DataFileError(
+            f"the run config's data-path '{settings.data_path}' is not read by this node, which reads the "
+            "server's paths only inside its own data-root: start its SuperNode with --node-config "
+            "\"data-root='/its/data'\" or give it its own data-path"
+        )
+    resolved, allowed = Path(path).expanduser().resolve(), Path(root).expanduser().resolve()
+    if not resolved.is_relative_to(allowed):
+        raise DataFileError(f"the run config's data-path '{path}' is outside this node's data-root '{root}'")
+    return str(resolved)
 
 
 def client_data(settings: Settings, partition_id: int, data_path: str = "") -> ClientData:

@@ -117,9 +117,9 @@ def test_local_npz_and_csv(tmp_path):
         ),
         (lambda p: np.savez(p.with_suffix(".npz"), x=np.zeros((2, 2)), y=np.array([-1, 1])), "labels must be >= 0"),
         (lambda p: np.savez(p.with_suffix(".npz"), x=np.array([["a", "b"]]), y=np.array([0])), "x must be numeric"),
-        (lambda p: p.with_suffix(".npz").write_bytes(b"not a zip file"), "cannot be read"),
+        (lambda p: p.with_suffix(".npz").write_bytes(b"not a zip file"), "is not a valid .npz archive (corrupt"),
         (lambda p: p.with_suffix(".csv").write_text("a,b\n1,2\n"), "has no column 'label'"),
-        (lambda p: p.with_suffix(".csv").write_text("a,label\n1,x\n"), "non-numeric value"),
+        (lambda p: p.with_suffix(".csv").write_text("a,label\n1,x\n"), "has a value that is not a number"),
     ],
 )
 def test_bad_local_file_says_why(tmp_path, writer, fragment):
@@ -152,3 +152,66 @@ def test_huggingface_dataset_to_arrays():
     assert x.shape == (2, 2)
     with pytest.raises(DataFileError, match="hf-label-column 'label' is not a column"):
         hf_dataset_to_arrays(tabular, "label")
+
+
+SECRET = "AKIA-SECRET-TOKEN"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        f"user,{SECRET}\n1,2\n",  # the header (a secrets file's first line) lacks the label column
+        f"a,label\n1,{SECRET}\n",  # a value that is not a number
+        f"a,label\n1,2,{SECRET}\n",  # a row of another length
+    ],
+)
+def test_errors_never_quote_the_file(tmp_path, content):
+    path = tmp_path / "secrets.csv"
+    path.write_text(content)
+    with pytest.raises(DataFileError) as err:
+        load_local_file(path)
+    assert SECRET not in str(err.value) and "secrets.csv" in str(err.value)
+
+
+def test_an_npz_is_checked_for_its_uncompressed_size_before_loading(tmp_path, monkeypatch):
+    import tracemalloc
+
+    import fl_app.task.data as data_module
+
+    monkeypatch.setattr(data_module, "DATA_FILE_MAX_BYTES", 2**22)  # 4 MiB, as 1 GiB is to a device
+    path = tmp_path / "bomb.npz"
+    np.savez_compressed(path, x=np.zeros(2**21, np.float32), y=np.zeros(1))  # 8 MiB of zeros
+    assert path.stat().st_size < 2**16  # a 1000x expansion
+    tracemalloc.start()
+    with pytest.raises(DataFileError, match=r"expands to 8,388,\d{3} bytes, over 4,194,304"):
+        load_local_file(path)
+    assert tracemalloc.get_traced_memory()[1] < 2**21  # refused before anything was decompressed
+    tracemalloc.stop()
+
+
+def test_a_pickled_npz_gets_a_corruption_message_not_numpys_pickle_advice(tmp_path):
+    path = tmp_path / "objects.npz"
+    np.savez(path, x=np.array([{"a": 1}], dtype=object), y=np.array([0]))
+    with pytest.raises(DataFileError, match="corrupt or non-numeric array") as err:
+        load_local_file(path)
+    assert "allow_pickle" not in str(err.value)
+
+
+def test_a_node_reads_the_servers_data_path_only_inside_its_data_root(tmp_path):
+    from fl_app.task.data import node_data_path
+
+    inside = tmp_path / "data" / "n1.npz"
+    settings = Settings(dataset="local-file", data_path=str(tmp_path / "data" / "n{partition-id}.npz"))
+    assert node_data_path(settings, {"data-root": str(tmp_path / "data")}, 1) == str(inside)
+    assert node_data_path(settings, {"data-path": "/own/file.npz"}, 1) == "/own/file.npz"  # the node's own
+    assert node_data_path(settings, {"partition-id": 1, "num-partitions": 4}, 1) == str(inside)  # simulation
+    escaping = Settings(dataset="local-file", data_path=str(tmp_path / "data" / ".." / "etc.csv"))
+    with pytest.raises(DataFileError, match="is outside this node's data-root"):
+        node_data_path(escaping, {"data-root": str(tmp_path / "data")}, 1)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "link.csv").symlink_to(tmp_path / "outside.csv")
+    linked = Settings(dataset="local-file", data_path=str(tmp_path / "data" / "link.csv"))
+    with pytest.raises(DataFileError, match="is outside this node's data-root"):
+        node_data_path(linked, {"data-root": str(tmp_path / "data")}, 1)
+    with pytest.raises(DataFileError, match="reads the server's paths only inside its own data-root"):
+        node_data_path(settings, {"partition-id": 1}, 1)
