@@ -8,13 +8,16 @@ ClientApp handlers and FedAvg): with DP-SGD and without it (same data, clients, 
 row shows the price of privacy next to its non-private counterpart.
 
 Epsilon is the example-level epsilon at ``--delta`` of the client that spent the most (the smallest
-client: largest sampling rate q = B / n): ``rounds * local-epochs * ceil(n / B)`` Poisson-sampled
-Gaussian steps with rate ``q = B / n`` and multiplier z (:func:`fl_app.task.dp_sgd.example_level_epsilon`),
-by RDP (what the history reports as ``dp-sgd-epsilon-max``) and by PLD. More steps spend more.
+client: largest sampling rate q = B / n), for ``--sampling`` (``dp-sgd-sampling``): with ``poisson``
+(the default) ``rounds * local-epochs * ceil(n / B)`` Poisson-sampled Gaussian steps with rate
+``q = B / n`` and multiplier z, add/remove-one; with ``shuffle`` one Gaussian of multiplier z / 2
+per epoch, replace-one (:func:`fl_app.task.dp_sgd.example_level_epsilon`), by RDP (what the history
+reports as ``dp-sgd-epsilon-max``) and by PLD. More steps spend more.
 
 Time per local epoch is measured side by side in one process: the same client's data, the same
-model compiled once with the DP optimizer and once with the plain one, epochs alternated, median
-over ``--timing-epochs`` epochs each (after a warm-up epoch that traces the graph).
+model compiled with the DP optimizer drawing Poisson batches, with the DP optimizer on shuffled
+fixed-size batches, and with the plain optimizer, epochs alternated, median over
+``--timing-epochs`` epochs each (after a warm-up epoch that traces the graph).
 
     # the grid behind the README's table (44 settings, about 25 minutes on 2 busy cores)
     uv run python scripts/dp_sgd_sweep.py --models logreg --optimizers adam,sgd \
@@ -63,6 +66,7 @@ def federation_config(args: argparse.Namespace, setting: dict[str, Any], noise: 
         "dp-sgd-noise-multiplier": noise,
         "dp-sgd-l2-clip": args.clip,
         "dp-sgd-microbatches": args.microbatches,
+        "dp-sgd-sampling": args.sampling,
         "dp-delta": args.delta,
     }
 
@@ -85,6 +89,7 @@ def largest_epsilon(config: dict[str, Any], method: str) -> tuple[float, int]:
                 settings.dp_delta,
                 num_microbatches=settings.dp_sgd_microbatches or None,
                 method=method,
+                sampling=settings.dp_sgd_sampling,
             ),
             n,
         )
@@ -94,8 +99,9 @@ def largest_epsilon(config: dict[str, Any], method: str) -> tuple[float, int]:
 
 
 def epoch_seconds(config: dict[str, Any], repeats: int) -> dict[str, float]:
-    """Median seconds of one local epoch on client 0: DP-SGD with TF Privacy's vectorised and
-    plain optimizers, and without DP-SGD, alternated epoch by epoch."""
+    """Median seconds of one local epoch on client 0: DP-SGD (TF Privacy's vectorised optimizer)
+    on Poisson batches and on shuffled fixed-size batches, and without DP-SGD, alternated epoch
+    by epoch."""
     import dataclasses
 
     from fl_app.client import node_client
@@ -107,8 +113,8 @@ def epoch_seconds(config: dict[str, Any], repeats: int) -> dict[str, float]:
     settings = Settings.from_run_config(config)
     data = client_data(settings, 0)
     models = {}
-    dp_key = node_client.dp_sgd_key(dataclasses.replace(settings, dp_sgd_vectorized=True))
-    keys = {"dp": dp_key, "dp non-vectorized": (*dp_key[:3], False), "plain": None}
+    dp_key = node_client.dp_sgd_key(dataclasses.replace(settings, dp_sgd_vectorized=True, dp_sgd_microbatches=0))
+    keys = {"dp poisson": (*dp_key[:4], "poisson"), "dp shuffle": (*dp_key[:4], "shuffle"), "plain": None}
     for label, key in keys.items():
         model, _ = node_client.compiled_model(
             settings.model,
@@ -125,8 +131,11 @@ def epoch_seconds(config: dict[str, Any], repeats: int) -> dict[str, float]:
     for i in range(repeats + 1):
         for label, model in models.items():
             reset_optimizer(model.optimizer)
+            batches = model.optimizer.poisson_batches if label == "dp poisson" else None
             started = time.perf_counter()
-            loop_for(model).fit(data.x_train, data.y_train, epochs=1, batch_size=settings.batch_size, seed=i)
+            loop_for(model).fit(
+                data.x_train, data.y_train, epochs=1, batch_size=settings.batch_size, seed=i, epoch_batches=batches
+            )
             if i > 0:  # the first epoch traces the graph
                 seconds[label].append(time.perf_counter() - started)
     return {label: statistics.median(values) for label, values in seconds.items()}
@@ -156,6 +165,7 @@ def measure(args: argparse.Namespace, setting: dict[str, Any]) -> dict[str, Any]
         **setting,
         "partitioner": args.partitioner,
         "test-fraction": args.test_fraction,
+        "sampling": args.sampling,
         "z": args.noise,
         "clip": args.clip,
         "accuracy": round(accuracy, 4),
@@ -165,10 +175,10 @@ def measure(args: argparse.Namespace, setting: dict[str, Any]) -> dict[str, Any]
         "history epsilon": round(reported, 3) if reported is not None else None,
         "smallest client n": n,
         "steps": setting["rounds"] * setting["epochs"] * -(-n // setting["batch"]),
-        "epoch s (DP)": round(times["dp"], 5),
+        "epoch s (DP poisson)": round(times["dp poisson"], 5),
+        "epoch s (DP shuffle)": round(times["dp shuffle"], 5),
         "epoch s (plain)": round(times["plain"], 5),
-        "epoch ratio": round(times["dp"] / times["plain"], 2),
-        "epoch s (DP, non-vectorized)": round(times["dp non-vectorized"], 5),
+        "epoch ratio": round(times[f"dp {args.sampling}"] / times["plain"], 2),
         "run s (DP)": round(seconds, 1),
         "run s (plain)": round(plain_seconds, 1),
     }
@@ -224,7 +234,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--noise", type=float, default=1.1)
     parser.add_argument("--clip", type=float, default=1.0)
-    parser.add_argument("--microbatches", type=int, default=0)
+    parser.add_argument("--microbatches", type=int, default=0, help="> 0 needs --sampling shuffle")
+    parser.add_argument("--sampling", choices=("poisson", "shuffle"), default="poisson", help="dp-sgd-sampling")
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--timing-epochs", type=int, default=20)

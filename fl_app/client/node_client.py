@@ -17,6 +17,9 @@ from fl_app.config.settings import Settings
 from fl_app.task.data import ClientData, client_data, node_data_path
 from fl_app.task.keras_client import KerasClient, compile_model
 
+DpSgdKey = tuple[float, float, int, bool, str]
+"""DP-SGD's compile settings: noise multiplier, clip, microbatches, vectorized, sampling."""
+
 
 @functools.lru_cache(maxsize=4)
 def _parse_settings(items: tuple) -> Settings:
@@ -45,10 +48,11 @@ def compiled_model(
     learning_rate: float,
     seed: int,
     threads: int,
-    dp_sgd: tuple[float, float, int, bool] | None = None,
+    dp_sgd: DpSgdKey | None = None,
 ):
     """The worker's compiled model; ``dp_sgd = (noise multiplier, l2 clip, microbatches (0: per
-    example), vectorized)`` compiles it with TF Privacy's DP-SGD optimizer and per-example loss."""
+    example), vectorized, sampling)`` compiles it with TF Privacy's DP-SGD optimizer and
+    per-example loss."""
     import tensorflow as tf
 
     from fl_app.task.models import build_model, make_optimizer
@@ -59,13 +63,15 @@ def compiled_model(
     if dp_sgd is not None:
         from fl_app.task.dp_sgd import dp_loss, make_dp_optimizer
 
-        noise, clip, microbatches, vectorized = dp_sgd
-        dp_optimizer = make_dp_optimizer(optimizer, learning_rate, clip, noise, microbatches or None, vectorized)
+        noise, clip, microbatches, vectorized, sampling = dp_sgd
+        dp_optimizer = make_dp_optimizer(
+            optimizer, learning_rate, clip, noise, microbatches or None, vectorized, sampling=sampling
+        )
         return compile_model(model, dp_optimizer, loss=dp_loss(), with_proximal_term=False)
     return compile_model(model, make_optimizer(optimizer, learning_rate))
 
 
-def dp_sgd_key(settings: Settings) -> tuple[float, float, int, bool] | None:
+def dp_sgd_key(settings: Settings) -> DpSgdKey | None:
     if settings.dp_sgd_noise_multiplier <= 0:
         return None
     return (
@@ -73,6 +79,7 @@ def dp_sgd_key(settings: Settings) -> tuple[float, float, int, bool] | None:
         settings.dp_sgd_l2_clip,
         settings.dp_sgd_microbatches,
         settings.dp_sgd_vectorized,
+        settings.dp_sgd_sampling,
     )
 
 
@@ -92,6 +99,7 @@ def make_client(context: Context) -> KerasClient:
     settings = settings_from_context(context)
     partition_id = partition_id_of(context)
     data = client_data_of(settings, partition_id, node_data_path(settings, context.node_config, partition_id))
+    dp_sgd = dp_sgd_key(settings)
     model, proximal = compiled_model(
         settings.model,
         tuple(data.x_train.shape[1:]),
@@ -100,8 +108,10 @@ def make_client(context: Context) -> KerasClient:
         settings.learning_rate,
         settings.seed,
         settings.client_threads,
-        dp_sgd_key(settings),
+        dp_sgd,
     )
+    # DP-SGD's Poisson batches come from the optimizer's secretly seeded sampler, never the seed
+    poisson = dp_sgd is not None and settings.dp_sgd_sampling == "poisson"
     return KerasClient(
         model,
         data,
@@ -110,6 +120,7 @@ def make_client(context: Context) -> KerasClient:
         seed=settings.seed + 7919 * partition_id,
         proximal=proximal,
         proximal_mu=settings.proximal_mu,
+        epoch_batches=model.optimizer.poisson_batches if poisson else None,
     )
 
 

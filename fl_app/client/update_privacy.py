@@ -105,8 +105,10 @@ def dp_sgd_report(settings: Settings, num_examples: int, server_round: int) -> d
     """``{"dp-sgd-epsilon": ...}``: the example-level epsilon of this client's DP-SGD so far.
 
     An upper bound: the client is assumed to have trained ``local-epochs`` epochs in every round
-    up to ``server_round`` (Poisson-sampled Gaussian steps, :func:`fl_app.task.dp_sgd.example_level_epsilon`).
-    Empty when DP-SGD is off.
+    up to ``server_round``, accounted for the ``dp-sgd-sampling`` that ran
+    (:func:`fl_app.task.dp_sgd.example_level_epsilon`: Poisson-sampled Gaussian steps under
+    add/remove-one, or, for shuffled fixed-size batches, one unamplified Gaussian per epoch under
+    replace-one). Empty when DP-SGD is off.
     """
     if settings.dp_sgd_noise_multiplier <= 0:
         return {}
@@ -120,6 +122,7 @@ def dp_sgd_report(settings: Settings, num_examples: int, server_round: int) -> d
         settings.dp_delta,
         num_microbatches=settings.dp_sgd_microbatches or None,
         method=settings.dp_accounting,
+        sampling=settings.dp_sgd_sampling,
     )
     return {"dp-sgd-epsilon": float(epsilon)}
 

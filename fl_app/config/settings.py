@@ -291,10 +291,15 @@ class Settings:
     dp_sgd_l2_clip: float = _key(1.0, "> 0", "DP-SGD per-example gradient clip norm")
     dp_sgd_microbatches: int = _key(
         0,
-        ">= 0, divides `batch-size`",
+        ">= 0, divides `batch-size`; > 0 needs `dp-sgd-sampling='shuffle'`",
         "DP-SGD microbatches per batch (0: every example its own; must divide `batch-size`)",
     )
     dp_sgd_vectorized: bool = _key(True, "`true`, `false`", "TF Privacy's vectorised DP optimizer (faster here)")
+    dp_sgd_sampling: str = _key(
+        "poisson",
+        _lazy_choices("strategies.private.accounting", "DPSGD_SAMPLINGS"),
+        "DP-SGD batches: `poisson` (each example joins each step with probability batch-size / n, from a secret generator; accounted with amplification, add/remove-one) or `shuffle` (fixed-size batches of the public seed's permutation; accounted without amplification, replace-one)",
+    )
     secure_aggregation: bool = _key(False, "`true`, `false`", "SecAgg+ (Flower legacy stack)")
     secagg_num_shares: int = _key(3, "[3, clients per round]", "shares of each client's key (3 .. clients per round)")
     secagg_reconstruction_threshold: int = _key(
@@ -600,6 +605,14 @@ class Settings:
             if not value > 0:
                 raise SettingsError(f"{key} must be > 0, got {value}")
         _at_least("dp-sgd-microbatches", self.dp_sgd_microbatches, 0)
+        from strategies.private.accounting import DPSGD_SAMPLINGS
+
+        _one_of("dp-sgd-sampling", self.dp_sgd_sampling, DPSGD_SAMPLINGS)
+        if self.dp_sgd_microbatches and self.dp_sgd_sampling == "poisson":
+            raise SettingsError(
+                f"dp-sgd-microbatches ({self.dp_sgd_microbatches}) needs dp-sgd-sampling='shuffle': "
+                "Poisson batches vary in size, so only 0 (every example its own microbatch) is allowed with 'poisson'"
+            )
         if self.dp_sgd_microbatches and self.batch_size % self.dp_sgd_microbatches:
             raise SettingsError(
                 f"dp-sgd-microbatches ({self.dp_sgd_microbatches}) must divide batch-size ({self.batch_size})"

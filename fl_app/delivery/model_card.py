@@ -44,6 +44,14 @@ _STRATEGY_PARAMS = {
 }
 
 
+_DP_SGD_ACCOUNTING = {
+    "poisson": "Poisson sampling (q = batch-size / n per step, secret generator; add/remove-one example)",
+    "shuffle": "shuffled fixed-size batches of a public permutation (no amplification: one Gaussian of "
+    "multiplier z / 2 per epoch; replace-one example)",
+}
+"""What the DP-SGD epsilon is the epsilon of, per ``dp-sgd-sampling``."""
+
+
 def _key(name: str) -> str:
     return name.replace("_", "-")
 
@@ -111,7 +119,8 @@ def privacy_lines(settings: Settings, history: list[RoundRecord]) -> list[str]:
     if example_level:
         value = "not reported" if example_epsilon is None else f"epsilon = {_fmt(float(example_epsilon))}"
         lines.append(
-            f"- example level (DP-SGD on the clients): largest client {value}, delta = {_fmt(settings.dp_delta)}"
+            f"- example level (DP-SGD on the clients): largest client {value}, delta = {_fmt(settings.dp_delta)}, "
+            f"accounted with {settings.dp_accounting.upper()} for {_DP_SGD_ACCOUNTING[settings.dp_sgd_sampling]}"
         )
     for level, parts in privacy_scope(settings).items():
         lines.extend(f"- {level}, {part}: {text}" for part, text in parts.items())

@@ -10,17 +10,22 @@ of ~110 examples took ~0.5 s, of which the ~20 optimizer steps take a few millis
 FedProx term, and the optimizer's own ``minimize``, e.g. a DP-SGD optimizer, all still apply) and
 one ``tf.function`` for a forward pass. Both are traced once per input signature (batch dimension
 left open, so clients of different sizes share the trace). One call runs many batches in the graph
-(``train_step`` on gathered batches of seeded permutations): a fit is two calls, the epochs before
-the last and then the last, so a small client pays neither ``model.fit``'s per-call set-up nor a
-Python round trip per batch or per epoch.
+(``train_step`` on gathered, sample-weighted batches of any sizes): a fit is two calls, the epochs
+before the last and then the last, so a small client pays neither ``model.fit``'s per-call set-up
+nor a Python round trip per batch or per epoch.
 
-Shuffling uses NumPy's ``Generator(PCG64(seed))``: the order of the batches depends only on the
-seed, so a reused model gives the same result as a fresh one.
+Which examples form the batches is the caller's choice (``epoch_batches``): by default seeded
+permutations cut into batches of ``batch_size`` (NumPy's ``Generator(PCG64(seed))``: the order
+depends only on the seed, so a reused model gives the same result as a fresh one); DP-SGD passes
+its Poisson sampler (:mod:`fl_app.task.dp_sgd`), whose batches vary in size and may be empty. An
+empty batch runs as one example of sample weight 0 (zero loss, zero gradient), so that the step
+still happens (DP-SGD then releases its noise alone) and every batch has the same traced shape.
 """
 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -29,6 +34,9 @@ import fl_app  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 
 _LOOPS: weakref.WeakKeyDictionary[Any, CompiledLoop] = weakref.WeakKeyDictionary()
 EVAL_BATCH = 1024
+
+EpochBatches = Callable[[int, int], list[np.ndarray]]
+"""``(n, batch_size) -> one epoch's batches``, each an array of example indices in ``[0, n)``."""
 
 
 def loop_for(model) -> CompiledLoop:
@@ -61,9 +69,9 @@ class CompiledLoop:
         )
 
     def _train_batches(self, x: np.ndarray, y: np.ndarray):
-        """Many batches in one graph: ``train_step`` on ``x[order[starts[i]:starts[i+1]]]`` for
-        every i, so several epochs (each its own permutation, its last batch possibly partial) cost
-        one call."""
+        """Many batches in one graph: ``train_step`` on ``x[order[starts[i]:starts[i+1]]]`` with
+        sample weights ``weights[starts[i]:starts[i+1]]`` for every i, so several epochs of batches
+        of any sizes cost one call."""
         key = (x.shape[1:], x.dtype.str, y.shape[1:], y.dtype.str)
         batches = self._train_steps.get(key)
         if batches is None:
@@ -71,14 +79,16 @@ class CompiledLoop:
 
             model = self.model
 
-            def train_batches(xs, ys, order, starts):
-                first = order[starts[0] : starts[1]]
+            def step(xs, ys, order, weights, start, end):
+                index = order[start:end]
+                return model.train_step((tf.gather(xs, index), tf.gather(ys, index), weights[start:end]))
+
+            def train_batches(xs, ys, order, weights, starts):
                 # the first step outside the loop: on the first trace it creates the optimizer's
                 # and the metrics' variables, which a while-loop body may not do
-                logs = model.train_step((tf.gather(xs, first), tf.gather(ys, first)))
+                logs = step(xs, ys, order, weights, starts[0], starts[1])
                 for i in tf.range(1, tf.shape(starts)[0] - 1):
-                    index = order[starts[i] : starts[i + 1]]
-                    logs = model.train_step((tf.gather(xs, index), tf.gather(ys, index)))
+                    logs = step(xs, ys, order, weights, starts[i], starts[i + 1])
                 return logs
 
             batches = self._train_steps[key] = tf.function(
@@ -86,6 +96,7 @@ class CompiledLoop:
                 input_signature=(
                     *self._signature(x, y),
                     tf.TensorSpec((None,), tf.int32),
+                    tf.TensorSpec((None,), tf.float32),
                     tf.TensorSpec((None,), tf.int32),
                 ),
             )
@@ -114,9 +125,20 @@ class CompiledLoop:
 
     # ------------------------------------------------------------------ public
 
-    def fit(self, x: np.ndarray, y: np.ndarray, *, epochs: int, batch_size: int, seed: int) -> dict[str, float]:
-        """``epochs`` passes of mini-batch training in a seeded random order.
+    def fit(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        *,
+        epochs: int,
+        batch_size: int,
+        seed: int,
+        epoch_batches: EpochBatches | None = None,
+    ) -> dict[str, float]:
+        """``epochs`` passes of mini-batch training.
 
+        ``epoch_batches`` draws each epoch's batches (``None``: a permutation from
+        ``PCG64(seed)`` cut into batches of ``batch_size``, the last possibly partial).
         Returns the last epoch's logs as ``model.fit``'s history has them (e.g. ``loss``,
         ``accuracy``: running means over the epoch's batches, the loss including ``model.losses``).
         The epochs before the last run in one call and the last in another, with the metrics reset
@@ -128,16 +150,19 @@ class CompiledLoop:
             raise ValueError("no training examples")
         if epochs < 1:
             raise ValueError(f"local-epochs must be >= 1, got {epochs}")
+        if batch_size < 1:
+            raise ValueError(f"batch-size must be >= 1, got {batch_size}")
         import tensorflow as tf
 
+        if epoch_batches is None:
+            epoch_batches = shuffled_batches(np.random.Generator(np.random.PCG64(seed)))
         train = self._train_batches(x, y)
         xs, ys = tf.convert_to_tensor(x), tf.convert_to_tensor(y)
-        rng = np.random.Generator(np.random.PCG64(seed))
-        orders = [rng.permutation(n).astype(np.int32) for _ in range(epochs)]
+        epochs_batches = [epoch_batches(n, batch_size) for _ in range(epochs)]
         if epochs > 1:
-            train(xs, ys, np.concatenate(orders[:-1]), _batch_starts(n, batch_size, epochs - 1))
+            train(xs, ys, *_flatten([b for batches in epochs_batches[:-1] for b in batches]))
         self.model.reset_metrics()
-        logs = train(xs, ys, orders[-1], _batch_starts(n, batch_size, 1))
+        logs = train(xs, ys, *_flatten(epochs_batches[-1]))
         return {key: float(value) for key, value in logs.items()}
 
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -155,11 +180,22 @@ class CompiledLoop:
         return loss_sum / n, correct / n
 
 
-def _batch_starts(n: int, batch_size: int, epochs: int) -> np.ndarray:
-    """Where each batch starts in ``epochs`` concatenated permutations of ``n`` examples, then
-    the end: ``[0, b, 2b, …, n, n + b, …, epochs n]`` (an epoch's last batch may be partial)."""
-    if batch_size < 1:
-        raise ValueError(f"batch-size must be >= 1, got {batch_size}")
-    within = np.arange(0, n, batch_size, dtype=np.int32)
-    starts = (within[None, :] + n * np.arange(epochs, dtype=np.int32)[:, None]).reshape(-1)
-    return np.append(starts, np.int32(epochs * n))
+def shuffled_batches(rng: np.random.Generator) -> EpochBatches:
+    """Epochs of a permutation from ``rng`` cut into batches of ``batch_size`` (the last may be partial)."""
+
+    def epoch(n: int, batch_size: int) -> list[np.ndarray]:
+        order = rng.permutation(n).astype(np.int32)
+        return [order[start : start + batch_size] for start in range(0, n, batch_size)]
+
+    return epoch
+
+
+def _flatten(batches: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(order, weights, starts)``: the batches' indices concatenated, their sample weights (1;
+    an empty batch becomes example 0 with weight 0) and where each batch starts, then the end."""
+    if not batches:
+        raise ValueError("an epoch needs at least one batch")
+    parts = [np.asarray(b, dtype=np.int32) if len(b) else np.zeros(1, np.int32) for b in batches]
+    weights = [np.ones(len(b), np.float32) if len(b) else np.zeros(1, np.float32) for b in batches]
+    starts = np.cumsum([0] + [len(p) for p in parts]).astype(np.int32)
+    return np.concatenate(parts), np.concatenate(weights), starts

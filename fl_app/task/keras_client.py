@@ -22,7 +22,7 @@ from flwr.client import NumPyClient
 from flwr.common import Scalar
 
 import fl_app  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
-from fl_app.task.compiled_loop import loop_for
+from fl_app.task.compiled_loop import EpochBatches, loop_for
 from fl_app.task.data import ClientData
 
 
@@ -83,13 +83,16 @@ class KerasClient(NumPyClient):
     data : the client's train and test split
     local_epochs, batch_size : defaults, overridable per round by the fit config keys
         ``local-epochs`` and ``batch-size``
-    seed : base seed; each fit shuffles its batches with NumPy's PCG64 seeded ``seed + server-round``.
+    seed : base seed; each fit shuffles its batches with NumPy's PCG64 seeded ``seed + server-round``
+        (unless ``epoch_batches`` draws them).
         TensorFlow's global seed is deliberately not reset per fit: ``tf.random.set_seed`` clears
         the eager context's function cache, which cost ~190 ms of re-instantiation on the next call
         (the whole 5-epoch fit of a digits client takes ~15 ms), and reseeding would make DP-SGD's
         Gaussian noise predictable from the round number
     proximal : the model's :class:`ProximalTerm`, needed for FedProx
     proximal_mu : default ``mu`` when the fit config carries no ``proximal-mu``
+    epoch_batches : draws each epoch's batches instead of the seeded shuffle (DP-SGD's Poisson
+        sampler, :meth:`fl_app.task.dp_sgd.make_dp_optimizer`'s ``poisson_batches``)
     """
 
     def __init__(
@@ -102,6 +105,7 @@ class KerasClient(NumPyClient):
         seed: int = 0,
         proximal: ProximalTerm | None = None,
         proximal_mu: float = 0.0,
+        epoch_batches: EpochBatches | None = None,
     ) -> None:
         self.model = model
         self.data = data
@@ -110,6 +114,7 @@ class KerasClient(NumPyClient):
         self.seed = seed
         self.proximal = proximal
         self.proximal_mu = proximal_mu
+        self.epoch_batches = epoch_batches
 
     def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:
         return self.model.get_weights()
@@ -132,6 +137,7 @@ class KerasClient(NumPyClient):
             epochs=int(config.get("local-epochs", self.local_epochs)),
             batch_size=int(config.get("batch-size", self.batch_size)),
             seed=seed,
+            epoch_batches=self.epoch_batches,
         )
         metrics: dict[str, Scalar] = {
             "train-loss": logs["loss"],

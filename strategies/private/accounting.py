@@ -44,9 +44,11 @@ from dp_accounting import NeighboringRelation, pld, rdp
 
 AccountingMethod = Literal["rdp", "pld"]
 Sampling = Literal["poisson", "fixed-size"]
+DpSgdSampling = Literal["poisson", "shuffle"]
 
 METHODS: tuple[str, ...] = ("rdp", "pld")
 SAMPLINGS: tuple[str, ...] = ("poisson", "fixed-size")
+DPSGD_SAMPLINGS: tuple[str, ...] = ("poisson", "shuffle")
 
 #: RDP orders: dp_accounting's defaults (1.1 ... 10.9 in steps of 0.1, 11 ... 63, 128 ... 1024).
 RDP_ORDERS: tuple[float, ...] = tuple(rdp.rdp_privacy_accountant.DEFAULT_RDP_ORDERS)
@@ -527,6 +529,86 @@ def calibrate_noise_multiplier(
     )
 
 
+def dpsgd_steps(num_examples: int, batch_size: int, epochs: float) -> int:
+    """DP-SGD steps of ``epochs`` epochs over ``n`` examples in batches of expected size ``B``:
+    ``ceil(epochs * ceil(n / B))``.
+
+    One number for the loop and the accountant: :mod:`fl_app.task.dp_sgd` draws this many
+    Poisson batches, and :func:`dpsgd_epsilon` composes this many steps (with shuffling, an
+    epoch's last batch may be partial and is still a step).
+    """
+    _check_dpsgd_sizes(num_examples, batch_size)
+    epochs = _check_finite("epochs", epochs, minimum=0.0, strict=True)
+    return math.ceil(epochs * math.ceil(num_examples / batch_size))
+
+
+def _check_dpsgd_sizes(num_examples: int, batch_size: int) -> None:
+    if int(num_examples) != num_examples or num_examples < 1:
+        raise ValueError(f"num_examples must be an integer >= 1, got {num_examples}")
+    if int(batch_size) != batch_size or not 1 <= batch_size <= num_examples:
+        raise ValueError(f"batch_size must be an integer in [1, num_examples = {num_examples}], got {batch_size}")
+
+
+def dpsgd_event(
+    num_examples: int,
+    batch_size: int,
+    noise_multiplier: float,
+    epochs: float,
+    *,
+    used_microbatching: bool = False,
+    sampling: DpSgdSampling = "poisson",
+) -> tuple[dp_accounting.DpEvent, NeighboringRelation]:
+    """The ``DpEvent`` of DP-SGD on one client's ``n`` examples, and the relation it is stated under.
+
+    DP-SGD (Abadi et al. 2016) releases per step ``sum_{i in batch} clip(g_i, C) + N(0, (z C)^2 I)``
+    (then divided by a public constant and fed to the optimizer: post-processing).
+
+    ``sampling="poisson"``: every example joins every step independently with probability
+    ``q = B / n``, drawn from a generator nobody can replay (:mod:`fl_app.task.dp_sgd`), for
+    ``T = dpsgd_steps(n, B, epochs)`` steps. Adding or removing one example moves the clipped sum
+    by at most ``C`` in the steps that sample it, so each step is the sampled Gaussian mechanism
+    ``PoissonSampledDpEvent(q, GaussianDpEvent(z))`` (RDP bound of Mironov, Talwar, Zhang 2019,
+    "Renyi Differential Privacy of the Sampled Gaussian Mechanism"; PLD of Koskela et al. 2020),
+    composed ``T`` times, under add/remove-one-example. With ``q = 1`` (``B = n``) every step
+    is ``GaussianDpEvent(z)``.
+
+    ``sampling="shuffle"``: each epoch cuts a permutation seeded by the public run-config seed
+    into fixed-size batches. Anyone who knows the run config knows every batch, so there is no
+    amplification by sampling. Under add/remove-one-example the permutation of ``n + 1`` examples
+    differs from that of ``n`` and every batch can change, so no per-example bound follows;
+    under replace-one-example (``n`` fixed, so the permutation and every batch's position set
+    are the same for both data sets) the replaced example sits in exactly one batch per epoch.
+    That step's clipped sum moves by at most ``||clip(g) - clip(g')|| <= 2C`` (also with
+    microbatches: the one microbatch holding it moves by at most ``2C``), and every other step
+    of the epoch is computed from the same examples, so by adaptive composition an epoch costs
+    one Gaussian mechanism with noise std ``z C`` and sensitivity ``2C``, noise multiplier
+    ``z / 2``. ``E = ceil(epochs)`` epochs (a partial epoch still touches every example at most
+    once) give ``SelfComposedDpEvent(GaussianDpEvent(z / 2), E)`` under replace-one.
+
+    ``used_microbatching`` (Poisson only): gradients were clipped per microbatch of more than
+    one example, which doubles the add/remove sensitivity (Ponomareva et al. 2023, Sec. 5.6),
+    so ``z / 2`` is accounted.
+    """
+    _check_dpsgd_sizes(num_examples, batch_size)
+    z = _check_finite("noise_multiplier", noise_multiplier, minimum=0.0, strict=False)
+    epochs = _check_finite("epochs", epochs, minimum=0.0, strict=True)
+    if sampling not in DPSGD_SAMPLINGS:
+        raise ValueError(f"DP-SGD sampling must be one of {', '.join(DPSGD_SAMPLINGS)}, got '{sampling}'")
+    if z == 0.0:
+        return dp_accounting.NonPrivateDpEvent(), NeighboringRelation.ADD_OR_REMOVE_ONE
+    if sampling == "shuffle":
+        epoch = dp_accounting.GaussianDpEvent(z / 2.0)
+        return dp_accounting.SelfComposedDpEvent(epoch, math.ceil(epochs)), NeighboringRelation.REPLACE_ONE
+    if used_microbatching:
+        z /= 2.0
+    q = batch_size / num_examples
+    step: dp_accounting.DpEvent = dp_accounting.GaussianDpEvent(z)
+    if q < 1.0:
+        step = dp_accounting.PoissonSampledDpEvent(q, step)
+    steps = dpsgd_steps(num_examples, batch_size, epochs)
+    return dp_accounting.SelfComposedDpEvent(step, steps), NeighboringRelation.ADD_OR_REMOVE_ONE
+
+
 def dpsgd_epsilon(
     num_examples: int,
     batch_size: int,
@@ -536,35 +618,19 @@ def dpsgd_epsilon(
     *,
     used_microbatching: bool = False,
     method: AccountingMethod = "rdp",
+    sampling: DpSgdSampling = "poisson",
 ) -> float:
-    """Example-level epsilon of DP-SGD on one client (Abadi et al. 2016), add/remove-one-example.
+    """Example-level epsilon of DP-SGD on one client at ``delta``: the event of :func:`dpsgd_event`.
 
-    Accounts ``steps = ceil(epochs * ceil(n / B))`` Poisson-sampled Gaussian steps with
-    ``q = B / n`` -- the analysis TF Privacy's ``compute_dp_sgd_privacy`` reports, counting the
-    steps Keras actually runs (a partial last batch is a step). Keras shuffles and iterates
-    rather than Poisson-sampling; no tight analysis of that exists, and reporting the Poisson
-    epsilon is the convention (TF Privacy issue #483).
-
-    ``used_microbatching``: gradients were clipped per microbatch of more than one example,
-    which doubles the add/remove sensitivity (Ponomareva et al. 2023, Sec. 5.6), so ``z / 2``
-    is accounted.
+    Poisson sampling is the analysis TF Privacy's ``compute_dp_sgd_privacy`` reports and is
+    stated under add/remove-one-example; shuffled fixed-size batches of a public permutation
+    are stated under replace-one-example, with no amplification (``inf`` without noise).
     """
-    if int(num_examples) != num_examples or num_examples < 1:
-        raise ValueError(f"num_examples must be an integer >= 1, got {num_examples}")
-    if int(batch_size) != batch_size or not 1 <= batch_size <= num_examples:
-        raise ValueError(f"batch_size must be an integer in [1, num_examples = {num_examples}], got {batch_size}")
-    z = _check_finite("noise_multiplier", noise_multiplier, minimum=0.0, strict=False)
-    epochs = _check_finite("epochs", epochs, minimum=0.0, strict=True)
     delta = _check_delta(delta)
     _check_method(method)
-    if z == 0.0:
+    event, relation = dpsgd_event(
+        num_examples, batch_size, noise_multiplier, epochs, used_microbatching=used_microbatching, sampling=sampling
+    )
+    if isinstance(event, dp_accounting.NonPrivateDpEvent):
         return math.inf
-    if used_microbatching:
-        z /= 2.0
-    steps = math.ceil(epochs * math.ceil(num_examples / batch_size))
-    q = batch_size / num_examples
-    step_event: dp_accounting.DpEvent = dp_accounting.GaussianDpEvent(z)
-    if q < 1.0:
-        step_event = dp_accounting.PoissonSampledDpEvent(q, step_event)
-    event = dp_accounting.SelfComposedDpEvent(step_event, steps)
-    return _epsilon_of_event(event, NeighboringRelation.ADD_OR_REMOVE_ONE, delta, method)
+    return _epsilon_of_event(event, relation, delta, method)

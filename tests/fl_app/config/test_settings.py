@@ -44,6 +44,7 @@ def test_defaults_match_pyproject(project_root):
         ("test-fraction", 1.0, "test-fraction must be in [0, 1), got 1.0"),
         ("num-server-rounds", "ten", "num-server-rounds must be of type int, got 'ten' (str)"),
         ("input-shape", "8,x", "input-shape must be positive integers separated by commas"),
+        ("dp-sgd-sampling", "uniform", "dp-sgd-sampling must be one of poisson, shuffle; got 'uniform'"),
     ],
 )
 def test_bad_value_names_key_value_and_rule(key, value, fragment):
@@ -137,6 +138,11 @@ def test_client_parse_builds_no_strategy(monkeypatch):
         ({"he-client-weighting": "capped"}, "he-client-weighting must be one of num-examples, uniform"),
         ({"compression-topk-fraction": 0.0}, "compression-topk-fraction"),
         ({"attack": "bogus"}, "attack must be one of"),
+        ({"dp-sgd-sampling": "uniform"}, "dp-sgd-sampling must be one of poisson, shuffle; got 'uniform'"),
+        (
+            {"dp-sgd-microbatches": 8},
+            "dp-sgd-microbatches (8) needs dp-sgd-sampling='shuffle': Poisson batches vary in size",
+        ),
     ],
 )
 def test_client_parse_checks_the_client_keys(config, fragment):

@@ -254,6 +254,23 @@ def test_model_card_reads_privacy_and_robustness_fields():
     assert "parameters: 1,234" in card and "360 examples" in card
 
 
+@pytest.mark.parametrize(
+    ("sampling", "fragment"),
+    [
+        ("poisson", "for Poisson sampling (q = batch-size / n per step, secret generator; add/remove-one example)"),
+        ("shuffle", "for shuffled fixed-size batches of a public permutation (no amplification"),
+    ],
+)
+def test_model_card_says_which_dp_sgd_accounting_is_reported(sampling, fragment):
+    from fl_app.delivery.model_card import render
+    from fl_app.server.run_directory import RoundRecord
+
+    settings = Settings(dp_sgd_noise_multiplier=1.1, dp_sgd_sampling=sampling)
+    history = [RoundRecord(round=0), RoundRecord(round=1, extra={"dp-sgd-epsilon-max": 7.06})]
+    card = render(settings, history, parameters=None, keras_size=None, export_report=None, num_server_test=None)
+    assert "largest client epsilon = 7.0600, delta = 1e-05, accounted with RDP " + fragment in card
+
+
 def test_check_node_selection():
     from fl_app.delivery.shipping import select_check_nodes
 

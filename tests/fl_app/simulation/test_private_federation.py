@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 
+import dp_accounting
 import numpy as np
 import pytest
+from dp_accounting import pld, rdp
 
 from fl_app.client.update_privacy import private_weights
 from fl_app.config.settings import Settings
 from fl_app.simulation.local_grid import run_local_federation
+from fl_app.task.data import client_data
 from strategies.private.mechanisms import insecure_seeded_generator
 
 BASE = {
@@ -54,6 +57,43 @@ def test_dp_sgd_clients_report_their_example_level_epsilon():
     eps = [r.extra["dp-sgd-epsilon-max"] for r in history if r.round > 0]
     assert 0 < eps[0] < eps[1] < math.inf
     assert history[-1].centralized_accuracy > history[0].centralized_accuracy
+
+
+def independent_dp_sgd_epsilon(n: int, batch: int, z: float, epochs: int, sampling: str, method: str) -> float:
+    """Epsilon of DP-SGD on n examples as run, straight from dp_accounting: Poisson sampling at
+    q = B / n for epochs x ceil(n / B) steps (add/remove), or one Gaussian of multiplier z / 2 per
+    epoch (shuffled fixed-size batches, replace-one)."""
+    if sampling == "poisson":
+        relation = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
+        step = dp_accounting.PoissonSampledDpEvent(batch / n, dp_accounting.GaussianDpEvent(z))
+        event = dp_accounting.SelfComposedDpEvent(step, epochs * math.ceil(n / batch))
+    else:
+        relation = dp_accounting.NeighboringRelation.REPLACE_ONE
+        event = dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z / 2), epochs)
+    if method == "rdp":
+        accountant = rdp.RdpAccountant(neighboring_relation=relation)
+    else:
+        accountant = pld.PLDAccountant(neighboring_relation=relation, value_discretization_interval=1e-3)
+    return accountant.compose(event).get_epsilon(1e-5)
+
+
+@pytest.mark.parametrize(("sampling", "method"), [("poisson", "rdp"), ("poisson", "pld"), ("shuffle", "rdp")])
+def test_dp_sgd_epsilon_in_the_history_is_that_of_the_sampling_that_ran(sampling, method):
+    config = {
+        **BASE,
+        "dp-sgd-noise-multiplier": 1.1,
+        "dp-sgd-sampling": sampling,
+        "dp-accounting": method,
+        "batch-size": 16,
+        "local-epochs": 2,
+        "num-server-rounds": 2,
+    }
+    _, history = run_local_federation(config, evaluate_centrally=False)
+    settings = Settings.from_run_config(config)
+    sizes = [len(client_data(settings, i).y_train) for i in range(settings.num_partitions)]
+    for record in (r for r in history if r.round > 0):
+        expected = max(independent_dp_sgd_epsilon(n, 16, 1.1, 2 * record.round, sampling, method) for n in sizes)
+        assert record.extra["dp-sgd-epsilon-max"] == pytest.approx(expected, rel=1e-9)
 
 
 @pytest.mark.parametrize("mode", ["client-clipping", "local-gaussian", "local-laplace"])

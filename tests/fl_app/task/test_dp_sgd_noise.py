@@ -1,6 +1,7 @@
-"""DP-SGD as the ClientApp compiles it: noise of std z C / B on the mean gradient, unpredictable.
+"""DP-SGD as the ClientApp compiles it for shuffled batches (``dp-sgd-sampling='shuffle'``): noise
+of std z C / B on the mean gradient, unpredictable. (Poisson batches: ``test_dp_sgd_sampling.py``.)
 
-Both tests train through the app's own path (``node_client.compiled_model`` with a DP-SGD key,
+The tests train through the app's own path (``node_client.compiled_model`` with a DP-SGD key,
 then :class:`fl_app.task.compiled_loop.CompiledLoop`), one step of plain SGD with learning rate 1 on a
 batch of ``B`` examples. Two steps from the same weights on the same batch differ only by their
 noise: ``w1 - w2 = (n2 - n1) / B`` with ``n_i ~ N(0, (z C)^2 I)``, so every coordinate of the
@@ -21,7 +22,7 @@ INPUT_SHAPE = (8, 8, 1)  # digits-shaped; logreg has 64 x 10 + 10 = 650 paramete
 
 
 def compiled_dp_logreg(vectorized: bool, fresh: bool = False):
-    args = ("logreg", INPUT_SHAPE, 10, "sgd", 1.0, 42, 1, (Z, CLIP, 0, vectorized))
+    args = ("logreg", INPUT_SHAPE, 10, "sgd", 1.0, 42, 1, (Z, CLIP, 0, vectorized, "shuffle"))
     compile_ = node_client.compiled_model.__wrapped__ if fresh else node_client.compiled_model
     model, _ = compile_(*args)
     return model

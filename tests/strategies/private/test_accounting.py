@@ -21,6 +21,8 @@ from strategies.private.accounting import (
     adaptive_clipping_update_noise_multiplier,
     calibrate_noise_multiplier,
     dpsgd_epsilon,
+    dpsgd_event,
+    dpsgd_steps,
 )
 
 DELTA = 1e-5
@@ -250,6 +252,46 @@ def test_dpsgd_counts_partial_last_batch_as_a_step():
     event = dp_accounting.PoissonSampledDpEvent(batch / n, dp_accounting.GaussianDpEvent(1.1))
     expected = rdp.RdpAccountant().compose(event, 2 * 57).get_epsilon(DELTA)
     assert dpsgd_epsilon(n, batch, 1.1, 2, DELTA) == pytest.approx(expected, rel=1e-12)
+
+
+def test_dpsgd_steps_are_epochs_times_ceil_n_over_b():
+    assert dpsgd_steps(143, 16, 10) == 10 * 9
+    assert dpsgd_steps(144, 16, 1) == 9
+    assert dpsgd_steps(10, 10, 3) == 3
+    with pytest.raises(ValueError, match=r"batch_size must be an integer in \[1, num_examples = 10\], got 11"):
+        dpsgd_steps(10, 11, 1)
+
+
+@pytest.mark.parametrize("method", ["rdp", "pld"])
+def test_shuffled_fixed_size_batches_are_accounted_without_amplification_under_replace_one(method):
+    """The README recipe (n = 143, B = 16, z = 1.1, 10 epochs): Poisson sampling reports 7.06 (RDP)
+    / 6.32 (PLD); shuffled batches of a public permutation are ten unamplified Gaussians of
+    multiplier z / 2 (sensitivity 2C under replace-one): 42.6 / 40.3."""
+    n, batch, z, epochs = 143, 16, 1.1, 10
+    event = dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z / 2), epochs)
+    relation = dp_accounting.NeighboringRelation.REPLACE_ONE
+    if method == "rdp":
+        accountant = rdp.RdpAccountant(neighboring_relation=relation)
+    else:
+        accountant = pld.PLDAccountant(neighboring_relation=relation, value_discretization_interval=1e-3)
+    expected = accountant.compose(event).get_epsilon(DELTA)
+    shuffled = dpsgd_epsilon(n, batch, z, epochs, DELTA, method=method, sampling="shuffle")
+    poisson = dpsgd_epsilon(n, batch, z, epochs, DELTA, method=method, sampling="poisson")
+    assert shuffled == pytest.approx(expected, rel=1e-9)
+    assert shuffled == pytest.approx({"rdp": 42.60, "pld": 40.30}[method], abs=0.01)
+    assert poisson == pytest.approx({"rdp": 7.06, "pld": 6.32}[method], abs=0.01)
+    # microbatches do not change it: the one microbatch holding the replaced example moves by <= 2C
+    assert dpsgd_epsilon(n, batch, z, epochs, DELTA, method=method, sampling="shuffle", used_microbatching=True) == (
+        shuffled
+    )
+    # a partial epoch still touches each example once
+    assert dpsgd_epsilon(n, batch, z, 9.5, DELTA, method=method, sampling="shuffle") == shuffled
+    assert dpsgd_event(n, batch, z, epochs, sampling="shuffle")[1] is relation
+
+
+def test_dpsgd_sampling_must_be_known():
+    with pytest.raises(ValueError, match="DP-SGD sampling must be one of poisson, shuffle, got 'uniform'"):
+        dpsgd_epsilon(100, 10, 1.0, 1, DELTA, sampling="uniform")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
