@@ -25,6 +25,7 @@ import ipaddress
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -41,11 +42,25 @@ CA_DAYS = 3650
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` readable by the owner only (a private key)."""
+    """Write ``data`` (a private key) so that ``path`` is mode 0600 after every write.
+
+    Opening an existing file with ``O_CREAT`` keeps its old mode (a regenerated key would stay
+    0644), and a symlink at ``path`` would be followed. So the key goes to a fresh temporary file in
+    the same folder (``mkstemp`` creates it 0600 with ``O_EXCL``) and replaces ``path`` by rename:
+    the new key is never readable by others, and whatever was at ``path`` is replaced, not written.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o600)
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:

@@ -51,6 +51,30 @@ def test_node_keys_are_what_flower_loads(tmp_path):
         deploy.make_node_keys(tmp_path, "../evil")
 
 
+def test_regenerated_private_keys_are_0600_whatever_was_there(tmp_path):
+    """A key file left 0644 (or a symlink planted at its path) does not survive regeneration."""
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    for name in ("ca.key", "superlink.key"):
+        (tmp_path / name).write_bytes(b"old")
+        (tmp_path / name).chmod(0o644)
+    (keys / "node-0").write_bytes(b"old")
+    (keys / "node-0").chmod(0o644)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_bytes(b"not a key")
+    elsewhere.chmod(0o644)
+    (keys / "node-1").symlink_to(elsewhere)
+
+    ca_pem, ca_key = deploy.make_ca(tmp_path)
+    _, server_key = deploy.make_server_cert(tmp_path, ca_pem, ca_key, ["localhost"])
+    written = [ca_key, server_key, *(deploy.make_node_keys(keys, n)[0] for n in ("node-0", "node-1"))]
+    for path in written:
+        assert not path.is_symlink() and oct(path.stat().st_mode & 0o777) == "0o600", path
+        assert path.read_bytes() != b"old"
+    assert elsewhere.read_bytes() == b"not a key"  # the symlink was replaced, not written through
+    assert sorted(p.name for p in keys.iterdir()) == ["node-0", "node-0.pub", "node-1", "node-1.pub"]
+
+
 def test_connection_config_is_valid_toml(tmp_path):
     deploy.write_connection(tmp_path, "edge", "10.0.0.5:9092", root_certificates=tmp_path / "ca.pem")
     deploy.write_connection(tmp_path, "lab", "127.0.0.1:9093", insecure=True, default=False)
