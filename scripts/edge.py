@@ -21,6 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fl_app.deploy import node_worker
 from fl_app.deploy import operator as deploy
 
 
@@ -107,11 +108,15 @@ def cmd_supernode(args: argparse.Namespace) -> int:
     env = deploy.deployment_env(args.flwr_home)
     worker = None
     if not args.no_worker:
-        socket_path = Path(args.worker_socket or f"/tmp/fl-keras-worker-{args.runtime_port}.sock")
-        node_config["keras-worker"] = str(socket_path)
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "fl_app.deploy.node_worker", "--socket", str(socket_path)], env=env
+        socket_path = (
+            Path(args.worker_socket) if args.worker_socket else node_worker.default_socket_path(args.runtime_port)
         )
+        node_config[node_worker.NODE_CONFIG_KEY] = str(socket_path)
+        try:
+            worker = deploy.start_worker(socket_path, env)
+        except node_worker.UnsafeWorkerPath as err:
+            print(f"supernode: not started: {err}", file=sys.stderr)
+            return 2
         print(f"Keras worker started: pid {worker.pid}, socket {socket_path}", flush=True)
     command = deploy.supernode_command(
         args.superlink,
@@ -232,7 +237,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-worker", action="store_true", help="import TensorFlow in every message's process (Flower's default)"
     )
-    p.add_argument("--worker-socket", help="default /tmp/fl-keras-worker-<runtime-port>.sock")
+    p.add_argument(
+        "--worker-socket",
+        help="in a directory only this user may access; default $XDG_RUNTIME_DIR/fl-keras/worker-<runtime-port>.sock, "
+        "or <temp dir>/fl-keras-<uid>/worker-<runtime-port>.sock",
+    )
     p.add_argument("--insecure", action="store_true")
     p.set_defaults(func=cmd_supernode)
 

@@ -383,7 +383,11 @@ def register_command(public_key: str | Path, connection: str, name: str | None =
 
 
 def start(
-    command: Sequence[str], env: Mapping[str, str], log_file: str | Path, cwd: str | Path | None = None
+    command: Sequence[str],
+    env: Mapping[str, str],
+    log_file: str | Path,
+    cwd: str | Path | None = None,
+    pass_fds: Sequence[int] = (),
 ) -> subprocess.Popen:
     """Start ``command`` in its own session (so that its whole group can be stopped by PID)."""
     log_file = Path(log_file)
@@ -397,9 +401,62 @@ def start(
             stdout=handle,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            pass_fds=tuple(pass_fds),
         )
     finally:
         handle.close()
+
+
+WORKER_OWNS_TIMEOUT_S = 120.0
+
+
+def start_worker(
+    socket_path: str | Path,
+    env: Mapping[str, str],
+    *,
+    log_file: str | Path | None = None,
+    cwd: str | Path | None = None,
+    timeout: float = WORKER_OWNS_TIMEOUT_S,
+) -> subprocess.Popen:
+    """Start a SuperNode's warm Keras worker on ``socket_path`` and return once it owns the socket.
+
+    With ``log_file`` the worker gets its own session and that log (as :func:`start`); without, it
+    stays in the caller's process group and writes to the caller's terminal. A SuperNode must not
+    start when its worker cannot own its socket (a squatted, foreign or group-readable directory,
+    or a live worker on it): then the worker is stopped and
+    :class:`~fl_app.deploy.node_worker.UnsafeWorkerPath` is raised with the reason to fix.
+    """
+    from fl_app.deploy.launcher import stop_process_tree
+    from fl_app.deploy.node_worker import UnsafeWorkerPath, wait_until_owned
+
+    read_fd, write_fd = os.pipe()
+    command = [
+        sys.executable,
+        "-m",
+        "fl_app.deploy.node_worker",
+        "--socket",
+        str(socket_path),
+        "--owned-fd",
+        str(write_fd),
+    ]
+    try:
+        if log_file is None:
+            process = subprocess.Popen(command, env=dict(env), cwd=cwd, pass_fds=(write_fd,))
+        else:
+            process = start(command, env, log_file, cwd=cwd, pass_fds=(write_fd,))
+    finally:
+        os.close(write_fd)
+    if wait_until_owned(read_fd, timeout):
+        return process
+    try:
+        process.wait(timeout=15)  # it closed the pipe without owning the socket: it is exiting
+    except subprocess.TimeoutExpired:  # neither owned its socket nor exited within the timeout
+        stop_process_tree(process)
+    where = f"; see {log_file}" if log_file is not None else " (its message is above)"
+    raise UnsafeWorkerPath(
+        f"the Keras worker could not own its socket {socket_path} within {timeout:g} s "
+        f"(exit code {process.returncode}){where}"
+    )
 
 
 # --------------------------------------------------------------------------- demo data
@@ -554,10 +611,11 @@ class LoopbackDeployment:
     def start_worker(self, name: str, wait: bool = True) -> Path:
         """A warm Keras worker for node ``name``; returns its socket path (once it is ready, with
         ``wait``; else call :meth:`wait_worker` later, so that several warm up at once)."""
-        socket_path = self.root / f"{name}.sock"
-        self.workers[name] = self._start(
-            [sys.executable, "-m", "fl_app.deploy.node_worker", "--socket", str(socket_path)], f"{name}-worker"
+        socket_path = self.root / "workers" / f"{name}.sock"
+        self.workers[name] = start_worker(
+            socket_path, self.env, log_file=self.root / f"{name}-worker.log", cwd=self.app
         )
+        self.processes.append(self.workers[name])
         if wait:
             self.wait_worker(name)
         return socket_path
