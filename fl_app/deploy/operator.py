@@ -382,6 +382,26 @@ def register_command(public_key: str | Path, connection: str, name: str | None =
     return command
 
 
+def superlink_answers(
+    address: str, *, ca: str | Path | None = None, insecure: bool = False, timeout: float = 1.0
+) -> bool:
+    """Whether the SuperLink at ``address`` (HOST:PORT) answers its health check, over TLS
+    verified against ``ca`` unless ``insecure``."""
+    import httpx
+
+    scheme, verify = ("http", False) if insecure else ("https", str(ca) if ca is not None else True)
+    try:
+        return httpx.get(f"{scheme}://{address}/health", verify=verify, timeout=timeout).is_success
+    except httpx.HTTPError:
+        return False
+
+
+def supernode_list_command(connection: str) -> list[str]:
+    """``flwr supernode list <connection> --format json``: the SuperLink's nodes, each with its
+    status (registered, online, offline, unregistered) and when it last came online or went off."""
+    return [_bin("flwr"), "supernode", "list", connection, "--format", "json"]
+
+
 def start(
     command: Sequence[str],
     env: Mapping[str, str],
