@@ -7,6 +7,8 @@
     uv run python scripts/edge.py supernode --superlink 127.0.0.1:9092 --ca deploy/ca.pem \\
         --key deploy/keys/node-0 --data-path /data/local.npz --runtime-port 9094
     uv run python scripts/edge.py node-data --out deploy/data --nodes 3   # demo data files
+    uv run python scripts/edge.py status      # what superlink/supernode started here, the nodes
+    uv run python scripts/edge.py stop        # stop it all, whole process trees
 
 TLS and SuperNode authentication are on unless ``--insecure`` is given. See docs/deployment.md
 "Deploy on edge machines" for the whole procedure.
