@@ -7,6 +7,8 @@
     uv run python scripts/edge.py supernode --superlink 127.0.0.1:9092 --ca deploy/ca.pem \\
         --key deploy/keys/node-0 --data-path /data/local.npz --runtime-port 9094
     uv run python scripts/edge.py node-data --out deploy/data --nodes 3   # demo data files
+    uv run python scripts/edge.py status      # what superlink/supernode started here, the nodes
+    uv run python scripts/edge.py stop        # stop it all, whole process trees
 
 TLS and SuperNode authentication are on unless ``--insecure`` is given. See docs/deployment.md
 "Deploy on edge machines" for the whole procedure.
@@ -19,9 +21,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
+from fl_app.deploy import node_worker, services
 from fl_app.deploy import operator as deploy
+from fl_app.deploy.process_tools import process_tree
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
@@ -82,6 +87,13 @@ def cmd_superlink(args: argparse.Namespace) -> int:
         database=args.database,
         log_file=args.log_file,
     )
+    # exec keeps this PID: the record names the SuperLink itself, whatever wrapper started us
+    services.record(
+        args.state_dir,
+        f"superlink-{args.port}",
+        command,
+        {"address": f"{args.host}:{args.port}", "tls": "off" if args.insecure else "on"},
+    )
     return _exec(command, deploy.deployment_env(args.flwr_home))
 
 
@@ -105,13 +117,28 @@ def cmd_supernode(args: argparse.Namespace) -> int:
     if args.partition_id is not None:
         node_config["partition-id"] = args.partition_id
     env = deploy.deployment_env(args.flwr_home)
+    name = f"supernode-{args.runtime_port}"
+    services.record(args.state_dir, name, sys.argv, {"superlink": args.superlink})
+    try:
+        return _run_supernode(args, node_config, env)
+    finally:
+        services.forget(args.state_dir, name)
+
+
+def _run_supernode(args: argparse.Namespace, node_config: dict[str, object], env: dict[str, str]) -> int:
+    """The warm worker (unless --no-worker), then the SuperNode; returns the SuperNode's exit code,
+    or 2 when the worker cannot own its socket (the SuperNode is then not started)."""
     worker = None
     if not args.no_worker:
-        socket_path = Path(args.worker_socket or f"/tmp/fl-keras-worker-{args.runtime_port}.sock")
-        node_config["keras-worker"] = str(socket_path)
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "fl_app.deploy.node_worker", "--socket", str(socket_path)], env=env
+        socket_path = (
+            Path(args.worker_socket) if args.worker_socket else node_worker.default_socket_path(args.runtime_port)
         )
+        node_config[node_worker.NODE_CONFIG_KEY] = str(socket_path)
+        try:
+            worker = deploy.start_worker(socket_path, env)
+        except node_worker.UnsafeWorkerPath as err:
+            print(f"supernode: not started: {err}", file=sys.stderr)
+            return 2
         print(f"Keras worker started: pid {worker.pid}, socket {socket_path}", flush=True)
     command = deploy.supernode_command(
         args.superlink,
@@ -120,12 +147,16 @@ def cmd_supernode(args: argparse.Namespace) -> int:
         private_key=args.key,
         insecure=args.insecure,
         node_config=node_config,
+        max_wait_time=args.max_wait_time,
     )
     print("$ " + " ".join(command), flush=True)
     # Both stay in this command's process group: stopping the group stops them all.
     supernode = subprocess.Popen(command, env=env)
 
+    stopping = threading.Event()
+
     def stop(*_):
+        stopping.set()
         for process in (supernode, worker):
             if process is not None and process.poll() is None:
                 process.terminate()
@@ -133,35 +164,138 @@ def cmd_supernode(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
-        code = supernode.wait()
+        code = _watch(args, supernode, stopping)
     finally:
-        stop()
+        # The whole tree, not only our children: Flower's SuperExec and ClientApps run in
+        # sessions of their own under the SuperNode.
+        services.stop_tree(process_tree(os.getpid())[1:], timeout=15)
         for process in (supernode, worker):
             if process is not None:
-                try:
-                    process.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    process.kill()
+                process.wait(timeout=15)
     return code
+
+
+LINK_CHECK_INTERVAL_S = 5.0
+SUPERLINK_LOST = 3
+
+
+def _watch(args: argparse.Namespace, supernode: subprocess.Popen, stopping: threading.Event) -> int:
+    """Wait for the SuperNode; return its exit code (0 when it was stopped on request: SIGTERM or
+    Ctrl-C to this command, e.g. from ``edge.py stop``), or ``SUPERLINK_LOST`` once the SuperLink
+    has not answered for ``--max-wait-time`` seconds (Flower's SuperNode then logs "Giving up
+    reconnection" but keeps running: measured with Flower 1.41)."""
+    import time
+
+    last_seen = time.monotonic()
+    while True:
+        try:
+            code = supernode.wait(timeout=LINK_CHECK_INTERVAL_S)
+        except subprocess.TimeoutExpired:
+            if args.max_wait_time is None:
+                continue
+            if deploy.superlink_answers(args.superlink, ca=args.ca, insecure=args.insecure, timeout=2.0):
+                last_seen = time.monotonic()
+            elif time.monotonic() - last_seen > args.max_wait_time:
+                print(
+                    f"supernode: the SuperLink at {args.superlink} has not answered for "
+                    f"{time.monotonic() - last_seen:.0f} s (--max-wait-time {args.max_wait_time:g}); "
+                    f"stopping the SuperNode, exit code {SUPERLINK_LOST}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                return SUPERLINK_LOST
+            continue
+        if stopping.is_set():
+            print(f"supernode: stopped on request (flower-supernode's exit code {code})", flush=True)
+            return 0
+        if code != 0:
+            print(
+                f"supernode: flower-supernode exited with code {code} (its log above says why; "
+                "'Failed to activate SuperNode' means the SuperLink does not know this node's key: register it)",
+                file=sys.stderr,
+                flush=True,
+            )
+        return code
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
     import time
 
-    import httpx
-
-    scheme, verify = ("http", False) if args.insecure else ("https", args.ca)
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{scheme}://{args.address}/health", verify=verify, timeout=1.0).is_success:
-                print(f"SuperLink at {args.address} is up")
-                return 0
-        except httpx.HTTPError:
-            pass
+        if deploy.superlink_answers(args.address, ca=args.ca, insecure=args.insecure):
+            print(f"SuperLink at {args.address} is up")
+            return 0
         time.sleep(0.5)
     print(f"SuperLink at {args.address} did not answer within {args.timeout:g} s", file=sys.stderr)
     return 1
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    try:
+        stopped = services.stop(args.state_dir, args.names, timeout=args.timeout)
+    except KeyError as err:
+        print(f"stop: {err.args[0]}", file=sys.stderr)
+        return 2
+    if not stopped:
+        print(f"Nothing recorded in {Path(args.state_dir) / services.STATE_FOLDER}: nothing to stop")
+    for result in stopped:
+        if not result.pids:
+            print(f"{result.service.name}: was not running (record removed)")
+            continue
+        forced = f", {len(result.killed)} needed SIGKILL" if result.killed else ""
+        print(
+            f"{result.service.name}: stopped {len(result.pids)} processes ({' '.join(map(str, result.pids))}){forced}"
+        )
+    return 0
+
+
+def _nodes(args: argparse.Namespace) -> str:
+    """The SuperLink's nodes as `flwr supernode list` reports them (status, when last online)."""
+    import json
+
+    result = subprocess.run(
+        deploy.supernode_list_command(args.connection),
+        env=deploy.deployment_env(args.flwr_home),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    try:
+        nodes = json.loads(result.stdout)["nodes"]
+    except (ValueError, KeyError):
+        reason = (result.stdout + result.stderr).strip().splitlines()
+        return (
+            f"    nodes: unknown (flwr supernode list {args.connection}: {reason[-1] if reason else result.returncode})"
+        )
+    if not nodes:
+        return f"    nodes (connection '{args.connection}'): none registered or connected"
+    lines = [f"    nodes (connection '{args.connection}'):"]
+    for node in nodes:
+        since = node["online-at"] if node["status"] == "online" else node["offline-at"]
+        lines.append(f"      {node['node-id']}  {node['status']:<12} since {since}")
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    recorded = services.recorded(args.state_dir)
+    if not recorded:
+        print(f"Nothing recorded in {Path(args.state_dir) / services.STATE_FOLDER}")
+        return 0
+    everything_runs = True
+    for service in recorded:
+        pids = services.tree(service)
+        details = ", ".join(f"{key} {value}" for key, value in service.details.items())
+        if not pids:
+            everything_runs = False
+            print(f"{service.name}: NOT RUNNING ({details}; `edge.py stop {service.name}` removes the record)")
+            continue
+        print(f"{service.name}: running, {len(pids)} processes ({details})")
+        for pid in pids:
+            print(f"    {pid:>7}  {services.command_line(pid)[:160]}")
+        if service.name.startswith("superlink"):
+            print(_nodes(args))
+    return 0 if everything_runs else 1
 
 
 def cmd_node_data(args: argparse.Namespace) -> int:
@@ -177,6 +311,10 @@ def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="scripts/edge.py", description=__doc__.split("\n")[0])
     sub = root.add_subparsers(dest="command", required=True)
     home = {"default": None, "help": "FLWR_HOME for the flwr CLI (default: $FLWR_HOME or ~/.flwr)"}
+    state = {
+        "default": "deploy",
+        "help": "folder where edge.py records what it starts, for `stop` and `status` (default: deploy)",
+    }
 
     p = sub.add_parser("certs", help="CA, SuperLink certificate and SuperNode key pairs")
     p.add_argument("--out", required=True, help="folder for ca.pem, superlink.pem/.key, keys/")
@@ -211,6 +349,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--log-file")
     p.add_argument("--no-node-auth", action="store_true", help="accept any SuperNode (TLS stays on)")
     p.add_argument("--insecure", action="store_true", help="no TLS and no node authentication")
+    p.add_argument("--state-dir", **state)
     p.set_defaults(func=cmd_superlink)
 
     p = sub.add_parser("register", help="register SuperNode public keys on the SuperLink")
@@ -232,9 +371,32 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-worker", action="store_true", help="import TensorFlow in every message's process (Flower's default)"
     )
-    p.add_argument("--worker-socket", help="default /tmp/fl-keras-worker-<runtime-port>.sock")
+    p.add_argument(
+        "--worker-socket",
+        help="in a directory only this user may access; default $XDG_RUNTIME_DIR/fl-keras/worker-<runtime-port>.sock, "
+        "or <temp dir>/fl-keras-<uid>/worker-<runtime-port>.sock",
+    )
     p.add_argument("--insecure", action="store_true")
+    p.add_argument(
+        "--max-wait-time",
+        type=float,
+        default=None,
+        help="seconds to keep retrying an unreachable SuperLink before exiting non-zero (default: retry forever)",
+    )
+    p.add_argument("--state-dir", **state)
     p.set_defaults(func=cmd_supernode)
+
+    p = sub.add_parser("stop", help="stop what superlink/supernode started here, whole process trees")
+    p.add_argument("--state-dir", **state)
+    p.add_argument("--timeout", type=float, default=services.STOP_TIMEOUT_S, help="seconds before SIGKILL")
+    p.add_argument("names", nargs="*", help="e.g. supernode-9094 superlink-9092 (default: all recorded)")
+    p.set_defaults(func=cmd_stop)
+
+    p = sub.add_parser("status", help="what superlink/supernode started here, and the SuperLink's nodes")
+    p.add_argument("--state-dir", **state)
+    p.add_argument("--flwr-home", **home)
+    p.add_argument("--connection", default="edge", help="the flwr connection to list the SuperLink's nodes")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("wait", help="wait until the SuperLink answers (TLS verified with --ca)")
     p.add_argument("--address", required=True, help="HOST:PORT of the SuperLink")

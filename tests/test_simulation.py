@@ -55,3 +55,57 @@ def test_bad_run_config_fails_before_training(tmp_path):
     assert "dirichlet-alpha must be > 0, got -1.0" in output
     assert_launcher_cleaned_up(output)
     assert not (tmp_path / "latest").exists()
+
+
+def test_a_superlink_that_dies_mid_run_fails_the_launcher_at_once(tmp_path):
+    """The launcher's SuperLink alone crashes (SIGKILL) while the run trains: ``fl-keras-run``
+    exits 1 at once naming the SuperLink, leaves none of the SuperLink's tree running (its orphans
+    are adopted by the launcher and stopped), and starts no new local SuperLink."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from fl_app.deploy import services
+    from fl_app.deploy.process_tools import process_tree
+    from tests.helpers import ROOT, processes_using_port
+
+    command = [sys.executable, "-m", "fl_app.deploy.launcher", "--app", str(ROOT), "--clients", "2"]
+    command += ["--output-dir", str(tmp_path), "--", "-c", "num-server-rounds=50"]
+    launcher = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert launcher.stdout is not None
+        match = None
+        while match is None:
+            line = launcher.stdout.readline()
+            assert line, "the launcher ended before starting its SuperLink"
+            match = re.search(r"Local SuperLink started: pid (\d+), 127\.0\.0\.1:(\d+)", line)
+        superlink, port = int(match.group(1)), int(match.group(2))
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "latest").exists():  # the ServerApp has started writing its run
+            assert time.monotonic() < deadline and launcher.poll() is None, "the run never started"
+            time.sleep(0.5)
+        tree = {pid: services.start_ticks(pid) for pid in process_tree(superlink)}
+        assert len(tree) >= 3, tree  # SuperLink, SuperExec, the simulation (ServerApp and clients)
+        killed_at = time.monotonic()
+        os.kill(superlink, signal.SIGKILL)
+        output, _ = launcher.communicate(timeout=120)
+        took = time.monotonic() - killed_at
+    finally:
+        if launcher.poll() is None:
+            launcher.terminate()
+            launcher.communicate(timeout=60)
+    assert launcher.returncode == 1
+    assert f"the local SuperLink (pid {superlink}) exited with code -9 during the run" in output, output[-3000:]
+    left = [services.command_line(pid) for pid, ticks in tree.items() if services.start_ticks(pid) == ticks]
+    assert not left and not processes_using_port(port), left
+    assert took < 90, f"the launcher took {took:.0f} s to notice and clean up"  # 20.8 s measured

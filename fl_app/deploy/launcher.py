@@ -8,7 +8,12 @@ only by its port, and keeps the environment and working directory of the run tha
 2. runtime dependency installation off, so the SuperLink uses this (locked) environment;
 3. it starts that SuperLink itself (the same command ``flwr run`` would), keeps its PID,
    runs ``flwr run <app> --stream`` against it, and stops it (by PID, bounded wait) at the end;
-4. it exits non-zero when the run's final status is not ``finished:completed``.
+4. it exits non-zero when the run's final status is not ``finished:completed``, and with exit
+   code 1 when the SuperLink exits, or stops answering for 30 s, during the run: Flower's ``flwr
+   run --stream`` would end with exit code 0, or wait, the ServerApp would outlive the SuperLink, and
+   ``flwr ls local`` against the dead port would start a new detached SuperLink. The launcher is
+   the child subreaper of everything it starts, so processes orphaned by the SuperLink's death
+   are adopted by it and stopped with the rest.
 
 Everything after ``--`` (or any unknown option) is passed to ``flwr run``, e.g.
 ``fl-keras-run -- -c "strategy='fedprox' proximal-mu=0.1"``.
@@ -64,11 +69,11 @@ def prepare_environment(flwr_home: Path, http_port: int, control_port: int) -> d
     return env
 
 
-def _healthy(port: int) -> bool:
+def _healthy(port: int, timeout: float = 0.5) -> bool:
     import httpx
 
     try:
-        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.5).is_success
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=timeout).is_success
     except httpx.HTTPError:
         return False
 
@@ -170,6 +175,56 @@ def stop_process_tree(process: subprocess.Popen, timeout: float = 15.0, sig: int
         process.wait(timeout=timeout)
 
 
+PR_SET_CHILD_SUBREAPER = 36
+SUPERLINK_CHECK_INTERVAL_S = 1.0
+HEALTH_CHECK_INTERVAL_S = 5.0
+LOST_AFTER_S = 30.0
+
+
+def become_subreaper() -> bool:
+    """Make this process the child subreaper of its descendants (Linux ``prctl``): a process
+    whose parent dies is re-parented here, not to init, so :func:`descendants` still finds it."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+    except (OSError, AttributeError):  # not Linux: orphans go to init, as without the launcher
+        return False
+
+
+def run_while_alive(
+    command: list[str], env: dict[str, str], cwd: Path, superlink: subprocess.Popen, port: int
+) -> tuple[int | None, str]:
+    """Run ``command`` (``flwr run``) while the SuperLink lives. Returns ``(exit code, "")``, or
+    ``(None, why)`` as soon as the SuperLink has exited, or has not answered its health check on
+    ``port`` for ``LOST_AFTER_S`` seconds (seen here: after SIGTERM during a run it stopped
+    listening but did not exit). ``command`` is then stopped: it would go on waiting."""
+    process = subprocess.Popen(command, env=env, cwd=cwd)
+    last_answer = next_check = time.monotonic()
+    try:
+        while True:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                return process.wait(timeout=SUPERLINK_CHECK_INTERVAL_S), ""
+            if superlink.poll() is not None:
+                return None, f"exited with code {superlink.returncode}"
+            now = time.monotonic()
+            if now >= next_check:
+                next_check = now + HEALTH_CHECK_INTERVAL_S
+                if _healthy(port, timeout=2.0):
+                    last_answer = now
+                elif now - last_answer > LOST_AFTER_S:
+                    return None, f"stopped answering on 127.0.0.1:{port} {now - last_answer:.0f} s ago"
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
 def run_status(env: dict[str, str], app: Path) -> str:
     """The status of the newest run on the SuperLink, e.g. ``finished:completed``."""
     result = subprocess.run(
@@ -265,19 +320,32 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     # SIGTERM (e.g. a benchmark's timeout) unwinds like Ctrl-C, so the SuperLink is stopped below
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    with local_superlink(env, app, flwr_home / "superlink.log") as superlink:
+    become_subreaper()
+    log_file = flwr_home / "superlink.log"
+    try:
+        with local_superlink(env, app, log_file) as superlink:
+            print(
+                f"Local SuperLink started: pid {superlink.pid}, 127.0.0.1:{env['FLWR_LOCAL_SUPERLINK_HTTP_API_PORT']}",
+                flush=True,
+            )
+            port = int(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"])
+            code, lost = run_while_alive(command, env, app, superlink, port)
+            # never `flwr ls local` once the SuperLink is gone: it would start a new, detached one
+            status = run_status(env, app) if code is not None else "unknown"
+    finally:
+        from fl_app.deploy.services import stop_tree
+
+        stop_tree(descendants(os.getpid()))  # orphans of the SuperLink's tree, adopted by this process
+    if code is None:
         print(
-            f"Local SuperLink started: pid {superlink.pid}, 127.0.0.1:{env['FLWR_LOCAL_SUPERLINK_HTTP_API_PORT']}",
-            flush=True,
+            f"\nfl-keras-run: the local SuperLink (pid {superlink.pid}) {lost} during the run, after "
+            f"{time.perf_counter() - started:.1f} s; the run did not finish. See {log_file}",
+            file=sys.stderr,
         )
-        completed = subprocess.run(command, env=env, cwd=app)
-        status = run_status(env, app)
-    print(
-        f"\nflwr run exited with {completed.returncode}; run status: {status}; "
-        f"{time.perf_counter() - started:.1f} s in all"
-    )
+        return 1
+    print(f"\nflwr run exited with {code}; run status: {status}; {time.perf_counter() - started:.1f} s in all")
     print_summary(output_dir)
-    if completed.returncode != 0 or status != "finished:completed":
+    if code != 0 or status != "finished:completed":
         print(f"The run did not complete (status {status}); see {flwr_home / 'superlink.log'}", file=sys.stderr)
         return 1
     return 0

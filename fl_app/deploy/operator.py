@@ -25,6 +25,7 @@ import ipaddress
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -41,11 +42,25 @@ CA_DAYS = 3650
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` readable by the owner only (a private key)."""
+    """Write ``data`` (a private key) so that ``path`` is mode 0600 after every write.
+
+    Opening an existing file with ``O_CREAT`` keeps its old mode (a regenerated key would stay
+    0644), and a symlink at ``path`` would be followed. So the key goes to a fresh temporary file in
+    the same folder (``mkstemp`` creates it 0600 with ``O_EXCL``) and replaces ``path`` by rename:
+    the new key is never readable by others, and whatever was at ``path`` is replaced, not written.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o600)
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -367,8 +382,32 @@ def register_command(public_key: str | Path, connection: str, name: str | None =
     return command
 
 
+def superlink_answers(
+    address: str, *, ca: str | Path | None = None, insecure: bool = False, timeout: float = 1.0
+) -> bool:
+    """Whether the SuperLink at ``address`` (HOST:PORT) answers its health check, over TLS
+    verified against ``ca`` unless ``insecure``."""
+    import httpx
+
+    scheme, verify = ("http", False) if insecure else ("https", str(ca) if ca is not None else True)
+    try:
+        return httpx.get(f"{scheme}://{address}/health", verify=verify, timeout=timeout).is_success
+    except httpx.HTTPError:
+        return False
+
+
+def supernode_list_command(connection: str) -> list[str]:
+    """``flwr supernode list <connection> --format json``: the SuperLink's nodes, each with its
+    status (registered, online, offline, unregistered) and when it last came online or went off."""
+    return [_bin("flwr"), "supernode", "list", connection, "--format", "json"]
+
+
 def start(
-    command: Sequence[str], env: Mapping[str, str], log_file: str | Path, cwd: str | Path | None = None
+    command: Sequence[str],
+    env: Mapping[str, str],
+    log_file: str | Path,
+    cwd: str | Path | None = None,
+    pass_fds: Sequence[int] = (),
 ) -> subprocess.Popen:
     """Start ``command`` in its own session (so that its whole group can be stopped by PID)."""
     log_file = Path(log_file)
@@ -382,9 +421,62 @@ def start(
             stdout=handle,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            pass_fds=tuple(pass_fds),
         )
     finally:
         handle.close()
+
+
+WORKER_OWNS_TIMEOUT_S = 120.0
+
+
+def start_worker(
+    socket_path: str | Path,
+    env: Mapping[str, str],
+    *,
+    log_file: str | Path | None = None,
+    cwd: str | Path | None = None,
+    timeout: float = WORKER_OWNS_TIMEOUT_S,
+) -> subprocess.Popen:
+    """Start a SuperNode's warm Keras worker on ``socket_path`` and return once it owns the socket.
+
+    With ``log_file`` the worker gets its own session and that log (as :func:`start`); without, it
+    stays in the caller's process group and writes to the caller's terminal. A SuperNode must not
+    start when its worker cannot own its socket (a squatted, foreign or group-readable directory,
+    or a live worker on it): then the worker is stopped and
+    :class:`~fl_app.deploy.node_worker.UnsafeWorkerPath` is raised with the reason to fix.
+    """
+    from fl_app.deploy.launcher import stop_process_tree
+    from fl_app.deploy.node_worker import UnsafeWorkerPath, wait_until_owned
+
+    read_fd, write_fd = os.pipe()
+    command = [
+        sys.executable,
+        "-m",
+        "fl_app.deploy.node_worker",
+        "--socket",
+        str(socket_path),
+        "--owned-fd",
+        str(write_fd),
+    ]
+    try:
+        if log_file is None:
+            process = subprocess.Popen(command, env=dict(env), cwd=cwd, pass_fds=(write_fd,))
+        else:
+            process = start(command, env, log_file, cwd=cwd, pass_fds=(write_fd,))
+    finally:
+        os.close(write_fd)
+    if wait_until_owned(read_fd, timeout):
+        return process
+    try:
+        process.wait(timeout=15)  # it closed the pipe without owning the socket: it is exiting
+    except subprocess.TimeoutExpired:  # neither owned its socket nor exited within the timeout
+        stop_process_tree(process)
+    where = f"; see {log_file}" if log_file is not None else " (its message is above)"
+    raise UnsafeWorkerPath(
+        f"the Keras worker could not own its socket {socket_path} within {timeout:g} s "
+        f"(exit code {process.returncode}){where}"
+    )
 
 
 # --------------------------------------------------------------------------- demo data
@@ -539,10 +631,11 @@ class LoopbackDeployment:
     def start_worker(self, name: str, wait: bool = True) -> Path:
         """A warm Keras worker for node ``name``; returns its socket path (once it is ready, with
         ``wait``; else call :meth:`wait_worker` later, so that several warm up at once)."""
-        socket_path = self.root / f"{name}.sock"
-        self.workers[name] = self._start(
-            [sys.executable, "-m", "fl_app.deploy.node_worker", "--socket", str(socket_path)], f"{name}-worker"
+        socket_path = self.root / "workers" / f"{name}.sock"
+        self.workers[name] = start_worker(
+            socket_path, self.env, log_file=self.root / f"{name}-worker.log", cwd=self.app
         )
+        self.processes.append(self.workers[name])
         if wait:
             self.wait_worker(name)
         return socket_path

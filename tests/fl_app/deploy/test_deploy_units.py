@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import ipaddress
+import os
+import subprocess
+import sys
 import threading
 import time
 import tomllib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +22,10 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fl_app.deploy import node_worker
 from fl_app.deploy import operator as deploy
+from fl_app.deploy.launcher import stop_process_tree
 from fl_app.task.data import DataFileError
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_superlink_certificate_is_signed_by_the_ca_for_the_given_hosts(tmp_path):
@@ -49,6 +56,30 @@ def test_node_keys_are_what_flower_loads(tmp_path):
     assert oct(private.stat().st_mode & 0o777) == "0o600"
     with pytest.raises(ValueError, match="plain file name"):
         deploy.make_node_keys(tmp_path, "../evil")
+
+
+def test_regenerated_private_keys_are_0600_whatever_was_there(tmp_path):
+    """A key file left 0644 (or a symlink planted at its path) does not survive regeneration."""
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    for name in ("ca.key", "superlink.key"):
+        (tmp_path / name).write_bytes(b"old")
+        (tmp_path / name).chmod(0o644)
+    (keys / "node-0").write_bytes(b"old")
+    (keys / "node-0").chmod(0o644)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_bytes(b"not a key")
+    elsewhere.chmod(0o644)
+    (keys / "node-1").symlink_to(elsewhere)
+
+    ca_pem, ca_key = deploy.make_ca(tmp_path)
+    _, server_key = deploy.make_server_cert(tmp_path, ca_pem, ca_key, ["localhost"])
+    written = [ca_key, server_key, *(deploy.make_node_keys(keys, n)[0] for n in ("node-0", "node-1"))]
+    for path in written:
+        assert not path.is_symlink() and oct(path.stat().st_mode & 0o777) == "0o600", path
+        assert path.read_bytes() != b"old"
+    assert elsewhere.read_bytes() == b"not a key"  # the symlink was replaced, not written through
+    assert sorted(p.name for p in keys.iterdir()) == ["node-0", "node-0.pub", "node-1", "node-1.pub"]
 
 
 def test_connection_config_is_valid_toml(tmp_path):
@@ -125,16 +156,20 @@ def _train(msg: Message, context: Context) -> Message:
     )
 
 
+def _wait_for_socket(socket_path, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not socket_path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 @pytest.fixture
 def worker(tmp_path):
-    socket_path = tmp_path / "w.sock"
+    socket_path = tmp_path / "private" / "w.sock"  # the worker creates private/ with mode 0700
     thread = threading.Thread(
         target=node_worker.serve, args=(socket_path, f"{__name__}:worker_app"), kwargs={"warm_up": False}, daemon=True
     )
     thread.start()
-    deadline = time.monotonic() + 10
-    while not socket_path.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _wait_for_socket(socket_path)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
     return socket_path
 
@@ -161,22 +196,26 @@ def test_worker_runs_the_message_and_returns_reply_and_state(worker):
     np.testing.assert_array_equal(reply.content["arrays"].to_numpy_ndarrays()[0], 2.0)
     assert reply.metadata.reply_to_message_id == message.metadata.message_id
     assert context.state["seen"]["count"] == 1
+    assert oct(worker.parent.stat().st_mode & 0o777) == "0o700"
+    assert oct(node_worker.key_path(worker).stat().st_mode & 0o777) == "0o600"
 
 
-def test_worker_errors_come_back_as_the_same_exception(worker):
+def test_worker_errors_come_back_under_the_same_name(worker):
+    """Flower's error reply reads ``<class 'module.Name'>:<'text'>``: the same as without a worker."""
     message, context = _message_and_context(worker, data_path="bad")
-    with pytest.raises(DataFileError, match="holds no examples"):
+    with pytest.raises(Exception, match="holds no examples") as raised:
         node_worker.keras_worker_mod(message, context, lambda m, c: None)
+    assert str(type(raised.value)) == str(DataFileError)
 
 
 def test_no_worker_or_other_code_runs_in_process(worker, tmp_path, monkeypatch):
     fallback = object()
-    message, context = _message_and_context(tmp_path / "absent.sock")
+    message, context = _message_and_context(tmp_path / "absent" / "w.sock")
     monkeypatch.setattr(node_worker, "CONNECT_TIMEOUT_S", 0.2)
     assert node_worker.keras_worker_mod(message, context, lambda m, c: fallback) is fallback
     message, context = _message_and_context(worker)
-    answer = node_worker.handle({"digest": "other code", "message": message, "context": context}, worker_app)
-    assert answer["status"] == "code-mismatch"
+    answer = node_worker.handle(node_worker.Request("other code", 0, message, context), worker_app)
+    assert answer.status == "code-mismatch"
 
 
 def test_worker_refuses_a_client_without_the_key(worker):
@@ -188,3 +227,122 @@ def test_worker_refuses_a_client_without_the_key(worker):
     # and it still serves the right one afterwards
     message, context = _message_and_context(worker)
     assert node_worker.keras_worker_mod(message, context, lambda m, c: None) is not None
+
+
+# --------------------------------------------------------------------------- socket squatting
+
+
+def _squat(directory, mode=0o755, key_mode=0o644):
+    """What another local user did with the old fixed paths: a directory, a key they know, and a
+    listener with that key that would answer the ClientApp."""
+    from multiprocessing.connection import Listener
+
+    directory.mkdir(mode=mode)
+    directory.chmod(mode)
+    socket_path = directory / "w.sock"
+    key = node_worker.key_path(socket_path)
+    key.write_bytes(b"k" * 32)
+    key.chmod(key_mode)
+    return socket_path, Listener(str(socket_path), family="AF_UNIX", authkey=b"k" * 32)
+
+
+def test_the_client_never_uses_a_squatted_socket(tmp_path):
+    """A socket directory open to others, or a key file open to others, is refused by name
+    before the key is read: the squatter's listener never sees a connection."""
+    socket_path, squatter = _squat(tmp_path / "open-dir")
+    with squatter:
+        message, context = _message_and_context(socket_path)
+        with pytest.raises(node_worker.UnsafeWorkerPath, match=r"open-dir has mode 0755, open to group or others"):
+            node_worker.keras_worker_mod(message, context, lambda m, c: None)
+        socket_path.parent.chmod(0o700)  # a private directory, but a key others could have written
+        with pytest.raises(node_worker.UnsafeWorkerPath, match=r"w\.sock\.key has mode 0644"):
+            node_worker.keras_worker_mod(message, context, lambda m, c: None)
+        key = node_worker.key_path(socket_path)
+        key.unlink()
+        key.symlink_to(tmp_path / "elsewhere.key")
+        with pytest.raises(node_worker.UnsafeWorkerPath, match="cannot be opened safely"):
+            node_worker.keras_worker_mod(message, context, lambda m, c: None)
+        squatter._listener._socket.setblocking(False)
+        with pytest.raises(BlockingIOError):  # nothing ever connected to it
+            squatter._listener._socket.accept()
+
+
+def test_the_client_refuses_a_directory_of_another_owner(tmp_path, monkeypatch):
+    directory = tmp_path / "theirs"
+    directory.mkdir(mode=0o700)
+    monkeypatch.setattr(node_worker.os, "getuid", lambda: os.stat(directory).st_uid + 1)
+    message, context = _message_and_context(directory / "w.sock")
+    with pytest.raises(node_worker.UnsafeWorkerPath, match=r"belongs to uid \d+, not to this user"):
+        node_worker.keras_worker_mod(message, context, lambda m, c: None)
+
+
+def test_the_worker_refuses_a_squatted_or_taken_socket(tmp_path, worker):
+    socket_path, squatter = _squat(tmp_path / "open-dir")
+    squatter.close()
+    with pytest.raises(node_worker.UnsafeWorkerPath, match="mode 0755"):
+        node_worker.serve(socket_path, f"{__name__}:worker_app", warm_up=False)
+    linked = tmp_path / "linked"
+    linked.symlink_to(tmp_path / "private-target", target_is_directory=True)
+    (tmp_path / "private-target").mkdir(mode=0o700)
+    with pytest.raises(node_worker.UnsafeWorkerPath, match="is a symlink"):
+        node_worker.serve(linked / "w.sock", f"{__name__}:worker_app", warm_up=False)
+    with pytest.raises(node_worker.UnsafeWorkerPath, match="another worker already serves"):
+        node_worker.serve(worker, f"{__name__}:worker_app", warm_up=False)
+    message, context = _message_and_context(worker)  # the first worker is untouched
+    assert node_worker.keras_worker_mod(message, context, lambda m, c: None) is not None
+
+
+def test_default_socket_directory_is_private_and_per_user(tmp_path, monkeypatch):
+    runtime = tmp_path / "run-user"
+    runtime.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    assert node_worker.default_socket_path(9094) == runtime / "fl-keras" / "worker-9094.sock"
+    runtime.chmod(0o755)  # a runtime directory others may enter is not used
+    monkeypatch.setattr(node_worker.tempfile, "gettempdir", lambda: str(tmp_path))
+    assert node_worker.default_socket_path(9094) == tmp_path / f"fl-keras-{os.getuid()}" / "worker-9094.sock"
+
+
+def test_worker_process_exits_non_zero_and_the_supernode_is_not_started(tmp_path):
+    """Real processes: ``python -m fl_app.deploy.node_worker`` refuses a squatted directory with
+    exit code 2, and ``edge.py supernode`` then refuses to start the SuperNode."""
+    socket_path, squatter = _squat(tmp_path / "open-dir")
+    squatter.close()
+    env = deploy.deployment_env(tmp_path / "home")
+    worker = subprocess.run(
+        [sys.executable, "-m", "fl_app.deploy.node_worker", "--socket", str(socket_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert worker.returncode == 2 and f"refusing to start: worker directory {socket_path.parent}" in worker.stderr
+    edge = subprocess.run(
+        [
+            *(sys.executable, str(ROOT / "scripts" / "edge.py"), "supernode", "--insecure"),
+            *("--superlink", "127.0.0.1:1", "--runtime-port", "1", "--worker-socket", str(socket_path)),
+        ],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert edge.returncode == 2, edge.stdout + edge.stderr
+    assert "supernode: not started: the Keras worker could not own its socket" in edge.stderr
+    assert "flower-supernode" not in edge.stdout  # the SuperNode's command was never run
+
+
+def test_worker_process_owns_a_fresh_private_socket(tmp_path):
+    """Real process, happy path: the worker creates its directory 0700 and its key 0600 and says
+    so through the pipe, before importing the app or TensorFlow."""
+    socket_path = tmp_path / "fresh" / "w.sock"
+    process = deploy.start_worker(
+        socket_path, deploy.deployment_env(tmp_path / "home"), log_file=tmp_path / "worker.log", cwd=ROOT
+    )
+    try:
+        assert oct(socket_path.parent.stat().st_mode & 0o777) == "0o700"
+        assert oct(node_worker.key_path(socket_path).stat().st_mode & 0o777) == "0o600"
+        assert node_worker.read_key(socket_path) and socket_path.is_socket()
+    finally:
+        stop_process_tree(process)
+    assert not socket_path.exists() and not node_worker.key_path(socket_path).exists()

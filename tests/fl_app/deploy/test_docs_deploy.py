@@ -43,7 +43,8 @@ def test_docs_block_is_complete():
         "edge.py register",
         "edge.py supernode",
         "flwr run . edge",
-        "kill $(cat",
+        "edge.py status",
+        "edge.py stop",
     ):
         assert step in block
 
@@ -82,6 +83,7 @@ def test_docs_loopback_steps_work_verbatim():
     if leftovers:
         os.killpg(process.pid, signal.SIGKILL)
     assert not leftovers, "the document's last step left processes running"
+    assert not list((ROOT / "deploy" / "processes").glob("*.json")), "edge.py stop left a service recorded"
     assert process.returncode == 0, output[-5000:]
     assert "Successfully started run" in output and "finished" in output, output[-5000:]
     assert outputs_latest.read_text() != before
