@@ -257,14 +257,16 @@ def default_num_partitions(app: Path) -> int:
     return int(config["tool"]["flwr"]["app"]["config"]["num-partitions"])
 
 
-def print_summary(output_dir: Path) -> None:
+def print_summary(output_dir: Path, since: float) -> None:
+    """Print the summary this run wrote: ``<output-dir>/latest``'s, if it was written after the
+    wall-clock time ``since`` (the launch), never an earlier run's."""
     latest = output_dir / "latest"
-    if not latest.exists():
-        print("No run directory was written.")
+    if not latest.exists() or latest.stat().st_mtime < since:
+        print("This run wrote no run directory.")
         return
     summary_file = Path(latest.read_text(encoding="utf-8").strip()) / "summary.json"
-    if not summary_file.exists():
-        print(f"The run wrote no summary ({summary_file} is missing).")
+    if not summary_file.exists() or summary_file.stat().st_mtime < since:
+        print(f"This run wrote no summary ({summary_file} is missing).")
         return
     summary = json.loads(summary_file.read_text(encoding="utf-8"))
     print("\n=== Summary " + "=" * 50)
@@ -318,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         *flwr_args,
     ]
     started = time.perf_counter()
+    launched_at = time.time()  # files this run writes are newer
     # SIGTERM (e.g. a benchmark's timeout) unwinds like Ctrl-C, so the SuperLink is stopped below
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     become_subreaper()
@@ -344,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     print(f"\nflwr run exited with {code}; run status: {status}; {time.perf_counter() - started:.1f} s in all")
-    print_summary(output_dir)
+    print_summary(output_dir, launched_at)
     if code != 0 or status != "finished:completed":
         print(f"The run did not complete (status {status}); see {flwr_home / 'superlink.log'}", file=sys.stderr)
         return 1

@@ -346,3 +346,20 @@ def test_worker_process_owns_a_fresh_private_socket(tmp_path):
     finally:
         stop_process_tree(process)
     assert not socket_path.exists() and not node_worker.key_path(socket_path).exists()
+
+
+def test_the_launcher_never_prints_an_earlier_runs_summary(tmp_path, capsys):
+    import json
+    import time
+
+    from fl_app.deploy.launcher import print_summary
+
+    run = tmp_path / "run-1"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"final centralized accuracy": 0.97}))
+    (tmp_path / "latest").write_text(str(run))
+    print_summary(tmp_path, since=time.time() + 60)  # a run launched after that one wrote nothing
+    out = capsys.readouterr().out
+    assert "0.97" not in out and "This run wrote no run directory" in out
+    print_summary(tmp_path, since=time.time() - 60)
+    assert "0.97" in capsys.readouterr().out
