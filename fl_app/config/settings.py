@@ -142,7 +142,9 @@ DAY = 86_400.0
 """Seconds in a day, the longest wait for one round."""
 MAX_SYNTHETIC_VALUES = 2**28
 """The most float32 values of the ``synthetic`` pool (1 GiB), which every process generates whole."""
-SYNTHETIC_NOTE = ", times `num-partitions` and `synthetic-features` at most 2**28 values (1 GiB)"
+SYNTHETIC_NOTE = (
+    ", and the pool (x `num-partitions` / (1 - `server-test-fraction`) x `synthetic-features`) at most 2**28 values"
+)
 
 
 def _key(default: Any, allowed: Allowed | Range, meaning: str) -> Any:
@@ -410,8 +412,9 @@ class Settings:
     )
     dp_delta: float = _key(
         1e-5,
-        Range(0.0, 1.0, low_open=True, high_open=True),
-        "delta at which epsilon is reported (central, local and DP-SGD)",
+        Range(1e-12, 1.0, high_open=True),
+        "delta at which epsilon is reported (central, local and DP-SGD); the PLD accountant resolves "
+        "delta down to about 1e-15 (its tail truncation) and reports infinity below",
     )
     dp_accounting: str = _key(
         "rdp",

@@ -187,10 +187,19 @@ SMALL = {
 }
 
 
+def extreme(end: int, keys: tuple[str, ...]) -> dict[str, Any]:
+    fields = {key_of(f): f for f in NUMERIC}
+    return {key: inside_and_outside(fields[key])[0][end] for key in keys}
+
+
 def highest(*keys: str) -> dict[str, Any]:
     """Each key at the largest value its declared range accepts."""
-    fields = {key_of(f): f for f in NUMERIC}
-    return {key: inside_and_outside(fields[key])[0][1] for key in keys}
+    return extreme(1, keys)
+
+
+def lowest(*keys: str) -> dict[str, Any]:
+    """Each key at the smallest value its declared range accepts."""
+    return extreme(0, keys)
 
 
 EXTREMES = {  # the largest accepted values of the keys that once hung, overflowed or crashed a run
@@ -199,7 +208,18 @@ EXTREMES = {  # the largest accepted values of the keys that once hung, overflow
         **highest("centered-clipping-iterations", "server-learning-rate", "server-momentum", "seed"),
         **highest("client-threads", "aggregation-threads"),
     },
-    "dp-noise": {"strategy": "dp-fedavg", **highest("dp-clip-norm", "dp-noise-multiplier", "server-learning-rate")},
+    "dp-noise": {
+        "strategy": "dp-fedavg",
+        "dp-accounting": "pld",  # the accountant with the coarser resolution of small deltas
+        **highest("dp-clip-norm", "dp-noise-multiplier", "server-learning-rate", "dp-target-epsilon"),
+        **lowest("dp-delta"),
+    },
+    "local-dp": {
+        "strategy": "dp-fedavg",
+        "dp-mode": "local-laplace",
+        **highest("dp-clip-norm"),
+        **lowest("dp-local-epsilon"),
+    },
     "rates": {"strategy": "fedadam", "optimizer": "sgd", **highest("fedopt-eta", "learning-rate")},
     "synthetic-samples-per-client": {
         "dataset": "synthetic",
@@ -222,7 +242,7 @@ def test_accepted_extremes_run_one_round_to_a_finite_model(case, tensorflow_impo
     started = time.monotonic()
     arrays, history = run_local_federation({**SMALL, **EXTREMES[case]}, evaluate_centrally=False)
     seconds = time.monotonic() - started
-    assert history[-1].round == 1
+    assert history and history[-1].round == 1, f"{case}: no round ran"
     assert history[-1].clients_replied + history[-1].clients_failed == 2
     assert all(np.isfinite(array).all() for array in arrays.to_numpy_ndarrays()), f"{case}: non-finite model"
     assert seconds < TIME_BOUND_S, f"{case}: one round took {seconds:.1f} s"
