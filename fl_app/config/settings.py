@@ -116,7 +116,7 @@ class Range:
 
 
 MANY_CLIENTS = 1_000_000
-"""The most clients any count may name (nodes, samples, Byzantine f, shares): a cross-device
+"""The most clients any count may name (nodes, per-round minimums, Byzantine f, key shares, replies): a cross-device
 federation of a million devices; a larger count is a typo that makes the server wait or allocate
 for clients that do not exist."""
 MAX_ROUNDS = 100_000
@@ -131,7 +131,8 @@ MAX_ITERATIONS = 1_000
 """The most iterations of an aggregation rule, each a pass over the K x P update matrix: the
 papers use 1 to 10 (centered clipping) and tens (Weiszfeld); more stalls the server's round."""
 MAX_THREADS = 1024
-"""The most threads a process may ask for: above any machine's cores; more fails to start."""
+"""The most threads a process may ask for: above the cores of any machine this runs on; a count far
+beyond it makes TensorFlow's thread pools fail to start (``client-threads=1e12`` failed every message)."""
 MAX_NOISE = 1e3
 """The largest noise multiplier: epsilon is already near 0 far below it."""
 MAX_SEED = 2**32 - 1
@@ -184,15 +185,21 @@ class Settings:
         1.0, Range(0.0, 1.0, low_open=True), "fraction of connected clients sampled for training each round"
     )
     fraction_evaluate: float = _key(1.0, Range(0.0, 1.0, low_open=True), "fraction sampled for federated evaluation")
-    min_train_clients: int = _key(2, Range(1, MANY_CLIENTS), "never sample fewer clients for training")
-    min_evaluate_clients: int = _key(2, Range(0, MANY_CLIENTS), "never sample fewer clients for evaluation")
+    min_train_clients: int = _key(
+        2, Range(1, MANY_CLIENTS, note=", at most `num-partitions`"), "never sample fewer clients for training"
+    )
+    min_evaluate_clients: int = _key(
+        2, Range(0, MANY_CLIENTS, note=", at most `num-partitions`"), "never sample fewer clients for evaluation"
+    )
     min_available_clients: int = _key(
         2,
         Range(1, MANY_CLIENTS, note=", at most `num-partitions`"),
-        "wait until this many clients are connected (more than `num-partitions` would never come)",
+        "wait until this many clients are connected",
     )
     round_timeout: float = _key(
-        600.0, Range(0.0, DAY, low_open=True), "seconds to wait for replies in a round (at most a day)"
+        600.0,
+        Range(1.0, DAY),
+        "seconds to wait for replies in a round (under a second no reply arrives; at most a day)",
     )
     # Strategy
     strategy: str = _key(
@@ -244,7 +251,9 @@ class Settings:
         0.2, Range(0.0, 1.0, high_open=True), "share of each client's data kept as its test split"
     )
     server_test_fraction: float = _key(
-        0.2, Range(0.0, 1.0, high_open=True), "share of the pool held out (stratified) as the server's test set"
+        0.2,
+        Range(0.0, 0.9),
+        "share of the pool held out (stratified) as the server's test set (at most 0.9: a tenth is left to the clients)",
     )
     synthetic_classes: int = _key(10, Range(2, 1000), "classes of the `synthetic` data set")
     synthetic_features: int = _key(32, Range(1, MAX_SAMPLES), "features of the `synthetic` data set")
@@ -696,12 +705,13 @@ class Settings:
         keys, then the server's, building the configured strategy to check it."""
         self.validate_client()
         self.strategy_params()  # sampling, aggregation, rules, DP, FedOpt and FedProx values
-        if self.min_available_clients > self.num_partitions:
-            raise SettingsError(
-                f"min-available-clients ({self.min_available_clients}) must be at most num-partitions "
-                f"({self.num_partitions}), the clients of the federation: the server would wait for "
-                "clients that do not exist"
-            )
+        for key in ("min-train-clients", "min-evaluate-clients", "min-available-clients"):
+            value = getattr(self, key.replace("-", "_"))
+            if value > self.num_partitions:
+                raise SettingsError(
+                    f"{key} ({value}) must be at most num-partitions ({self.num_partitions}), the clients "
+                    "of the federation: the server would wait for clients that do not exist"
+                )
         if not self.output_dir:
             raise SettingsError("output-dir must not be empty")
         # resume-from is checked by the server when it loads the checkpoint (fl_app.server.checkpoint).

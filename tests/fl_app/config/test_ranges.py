@@ -101,8 +101,9 @@ def test_the_values_that_broke_runs_are_refused_by_name(key, value, message):
 
 
 def test_cross_key_limits_name_every_key():
-    with pytest.raises(SettingsError, match=r"min-available-clients \(3\) must be at most num-partitions \(2\)"):
-        Settings.from_run_config({"num-partitions": 2, "min-available-clients": 3})
+    for key in ("min-train-clients", "min-evaluate-clients", "min-available-clients"):
+        with pytest.raises(SettingsError, match=rf"{key} \(3\) must be at most num-partitions \(2\)"):
+            Settings.from_run_config({"num-partitions": 2, key: 3})
     synthetic = {"dataset": "synthetic", "num-partitions": 1000, "synthetic-samples-per-client": 100_000}
     with pytest.raises(SettingsError, match="synthetic-samples-per-client x num-partitions .* synthetic-features"):
         Settings.client_from_run_config(synthetic)
