@@ -45,6 +45,6 @@ class FakeGrid:
 
 
 def settings_of(run_config: Mapping[str, Any] | None = None) -> Settings:
-    """The settings of a run config (kebab-case keys, the rest defaults), types checked only: the
-    typed parameter objects they build check their own values."""
+    """The settings of a run config (kebab-case keys, the rest defaults), types and ranges checked
+    only: the typed parameter objects they build check the rest."""
     return Settings.parse(run_config or {})

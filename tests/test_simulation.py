@@ -52,7 +52,7 @@ def test_bad_run_config_fails_before_training(tmp_path):
     )
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    assert "dirichlet-alpha must be > 0, got -1.0" in output
+    assert "dirichlet-alpha must be in [0.001, 1000], got -1.0" in output
     assert_launcher_cleaned_up(output)
     assert not (tmp_path / "latest").exists()
 

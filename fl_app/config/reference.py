@@ -23,6 +23,9 @@ HEADER = """# Run-config reference
 Every key of `[tool.flwr.app.config]` in `pyproject.toml` (override with `flwr run . -c "key=value"`).
 Generated from `fl_app/config/settings.py` by `python -m fl_app.config.reference`; do not edit by hand.
 The server checks every key before training; a ClientApp checks the keys it uses.
+Every numeric key has a range with both bounds (`[` `]` closed, `(` `)` open), generous for real use
+but short of what hangs, exhausts memory or overflows float32; a value outside it, or a fraction for an
+integer key, fails before training with an error that names the key, the value and the range.
 
 | key | default | allowed | meaning |
 | --- | --- | --- | --- |

@@ -71,18 +71,103 @@ def _lazy_choices(module: str, name: str, suffix: str = "") -> Callable[[], str]
 def _ckks_degrees() -> str:
     from strategies.encrypted.security import HE_STANDARD_MAX_COEFF_BITS
 
-    return _choices(sorted(HE_STANDARD_MAX_COEFF_BITS[128]))
+    return ", one of " + _choices(sorted(HE_STANDARD_MAX_COEFF_BITS[128]))
 
 
-def _key(default: Any, allowed: Allowed, meaning: str) -> Any:
-    """A run-config key: its default, what it allows and its meaning (``docs/run-config.md``)."""
+def _number(value: float) -> str:
+    """A bound as the docs and the errors write it: ``1000000``, ``0.5``, ``1e-05``."""
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e16 else f"{value:g}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The interval a numeric key must lie in: both bounds, each closed unless marked open.
+
+    It is the key's one range check (:meth:`Settings.parse`) and the start of its ``allowed`` text
+    in ``docs/run-config.md``; ``note`` adds a condition that depends on other keys, checked with
+    them (e.g. ``, divides `batch-size```).
+    """
+
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+    note: Allowed = ""
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def interval(self) -> str:
+        """``[low, high]``, ``(low, high]``, ... with the bounds written out."""
+        opening, closing = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"{opening}{_number(self.low)}, {_number(self.high)}{closing}"
+
+    def text(self) -> str:
+        """The interval and the note: what ``docs/run-config.md`` says the key allows."""
+        note = self.note() if callable(self.note) else self.note
+        return self.interval() + note
+
+    def check(self, key: str, value: Any) -> None:
+        """Raise :class:`SettingsError` naming ``key``, ``value`` and the interval unless it holds ``value``."""
+        if value not in self:
+            raise SettingsError(f"{key} must be in {self.interval()}, got {value!r}")
+
+
+MANY_CLIENTS = 1_000_000
+"""The most clients any count may name (nodes, per-round minimums, Byzantine f, key shares, replies): a cross-device
+federation of a million devices; a larger count is a typo that makes the server wait or allocate
+for clients that do not exist."""
+MAX_ROUNDS = 100_000
+"""The most rounds (and the last fault round): more than a day of one-second rounds."""
+MAX_NORM = 1e6
+"""The largest L2 norm any clip or bound may name: orders of magnitude above the norm of a trained
+model's update, and far from float32's overflow once noise or a server step multiplies it."""
+MAX_RATE = 1e3
+"""The largest learning rate or step size (local, server, FedOpt): far above any that trains (1e-4
+to 1 in practice); a larger one only overflows float32 weights."""
+MAX_ITERATIONS = 1_000
+"""The most iterations of an aggregation rule, each a pass over the K x P update matrix: the
+papers use 1 to 10 (centered clipping) and tens (Weiszfeld); more stalls the server's round."""
+MAX_THREADS = 1024
+"""The most threads a process may ask for: above the cores of any machine this runs on; a count far
+beyond it makes TensorFlow's thread pools fail to start (``client-threads=1e12`` failed every message)."""
+MAX_NOISE = 1e3
+"""The largest noise multiplier: epsilon is already near 0 far below it."""
+MAX_SEED = 2**32 - 1
+"""NumPy's and TensorFlow's seeds are unsigned 32-bit integers."""
+MAX_SAMPLES = 100_000
+"""The most examples a client, or the calibration of int8 export, may ask for."""
+DAY = 86_400.0
+"""Seconds in a day, the longest wait for one round."""
+MAX_SYNTHETIC_VALUES = 2**28
+"""The most float32 values of the ``synthetic`` pool (1 GiB), which every process generates whole."""
+SYNTHETIC_NOTE = (
+    ", and the pool (x `num-partitions` / (1 - `server-test-fraction`) x `synthetic-features`) at most 2**28 values"
+)
+
+
+def _key(default: Any, allowed: Allowed | Range, meaning: str) -> Any:
+    """A run-config key: its default, what it allows and its meaning (``docs/run-config.md``).
+
+    A numeric key allows a :class:`Range`, which :meth:`Settings.parse` checks and the docs print.
+    """
     return dataclasses.field(default=default, metadata={"allowed": allowed, "help": meaning})
 
 
 def allowed_of(field: dataclasses.Field) -> str:
     """What the key of Settings field ``field`` allows, as text."""
     allowed = field.metadata["allowed"]
+    if isinstance(allowed, Range):
+        return allowed.text()
     return allowed() if callable(allowed) else allowed
+
+
+def range_of(field: dataclasses.Field) -> Range | None:
+    """The range of the numeric key of Settings field ``field`` (None for other keys)."""
+    allowed = field.metadata["allowed"]
+    return allowed if isinstance(allowed, Range) else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,29 +180,51 @@ class Settings:
     """
 
     # Rounds and sampling
-    num_server_rounds: int = _key(10, ">= 1", "rounds of federated training (>= 1)")
+    num_server_rounds: int = _key(10, Range(1, MAX_ROUNDS), "rounds of federated training")
     fraction_train: float = _key(
-        1.0, "(0, 1]", "fraction of connected clients sampled for training each round, in (0, 1]"
+        1.0, Range(0.0, 1.0, low_open=True), "fraction of connected clients sampled for training each round"
     )
-    fraction_evaluate: float = _key(1.0, "(0, 1]", "fraction sampled for federated evaluation, in (0, 1]")
-    min_train_clients: int = _key(2, ">= 1", "never sample fewer clients for training")
-    min_evaluate_clients: int = _key(2, ">= 0", "never sample fewer clients for evaluation")
-    min_available_clients: int = _key(2, ">= 1", "wait until this many clients are connected")
-    round_timeout: float = _key(600.0, "> 0", "seconds to wait for replies in a round")
+    fraction_evaluate: float = _key(1.0, Range(0.0, 1.0, low_open=True), "fraction sampled for federated evaluation")
+    min_train_clients: int = _key(
+        2, Range(1, MANY_CLIENTS, note=", at most `num-partitions`"), "never sample fewer clients for training"
+    )
+    min_evaluate_clients: int = _key(
+        2, Range(0, MANY_CLIENTS, note=", at most `num-partitions`"), "never sample fewer clients for evaluation"
+    )
+    min_available_clients: int = _key(
+        2,
+        Range(1, MANY_CLIENTS, note=", at most `num-partitions`"),
+        "wait until this many clients are connected",
+    )
+    round_timeout: float = _key(
+        600.0,
+        Range(1.0, DAY),
+        "seconds to wait for replies in a round (under a second no reply arrives; at most a day)",
+    )
     # Strategy
     strategy: str = _key(
         "fedavg",
         "a registered name or `package.module:Name`",
         "Flower's `fedavg`, `fedprox`, `fedadam`, `fedyogi`, `fedadagrad`, `fedavgm`; our robust `median`, `trimmed-mean`, `krum`, `multi-krum`, `bulyan`, `geometric-median`, `centered-clipping`, `robust` (rule from `aggregation-rule`); `dp-fedavg` (differentially private FedAvg); or `package.module:Name`",
     )
-    proximal_mu: float = _key(0.0, ">= 0", "FedProx proximal term mu (sent by `fedprox`; also the clients' default)")
+    proximal_mu: float = _key(
+        0.0,
+        Range(0.0, 100.0),
+        "FedProx proximal term mu (sent by `fedprox`; also the clients' default); the paper tunes it in [0.001, 1]",
+    )
     server_learning_rate: float = _key(
-        1.0, "> 0", "server step size eta of FedAvgM and of our aggregation strategies (w <- w + eta m)"
+        1.0,
+        Range(0.0, MAX_RATE, low_open=True),
+        "server step size eta of FedAvgM and of our aggregation strategies (w <- w + eta m)",
     )
     server_momentum: float = _key(
-        0.0, "[0, 1)", "server momentum beta of FedAvgM and of our aggregation strategies (m <- beta m + v), in [0, 1)"
+        0.0,
+        Range(0.0, 1.0, high_open=True),
+        "server momentum beta of FedAvgM and of our aggregation strategies (m <- beta m + v)",
     )
-    fedopt_eta: float = _key(0.1, "> 0", "server learning rate eta of FedAdam, FedYogi, FedAdagrad")
+    fedopt_eta: float = _key(
+        0.1, Range(0.0, MAX_RATE, low_open=True), "server learning rate eta of FedAdam, FedYogi, FedAdagrad"
+    )
     # Data
     dataset: str = _key(
         "digits",
@@ -129,16 +236,30 @@ class Settings:
         _choices(PARTITIONERS),
         "`iid`, `dirichlet` (label skew), `shards` (pathological, McMahan et al. 2017)",
     )
-    dirichlet_alpha: float = _key(0.5, "> 0", "Dirichlet concentration (> 0); smaller is more skewed")
-    shards_per_client: int = _key(2, ">= 1", "label-sorted shards per client with `shards`")
-    num_partitions: int = _key(10, ">= 1", "clients the data is split among (`fl-keras-run --clients` sets it)")
-    test_fraction: float = _key(0.2, "[0, 1)", "share of each client's data kept as its test split")
-    server_test_fraction: float = _key(
-        0.2, "[0, 1)", "share of the pool held out (stratified) as the server's test set"
+    dirichlet_alpha: float = _key(
+        0.5,
+        Range(1e-3, 1e3),
+        "Dirichlet concentration; smaller is more skewed (0.001: about one label per client; 1000: IID)",
     )
-    synthetic_classes: int = _key(10, ">= 2", "classes of the `synthetic` data set")
-    synthetic_features: int = _key(32, ">= 1", "features of the `synthetic` data set")
-    synthetic_samples_per_client: int = _key(200, ">= 2", "examples per client of the `synthetic` data set")
+    shards_per_client: int = _key(
+        2, Range(1, 1000), "label-sorted shards per client with `shards` (more than the examples leaves shards empty)"
+    )
+    num_partitions: int = _key(
+        10, Range(1, MANY_CLIENTS), "clients the data is split among (`fl-keras-run --clients` sets it)"
+    )
+    test_fraction: float = _key(
+        0.2, Range(0.0, 1.0, high_open=True), "share of each client's data kept as its test split"
+    )
+    server_test_fraction: float = _key(
+        0.2,
+        Range(0.0, 0.9),
+        "share of the pool held out (stratified) as the server's test set (at most 0.9: a tenth is left to the clients)",
+    )
+    synthetic_classes: int = _key(10, Range(2, 1000), "classes of the `synthetic` data set")
+    synthetic_features: int = _key(32, Range(1, MAX_SAMPLES), "features of the `synthetic` data set")
+    synthetic_samples_per_client: int = _key(
+        200, Range(2, MAX_SAMPLES, note=SYNTHETIC_NOTE), "examples per client of the `synthetic` data set"
+    )
     hf_dataset: str = _key(
         "", "a data set name (required with `huggingface`)", "Hugging Face data set name with `dataset='huggingface'`"
     )
@@ -151,7 +272,7 @@ class Settings:
     label_column: str = _key("label", "a column name", "the label column of a CSV data file")
     num_classes: int = _key(
         0,
-        ">= 0 (>= 2 with `local-file`)",
+        Range(0, MAX_SAMPLES, note=" (>= 2 with `local-file`)"),
         "classes of the model; 0 takes them from the data set (required for `local-file`)",
     )
     input_shape: str = _key(
@@ -163,12 +284,20 @@ class Settings:
     model: str = _key(
         "mlp", _choices(MODEL_NAMES), "`mlp` (128-64 ReLU), `cnn` (conv32-conv64-pool-dense128, images only), `logreg`"
     )
-    local_epochs: int = _key(5, ">= 1", "epochs of local training per round")
-    batch_size: int = _key(32, ">= 1", "local batch size")
-    learning_rate: float = _key(0.01, "> 0", "local learning rate")
+    local_epochs: int = _key(
+        5, Range(1, 1000), "epochs of local training per round (1000 already makes a round take hours)"
+    )
+    batch_size: int = _key(32, Range(1, 65536), "local batch size (65536: larger than any client's data set here)")
+    learning_rate: float = _key(0.01, Range(0.0, MAX_RATE, low_open=True), "local learning rate")
     optimizer: str = _key("adam", _choices(OPTIMIZERS), "local optimizer: `adam` or `sgd`")
-    client_threads: int = _key(1, ">= 1", "TensorFlow threads per client process")
-    seed: int = _key(42, "an integer", "seeds data generation, partitioning, model initialisation and local shuffling")
+    client_threads: int = _key(
+        1, Range(1, MAX_THREADS), "TensorFlow threads per client process (more than the cores only slows it)"
+    )
+    seed: int = _key(
+        42,
+        Range(0, MAX_SEED),
+        "seeds data generation, partitioning, model initialisation and local shuffling (NumPy's 32-bit seeds)",
+    )
     # Outputs
     output_dir: str = _key("outputs", "a non-empty path", "where run directories are written")
     # Robust aggregation (strategies.aggregation.strategy): rules, pre-aggregation, client weights
@@ -179,47 +308,57 @@ class Settings:
     )
     trimmed_mean_beta: float = _key(
         0.2,
-        "[0, 0.5)",
+        Range(0.0, 0.5, high_open=True),
         "trimmed mean drops the floor(beta K) smallest and largest values per coordinate, beta in [0, 0.5)",
     )
-    krum_f: int = _key(1, ">= 0", "Byzantine clients Krum and Multi-Krum tolerate (n > 2f + 2)")
-    multi_krum_m: int = _key(0, ">= 0", "updates Multi-Krum averages; 0: n - f")
-    bulyan_f: int = _key(1, ">= 0", "Byzantine clients Bulyan tolerates (n >= 4f + 3)")
+    krum_f: int = _key(1, Range(0, MANY_CLIENTS), "Byzantine clients Krum and Multi-Krum tolerate (n > 2f + 2)")
+    multi_krum_m: int = _key(0, Range(0, MANY_CLIENTS), "updates Multi-Krum averages; 0: n - f")
+    bulyan_f: int = _key(1, Range(0, MANY_CLIENTS), "Byzantine clients Bulyan tolerates (n >= 4f + 3)")
     geometric_median_iterations: int = _key(
         100,
-        ">= 1",
+        Range(1, MAX_ITERATIONS),
         "Weiszfeld iterations (RFA, with Vardi-Zhang's step at a row); a row that is the exact median (its weight outweighs the others' pull) is returned exactly",
     )
-    centered_clipping_tau: float = _key(1.0, "> 0", "clipping radius tau of centered clipping")
-    centered_clipping_iterations: int = _key(3, ">= 1", "iterations of centered clipping")
+    centered_clipping_tau: float = _key(
+        1.0, Range(0.0, MAX_NORM, low_open=True), "clipping radius tau of centered clipping"
+    )
+    centered_clipping_iterations: int = _key(
+        3, Range(1, MAX_ITERATIONS), "iterations of centered clipping (Karimireddy et al. 2021 use 1 to 3)"
+    )
     client_weighting: str = _key(
         "uniform",
         _lazy_choices("strategies.aggregation.strategy", "WEIGHTINGS"),
         "`uniform`, `num-examples` (FedAvg's, trusts the clients), `capped` (num-examples capped at `weight-cap-ratio` x median)",
     )
-    weight_cap_ratio: float = _key(2.0, "> 0", "the cap of `capped` weighting")
-    max_update_norm: float = _key(0.0, ">= 0", "reject updates with a larger L2 norm (0: off)")
-    norm_bound: float = _key(0.0, ">= 0", "clip every update to this L2 norm before the rule (0: off; Sun et al. 2019)")
+    weight_cap_ratio: float = _key(2.0, Range(0.0, 1e6, low_open=True), "the cap of `capped` weighting")
+    max_update_norm: float = _key(0.0, Range(0.0, MAX_NORM), "reject updates with a larger L2 norm (0: off)")
+    norm_bound: float = _key(
+        0.0, Range(0.0, MAX_NORM), "clip every update to this L2 norm before the rule (0: off; Sun et al. 2019)"
+    )
     norm_bound_quantile: float = _key(
         0.0,
-        "[0, 1]",
+        Range(0.0, 1.0),
         "if > 0, the bound follows this quantile of the update norms (geometric update of Andrew et al. 2021), starting at `norm-bound` (or 1.0)",
     )
-    min_valid_replies: int = _key(1, ">= 1", "skip a round with fewer valid replies")
+    min_valid_replies: int = _key(1, Range(1, MANY_CLIENTS), "skip a round with fewer valid replies")
     # Simulated attacks (fl_app.attacks.catalogue), simulation only
     attack: str = _key(
         "none",
         "none or " + _choices(ATTACK_NAMES) + ", comma-separated",
         "`none`, `label-flip`, `sign-flip`, `scaling`, `gaussian`, `alie`, `ipm`, `nan`, `wrong-shapes`, `float64`, `negative-examples`; a comma-separated list gives the j-th attacker (in partition order) the (j mod len)-th",
     )
-    attack_fraction: float = _key(0.0, "[0, 1)", "fraction of partitions that attack (drawn with `seed`)")
+    attack_fraction: float = _key(
+        0.0, Range(0.0, 1.0, high_open=True), "fraction of partitions that attack (drawn with `seed`)"
+    )
     attack_ids: str = _key(
         "", "partition ids separated by commas", "or an explicit comma-separated list of partition ids"
     )
-    attack_scale: float = _key(10.0, "> 0", "s of sign flipping (-s u) and scaling (s u)")
-    attack_noise_std: float = _key(1.0, "> 0", "sigma of the Gaussian attack")
-    alie_z: float = _key(0.0, ">= 0", "ALIE's z; 0 computes it from n and f as in the paper")
-    ipm_epsilon: float = _key(0.5, "> 0", "IPM's epsilon (sends -epsilon x mean of honest updates)")
+    attack_scale: float = _key(10.0, Range(0.0, MAX_NORM, low_open=True), "s of sign flipping (-s u) and scaling (s u)")
+    attack_noise_std: float = _key(1.0, Range(0.0, MAX_NORM, low_open=True), "sigma of the Gaussian attack")
+    alie_z: float = _key(0.0, Range(0.0, 100.0), "ALIE's z; 0 computes it from n and f as in the paper (about 1)")
+    ipm_epsilon: float = _key(
+        0.5, Range(0.0, MAX_RATE, low_open=True), "IPM's epsilon (sends -epsilon x mean of honest updates)"
+    )
     # Model delivery: export for on-device inference, check before shipping (fl_app.delivery)
     export: str = _key(
         "",
@@ -238,16 +377,16 @@ class Settings:
     )
     export_tolerance: float = _key(
         0.01,
-        "[0, 1]",
+        Range(0.0, 1.0),
         "a TFLite model is ready only if its accuracy >= the Keras model's minus this (0.01 = one point), in [0, 1]",
     )
     export_calibration_samples: int = _key(
-        200, ">= 1", "examples of the server's held-out set that calibrate int8 quantisation (>= 1)"
+        200, Range(1, MAX_SAMPLES), "examples of the server's held-out set that calibrate int8 quantisation"
     )
     export_check_fraction: float = _key(
         1.0,
-        "(0, 1]",
-        "fraction of the clients that did not train in the last round which run the check round, in (0, 1]",
+        Range(0.0, 1.0, low_open=True),
+        "fraction of the clients that did not train in the last round which run the check round",
     )
     # Differential privacy and secure aggregation (strategies.private.dp_fedavg, fl_app.client.update_privacy,
     # fl_app.task.dp_sgd, fl_app.secagg.server)
@@ -257,29 +396,48 @@ class Settings:
         "with `strategy='dp-fedavg'`: `central` (server clips), `client-clipping` (clients clip, server noises), `local-gaussian`, `local-laplace`",
     )
     dp_noise_multiplier: float = _key(
-        1.0, ">= 0", "z: noise std on the clipped sum / C; 0 with `dp-target-epsilon` > 0 calibrates z"
+        1.0, Range(0.0, MAX_NOISE), "z: noise std on the clipped sum / C; 0 with `dp-target-epsilon` > 0 calibrates z"
     )
     dp_clip_norm: float = _key(
-        1.0, "> 0", "C, the L2 clip norm of a client's update (initial value with `dp-clip-quantile`)"
+        1.0,
+        Range(0.0, MAX_NORM, low_open=True),
+        "C, the L2 clip norm of a client's update (initial value with `dp-clip-quantile`)",
     )
     dp_clip_quantile: float = _key(
-        0.0, "[0, 1]", "adaptive clipping at this target quantile (Andrew et al. 2021); 0: fixed C"
+        0.0, Range(0.0, 1.0), "adaptive clipping at this target quantile (Andrew et al. 2021); 0: fixed C"
     )
-    dp_clip_learning_rate: float = _key(0.2, "> 0", "eta of the geometric clip update")
-    dp_clip_count_noise: float = _key(0.0, ">= 0", "sigma_b, noise std of the clipped count; 0: m / 20")
+    dp_clip_learning_rate: float = _key(
+        0.2, Range(0.0, 10.0, low_open=True), "eta of the geometric clip update (Andrew et al. 2021 use 0.2)"
+    )
+    dp_clip_count_noise: float = _key(
+        0.0,
+        Range(0.0, MANY_CLIENTS / 20),
+        "sigma_b, noise std of the clipped count; 0: m / 20 (at most a million clients / 20)",
+    )
     dp_sampling: str = _key(
         "poisson",
         _lazy_choices("strategies.private.accounting", "SAMPLINGS"),
         "`poisson` (rate `fraction-train`) or `fixed-size` (m without replacement)",
     )
-    dp_delta: float = _key(1e-5, "(0, 1)", "delta at which epsilon is reported (central, local and DP-SGD)")
+    dp_delta: float = _key(
+        1e-5,
+        Range(1e-12, 1.0, high_open=True),
+        "delta at which epsilon is reported (central, local and DP-SGD); the PLD accountant resolves "
+        "delta down to about 1e-15 (its tail truncation) and reports infinity below",
+    )
     dp_accounting: str = _key(
         "rdp",
         _lazy_choices("strategies.private.accounting", "METHODS"),
         "`rdp` or `pld`: the accountant that decides the budget stop (both are reported)",
     )
-    dp_target_epsilon: float = _key(0.0, ">= 0", "stop before a round would exceed this epsilon (0: no budget)")
-    dp_local_epsilon: float = _key(1.0, "> 0", "per-round epsilon of `local-laplace`")
+    dp_target_epsilon: float = _key(
+        0.0,
+        Range(0.0, 100.0),
+        "stop before a round would exceed this epsilon (0: no budget; above 100 it promises nothing)",
+    )
+    dp_local_epsilon: float = _key(
+        1.0, Range(1e-3, 100.0), "per-round epsilon of `local-laplace` (below 0.001 the noise drowns any model)"
+    )
     dp_inner_strategy: str = _key(
         "fedavg",
         "`fedavg`, `fedavgm`, `fedadam`, `fedyogi`, `fedadagrad`, `fedprox` or `package.module:Name`",
@@ -287,11 +445,13 @@ class Settings:
         "one reply: `fedavg` is w + eta m with `server-learning-rate` and `server-momentum`; e.g. "
         "`fedadam` runs Adam on it (post-processing: epsilon is unchanged)",
     )
-    dp_sgd_noise_multiplier: float = _key(0.0, ">= 0", "DP-SGD noise multiplier on every client (0: off)")
-    dp_sgd_l2_clip: float = _key(1.0, "> 0", "DP-SGD per-example gradient clip norm")
+    dp_sgd_noise_multiplier: float = _key(
+        0.0, Range(0.0, MAX_NOISE), "DP-SGD noise multiplier on every client (0: off)"
+    )
+    dp_sgd_l2_clip: float = _key(1.0, Range(0.0, MAX_NORM, low_open=True), "DP-SGD per-example gradient clip norm")
     dp_sgd_microbatches: int = _key(
         0,
-        ">= 0, divides `batch-size`; > 0 needs `dp-sgd-sampling='shuffle'`",
+        Range(0, 65536, note=", divides `batch-size`; > 0 needs `dp-sgd-sampling='shuffle'`"),
         "DP-SGD microbatches per batch (0: every example its own; must divide `batch-size`)",
     )
     dp_sgd_vectorized: bool = _key(True, "`true`, `false`", "TF Privacy's vectorised DP optimizer (faster here)")
@@ -301,23 +461,33 @@ class Settings:
         "DP-SGD batches: `poisson` (each example joins each step with probability batch-size / n, from a secret generator; accounted with amplification, add/remove-one) or `shuffle` (fixed-size batches of the public seed's permutation; accounted without amplification, replace-one)",
     )
     secure_aggregation: bool = _key(False, "`true`, `false`", "SecAgg+ (Flower legacy stack)")
-    secagg_num_shares: int = _key(3, "[3, clients per round]", "shares of each client's key (3 .. clients per round)")
-    secagg_reconstruction_threshold: int = _key(
-        2, "[2, `secagg-num-shares`)", "shares needed to unmask a client (2 .. num-shares - 1)"
+    secagg_num_shares: int = _key(
+        3,
+        Range(3, MANY_CLIENTS, note=", at most the clients per round"),
+        "shares of each client's key (3 .. clients per round)",
     )
-    secagg_clipping_range: float = _key(8.0, "> 0", "SecAgg+ clips values to [-r, r] before quantising")
+    secagg_reconstruction_threshold: int = _key(
+        2,
+        Range(2, MANY_CLIENTS, note=", below `secagg-num-shares`"),
+        "shares needed to unmask a client (2 .. num-shares - 1)",
+    )
+    secagg_clipping_range: float = _key(
+        8.0, Range(0.0, MAX_NORM, low_open=True), "SecAgg+ clips values to [-r, r] before quantising"
+    )
     secagg_quantization_range: int = _key(
-        4194304, ">= 2, times clients per round < 2**32", "SecAgg+ quantisation levels"
+        4194304, Range(2, 2**32 - 1, note=", times clients per round < 2**32"), "SecAgg+ quantisation levels"
     )
     fault_partition_ids: str = _key(
         "",
         "partition ids in [0, `num-partitions`), comma-separated",
         "test fault injection: these partitions' clients raise in `fault-round`",
     )
-    fault_round: int = _key(0, ">= 0", "the round of the injected fault (0: off)")
+    fault_round: int = _key(0, Range(0, MAX_ROUNDS), "the round of the injected fault (0: off)")
     # Edge deployment: faults and a resumable server
     min_train_replies: int = _key(
-        1, ">= 1", "fewest valid training replies a round aggregates; below it the round keeps the previous model"
+        1,
+        Range(1, MANY_CLIENTS),
+        "fewest valid training replies a round aggregates; below it the round keeps the previous model",
     )
     resume_from: str = _key(
         "",
@@ -336,17 +506,19 @@ class Settings:
         "uploads: `none`, `float16`, `int8` (stochastic rounding, per-block scale), `top-k` (largest magnitudes), `random-mask` (coordinates from a seeded mask); needs one of our aggregation strategies",
     )
     compression_topk_fraction: float = _key(
-        0.01, "(0, 1]", "fraction of the update's coordinates that `top-k` sends, in (0, 1]"
+        0.01, Range(0.0, 1.0, low_open=True), "fraction of the update's coordinates that `top-k` sends"
     )
     compression_mask_fraction: float = _key(
-        0.01, "(0, 1]", "probability that `random-mask` keeps a coordinate, in (0, 1]"
+        0.01, Range(0.0, 1.0, low_open=True), "probability that `random-mask` keeps a coordinate"
     )
     compression_mask_rescale: bool = _key(
         True,
         "`true`, `false`",
         "`random-mask` rescales by 1/p (unbiased); false: no rescaling (biased, with error feedback)",
     )
-    compression_int8_block: int = _key(4096, ">= 1", "values per scale of `int8` (>= 1)")
+    compression_int8_block: int = _key(
+        4096, Range(1, 2**24), "values per scale of `int8` (2**24: more than any layer here)"
+    )
     compression_error_feedback: bool = _key(
         True,
         "`true`, `false`",
@@ -374,30 +546,35 @@ class Settings:
         "`num-examples` (FedAvg: `w_k = n_k`) or `uniform` (`w_k = 1`)",
     )
     he_clip_norm: float = _key(
-        0.0, ">= 0", "clients clip their update to this L2 norm before weighting and encrypting (0: off)"
+        0.0, Range(0.0, MAX_NORM), "clients clip their update to this L2 norm before weighting and encrypting (0: off)"
     )
     he_ckks_poly_degree: int = _key(
-        8192, _ckks_degrees, "CKKS ring dimension the key must have (8192 with the default moduli: 128-bit)"
+        8192,
+        Range(1024, 32768, note=_ckks_degrees),
+        "CKKS ring dimension the key must have (8192 with the default moduli: 128-bit)",
     )
-    he_ckks_scale_bits: int = _key(40, "[20, 60]", "CKKS scale 2^bits the key must have")
+    he_ckks_scale_bits: int = _key(40, Range(20, 60), "CKKS scale 2^bits the key must have")
     he_paillier_key_bits: int = _key(
-        3072, "even, >= 2048", "Paillier modulus bits the key must have (3072: 128-bit; 2048: 112-bit)"
+        3072,
+        Range(2048, 16384, note=", even"),
+        "Paillier modulus bits the key must have (3072: 128-bit; 2048: 112-bit; 16384 is already hours of key generation)",
     )
     # Server-side aggregation speed (strategies.aggregation)
     aggregation_threads: int = _key(
         1,
-        ">= 0",
+        Range(0, MAX_THREADS),
         "BLAS threads of the server's aggregation (0: the library's default, all cores); one keeps a shared machine, such as a simulation's, predictable",
     )
     aggregation_memory_gb: float = _key(
         0.0,
-        ">= 0",
+        Range(0.0, 1e6, note=" (0: half of the physical memory)"),
         "GiB the round's K x P float32 update matrix may take (0: half of the server's physical memory); a round with more valid replies aggregates the first that fit and drops the rest, with a warning",
     )
 
     @classmethod
     def parse(cls, run_config: Mapping[str, Any]) -> Settings:
-        """Read Flower's ``run_config`` (kebab-case keys), checking only keys and types."""
+        """Read Flower's ``run_config`` (kebab-case keys), checking keys, types and every numeric
+        key's :class:`Range`."""
         fields = {f.name: f for f in dataclasses.fields(cls)}
         values: dict[str, Any] = {}
         for key, value in run_config.items():
@@ -406,6 +583,9 @@ class Settings:
                 allowed = ", ".join(sorted(n.replace("_", "-") for n in fields))
                 raise SettingsError(f"unknown run-config key '{key}'; known keys: {allowed}")
             values[name] = _coerce(key, value, fields[name].type)
+            key_range = range_of(fields[name])
+            if key_range is not None:
+                key_range.check(key, value)
         return cls(**values)
 
     @classmethod
@@ -536,12 +716,16 @@ class Settings:
         keys, then the server's, building the configured strategy to check it."""
         self.validate_client()
         self.strategy_params()  # sampling, aggregation, rules, DP, FedOpt and FedProx values
-        if self.round_timeout <= 0:
-            raise SettingsError(f"round-timeout must be > 0 seconds, got {self.round_timeout}")
+        for key in ("min-train-clients", "min-evaluate-clients", "min-available-clients"):
+            value = getattr(self, key.replace("-", "_"))
+            if value > self.num_partitions:
+                raise SettingsError(
+                    f"{key} ({value}) must be at most num-partitions ({self.num_partitions}), the clients "
+                    "of the federation: the server would wait for clients that do not exist"
+                )
         if not self.output_dir:
             raise SettingsError("output-dir must not be empty")
         # resume-from is checked by the server when it loads the checkpoint (fl_app.server.checkpoint).
-        _at_least("min-train-replies", self.min_train_replies, 1)
         self._validate_strategy()
         self._validate_server_privacy()
         self._validate_server_compression()
@@ -554,13 +738,6 @@ class Settings:
         self._validate_data()
         _one_of("model", self.model, MODEL_NAMES)
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
-        _at_least("local-epochs", self.local_epochs, 1)
-        _at_least("batch-size", self.batch_size, 1)
-        _at_least("client-threads", self.client_threads, 1)
-        if not self.learning_rate > 0:
-            raise SettingsError(f"learning-rate must be > 0, got {self.learning_rate}")
-        if self.proximal_mu < 0:
-            raise SettingsError(f"proximal-mu must be >= 0, got {self.proximal_mu}")
         self._validate_attack()
         self._validate_client_privacy()
         self._validate_codecs()
@@ -585,26 +762,10 @@ class Settings:
     def _validate_attack(self) -> None:
         for name in self.attack_names():
             _one_of("attack", name, ("none", *ATTACK_NAMES))
-        if not 0.0 <= self.attack_fraction < 1.0:
-            raise SettingsError(f"attack-fraction must be in [0, 1), got {self.attack_fraction}")
         self.attackers()
-        if self.attack_scale <= 0 or self.attack_noise_std <= 0 or self.ipm_epsilon <= 0:
-            raise SettingsError(
-                "attack-scale, attack-noise-std and ipm-epsilon must be > 0, got "
-                f"{self.attack_scale}, {self.attack_noise_std}, {self.ipm_epsilon}"
-            )
-        if self.alie_z < 0:
-            raise SettingsError(f"alie-z must be >= 0 (0: from the paper's formula), got {self.alie_z}")
 
     def _validate_client_privacy(self) -> None:
         self.dp_params()  # dp-mode, dp-clip-norm and dp-local-epsilon are the clients' too
-        if self.dp_sgd_noise_multiplier < 0:
-            raise SettingsError(f"dp-sgd-noise-multiplier must be >= 0, got {self.dp_sgd_noise_multiplier}")
-        for key in ("dp-sgd-l2-clip", "secagg-clipping-range"):
-            value = getattr(self, key.replace("-", "_"))
-            if not value > 0:
-                raise SettingsError(f"{key} must be > 0, got {value}")
-        _at_least("dp-sgd-microbatches", self.dp_sgd_microbatches, 0)
         from strategies.private.accounting import DPSGD_SAMPLINGS
 
         _one_of("dp-sgd-sampling", self.dp_sgd_sampling, DPSGD_SAMPLINGS)
@@ -619,7 +780,6 @@ class Settings:
             )
         if self.dp_sgd_noise_multiplier > 0 and self.proximal_mu > 0:
             raise SettingsError("DP-SGD (dp-sgd-noise-multiplier > 0) cannot be combined with proximal-mu > 0")
-        _at_least("fault-round", self.fault_round, 0)
         self.fault_partitions()
 
     def _validate_server_privacy(self) -> None:
@@ -756,16 +916,16 @@ class Settings:
     def _validate_data(self) -> None:
         _one_of("dataset", self.dataset, DATASETS)
         _one_of("partitioner", self.partitioner, PARTITIONERS)
-        if not self.dirichlet_alpha > 0:
-            raise SettingsError(f"dirichlet-alpha must be > 0, got {self.dirichlet_alpha}")
-        _at_least("shards-per-client", self.shards_per_client, 1)
-        _at_least("num-partitions", self.num_partitions, 1)
-        for key, value in (("test-fraction", self.test_fraction), ("server-test-fraction", self.server_test_fraction)):
-            if not 0.0 <= value < 1.0:
-                raise SettingsError(f"{key} must be in [0, 1), got {value}")
-        _at_least("synthetic-classes", self.synthetic_classes, 2)
-        _at_least("synthetic-features", self.synthetic_features, 1)
-        _at_least("synthetic-samples-per-client", self.synthetic_samples_per_client, 2)
+        if self.dataset == "synthetic":  # the pool fl_app.task.data generates in every process
+            samples = math.ceil(
+                self.synthetic_samples_per_client * self.num_partitions / (1 - self.server_test_fraction)
+            )
+            if samples * self.synthetic_features > MAX_SYNTHETIC_VALUES:
+                raise SettingsError(
+                    f"the synthetic pool, synthetic-samples-per-client x num-partitions / (1 - "
+                    f"server-test-fraction) = {samples} examples x synthetic-features = {self.synthetic_features}, "
+                    f"must hold at most {MAX_SYNTHETIC_VALUES} values (1 GiB of float32 in every process)"
+                )
         if self.dataset == "huggingface" and not self.hf_dataset:
             raise SettingsError(
                 "hf-dataset must name a Hugging Face data set (e.g. 'ylecun/mnist') when dataset='huggingface'"
@@ -785,20 +945,11 @@ class Settings:
                     f"'8,8,1') so that every node builds the same model; got num-classes="
                     f"{self.num_classes}, input-shape='{self.input_shape}'"
                 )
-        if self.num_classes < 0:
-            raise SettingsError(f"num-classes must be >= 0 (0: from the data set), got {self.num_classes}")
         self.parsed_input_shape()
 
     def _validate_export(self) -> None:
         self.export_formats()
         self.export_tflite_variants()
-        if not 0.0 <= self.export_tolerance <= 1.0:
-            raise SettingsError(
-                f"export-tolerance must be in [0, 1] (accuracy, 0.01 = one point), got {self.export_tolerance}"
-            )
-        _at_least("export-calibration-samples", self.export_calibration_samples, 1)
-        if not 0.0 < self.export_check_fraction <= 1.0:
-            raise SettingsError(f"export-check-fraction must be in (0, 1], got {self.export_check_fraction}")
 
     def export_formats(self) -> tuple[str, ...]:
         """``export`` as a tuple of formats (``keras``, ``savedmodel``, ``tflite``); () for none."""
@@ -845,17 +996,16 @@ def _coerce(key: str, value: Any, annotation: str | type) -> Any:
             return int(value)
     elif kind == "float":
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):
+            try:
+                number = float(value)
+            except OverflowError:  # an int beyond float's range
+                number = math.inf
+            if not math.isfinite(number):
                 raise SettingsError(f"{key} must be a finite number, got {value}")
-            return float(value)
+            return number
     elif kind == "str" and isinstance(value, str):
         return value
     raise SettingsError(f"{key} must be of type {kind}, got {value!r} ({type(value).__name__})")
-
-
-def _at_least(key: str, value: int, minimum: int) -> None:
-    if value < minimum:
-        raise SettingsError(f"{key} must be >= {minimum}, got {value}")
 
 
 def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -88,10 +88,11 @@ def test_strategies_package_never_imports_tensorflow():
 
 
 def test_typed_params_name_key_value_and_allowed():
+    # built without Settings.parse, whose ranges would refuse these first
     with pytest.raises(ValueError, match=r"fedopt-eta must be > 0, got 0.0"):
-        params(**{"fedopt-eta": 0.0})
+        Settings(fedopt_eta=0.0).strategy_params()
     with pytest.raises(ValueError, match=r"fraction-train must be in \(0, 1\], got 1.5"):
-        params(**{"fraction-train": 1.5})
+        Settings(fraction_train=1.5).strategy_params()
     with pytest.raises(
         ValueError, match=r"dp-mode must be one of central, client-clipping, local-gaussian, local-laplace"
     ):

@@ -311,7 +311,7 @@ def test_recorder_remembers_train_replies_only(task_identity):
         ("export", "onnx", "export must be a comma-separated list of keras, savedmodel, tflite, or 'all'"),
         ("export-tflite-types", "int4", "export-tflite-types must be a comma-separated list of float32, int8"),
         ("export-tolerance", 1.5, "export-tolerance must be in [0, 1]"),
-        ("export-calibration-samples", 0, "export-calibration-samples must be >= 1, got 0"),
+        ("export-calibration-samples", 0, "export-calibration-samples must be in [1, 100000], got 0"),
         ("export-check-fraction", 0.0, "export-check-fraction must be in (0, 1], got 0.0"),
     ],
 )

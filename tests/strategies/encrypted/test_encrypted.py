@@ -279,7 +279,7 @@ def test_server_refuses_the_secret_key_and_never_reads_it(keys, monkeypatch):
         ({"attack": "alie", "attack-fraction": 0.2}, "attack='alie' is simulated on the server"),
         ({"homomorphic-encryption": "rsa"}, "homomorphic-encryption must be one of none, ckks, paillier"),
         ({"he-client-weighting": "capped"}, "he-client-weighting must be one of num-examples, uniform"),
-        ({"he-paillier-key-bits": 1024}, "he-paillier-key-bits must be even and >= 2048"),
+        ({"he-paillier-key-bits": 1024}, "he-paillier-key-bits must be in [2048, 16384], got 1024"),
     ],
 )
 def test_plaintext_rules_are_refused_with_encryption(overrides, fragment):
