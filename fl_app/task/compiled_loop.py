@@ -68,11 +68,13 @@ class CompiledLoop:
             tf.TensorSpec((None, *y.shape[1:]), tf.as_dtype(y.dtype)),
         )
 
-    def _train_batches(self, x: np.ndarray, y: np.ndarray):
-        """Many batches in one graph: ``train_step`` on ``x[order[starts[i]:starts[i+1]]]`` with
-        sample weights ``weights[starts[i]:starts[i+1]]`` for every i, so several epochs of batches
-        of any sizes cost one call."""
-        key = (x.shape[1:], x.dtype.str, y.shape[1:], y.dtype.str)
+    def _train_batches(self, x: np.ndarray, y: np.ndarray, weighted: bool):
+        """Many batches in one graph: ``train_step`` on ``x[order[starts[i]:starts[i+1]]]`` for
+        every i, so several epochs of batches cost one call. ``weighted``: with sample weights
+        ``weights[starts[i]:starts[i+1]]`` (batches of any sizes, an empty one as a zero-weight
+        example); without, Keras' unweighted step (the seeded shuffle, whose batches are never
+        empty: measured faster, as Keras skips the weighting)."""
+        key = (x.shape[1:], x.dtype.str, y.shape[1:], y.dtype.str, weighted)
         batches = self._train_steps.get(key)
         if batches is None:
             import tensorflow as tf
@@ -81,6 +83,8 @@ class CompiledLoop:
 
             def step(xs, ys, order, weights, start, end):
                 index = order[start:end]
+                if weights is None:
+                    return model.train_step((tf.gather(xs, index), tf.gather(ys, index)))
                 return model.train_step((tf.gather(xs, index), tf.gather(ys, index), weights[start:end]))
 
             def train_batches(xs, ys, order, weights, starts):
@@ -91,15 +95,23 @@ class CompiledLoop:
                     logs = step(xs, ys, order, weights, starts[i], starts[i + 1])
                 return logs
 
-            batches = self._train_steps[key] = tf.function(
-                train_batches,
-                input_signature=(
-                    *self._signature(x, y),
-                    tf.TensorSpec((None,), tf.int32),
-                    tf.TensorSpec((None,), tf.float32),
-                    tf.TensorSpec((None,), tf.int32),
-                ),
-            )
+            index_spec = tf.TensorSpec((None,), tf.int32)
+            if weighted:
+                batches = tf.function(
+                    train_batches,
+                    input_signature=(
+                        *self._signature(x, y),
+                        index_spec,
+                        tf.TensorSpec((None,), tf.float32),
+                        index_spec,
+                    ),
+                )
+            else:
+                batches = tf.function(
+                    lambda xs, ys, order, starts: train_batches(xs, ys, order, None, starts),
+                    input_signature=(*self._signature(x, y), index_spec, index_spec),
+                )
+            self._train_steps[key] = batches
         return batches
 
     def _eval_step(self, x: np.ndarray, y: np.ndarray):
@@ -154,15 +166,21 @@ class CompiledLoop:
             raise ValueError(f"batch-size must be >= 1, got {batch_size}")
         import tensorflow as tf
 
+        weighted = epoch_batches is not None
         if epoch_batches is None:
             epoch_batches = shuffled_batches(np.random.Generator(np.random.PCG64(seed)))
-        train = self._train_batches(x, y)
+        train = self._train_batches(x, y, weighted)
         xs, ys = tf.convert_to_tensor(x), tf.convert_to_tensor(y)
         epochs_batches = [epoch_batches(n, batch_size) for _ in range(epochs)]
+
+        def run(batches: list[np.ndarray]) -> Any:
+            order, weights, starts = _flatten(batches)
+            return train(xs, ys, order, weights, starts) if weighted else train(xs, ys, order, starts)
+
         if epochs > 1:
-            train(xs, ys, *_flatten([b for batches in epochs_batches[:-1] for b in batches]))
+            run([b for batches in epochs_batches[:-1] for b in batches])
         self.model.reset_metrics()
-        logs = train(xs, ys, *_flatten(epochs_batches[-1]))
+        logs = run(epochs_batches[-1])
         return {key: float(value) for key, value in logs.items()}
 
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
