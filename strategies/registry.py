@@ -203,9 +203,11 @@ def build_strategy(name: str, params: StrategyParams) -> Strategy:
     return _user_strategy(name, params)
 
 
-def check_user_strategy(name: str, params: StrategyParams, num_nodes: int = 4) -> None:
-    """Run a fresh instance of the user's strategy ``name`` through one synthetic round (``num_nodes``
-    nodes, a two-array model, replies ``w + N(0, 0.01)`` with 10 examples each) and raise
+def check_user_strategy(name: str, params: StrategyParams) -> None:
+    """Run a fresh instance of the user's strategy ``name`` through one synthetic round (as many
+    nodes as its sampling waits for and samples, at least 4: a strategy that waits for more nodes
+    than the grid lists would wait forever; a two-array model; replies ``w + N(0, 0.01)`` with 10
+    examples each) and raise
     :class:`StrategyNameError` unless it addresses train messages to some of the nodes and
     aggregates their replies into arrays of the model's names and shapes with finite values (or
     None): a broken strategy fails when the server starts, not after the clients trained.
@@ -213,6 +215,8 @@ def check_user_strategy(name: str, params: StrategyParams, num_nodes: int = 4) -
     """
     if ":" not in name:
         return
+    sampling = params.sampling
+    num_nodes = max(4, sampling.min_available_nodes, sampling.min_train_nodes, sampling.clients_per_round())
     strategy = _user_strategy(name, params)
     model = {"kernel": np.zeros((4, 3), np.float32), "bias": np.zeros(3, np.float32)}
     grid = _SyntheticNodes(list(range(1, num_nodes + 1)))

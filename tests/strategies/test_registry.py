@@ -127,7 +127,23 @@ def test_a_broken_user_strategy_fails_on_the_synthetic_round(name, message):
     params = settings_of({"min-available-clients": 4}).strategy_params()
     key = f"tests.strategies.test_registry:{name}"
     with pytest.raises(
-        StrategyNameError, match=f"strategy '{key}' failed on a synthetic round of 4 nodes: .*{message}"
+        StrategyNameError, match=f"strategy '{key}' failed on a synthetic round of 10 nodes: .*{message}"
     ):
         check_user_strategy(key, params)
     check_user_strategy("strategies.examples:MinExamplesFedAvg", params)  # a working one passes
+
+
+def test_the_synthetic_round_lists_as_many_nodes_as_the_strategy_waits_for():
+    import tests.fakes  # noqa: F401  (a run context for messages, as the ServerApp has)
+
+    import threading
+
+    params = settings_of({"num-partitions": 6, "min-available-clients": 6, "min-train-clients": 6}).strategy_params()
+    done = threading.Event()
+
+    def check():
+        check_user_strategy("tests.strategies.test_registry:MyFedAvg", params)
+        done.set()
+
+    threading.Thread(target=check, daemon=True).start()
+    assert done.wait(timeout=60), "the synthetic round waited for nodes it does not list"  # it did on 4 nodes
