@@ -134,9 +134,9 @@ def test_a_broken_user_strategy_fails_on_the_synthetic_round(name, message):
 
 
 def test_the_synthetic_round_lists_as_many_nodes_as_the_strategy_waits_for():
-    import tests.fakes  # noqa: F401  (a run context for messages, as the ServerApp has)
-
     import threading
+
+    import tests.fakes  # noqa: F401  (a run context for messages, as the ServerApp has)
 
     params = settings_of({"num-partitions": 6, "min-available-clients": 6, "min-train-clients": 6}).strategy_params()
     done = threading.Event()
