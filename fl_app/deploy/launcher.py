@@ -205,7 +205,10 @@ def run_while_alive(
     try:
         while True:
             with contextlib.suppress(subprocess.TimeoutExpired):
-                return process.wait(timeout=SUPERLINK_CHECK_INTERVAL_S), ""
+                code = process.wait(timeout=SUPERLINK_CHECK_INTERVAL_S)
+                if superlink.poll() is not None:  # `flwr run` ended because the SuperLink died
+                    return None, f"exited with code {superlink.returncode}"
+                return code, ""
             if superlink.poll() is not None:
                 return None, f"exited with code {superlink.returncode}"
             now = time.monotonic()
