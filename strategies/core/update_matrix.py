@@ -27,7 +27,7 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.common.constant import SType
 from scipy.linalg.blas import saxpy  # at import, so that BLAS thread limits (threadpoolctl) see its library
 
-from strategies.core.replies import finite_values, rejection, screen_replies
+from strategies.core.replies import ScreenedReply, finite_values, rejection, screen_replies
 from strategies.core.wire_format import payload_from_array_record
 
 
@@ -126,8 +126,14 @@ class ModelLayout:
         With ``minus`` (a flat vector of the layout's size) it returns ``flat(record) - minus``,
         computed in the same pass over the received bytes (one read, one write per value).
         """
+        return self.flatten_views(self.views(record), out, minus)
+
+    def flatten_views(
+        self, views: Sequence[np.ndarray], out: np.ndarray | None = None, minus: np.ndarray | None = None
+    ) -> np.ndarray:
+        """:meth:`flatten` of the arrays' flat views, as :meth:`views` gave them (already checked)."""
         vector = np.empty(self.size, np.float32) if out is None else out
-        for i, values in enumerate(self.views(record)):
+        for i, values in enumerate(views):
             segment = slice(self.offsets[i], self.offsets[i + 1])
             if minus is None:
                 vector[segment] = values
@@ -277,35 +283,36 @@ def collect_updates(
     """
     replies = list(replies)
     rejections: list[tuple[int, str]] = []
-    candidates = []
+    candidates: list[tuple[ScreenedReply, list[np.ndarray] | None]] = []
     for screened in screen_replies(replies, rejections):
+        views = None
         if decoder is None:
             try:
-                layout.views(screened.arrays)  # names, shapes, dtypes, byte counts: no copy
+                views = layout.views(screened.arrays)  # names, shapes, dtypes, byte counts: no copy
             except ValueError as err:
                 rejections.append((screened.index, rejection(screened.node, err)))
                 continue
-        candidates.append(screened)
+        candidates.append((screened, views))
     dropped: list[str] = []
     if max_rows is not None and len(candidates) > max_rows:
         dropped = [
             rejection(
                 c.node, f"dropped: {len(candidates)} valid replies exceed the server's memory budget of {max_rows}"
             )
-            for c in candidates[max_rows:]
+            for c, _ in candidates[max_rows:]
         ]
         candidates = candidates[:max_rows]
     matrix = buffer.rows(len(candidates), layout.size)
     node_ids: list[int] = []
     metrics_list: list[MetricRecord] = []
     examples: list[float] = []
-    for screened in candidates:
+    for screened, views in candidates:
         row = matrix[len(node_ids)]
         try:
-            if decoder is None:
-                layout.flatten(screened.arrays, out=row, minus=global_vector)
-            else:
+            if decoder is not None:
                 row[:] = decoder(screened.arrays, layout.size, server_round=server_round)
+            elif views is not None:  # always, without a decoder: the views checked above
+                layout.flatten_views(views, out=row, minus=global_vector)
             norm = _finite_norm(row)
             if max_norm is not None and norm > max_norm:
                 # not the norm itself: a private run's history releases the reasons
