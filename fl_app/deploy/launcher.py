@@ -131,46 +131,28 @@ def descendants(pid: int) -> list[int]:
     return process_tree(pid)[1:]
 
 
-def _signal_all(pids: list[int], sig: int) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-
-
 def stop_process_tree(process: subprocess.Popen, timeout: float = 15.0, sig: int = signal.SIGTERM) -> None:
     """Stop ``process`` (a session leader), its process group and all its descendants, by PID:
     ``sig`` (default SIGTERM; SIGKILL simulates a crash), then SIGKILL after ``timeout`` seconds.
 
     The tree is collected before anything is signalled, since orphans are re-parented to init.
     """
+    from fl_app.deploy.services import signal_pids, start_ticks
+
     tree = descendants(process.pid)
     if process.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, sig)
-    _signal_all(tree, sig)
+    signal_pids(tree, sig)
     deadline = time.monotonic() + timeout
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=timeout)
-    while any(_alive(pid) for pid in tree) and time.monotonic() < deadline:
+    while any(start_ticks(pid) is not None for pid in tree) and time.monotonic() < deadline:
         time.sleep(0.2)
     tree += [pid for pid in descendants(process.pid) if pid not in tree]
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
-    _signal_all(tree, signal.SIGKILL)
+    signal_pids(tree, signal.SIGKILL)
     if process.poll() is None:
         process.wait(timeout=timeout)
 

@@ -117,7 +117,8 @@ def tree(service: Service) -> list[int]:
     return [pid for pid in process_tree(service.pid) if start_ticks(pid) is not None]
 
 
-def _signal(pids: Iterable[int], sig: int) -> None:
+def signal_pids(pids: Iterable[int], sig: int) -> None:
+    """Send ``sig`` to each of ``pids`` (those already gone are skipped)."""
     for pid in pids:
         try:
             os.kill(pid, sig)
@@ -135,7 +136,7 @@ def stop_tree(pids: list[int], timeout: float = STOP_TIMEOUT_S) -> list[int]:
     def alive() -> list[int]:
         return [pid for pid, ticks in tickets.items() if start_ticks(pid) == ticks]
 
-    _signal(tickets, signal.SIGTERM)
+    signal_pids(tickets, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while alive() and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -146,7 +147,7 @@ def stop_tree(pids: list[int], timeout: float = STOP_TIMEOUT_S) -> list[int]:
             if ticks is not None and child not in tickets:
                 tickets[child] = ticks
                 left.append(child)
-    _signal(left, signal.SIGKILL)
+    signal_pids(left, signal.SIGKILL)
     deadline = time.monotonic() + 5.0
     while alive() and time.monotonic() < deadline:
         time.sleep(0.1)
