@@ -78,23 +78,122 @@ def cmd_superlink(args: argparse.Namespace) -> int:
             "superlink: --certs DIR (ca.pem, superlink.pem, superlink.key) is required; "
             "--insecure only if you accept an unencrypted, unauthenticated link"
         )
+    if args.insecure or args.no_gateway:
+        print(
+            "superlink: WARNING: no gateway: the Control API (register/unregister node keys, list and "
+            f"submit runs) is open to anyone who reaches {args.host}:{args.port}",
+            file=sys.stderr,
+            flush=True,
+        )
+        command = deploy.superlink_command(
+            host=args.host,
+            port=args.port,
+            certs_dir=args.certs,
+            insecure=args.insecure,
+            node_auth=not args.no_node_auth,
+            database=args.database,
+            log_file=args.log_file,
+        )
+        # exec keeps this PID: the record names the SuperLink itself, whatever wrapper started us
+        services.record(
+            args.state_dir,
+            f"superlink-{args.port}",
+            command,
+            {"address": f"{args.host}:{args.port}", "tls": "off" if args.insecure else "on", "gateway": "none"},
+        )
+        return _exec(command, deploy.deployment_env(args.flwr_home))
+    return _run_superlink_behind_gateway(args)
+
+
+def _run_superlink_behind_gateway(args: argparse.Namespace) -> int:
+    """The SuperLink on 127.0.0.1:--control-port, then nginx on --host:--port serving its Fleet API
+    only (fl_app.deploy.gateway); both stay children of this command, which stops both when either
+    exits or when it is asked to stop (SIGTERM, Ctrl-C, ``edge.py stop``)."""
+    import time
+
+    from fl_app.deploy import gateway
+
+    certs = Path(args.certs)
+    try:
+        spec = gateway.GatewaySpec(
+            public_host=args.host,
+            public_port=args.port,
+            superlink_port=args.control_port,
+            certificate=certs / "superlink.pem",
+            key=certs / "superlink.key",
+            ca=certs / "ca.pem",
+            max_body_mb=args.max_body_mb,
+        )
+        nginx = gateway.ensure_nginx()
+        config = gateway.write_config(spec, Path(args.state_dir) / f"gateway-{args.port}")
+        gateway.check_config(nginx, config)
+    except (ValueError, OSError, gateway.GatewayError) as err:
+        sys.exit(f"superlink: {err}")
+    control = f"127.0.0.1:{args.control_port}"
+    env = deploy.deployment_env(args.flwr_home)
     command = deploy.superlink_command(
-        host=args.host,
-        port=args.port,
-        certs_dir=args.certs,
-        insecure=args.insecure,
+        host="127.0.0.1",
+        port=args.control_port,
+        certs_dir=certs,
         node_auth=not args.no_node_auth,
         database=args.database,
         log_file=args.log_file,
     )
-    # exec keeps this PID: the record names the SuperLink itself, whatever wrapper started us
     services.record(
         args.state_dir,
         f"superlink-{args.port}",
-        command,
-        {"address": f"{args.host}:{args.port}", "tls": "off" if args.insecure else "on"},
+        sys.argv,
+        {"address": f"{args.host}:{args.port} (Fleet API, nginx)", "control": f"{control} (loopback)", "tls": "on"},
     )
-    return _exec(command, deploy.deployment_env(args.flwr_home))
+    print("$ " + " ".join(command), flush=True)
+    stopping = threading.Event()
+    children: list[subprocess.Popen] = []
+
+    def stop(*_):
+        stopping.set()
+        for process in children:
+            if process.poll() is None:
+                process.terminate()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    code = 1
+    try:
+        children.append(subprocess.Popen(command, env=env))
+        deadline = time.monotonic() + 120
+        while not deploy.superlink_answers(control, ca=certs / "ca.pem"):
+            if stopping.is_set() or children[0].poll() is not None or time.monotonic() > deadline:
+                if not stopping.is_set():
+                    print("superlink: flower-superlink did not come up (its log is above)", file=sys.stderr)
+                return 0 if stopping.is_set() else 1
+            time.sleep(0.3)
+        children.append(subprocess.Popen(gateway.nginx_command(nginx, config), env=env))
+        try:
+            gateway.wait_listening(args.host, args.port, children[1])
+        except gateway.GatewayError as err:
+            print(f"superlink: {err}; see {config.parent / 'error.log'}", file=sys.stderr)
+            return 1
+        print(
+            f"SuperLink up. SuperNodes connect to {args.host}:{args.port} (nginx: Fleet API only, TLS). "
+            f"The operator's flwr CLI uses {control} (Control API, loopback only; from another machine: "
+            f"ssh -N -L {args.control_port}:127.0.0.1:{args.control_port} <this host>).",
+            flush=True,
+        )
+        while not stopping.is_set():
+            ended = [p for p in children if p.poll() is not None]
+            if ended:
+                name = "flower-superlink" if ended[0] is children[0] else "nginx (the gateway)"
+                print(f"superlink: {name} exited with code {ended[0].returncode}; stopping", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+        code = 0
+        print("superlink: stopped on request", flush=True)
+    finally:
+        # the whole tree: Flower's SuperExec and ServerApps run in sessions of their own
+        services.stop_tree(process_tree(os.getpid())[1:], timeout=15)
+        for process in children:
+            process.wait(timeout=15)
+    return code
 
 
 def cmd_register(args: argparse.Namespace) -> int:
@@ -344,7 +443,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--flwr-home", **home)
     p.add_argument("--certs", help="folder with ca.pem, superlink.pem, superlink.key")
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
-    p.add_argument("--port", type=int, default=9092)
+    p.add_argument("--port", type=int, default=9092, help="the public port: the Fleet API for SuperNodes")
+    p.add_argument(
+        "--control-port",
+        type=int,
+        default=9093,
+        help="the SuperLink's own port on 127.0.0.1 (Control API: the operator's flwr CLI)",
+    )
+    p.add_argument(
+        "--no-gateway",
+        action="store_true",
+        help="serve the SuperLink itself on --host:--port, Control API included (not behind nginx)",
+    )
+    p.add_argument("--max-body-mb", type=int, default=512, help="largest request the gateway forwards")
     p.add_argument("--database", help="SQLite file: registered nodes and runs survive a restart")
     p.add_argument("--log-file")
     p.add_argument("--no-node-auth", action="store_true", help="accept any SuperNode (TLS stays on)")

@@ -146,9 +146,12 @@ def make_server_cert(
     """A server certificate signed by the CA, valid for ``hosts`` (names and IPs).
 
     Writes ``<name>.pem`` and ``<name>.key``. SuperNodes and the ``flwr`` CLI reach the SuperLink
-    by one of these names or addresses; gRPC/HTTPS refuse any other.
+    by one of these names or addresses; gRPC/HTTPS refuse any other. ``localhost`` and
+    ``127.0.0.1`` are always added: the gateway, the SuperLink's SuperExec and the operator (on
+    the server or through an SSH tunnel) reach the SuperLink itself on loopback.
     """
     directory = Path(directory)
+    hosts = list(dict.fromkeys([*hosts, "localhost", "127.0.0.1"]))
     ca = x509.load_pem_x509_certificate(Path(ca_cert).read_bytes())
     signer = serialization.load_pem_private_key(Path(ca_key).read_bytes(), password=None)
     if not isinstance(signer, ec.EllipticCurvePrivateKey):
@@ -527,6 +530,7 @@ class LoopbackDeployment:
         node_auth: bool = True,
         host: str = "127.0.0.1",
         cert_hosts: Sequence[str] = ("localhost", "127.0.0.1"),
+        gateway: bool = True,
     ) -> None:
         from fl_app.deploy.launcher import free_port
 
@@ -534,10 +538,16 @@ class LoopbackDeployment:
         self.app = Path(app)
         self.insecure = insecure
         self.node_auth = node_auth and not insecure
+        self.gateway = gateway and not insecure
         self.host = host
         self.cert_hosts = list(cert_hosts)
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
+        # with the gateway, the SuperLink itself (Control API included) listens on loopback only
+        self.control_port = self.port
+        while self.gateway and self.control_port == self.port:
+            self.control_port = free_port()
+        self.control_address = f"127.0.0.1:{self.control_port}"
         self.flwr_home = self.root / "flwr_home"
         self.certs = self.root / "certs"
         self.env = deployment_env(self.flwr_home)
@@ -568,13 +578,13 @@ class LoopbackDeployment:
         write_connection(
             self.flwr_home,
             self.CONNECTION,
-            self.address,
+            self.control_address,
             root_certificates=None if self.insecure else self.certs / "ca.pem",
             insecure=self.insecure,
         )
         command = superlink_command(
-            host=self.host,
-            port=self.port,
+            host="127.0.0.1" if self.gateway else self.host,
+            port=self.control_port,
             certs_dir=None if self.insecure else self.certs,
             insecure=self.insecure,
             node_auth=self.node_auth,
@@ -585,7 +595,9 @@ class LoopbackDeployment:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                if httpx.get(f"{scheme}://{self.address}/health", verify=verify, timeout=1.0).is_success:
+                if httpx.get(f"{scheme}://{self.control_address}/health", verify=verify, timeout=1.0).is_success:
+                    if self.gateway:
+                        self.start_gateway()
                     return
             except httpx.HTTPError:
                 pass
@@ -596,6 +608,24 @@ class LoopbackDeployment:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"flower-superlink not healthy after {timeout:.0f} s")
             time.sleep(0.3)
+
+    def start_gateway(self) -> None:
+        """nginx on the public address in front of the SuperLink (see :mod:`fl_app.deploy.gateway`)."""
+        from fl_app.deploy import gateway
+
+        spec = gateway.GatewaySpec(
+            public_host=self.host,
+            public_port=self.port,
+            superlink_port=self.control_port,
+            certificate=self.certs / "superlink.pem",
+            key=self.certs / "superlink.key",
+            ca=self.certs / "ca.pem",
+        )
+        nginx = gateway.ensure_nginx()
+        config = gateway.write_config(spec, self.root / "gateway")
+        gateway.check_config(nginx, config)
+        process = self._start(gateway.nginx_command(nginx, config), "gateway")
+        gateway.wait_listening(self.host, self.port, process)
 
     def close(self) -> None:
         from fl_app.deploy.launcher import stop_process_tree

@@ -1,25 +1,31 @@
-"""Integration: ``edge.py status`` and ``edge.py stop`` with real processes on loopback.
+"""Integration: the operator's commands (``edge.py certs/superlink/register/supernode/status/stop``)
+with real processes on loopback, TLS and SuperNode authentication on, the SuperLink behind its
+nginx gateway.
 
-The SuperLink and the SuperNode are started the way docs/deployment.md starts them, behind a
-wrapper process (``bash -c``, standing in for ``uv run``) and in the background, without TLS to
-keep the test short (the process trees are the same with TLS). ``edge.py stop`` must leave no
-process of either tree: not the SuperLink's SuperExec, not the SuperNode's SuperExec, not the
-warm Keras worker.
+The SuperLink and the SuperNodes are started the way docs/deployment.md starts them, behind a
+wrapper process (``bash -c``, standing in for ``uv run``) and in the background. An intruder who
+holds ``ca.pem`` and reaches the public port cannot use the Control API (register a key, list
+nodes or runs, unregister a node, submit a run), not even with path tricks, while the operator on
+the loopback Control address can. ``edge.py stop`` must leave no process of either tree: not
+nginx, not the SuperLink's SuperExec, not the SuperNode's SuperExec, not the warm Keras worker.
 """
 
 from __future__ import annotations
 
+import json
 import shlex
+import ssl
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from fl_app.deploy import node_worker, services
 from fl_app.deploy.launcher import free_port, stop_process_tree
-from fl_app.deploy.operator import deployment_env, start
+from fl_app.deploy.operator import _bin, deployment_env, make_node_keys, start, write_connection
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -44,14 +50,67 @@ def _alive(tickets: dict[int, int | None]) -> list[str]:
     return [services.command_line(pid) for pid, ticks in tickets.items() if services.start_ticks(pid) == ticks]
 
 
-def test_edge_stop_leaves_no_process_and_a_lost_superlink_fails_the_node(tmp_path):
-    """``edge.py stop NAME`` stops a SuperNode's whole tree (SuperExec and warm worker included),
-    then the SuperLink's; a SuperNode started with ``--max-wait-time`` exits with code 3 once the
-    SuperLink is gone (Flower's own SuperNode gives up reconnecting but keeps running)."""
+def _flwr_succeeded(result: subprocess.CompletedProcess) -> bool:
+    """Whether a flwr CLI call succeeded: with ``--format json`` flwr exits 0 and says
+    ``"success": false`` when it did not."""
+    if result.returncode != 0:
+        return False
+    try:
+        return json.loads(result.stdout).get("success", True) is not False
+    except ValueError:
+        return True
+
+
+def _intruder_is_refused(tmp_path: Path, env: dict[str, str], public: str, ca: Path, node_id: int) -> None:
+    """A fresh FLWR_HOME with ``ca.pem`` and a connection to the public port: every Control call
+    gets nginx's 404; raw requests to Control and Runtime routes, path tricks included, too."""
+    home = tmp_path / "intruder"
+    write_connection(home, "public", public, root_certificates=ca)
+    intruder_env = dict(env, FLWR_HOME=str(home))
+    _, key = make_node_keys(tmp_path / "intruder-keys", "mine")
+    attempts = {
+        "register": ("supernode", "register", str(key), "public"),
+        "list nodes": ("supernode", "list", "public", "--format", "json"),
+        "list runs": ("ls", "public", "--format", "json"),
+        "unregister": ("supernode", "unregister", str(node_id), "public"),
+        "submit": ("run", str(ROOT), "public", "--format", "json"),
+    }
+    for what, args in attempts.items():
+        result = subprocess.run(
+            [_bin("flwr"), *args], env=intruder_env, cwd=ROOT, capture_output=True, text=True, timeout=180
+        )
+        assert not _flwr_succeeded(result), f"the intruder could {what}: {result.stdout}{result.stderr}"
+        assert "404 Not Found" in result.stdout + result.stderr, (what, result.stdout, result.stderr)
+    with httpx.Client(base_url=f"https://{public}", verify=ssl.create_default_context(cafile=ca)) as client:
+        for path in (
+            "/v1/control/list-runs",
+            "/v1/fleet/../control/list-runs",
+            "/v1/fleet/%2e%2e/control/list-runs",
+            "/v1/fleet/..%2fcontrol/list-runs",
+            "//v1/control/list-runs",
+            "/v1/fleet/./../control/list-runs",
+            "/v1/runtime/get-run",
+            "/docs",
+            "/openapi.json",
+            "/health",  # GET only
+        ):
+            response = client.post(path, content=b"", headers={"content-type": "application/protobuf"})
+            assert response.status_code in (403, 404), (path, response.status_code, response.text[:200])
+        assert client.get("/v1/fleet/pull-messages").status_code == 403  # Fleet routes: POST only
+        assert client.get("/health").status_code == 200  # nodes can tell whether the SuperLink is up
+
+
+def test_edge_commands_behind_the_gateway_refuse_an_intruder_and_stop_every_process(tmp_path):
+    """The intruder is refused (above) while the operator registers and lists; ``edge.py stop
+    NAME`` stops a SuperNode's whole tree (SuperExec and warm worker included), then the
+    SuperLink's (nginx included); a SuperNode started with ``--max-wait-time`` exits with code 3
+    once the SuperLink is gone (Flower's own SuperNode gives up reconnecting but keeps running)."""
     state = tmp_path / "state"
     env = deployment_env(tmp_path / "flwr_home")
     env["XDG_RUNTIME_DIR"] = str(tmp_path / "no-runtime-dir")  # the worker falls back to <tmp>/fl-keras-<uid>
-    port, runtime_port, second_port = free_port(), free_port(), free_port()
+    port, control_port, runtime_port, second_port = free_port(), free_port(), free_port(), free_port()
+    pki = tmp_path / "pki"
+    ca = pki / "ca.pem"
     socket_path = node_worker.default_socket_path(runtime_port)
     wrappers = {}
 
@@ -64,17 +123,51 @@ def test_edge_stop_leaves_no_process_and_a_lost_superlink_fails_the_node(tmp_pat
         return "SuperNode ID" in (tmp_path / f"{name}.log").read_text()
 
     try:
-        background("superlink", "superlink", "--insecure", "--port", str(port))
-        assert _edge("wait", "--insecure", "--address", f"127.0.0.1:{port}", env=env).returncode == 0
-        _edge("connection", "--name", "edge", "--address", f"127.0.0.1:{port}", "--insecure", env=env)
-        link = ("--insecure", "--superlink", f"127.0.0.1:{port}")
-        background("node", "supernode", *link, "--runtime-port", str(runtime_port))
+        made = _edge("certs", "--out", str(pki), "--hosts", "localhost", "--nodes", "2", env=env)
+        assert made.returncode == 0, made.stdout + made.stderr
+        background(
+            "superlink", "superlink", "--certs", str(pki), "--port", str(port), "--control-port", str(control_port)
+        )
+        waited = _edge("wait", "--address", f"127.0.0.1:{port}", "--ca", str(ca), env=env)  # through nginx
+        assert waited.returncode == 0, waited.stdout + waited.stderr + (tmp_path / "superlink.log").read_text()
+        _edge("connection", "--name", "edge", "--address", f"127.0.0.1:{control_port}", "--ca", str(ca), env=env)
+        keys = [str(pki / "keys" / f"node-{i}.pub") for i in range(2)]
+        registered = _edge("register", "--connection", "edge", *keys, env=env)
+        assert registered.returncode == 0, registered.stdout + registered.stderr
+        listed = subprocess.run(
+            [_bin("flwr"), "supernode", "list", "edge", "--format", "json"],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert _flwr_succeeded(listed), listed.stdout + listed.stderr
+        nodes = json.loads(listed.stdout)["nodes"]
+        assert len(nodes) == 2
+        _intruder_is_refused(tmp_path, env, f"127.0.0.1:{port}", ca, int(nodes[0]["node-id"]))
+        superlink_log = (tmp_path / "superlink.log").read_text()
+        assert "/v1/control/list-runs" not in superlink_log and "/v1/runtime/" not in superlink_log  # none got through
+        relisted = subprocess.run(
+            [_bin("flwr"), "supernode", "list", "edge", "--format", "json"],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert json.loads(relisted.stdout)["nodes"] == nodes  # nothing registered or unregistered
+
+        link = ("--superlink", f"127.0.0.1:{port}", "--ca", str(ca))
+        background(
+            "node", "supernode", *link, "--key", str(pki / "keys" / "node-0"), "--runtime-port", str(runtime_port)
+        )
         _wait_for(lambda: node_id_logged("node"), 180, "the SuperNode's id")
 
         status = _edge("status", "--state-dir", str(state), env=env)
         assert status.returncode == 0, status.stdout + status.stderr
         assert f"superlink-{port}: running" in status.stdout and f"supernode-{runtime_port}: running" in status.stdout
-        assert "online" in status.stdout and "flower-superexec" in status.stdout
+        assert "online" in status.stdout and "flower-superexec" in status.stdout and "nginx" in status.stdout
         assert f"fl_app.deploy.node_worker --socket {socket_path}" in status.stdout
 
         recorded = {service.name: service for service in services.recorded(state)}
@@ -88,13 +181,22 @@ def test_edge_stop_leaves_no_process_and_a_lost_superlink_fails_the_node(tmp_pat
         assert wrappers["node"].wait(timeout=30) == 0  # stopped on request: not a failure
 
         background(
-            "lost", "supernode", *link, "--runtime-port", str(second_port), "--no-worker", "--max-wait-time", "10"
+            "lost",
+            "supernode",
+            *link,
+            "--key",
+            str(pki / "keys" / "node-1"),
+            "--runtime-port",
+            str(second_port),
+            "--no-worker",
+            "--max-wait-time",
+            "10",
         )
         _wait_for(lambda: node_id_logged("lost"), 180, "the second SuperNode's id")
         lost = next(service for service in services.recorded(state) if service.name == f"supernode-{second_port}")
         lost_tickets = {pid: services.start_ticks(pid) for pid in services.tree(lost)}
         link_tree = services.tree(recorded[f"superlink-{port}"])
-        assert len(link_tree) >= 2, link_tree  # flower-superlink and its SuperExec
+        assert len(link_tree) >= 5, link_tree  # edge.py, flower-superlink, its SuperExec, nginx (master, worker)
         tickets = {pid: services.start_ticks(pid) for pid in link_tree}
         stopped = _edge("stop", "--state-dir", str(state), f"superlink-{port}", env=env)
         assert stopped.returncode == 0, stopped.stdout + stopped.stderr
