@@ -19,8 +19,8 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fl_app.attacks.poisoning import poison_weights
+from fl_app.client.encryption import answer_verification, capped_examples, is_verification, reply_metrics
 from fl_app.client.encryption import global_weights as received_global_weights
-from fl_app.client.encryption import reply_metrics
 from fl_app.client.node_client import client_fn, make_client, partition_id_of, settings_from_context
 from fl_app.client.upload import upload
 from fl_app.delivery.shipping import answer_export_check, is_export_check
@@ -74,6 +74,7 @@ def train(msg: Message, context: Context) -> Message:
     maybe_fail(settings, partition_id, server_round)
     global_weights = received_global_weights(settings, context, msg)
     weights, num_examples, metrics = client.fit(global_weights, config)
+    num_examples = capped_examples(settings, num_examples)
     metrics.update(dp_sgd_report(settings, num_examples, server_round))
     weights = poison_weights(settings, partition_id, global_weights, weights, server_round)
     content = RecordDict(
@@ -109,7 +110,10 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """``initial-weights``: the seeded initial model, so a server without TensorFlow can start."""
+    """``initial-weights``: the seeded initial model, so a server without TensorFlow can start;
+    ``he-verify``: a key holder's verdicts on a round's encrypted sums."""
     from fl_app.client.initial_weights import initial_weights_reply
 
+    if is_verification(msg):
+        return answer_verification(settings_from_context(context), context, msg)
     return initial_weights_reply(msg, context)

@@ -5,6 +5,9 @@
   carries and applies them to the global model this node keeps in ``context.state``.
 * :func:`encrypted_upload` encrypts ``w_k * clip(x_k - G)`` instead of sending the weights.
 * :func:`reply_metrics` adds the version trained from and the seconds spent decrypting/encrypting.
+* :func:`capped_examples` caps the example count the client reports and encrypts with.
+* :func:`answer_verification`: as a key holder, decrypt the sums a verification query carries and
+  answer one bit each (:mod:`strategies.encrypted.verification`), never a plaintext.
 
 The secret key is read from the node config's ``he-secret-key-path`` (edge machines) or else the
 run config's (simulation); it is loaded once per process and path.
@@ -18,12 +21,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fl_app.config.settings import Settings
 from strategies.core.clipping import clip_rows
 from strategies.core.update_matrix import ModelLayout
 from strategies.encrypted import strategy as protocol
+from strategies.encrypted import verification
 from strategies.encrypted.keys import load_client_scheme
 from strategies.encrypted.scheme import HomomorphicScheme
 
@@ -161,3 +165,44 @@ def reply_metrics(settings: Settings, context: Context) -> dict[str, float | int
         if key in info and math.isfinite(seconds := _number(info[key], key)):
             metrics[key] = seconds
     return metrics
+
+
+def capped_examples(settings: Settings, num_examples: int) -> int:
+    """The example count an encrypted run's client reports and weights its update with:
+    ``min(n_k, he-max-examples)`` (the server rejects larger counts); ``n_k`` without encryption."""
+    if settings.homomorphic_encryption == "none":
+        return num_examples
+    return min(int(num_examples), settings.he_max_examples)
+
+
+def is_verification(msg: Message) -> bool:
+    """Whether ``msg`` asks this key holder to verify a round's encrypted sums."""
+    records = msg.content.config_records
+    return "config" in records and records["config"].get("query") == verification.QUERY
+
+
+def answer_verification(settings: Settings, context: Context, msg: Message) -> Message:
+    """Decrypt each group sum of a verification query; answer 1 (valid) or 0 per sum.
+
+    A sum is invalid when it cannot be decrypted (a Paillier slot beyond what its summands can
+    give) or fails :func:`~strategies.encrypted.verification.sum_is_valid`. Only the bits leave.
+    """
+    scheme = client_scheme(settings, context)
+    config = msg.content["config"]
+    weights = _numbers(config[verification.CFG_WEIGHTS], verification.CFG_WEIGHTS)
+    summands = [int(v) for v in _numbers(config[verification.CFG_SUMMANDS], verification.CFG_SUMMANDS)]
+    clip_norm = _number(config[verification.CFG_CLIP], verification.CFG_CLIP)
+    size = int(_number(config[verification.CFG_SIZE], verification.CFG_SIZE))
+    if len(weights) != len(summands):
+        raise ValueError(f"verification query: {len(weights)} weights for {len(summands)} sums")
+    record = msg.content.array_records["arrays"]
+    verdicts = []
+    for index, (weight, count) in enumerate(zip(weights, summands, strict=True)):
+        ciphertexts = protocol.record_to_ciphertexts(record, verification.group_prefix(index))
+        try:
+            decrypted = scheme.decrypt_sum(ciphertexts, size, count)
+        except ValueError:
+            verdicts.append(0)
+            continue
+        verdicts.append(int(verification.sum_is_valid(decrypted, weight, clip_norm)))
+    return Message(content=RecordDict({"metrics": MetricRecord({verification.MET_VERDICTS: verdicts})}), reply_to=msg)

@@ -548,6 +548,18 @@ class Settings:
     he_clip_norm: float = _key(
         0.0, Range(0.0, MAX_NORM), "clients clip their update to this L2 norm before weighting and encrypting (0: off)"
     )
+    he_max_examples: int = _key(
+        100_000,
+        Range(1, 1_000_000_000),
+        "cap on a client's weight `w_k = n_k` (it encrypts and reports `min(n_k, cap)`; a larger or "
+        "non-integer count is rejected)",
+    )
+    he_verify_min_summands: int = _key(
+        2,
+        Range(0, 10_000),
+        "a key holder checks each round's decrypted sum before it joins the chain; when it is invalid, "
+        "groups of at least this many updates are checked to drop the culprits (0: no check)",
+    )
     he_ckks_poly_degree: int = _key(
         8192,
         Range(1024, 32768, note=_ckks_degrees),
@@ -689,6 +701,8 @@ class Settings:
             public_key_path=self.he_public_key_path,
             client_weighting=self.he_client_weighting,
             clip_norm=self.he_clip_norm,
+            max_examples=self.he_max_examples,
+            verify_min_summands=self.he_verify_min_summands,
             ckks_poly_degree=self.he_ckks_poly_degree,
             ckks_scale_bits=self.he_ckks_scale_bits,
             paillier_key_bits=self.he_paillier_key_bits,

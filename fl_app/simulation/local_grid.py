@@ -1,7 +1,7 @@
 """An in-process Flower grid, for experiments and benchmarks with many virtual clients.
 
 :class:`LocalGrid` answers the messages of any Message-API strategy by calling this app's
-ClientApp handlers (:func:`fl_app.client_app.train` / :func:`~fl_app.client_app.evaluate`) in the
+ClientApp handlers (:func:`fl_app.client_app.train`, :func:`~fl_app.client_app.evaluate`, ``query``) in the
 calling process, one node after another, with a Flower ``Context`` per node (``partition-id``,
 ``num-partitions``) — the same code path as Flower's simulation engine, without Ray, gRPC or one
 process per worker. A handler's exception becomes an error reply, as Flower does. Together with
@@ -104,7 +104,8 @@ class LocalGrid(Grid):
         replies = []
         for message in messages:
             context = self.contexts[message.metadata.dst_node_id]
-            handler = client_app.train if message.metadata.message_type == MessageType.TRAIN else client_app.evaluate
+            handlers = {MessageType.TRAIN: client_app.train, MessageType.QUERY: client_app.query}
+            handler = handlers.get(message.metadata.message_type, client_app.evaluate)
             started = time.perf_counter()
             try:
                 replies.append(handler(message, context))

@@ -30,6 +30,11 @@ is impossible; clients evaluate the decrypted global model on their own test spl
 server writes ``G_0`` and the chain (:meth:`EncryptedFedAvg.save_encrypted_model`); a key holder
 reconstructs the final model with ``scripts/decrypt_model.py``.
 
+Before ``Enc(S_r)`` joins the chain, a key holder verifies it (finite, within the scheme's range
+and the clip norm) and group testing drops the contributions that make it invalid
+(:mod:`strategies.encrypted.verification`); example counts are integers capped at
+``he-max-examples``. One client can therefore no longer break the chain for everybody.
+
 Only averaging can run on ciphertexts: rules that need individual plaintext updates (median,
 trimmed mean, Krum, Bulyan, geometric median, centered clipping), server-side norm bounds and
 server optimizers are refused at start-up (:func:`check_encryption_compatible`). Clients may add
@@ -40,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import secrets
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from logging import INFO, WARNING
@@ -56,6 +62,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from strategies.core.checks import in_interval, non_negative, one_of
 from strategies.core.replies import ScreenedReply, is_client_error, rejection, screen_replies
 from strategies.core.update_matrix import ModelLayout
+from strategies.encrypted import verification
 from strategies.encrypted.ckks import CkksParameters
 from strategies.encrypted.keys import load_server_scheme
 from strategies.encrypted.paillier import PaillierParameters
@@ -69,6 +76,11 @@ ENCRYPTION_SCHEMES = ("none", "ckks", "paillier")
 HE_WEIGHTINGS = ("num-examples", "uniform")
 AVERAGING_STRATEGIES = ("fedavg", "fedprox")
 """Strategies whose aggregation is a weighted mean (plus ``robust`` with ``aggregation-rule='mean'``)."""
+
+VERIFY_TIMEOUT_S = 120.0
+"""Seconds to wait for one key holder's verdict on a round's encrypted sum."""
+VERIFY_ATTEMPTS = 3
+"""Key holders asked in turn before a round is left uncommitted."""
 
 OUT_OF_DATE = "he-state-out-of-date"
 """Marker in a client's error reply: its stored global model does not fit the chain it received."""
@@ -153,6 +165,9 @@ class EncryptionParams:
             path is the clients' business and not part of these parameters.
         client_weighting: ``num-examples`` or ``uniform`` (``he-client-weighting``).
         clip_norm: clients clip their update to this L2 norm (``he-clip-norm``), >= 0 (0: off).
+        max_examples: cap on a client's example-count weight (``he-max-examples``), >= 1.
+        verify_min_summands: the smallest group a key holder verifies (``he-verify-min-summands``;
+            0: rounds are committed unverified); see :mod:`strategies.encrypted.verification`.
         ckks_poly_degree: CKKS ring dimension the key must have (``he-ckks-poly-degree``).
         ckks_scale_bits: CKKS scale bits the key must have (``he-ckks-scale-bits``), in [20, 60].
         paillier_key_bits: Paillier modulus bits the key must have (``he-paillier-key-bits``), even, >= 2048.
@@ -162,6 +177,8 @@ class EncryptionParams:
     public_key_path: str
     client_weighting: str
     clip_norm: float
+    max_examples: int
+    verify_min_summands: int
     ckks_poly_degree: int
     ckks_scale_bits: int
     paillier_key_bits: int
@@ -170,6 +187,8 @@ class EncryptionParams:
         one_of("homomorphic-encryption", self.scheme, ENCRYPTION_SCHEMES)
         one_of("he-client-weighting", self.client_weighting, HE_WEIGHTINGS)
         non_negative("he-clip-norm", self.clip_norm, " (0: off)")
+        in_interval("he-max-examples", self.max_examples, 1, 1_000_000_000)
+        in_interval("he-verify-min-summands", self.verify_min_summands, 0, 10_000)
         degrees = sorted(HE_STANDARD_MAX_COEFF_BITS[128])
         if self.ckks_poly_degree not in degrees:
             raise ValueError(
@@ -289,12 +308,30 @@ def build_encrypted_strategy(
         scheme,
         weighting=params.client_weighting,
         clip_norm=params.clip_norm,
+        max_examples=params.max_examples,
+        verify_min_summands=params.verify_min_summands,
         train_config=extra,
         **aggregation.sampling.kwargs(),
     )
 
 
 # ------------------------------------------------------------------------------------ the strategy
+
+
+@dataclasses.dataclass(frozen=True)
+class Contribution:
+    """One client's checked reply: its place among the round's replies, node, ciphertexts of
+    ``Enc(w_k u_k)``, weight ``w_k`` and metrics."""
+
+    index: int
+    node: int
+    ciphertexts: list[bytes]
+    weight: float
+    metrics: MetricRecord
+
+
+class _NoVerdict(Exception):
+    """No key holder answered a verification query."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,6 +351,13 @@ class EncryptedFedAvg(FedAvg):
     scheme : the server's scheme, loaded from the public key (refused if it can decrypt)
     weighting : ``num-examples`` (FedAvg) or ``uniform``; the clients use the same
     clip_norm : L2 bound the clients clip their update to before encrypting (0: off)
+    max_examples : a reply's ``num-examples`` must be an integer in ``[1, max_examples]`` (the
+        clients cap their weight there): a fractional count would truncate the round's weight to 0,
+        a huge one would freeze the model
+    verify_min_summands : before a round's sum joins the chain a key holder verifies it, isolating
+        invalid contributions in groups of at least this many (0: no verification); see
+        :mod:`strategies.encrypted.verification`
+    verify_timeout : seconds to wait for a key holder's verdict (three are tried in turn)
     train_config : extra keys sent in every train config (e.g. ``proximal-mu`` for FedProx)
     **sampling : FedAvg's ``fraction_train``, ``min_train_nodes``, …
 
@@ -336,6 +380,9 @@ class EncryptedFedAvg(FedAvg):
         *,
         weighting: str = "num-examples",
         clip_norm: float = 0.0,
+        max_examples: int = 100_000,
+        verify_min_summands: int = 0,
+        verify_timeout: float = VERIFY_TIMEOUT_S,
         train_config: Mapping[str, Any] | None = None,
         **sampling: Any,
     ) -> None:
@@ -349,7 +396,11 @@ class EncryptedFedAvg(FedAvg):
         self.scheme = scheme
         self.weighting = weighting
         self.clip_norm = float(clip_norm)
+        self.max_examples = int(max_examples)
+        self.verify_min_summands = int(verify_min_summands)
+        self.verify_timeout = float(verify_timeout)
         self.train_config = dict(train_config or {})
+        self._grid: Grid | None = None  # the round's grid, to ask a key holder for its verdict
         self.initial: ArrayRecord | None = None
         self.layout: ModelLayout | None = None
         self.deltas: list[EncryptedDelta] = []
@@ -422,6 +473,7 @@ class EncryptedFedAvg(FedAvg):
     ) -> Iterable[Message]:
         """``arrays`` is used once, as ``G_0``; afterwards the global model is the encrypted chain."""
         self._remember_initial(arrays)
+        self._grid = grid
         node_ids = self._sample(grid, self.fraction_train, self.min_train_nodes)
         log(INFO, "configure_train: sampled %d nodes; global version %d", len(node_ids), self.version)
         config = ConfigRecord({**dict(config), **self.train_config, "server-round": server_round})
@@ -449,15 +501,81 @@ class EncryptedFedAvg(FedAvg):
 
     # ----------------------------------------------------------------------------- aggregation
 
-    def _check_reply(self, reply: ScreenedReply, size: int) -> tuple[list[bytes], float, MetricRecord]:
-        """Ciphertexts, weight and metrics of a screened reply; ValueError if it is stale or its
-        ciphertexts do not fit the key and model."""
+    def _check_reply(self, reply: ScreenedReply, size: int) -> Contribution:
+        """A screened reply's contribution; ValueError if it is stale, its example count is not an
+        integer in ``[1, max_examples]``, or its ciphertexts do not fit the key and model."""
         base = reply.metrics.get(MET_BASE)
         if base != self.version:
             raise ValueError(f"trained from global version {base!r}, the current one is {self.version}")
+        count = float(reply.num_examples)
+        if not (count == int(count) and 1 <= count <= self.max_examples):
+            raise ValueError(
+                f"num-examples must be an integer in [1, he-max-examples={self.max_examples}] "
+                "(the clients cap their weight there)"
+            )
         ciphertexts = record_to_ciphertexts(reply.arrays)
         self.scheme.validate(ciphertexts, size)
-        return ciphertexts, client_weight(int(reply.num_examples), self.weighting), reply.metrics
+        return Contribution(
+            reply.index, reply.node, ciphertexts, client_weight(int(count), self.weighting), reply.metrics
+        )
+
+    def _ask_key_holder(self, server_round: int, accepted: Sequence[Contribution], groups: Sequence[Sequence[int]]):
+        """One verification round trip: the sums of ``groups`` to a key holder of this round (up to
+        three in turn, in a random order); its verdicts, or ``None`` when none answered."""
+        assert self._grid is not None and self.layout is not None
+        arrays: dict[str, Array] = {}
+        for index, group in enumerate(groups):
+            total = self.scheme.sum_ciphertexts([accepted[i].ciphertexts for i in group])
+            arrays.update(ciphertexts_to_record(total, verification.group_prefix(index)).items())
+        config = ConfigRecord(
+            {
+                "query": verification.QUERY,
+                verification.CFG_WEIGHTS: [float(sum(accepted[i].weight for i in g)) for g in groups],
+                verification.CFG_SUMMANDS: [len(g) for g in groups],
+                verification.CFG_CLIP: self.clip_norm,
+                verification.CFG_SIZE: self.layout.size,
+            }
+        )
+        holders = sorted({c.node for c in accepted})
+        secrets.SystemRandom().shuffle(holders)
+        for node in holders[:VERIFY_ATTEMPTS]:
+            content = RecordDict({"arrays": ArrayRecord(arrays), "config": config})
+            query = Message(content=content, message_type=MessageType.QUERY, dst_node_id=node)
+            for reply in self._grid.send_and_receive([query], timeout=self.verify_timeout):
+                if reply.has_error() or "metrics" not in reply.content.metric_records:
+                    continue
+                verdicts = reply.content["metrics"].get(verification.MET_VERDICTS)
+                if isinstance(verdicts, list) and len(verdicts) == len(groups):
+                    return [bool(v) for v in verdicts]
+            log(WARNING, "Round %d: key holder node %d gave no verdict on the encrypted sum", server_round, node)
+        return None
+
+    def _verified(
+        self, server_round: int, accepted: list[Contribution], lines: list[tuple[int, str]]
+    ) -> list[Contribution] | None:
+        """The contributions whose sum a key holder verified (see
+        :mod:`strategies.encrypted.verification`); the dropped ones become rejections. ``None``
+        when no key holder answered: the round is then not committed."""
+        if self.verify_min_summands == 0 or not accepted:
+            return accepted
+
+        def ask(groups: Sequence[Sequence[int]]) -> list[bool]:
+            verdicts = self._ask_key_holder(server_round, accepted, groups)
+            if verdicts is None:
+                raise _NoVerdict
+            return verdicts
+
+        try:
+            groups, dropped = verification.isolate_invalid(len(accepted), ask, self.verify_min_summands)
+        except _NoVerdict:
+            return None
+        for i in dropped:
+            reason = (
+                "its encrypted update made the decrypted sum invalid (a key holder checked the sums of "
+                f"groups of at least {self.verify_min_summands} updates before the round was committed)"
+            )
+            lines.append((accepted[i].index, rejection(accepted[i].node, reason)))
+        return [accepted[i] for group in groups for i in group]
 
     def rejections(self) -> list[str]:
         """The replies the last :meth:`aggregate_train` rejected, as ``"node <id>: rejected: <reason>"``."""
@@ -476,31 +594,36 @@ class EncryptedFedAvg(FedAvg):
         replies = list(replies)
         self._track(replies)
         started = time.perf_counter()
-        accepted: list[tuple[list[bytes], float, MetricRecord]] = []
+        checked: list[Contribution] = []
         lines: list[tuple[int, str]] = []
         for screened in screen_replies(replies, lines):
             try:
-                if len(accepted) >= self.scheme.max_clients:
+                if len(checked) >= self.scheme.max_clients:
                     raise ValueError(f"the key adds at most max_clients={self.scheme.max_clients} updates")
-                accepted.append(self._check_reply(screened, self.layout.size))
+                checked.append(self._check_reply(screened, self.layout.size))
             except (ValueError, KeyError, TypeError) as err:
                 lines.append((screened.index, rejection(screened.node, err)))
+        verified = self._verified(server_round, checked, lines)
         self._rejections = [line for _, line in sorted(lines) if not is_client_error(line)]
         for line in self._rejections:
             log(WARNING, "Round %d: %s", server_round, line)
+        accepted = verified or []
         measurements: dict[str, Any] = {
             "accepted-replies": len(accepted),
             "rejected-replies": len(self._rejections),
         }
+        if verified is None:
+            log(WARNING, "Round %d: no key holder verified the encrypted sum; the round is not committed", server_round)
+            return None, MetricRecord({**measurements, "round-skipped": 1, "he-version": self.version})
         if not accepted:
             log(WARNING, "Round %d: no valid encrypted update, the global model is kept", server_round)
             return None, MetricRecord({**measurements, "round-skipped": 1, "he-version": self.version})
-        total = self.scheme.sum_ciphertexts([c for c, _, _ in accepted])
+        total = self.scheme.sum_ciphertexts([c.ciphertexts for c in accepted])
         aggregation_seconds = time.perf_counter() - started
-        total_weight = float(sum(w for _, w, _ in accepted))
+        total_weight = float(sum(c.weight for c in accepted))
         self.deltas.append(EncryptedDelta(tuple(total), total_weight, len(accepted)))
 
-        uploaded = [sum(len(b) for b in c) for c, _, _ in accepted]
+        uploaded = [sum(len(b) for b in c.ciphertexts) for c in accepted]
         measurements.update(
             {
                 "he-version": self.version,
@@ -515,12 +638,12 @@ class EncryptedFedAvg(FedAvg):
         )
         self._chain_bytes_sent = 0
         for key in (MET_ENCRYPT, MET_DECRYPT):
-            values = [float(v) for _, _, m in accepted if isinstance(v := m.get(key), (int, float))]
+            values = [float(v) for c in accepted if isinstance(v := c.metrics.get(key), (int, float))]
             if values:
                 measurements[f"{key}-mean"] = float(np.mean(values))
                 measurements[f"{key}-max"] = float(np.max(values))
         for key in ("train-loss", "train-accuracy"):
-            pairs = [(float(v), w) for _, w, m in accepted if isinstance(v := m.get(key), (int, float))]
+            pairs = [(float(v), c.weight) for c in accepted if isinstance(v := c.metrics.get(key), (int, float))]
             if pairs:
                 measurements[key] = sum(v * w for v, w in pairs) / sum(w for _, w in pairs)
         return None, MetricRecord(measurements)
