@@ -13,7 +13,7 @@ from fl_app.config.settings import Settings, SettingsError
 from strategies.aggregation.guard import GuardedStrategy
 from strategies.core.clipping import clip_rows
 from strategies.encrypted import strategy as protocol
-from strategies.encrypted.keys import generate_keys, load_client_scheme, load_server_scheme
+from strategies.encrypted.keys import load_client_scheme, load_server_scheme
 from strategies.encrypted.strategy import (
     EncryptedFedAvg,
     EncryptionConfigError,
@@ -27,24 +27,6 @@ from tests.fakes import FakeGrid
 
 SHAPES = [(30, 10), (10,)]
 SIZE = 310
-PAILLIER_2048 = {"key_bits": 2048, "max_clients": 16}  # 112-bit: tests only (fast)
-
-
-def write_keys(directory: Path, scheme: str, **params) -> tuple[Path, Path]:
-    directory.mkdir(parents=True, exist_ok=True)
-    secret, public = generate_keys(scheme, **params)
-    (directory / "secret.key").write_bytes(secret)
-    (directory / "public.key").write_bytes(public)
-    return directory / "secret.key", directory / "public.key"
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
-    root = tmp_path_factory.mktemp("he-keys")
-    return {
-        "ckks": write_keys(root / "ckks", "ckks", max_clients=16),
-        "paillier": write_keys(root / "paillier", "paillier", **PAILLIER_2048),
-    }
 
 
 def he_config(keys, scheme: str, **overrides) -> dict:

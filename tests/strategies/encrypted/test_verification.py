@@ -16,7 +16,7 @@ from strategies.encrypted import verification
 from strategies.encrypted.keys import load_client_scheme, load_server_scheme
 from strategies.encrypted.strategy import EncryptedFedAvg, ciphertexts_to_record, reconstruct
 from tests.fakes import FakeGrid
-from tests.strategies.encrypted.test_encrypted import SHAPES, SIZE, flat, he_config, keys  # noqa: F401
+from tests.strategies.encrypted.test_encrypted import SHAPES, SIZE, flat, he_config
 
 CLIP = 1.0
 
@@ -70,7 +70,7 @@ def test_exact_identification_with_one_and_the_round_trip_count():
         trips.append(len(groups))
         return [5 not in g for g in groups]
 
-    valid, dropped = verification.isolate_invalid(16, verify, 1)
+    _, dropped = verification.isolate_invalid(16, verify, 1)
     assert dropped == [5] and len(trips) == 1 + 4  # 1 + log2(16 / 1) round trips
     assert sum(trips) == 1 + 2 * 4  # 1 + 2 log2(K / m) sums decrypted
     with pytest.raises(ValueError, match="he-verify-min-summands must be >= 1"):
