@@ -3,7 +3,7 @@
 ``strategy`` in the run config is either a registered name — Flower's ``fedavg``, ``fedprox``,
 ``fedadam``, ``fedyogi``, ``fedadagrad``, ``fedavgm``; our robust ``median``, ``trimmed-mean``,
 ``krum``, ``multi-krum``, ``bulyan``, ``geometric-median``, ``centered-clipping``, and ``robust``
-(the rule named by ``aggregation-rule``); ``dp-fedavg`` — or a dotted path ``package.module:Name``
+(the rule named by ``aggregation-rule``); ``dp-fedavg``, ``dp-ftrl`` — or a dotted path ``package.module:Name``
 to a user's own code:
 
 * a :class:`flwr.serverapp.strategy.Strategy` subclass is constructed with those of the common
@@ -153,7 +153,14 @@ def _dp_fedavg(params: StrategyParams) -> Strategy:
     return build_dp_strategy(params.aggregation, params.dp, inner=build_strategy(name, inner_params))
 
 
-PRIVATE_STRATEGIES: dict[str, StrategyFactory] = {"dp-fedavg": _dp_fedavg}
+def _dp_ftrl(params: StrategyParams) -> Strategy:
+    """DP-FTRL with tree restarts (no sampling assumption)."""
+    from strategies.private.dp_ftrl import build_dp_ftrl_strategy
+
+    return build_dp_ftrl_strategy(params.aggregation, params.dp)
+
+
+PRIVATE_STRATEGIES: dict[str, StrategyFactory] = {"dp-fedavg": _dp_fedavg, "dp-ftrl": _dp_ftrl}
 
 
 def check_dp_inner_strategy(name: str) -> None:

@@ -29,6 +29,15 @@ USER_LEVEL_OUTSIDE = (
     "sampled, accepted, rejected and failed replies and the rejection reasons (which node sent a "
     "malformed reply), timing"
 )
+DP_FTRL_RELATION = (
+    "zero-out (dp_accounting's REPLACE_SPECIAL; Kairouz et al. 2021, Definition 1.1): neighbouring federations "
+    "differ in one user's data, replaced by a user whose every update is zero; a user is a Flower node id and "
+    "contributes at most once per epoch (tree restart), which the server enforces; no sampling is assumed"
+)
+DP_FTRL_OUTSIDE = (
+    USER_LEVEL_OUTSIDE + "; which nodes were asked in which round (the participation schedule, not hidden by "
+    "DP-FTRL); a person who takes part under several node ids (each id is a separate user)"
+)
 EXAMPLE_LEVEL_COVERED = "each client's model updates, given its number of examples"
 EXAMPLE_LEVEL_NOT_SENT = "clients' train loss, train accuracy and fit seconds"
 EXAMPLE_LEVEL_OUTSIDE = (
@@ -38,8 +47,8 @@ EXAMPLE_LEVEL_OUTSIDE = (
 
 
 def user_level_dp(settings: Settings) -> bool:
-    """Whether the run is user-level DP (DP-FedAvg in any mode, with or without SecAgg+)."""
-    return settings.strategy == "dp-fedavg"
+    """Whether the run is user-level DP (DP-FedAvg in any mode, with or without SecAgg+, or DP-FTRL)."""
+    return settings.strategy in ("dp-fedavg", "dp-ftrl")
 
 
 def example_level_dp(settings: Settings) -> bool:
@@ -48,10 +57,20 @@ def example_level_dp(settings: Settings) -> bool:
 
 
 def privacy_scope(settings: Settings) -> dict[str, dict[str, str]]:
-    """``{"user level" | "example level": {"covered", "not sent", "outside the guarantee"}}`` for the
-    guarantees this run has (empty when it has none)."""
+    (
+        """``{"user level" | "example level": {"covered", "not sent", "outside the guarantee"}}`` for the
+    guarantees this run has (empty when it has none); DP-FTRL's adds its ``"neighbouring relation"``."""
+        ""
+    )
     scope: dict[str, dict[str, str]] = {}
-    if user_level_dp(settings):
+    if settings.strategy == "dp-ftrl":
+        scope["user level"] = {
+            "covered": USER_LEVEL_COVERED,
+            "not sent": USER_LEVEL_NOT_SENT,
+            "outside the guarantee": DP_FTRL_OUTSIDE,
+            "neighbouring relation": DP_FTRL_RELATION,
+        }
+    elif user_level_dp(settings):
         scope["user level"] = {
             "covered": USER_LEVEL_COVERED,
             "not sent": USER_LEVEL_NOT_SENT,

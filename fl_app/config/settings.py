@@ -205,7 +205,7 @@ class Settings:
     strategy: str = _key(
         "fedavg",
         "a registered name or `package.module:Name`",
-        "Flower's `fedavg`, `fedprox`, `fedadam`, `fedyogi`, `fedadagrad`, `fedavgm`; our robust `median`, `trimmed-mean`, `krum`, `multi-krum`, `bulyan`, `geometric-median`, `centered-clipping`, `robust` (rule from `aggregation-rule`); `dp-fedavg` (differentially private FedAvg); or `package.module:Name`",
+        "Flower's `fedavg`, `fedprox`, `fedadam`, `fedyogi`, `fedadagrad`, `fedavgm`; our robust `median`, `trimmed-mean`, `krum`, `multi-krum`, `bulyan`, `geometric-median`, `centered-clipping`, `robust` (rule from `aggregation-rule`); `dp-fedavg` (differentially private FedAvg); `dp-ftrl` (DP-FTRL, tree aggregation without sampling); or `package.module:Name`",
     )
     proximal_mu: float = _key(
         0.0,
@@ -444,6 +444,12 @@ class Settings:
         "the strategy inside `dp-fedavg`, whose server step takes the released (noised) aggregate as its "
         "one reply: `fedavg` is w + eta m with `server-learning-rate` and `server-momentum`; e.g. "
         "`fedadam` runs Adam on it (post-processing: epsilon is unchanged)",
+    )
+    dp_ftrl_epoch_rounds: int = _key(
+        0,
+        Range(0, MAX_ROUNDS),
+        "with `strategy='dp-ftrl'`: rounds per epoch, after which the tree restarts; 0: an epoch ends when every "
+        "connected node has contributed once (no node contributes twice in an epoch)",
     )
     dp_sgd_noise_multiplier: float = _key(
         0.0, Range(0.0, MAX_NOISE), "DP-SGD noise multiplier on every client (0: off)"
@@ -689,6 +695,7 @@ class Settings:
             local_epsilon=self.dp_local_epsilon,
             num_rounds=self.num_server_rounds,
             inner_strategy=self.dp_inner_strategy,
+            ftrl_epoch_rounds=self.dp_ftrl_epoch_rounds,
         )
 
     def encryption_params(self) -> EncryptionParams:
@@ -797,12 +804,19 @@ class Settings:
         self.fault_partitions()
 
     def _validate_server_privacy(self) -> None:
-        if self.dp_target_epsilon > 0 and self.strategy != "dp-fedavg":
+        if self.dp_target_epsilon > 0 and self.strategy not in ("dp-fedavg", "dp-ftrl"):
             raise SettingsError(
-                f"dp-target-epsilon={self.dp_target_epsilon:g} is the privacy budget of strategy='dp-fedavg', "
-                f"but strategy is '{self.strategy}': it would be ignored (DP-SGD reports its epsilon and stops "
-                "on no budget); set strategy='dp-fedavg' or dp-target-epsilon=0"
+                f"dp-target-epsilon={self.dp_target_epsilon:g} is the privacy budget of strategy='dp-fedavg' or "
+                f"'dp-ftrl', but strategy is '{self.strategy}': it would be ignored (DP-SGD reports its epsilon "
+                "and stops on no budget); set strategy='dp-fedavg' or 'dp-ftrl', or dp-target-epsilon=0"
             )
+        if self.strategy == "dp-ftrl":
+            from strategies.private.dp_ftrl import check_dp_ftrl_combination
+
+            try:
+                check_dp_ftrl_combination(self.aggregation_params(), self.dp_params())
+            except ValueError as err:
+                raise SettingsError(str(err)) from err
         if self.strategy == "dp-fedavg":
             from strategies.private.dp_fedavg import build_dp_strategy
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from fl_app.config.privacy_scope import privacy_scope
+from fl_app.config.privacy_scope import DP_FTRL_RELATION, privacy_scope, user_level_dp
 from fl_app.config.settings import Settings
 from fl_app.server.run_directory import RoundRecord
 
@@ -76,6 +76,8 @@ def _fields_with_prefix(settings: Settings, prefixes: tuple[str, ...]) -> dict[s
 
 def user_level_relation(settings: Settings) -> str:
     """The neighbouring relation and the sampling the user-level epsilon is stated for."""
+    if settings.strategy == "dp-ftrl":
+        return DP_FTRL_RELATION
     if settings.dp_mode in ("local-gaussian", "local-laplace"):
         return (
             "local DP: each client's update is private against everyone, the server included, for "
@@ -98,7 +100,8 @@ def privacy_lines(settings: Settings, history: list[RoundRecord]) -> list[str]:
     example_epsilon = next(
         (r.extra["dp-sgd-epsilon-max"] for r in reversed(history) if "dp-sgd-epsilon-max" in r.extra), None
     )
-    user_level = settings.strategy == "dp-fedavg" or settings.secure_aggregation
+    user_level = user_level_dp(settings) or settings.secure_aggregation
+    mode = "dp-ftrl, tree aggregation" if settings.strategy == "dp-ftrl" else settings.dp_mode
     example_level = settings.dp_sgd_noise_multiplier > 0
     if not (user_level or example_level or epsilon is not None):
         return ["- none: no differential privacy was configured (no formal guarantee)"]
@@ -107,13 +110,13 @@ def privacy_lines(settings: Settings, history: list[RoundRecord]) -> list[str]:
     if user_level or epsilon is not None:
         if epsilon is not None:
             lines.append(
-                f"- user level ({settings.dp_mode}): (epsilon = {_fmt(float(epsilon))}, delta = "
+                f"- user level ({mode}): (epsilon = {_fmt(float(epsilon))}, delta = "
                 f"{_fmt(settings.dp_delta)})-DP after {rounds} rounds, accounted with "
                 f"{settings.dp_accounting.upper()}; {user_level_relation(settings)}"
             )
         else:
             lines.append(
-                f"- user level ({settings.dp_mode}): no epsilon was reported; target epsilon "
+                f"- user level ({mode}): no epsilon was reported; target epsilon "
                 f"{_fmt(settings.dp_target_epsilon)}, delta {_fmt(settings.dp_delta)}"
             )
     if example_level:

@@ -9,9 +9,10 @@ from strategies.aggregation.guard import GuardedStrategy
 from strategies.aggregation.strategy import AggregationStrategy
 from strategies.compression.decoder import UpdateDecoder
 from strategies.private.dp_fedavg import DpFedAvgStrategy
+from strategies.private.dp_ftrl import DpFtrlStrategy
 from strategies.registry import build_strategy, check_user_strategy
 
-COLLECTING_STRATEGIES = (AggregationStrategy, DpFedAvgStrategy)
+COLLECTING_STRATEGIES = (AggregationStrategy, DpFedAvgStrategy, DpFtrlStrategy)
 """Our strategies: their :class:`~strategies.aggregation.collector.ReplyCollector` decodes and
 validates every reply, and runs the server-side hooks."""
 

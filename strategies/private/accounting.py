@@ -18,6 +18,7 @@ Specs:
   sensitivity, google/differential-privacy issue #378; passing ``z`` would understate RDP by 4x.)
   Full participation (``m = N``) is the plain Gaussian mechanism, ``GaussianDpEvent(z)``.
 * :class:`LocalGaussianRound`, :class:`LocalLaplaceRound` -- local DP, per client and round.
+* :class:`TreeAggregationEpoch` -- one epoch (tree) of DP-FTRL, no sampling (Kairouz et al. 2021).
 
 Adaptive clipping (Andrew et al. 2021) spends part of the budget on the noised count of
 unclipped updates. The count is centred (each client adds ``b_i - 1/2``, add/remove sensitivity
@@ -287,8 +288,44 @@ class LocalLaplaceRound:
         return dp_accounting.LaplaceDpEvent(1.0 / self.epsilon)
 
 
-RoundSpec = DpFedAvgRound | LocalGaussianRound | LocalLaplaceRound
-ROUND_SPECS: dict[str, type] = {spec.kind: spec for spec in (DpFedAvgRound, LocalGaussianRound, LocalLaplaceRound)}
+@dataclasses.dataclass(frozen=True)
+class TreeAggregationEpoch:
+    """One epoch of DP-FTRL (Kairouz et al. 2021, "Practical and private (deep) learning without
+    sampling or shuffling"): ``steps`` rounds whose clipped-update sums were released as prefix
+    sums through one tree of Gaussian node noise ``N(0, (z C)^2 I)``
+    (:mod:`strategies.private.tree_aggregation`), every user contributing to at most one round.
+
+    A user's clipped update lies in at most ``ceil(log2(steps + 1))`` tree nodes, so the epoch is
+    ``SingleEpochTreeAggregationDpEvent(z, steps)``, RDP ``alpha ceil(log2(steps + 1)) / (2 z^2)``
+    (App. D of the paper), under ``REPLACE_SPECIAL``: neighbouring federations differ in one user's
+    data replaced by a special user whose updates are zero (the paper's Definition 1.1). Epochs
+    (tree restarts) compose.
+    """
+
+    kind: ClassVar[str] = "dp-ftrl-epoch"
+
+    noise_multiplier: float
+    steps: int
+
+    def __post_init__(self) -> None:
+        z = _check_finite("noise_multiplier", self.noise_multiplier, minimum=0.0, strict=True)
+        if int(self.steps) != self.steps or self.steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {self.steps}")
+        object.__setattr__(self, "noise_multiplier", z)
+        object.__setattr__(self, "steps", int(self.steps))
+
+    @property
+    def neighboring_relation(self) -> NeighboringRelation:
+        return NeighboringRelation.REPLACE_SPECIAL
+
+    def to_dp_event(self) -> dp_accounting.DpEvent:
+        return dp_accounting.SingleEpochTreeAggregationDpEvent(self.noise_multiplier, self.steps)
+
+
+RoundSpec = DpFedAvgRound | LocalGaussianRound | LocalLaplaceRound | TreeAggregationEpoch
+ROUND_SPECS: dict[str, type] = {
+    spec.kind: spec for spec in (DpFedAvgRound, LocalGaussianRound, LocalLaplaceRound, TreeAggregationEpoch)
+}
 
 
 def spec_to_dict(spec: RoundSpec) -> dict[str, Any]:

@@ -338,6 +338,8 @@ class DpParams:
         inner_strategy: the strategy inside DP, whose server step takes the released aggregate
             (``dp-inner-strategy``): ``fedavg`` (``w + eta Delta`` with ``server-learning-rate`` and
             ``server-momentum``), another of Flower's strategies, or ``package.module:Name``.
+        ftrl_epoch_rounds: ``strategy='dp-ftrl'`` only: rounds per epoch, after which its tree restarts
+            (``dp-ftrl-epoch-rounds``), >= 0 (0: when every connected node has been asked).
     """
 
     mode: str
@@ -353,6 +355,7 @@ class DpParams:
     local_epsilon: float
     num_rounds: int
     inner_strategy: str
+    ftrl_epoch_rounds: int = 0
 
     def __post_init__(self) -> None:
         one_of("dp-mode", self.mode, DP_MODES)
@@ -367,6 +370,7 @@ class DpParams:
         in_interval("dp-clip-quantile", self.clip_quantile, 0, 1, "[]", " (0: fixed clipping)")
         in_interval("dp-delta", self.delta, 0, 1, "()")
         at_least("num-server-rounds", self.num_rounds, 1)
+        at_least("dp-ftrl-epoch-rounds", self.ftrl_epoch_rounds, 0)
 
 
 def dp_sampling_params(sampling: SamplingParams, dp: DpParams) -> dict[str, Any]:

@@ -120,3 +120,38 @@ def test_client_side_transforms(mode):
     assert [o.shape for o in out] == [a.shape for a in g]
     plain = private_weights(Settings(), g, w, {})
     assert plain is w
+
+
+def test_dp_ftrl_federation_learns_and_reports_the_epsilon_of_the_epochs_that_ran():
+    """Six digits clients, three asked per round, no sampling: epochs of two rounds (every node
+    once), the tree restarting each epoch. The history's epsilon is dp_accounting's for the
+    epochs that ran, one SingleEpochTreeAggregationDpEvent each (REPLACE_SPECIAL). z = 0.1 (epsilon
+    415) so that 6 rounds learn visibly: two runs went from 0.109 to 0.825 and 0.819; at z = 0.5
+    (epsilon 34) the tree noise of three clients per round left 0.40-0.63 after 6 rounds."""
+    config = {
+        **BASE,
+        "num-partitions": 6,
+        "min-available-clients": 6,
+        "min-train-clients": 3,
+        "fraction-train": 0.5,
+        "model": "logreg",
+        "strategy": "dp-ftrl",
+        "learning-rate": 0.1,
+        "dp-noise-multiplier": 0.1,
+        "dp-clip-norm": 2.0,
+        "num-server-rounds": 6,
+    }
+    _, history = run_local_federation(config)
+    trained = [r for r in history if r.round > 0]
+    assert [r.extra["dp-ftrl-epoch"] for r in trained] == [1, 1, 2, 2, 3, 3]
+    assert all(r.clients_replied == 3 and not r.failures for r in trained)
+    accountant = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_SPECIAL)
+    for record in trained:
+        epochs = [2] * (record.round // 2) + [1] * (record.round % 2)
+        event = dp_accounting.ComposedDpEvent([dp_accounting.SingleEpochTreeAggregationDpEvent(0.1, s) for s in epochs])
+        expected = (
+            rdp.RdpAccountant(neighboring_relation=accountant.neighboring_relation).compose(event).get_epsilon(1e-5)
+        )
+        assert record.extra["epsilon"] == pytest.approx(expected, rel=1e-12)
+    assert "train-loss" not in trained[-1].extra  # user-level DP: clients send no train metrics
+    assert history[-1].centralized_accuracy > history[0].centralized_accuracy + 0.4
