@@ -172,3 +172,12 @@ def test_resuming_across_secagg_dp_modes_is_refused():
     with pytest.raises(CheckpointError, match="distributed-noise.*one run's epsilon cannot mix them"):
         check_same_strategy(checkpoint, distributed)
     assert quantised_sensitivity(0.5, 3, 8.0, 2**22) == distributed.mechanism.sensitivity_with_quantisation
+
+
+def test_privacy_scope_says_whether_epsilon_holds_against_the_server():
+    from fl_app.config.privacy_scope import privacy_scope
+
+    central = privacy_scope(Settings.from_run_config(SECURE))["user level"]["against the server"]
+    distributed = privacy_scope(Settings.from_run_config({**SECURE, **DISTRIBUTED}))["user level"]
+    assert central.startswith("NOT covered") and "exact sum" in central
+    assert distributed["against the server"].startswith("covered") and "survived" in distributed["against the server"]
