@@ -8,11 +8,12 @@ switches both apps there, as Flower's ``fl-dp-sa`` example does:
   (:class:`SecureDpFedAvg`) inside our own round loop of ``SecAggPlusWorkflow`` → centralized
   evaluation → federated evaluation. The strategy samples a fixed number ``m`` of clients with a
   ``secrets``-seeded generator and receives only the *sum* of the clients' (clipped) weights. With
-  ``strategy='dp-fedavg'`` (``dp-mode='client-clipping'``) the Message-API DP-FedAvg's
-  :class:`~strategies.private.central_mechanism.CentralGaussianMechanism` adds
-  ``N(0, (z C / m)^2)`` to the mean update, accounts the round as the sampling performed (``m`` of
-  the ``N`` connected nodes without replacement: ``SampledWithoutReplacementDpEvent(N, m,
-  GaussianDpEvent(z / 2))`` under replace-one) and stops at the privacy budget; its state is the
+  ``strategy='dp-fedavg'`` (``dp-mode='client-clipping'``) a
+  :class:`~strategies.private.secure_sum.SecureSumMechanism` (the Message-API DP-FedAvg's
+  central mechanism, over SecAgg+'s quantised sum) adds ``N(0, (z C / m)^2)`` to the mean update
+  (central mode), accounts the round as the sampling performed (``m`` of the ``N`` connected nodes
+  without replacement: ``SampledWithoutReplacementDpEvent(N, m, GaussianDpEvent(z_eff))`` under
+  replace-one) and stops at the privacy budget; its state is the
   strategy's checkpoint state, restored on resume (:func:`run_secure_rounds` then starts at
   ``first_round``);
 * client (:func:`legacy_client_app`, reached from the app's own ``ClientApp`` handlers when a
@@ -21,9 +22,17 @@ switches both apps there, as Flower's ``fl-dp-sa`` example does:
   (:mod:`fl_app.client.update_privacy`) and which reports ``num_examples = 1`` so that SecAgg+'s weighted
   average is the plain mean (DP-FedAvg's equal weights).
 
+With ``secagg-dp='central'`` the server unmasks the exact sum of the clipped updates and noises
+it afterwards: DP against model recipients, none against the server. With
+``secagg-dp='distributed'`` each client adds its share of discrete Gaussian noise before masking
+(:func:`fl_app.secagg.client.distributed_noise_share`), the server adds none and accounts each round
+with the noise of the clients that survived it (:class:`strategies.private.secure_sum.SecureSumMechanism`,
+Kairouz, Liu, Steinke 2021).
+
 SecAgg+ quantises each value to ``secagg-quantization-range`` levels over
 ``[-secagg-clipping-range, secagg-clipping-range]``: the sum is exact up to
-``K * clipping_range / quantization_range`` per coordinate. A client that drops out after the key
+``K * clipping_range / quantization_range`` per coordinate, and the accounted sensitivity includes
+that step (``2C + sqrt(P) 2r / L``, :func:`strategies.private.secure_sum.quantised_sensitivity`). A client that drops out after the key
 exchange is unmasked from its neighbours' shares (needs ``secagg-reconstruction-threshold`` of
 them); fewer connected nodes than a round needs fail fast with an error instead of waiting.
 """
