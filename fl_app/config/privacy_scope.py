@@ -46,6 +46,19 @@ EXAMPLE_LEVEL_OUTSIDE = (
 )
 
 
+SECAGG_CENTRAL_AGAINST_SERVER = (
+    "NOT covered: with secure-aggregation=true and secagg-dp='central' the server unmasks the exact sum "
+    "of the clipped updates and only then adds the noise, so epsilon holds against recipients of the "
+    "model, not against the server (set secagg-dp='distributed' for DP against the server)"
+)
+SECAGG_DISTRIBUTED_AGAINST_SERVER = (
+    "covered: with secagg-dp='distributed' every client adds its share of discrete Gaussian noise before "
+    "masking (Kairouz, Liu, Steinke 2021), so the server only unmasks a noised sum; epsilon uses the noise "
+    "of the clients that survived each round and holds against an honest-but-curious server that "
+    "colludes with no client, at delta + secagg-clamp-delta (history)"
+)
+
+
 def user_level_dp(settings: Settings) -> bool:
     """Whether the run is user-level DP (DP-FedAvg in any mode, with or without SecAgg+, or DP-FTRL)."""
     return settings.strategy in ("dp-fedavg", "dp-ftrl")
@@ -76,6 +89,12 @@ def privacy_scope(settings: Settings) -> dict[str, dict[str, str]]:
             "not sent": USER_LEVEL_NOT_SENT,
             "outside the guarantee": USER_LEVEL_OUTSIDE,
         }
+        if settings.secure_aggregation:
+            scope["user level"]["against the server"] = (
+                SECAGG_DISTRIBUTED_AGAINST_SERVER
+                if settings.secagg_dp == "distributed"
+                else SECAGG_CENTRAL_AGAINST_SERVER
+            )
     if example_level_dp(settings):
         scope["example level"] = {
             "covered": EXAMPLE_LEVEL_COVERED,

@@ -8,6 +8,39 @@ if TYPE_CHECKING:
     from fl_app.config.settings import Settings
 
 
+def check_secagg_dp(settings: Settings) -> None:
+    """Refuse ``secagg-dp`` / ``secagg-dp-min-clients`` values that would be ignored or cannot run
+    (errors name the keys); the noise-dependent checks are :class:`strategies.private.secure_sum.SecureSumMechanism`'s."""
+    from strategies.private.secure_sum import PLACEMENTS, is_power_of_two
+
+    if settings.secagg_dp not in PLACEMENTS:
+        raise ValueError(f"secagg-dp must be one of {', '.join(PLACEMENTS)}; got '{settings.secagg_dp}'")
+    if settings.secagg_dp == "central" and not settings.secagg_dp_min_clients:
+        return
+    if not (settings.secure_aggregation and settings.strategy == "dp-fedavg"):
+        raise ValueError(
+            f"secagg-dp='{settings.secagg_dp}' with secagg-dp-min-clients={settings.secagg_dp_min_clients} "
+            "sets the noise of SecAgg+ with DP: it needs secure-aggregation=true and strategy='dp-fedavg' "
+            "(else set secagg-dp='central' and secagg-dp-min-clients=0)"
+        )
+    if settings.secagg_dp == "central":
+        raise ValueError("secagg-dp-min-clients applies to secagg-dp='distributed' only; set it to 0")
+    m = settings.sampling_params().clients_per_round()
+    if settings.secagg_dp_min_clients > m:
+        raise ValueError(
+            f"secagg-dp-min-clients must be in [0, clients per round = {m}], got {settings.secagg_dp_min_clients}"
+        )
+    for key, value in (
+        ("secagg-clipping-range", settings.secagg_clipping_range),
+        ("secagg-quantization-range", settings.secagg_quantization_range),
+    ):
+        if not is_power_of_two(value):
+            raise ValueError(
+                f"secagg-dp='distributed' needs {key} to be a power of two (so that the clients' values "
+                f"on SecAgg+'s grid are quantised exactly), got {value:g}"
+            )
+
+
 def check_secure_aggregation(settings: Settings) -> None:
     """Refuse settings that SecAgg+ cannot serve (errors name the keys)."""
     # FedAvg is the mean; robust and dp-fedavg run the rule named by aggregation-rule

@@ -483,6 +483,16 @@ class Settings:
     secagg_quantization_range: int = _key(
         4194304, Range(2, 2**32 - 1, note=", times clients per round < 2**32"), "SecAgg+ quantisation levels"
     )
+    secagg_dp: str = _key(
+        "central",
+        _lazy_choices("strategies.private.secure_sum", "PLACEMENTS"),
+        "DP noise under SecAgg+ with `strategy='dp-fedavg'`: `central` (the server noises the unmasked, exact sum: no DP against the server) or `distributed` (each client adds its share of discrete Gaussian noise before masking, Kairouz et al. 2021; needs power-of-two `secagg-clipping-range` and `secagg-quantization-range`)",
+    )
+    secagg_dp_min_clients: int = _key(
+        0,
+        Range(0, MANY_CLIENTS, note=", at most the clients per round"),
+        "`distributed`: m_min, the survivors whose noise shares add up to the configured noise (each client adds variance (z C)^2 / m_min); fewer survivors are accounted with the noise they added; 0: the clients per round",
+    )
     fault_partition_ids: str = _key(
         "",
         "partition ids in [0, `num-partitions`), comma-separated",
@@ -829,13 +839,14 @@ class Settings:
                 check_dp_inner_strategy(self.dp_inner_strategy)
             except ValueError as err:
                 raise SettingsError(f"strategy 'dp-fedavg': {err}") from err
-        if self.secure_aggregation:
-            from fl_app.config.secagg_checks import check_secure_aggregation
+        from fl_app.config.secagg_checks import check_secagg_dp, check_secure_aggregation
 
-            try:
+        try:
+            check_secagg_dp(self)
+            if self.secure_aggregation:
                 check_secure_aggregation(self)
-            except ValueError as err:
-                raise SettingsError(str(err)) from err
+        except ValueError as err:
+            raise SettingsError(str(err)) from err
 
     def fault_partitions(self) -> frozenset[int]:
         """Partition ids whose client raises in round ``fault-round`` (fault injection for tests)."""

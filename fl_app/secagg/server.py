@@ -8,11 +8,12 @@ switches both apps there, as Flower's ``fl-dp-sa`` example does:
   (:class:`SecureDpFedAvg`) inside our own round loop of ``SecAggPlusWorkflow`` → centralized
   evaluation → federated evaluation. The strategy samples a fixed number ``m`` of clients with a
   ``secrets``-seeded generator and receives only the *sum* of the clients' (clipped) weights. With
-  ``strategy='dp-fedavg'`` (``dp-mode='client-clipping'``) the Message-API DP-FedAvg's
-  :class:`~strategies.private.central_mechanism.CentralGaussianMechanism` adds
-  ``N(0, (z C / m)^2)`` to the mean update, accounts the round as the sampling performed (``m`` of
-  the ``N`` connected nodes without replacement: ``SampledWithoutReplacementDpEvent(N, m,
-  GaussianDpEvent(z / 2))`` under replace-one) and stops at the privacy budget; its state is the
+  ``strategy='dp-fedavg'`` (``dp-mode='client-clipping'``) a
+  :class:`~strategies.private.secure_sum.SecureSumMechanism` (the Message-API DP-FedAvg's
+  central mechanism, over SecAgg+'s quantised sum) adds ``N(0, (z C / m)^2)`` to the mean update
+  (central mode), accounts the round as the sampling performed (``m`` of the ``N`` connected nodes
+  without replacement: ``SampledWithoutReplacementDpEvent(N, m, GaussianDpEvent(z_eff))`` under
+  replace-one) and stops at the privacy budget; its state is the
   strategy's checkpoint state, restored on resume (:func:`run_secure_rounds` then starts at
   ``first_round``);
 * client (:func:`legacy_client_app`, reached from the app's own ``ClientApp`` handlers when a
@@ -21,9 +22,17 @@ switches both apps there, as Flower's ``fl-dp-sa`` example does:
   (:mod:`fl_app.client.update_privacy`) and which reports ``num_examples = 1`` so that SecAgg+'s weighted
   average is the plain mean (DP-FedAvg's equal weights).
 
+With ``secagg-dp='central'`` the server unmasks the exact sum of the clipped updates and noises
+it afterwards: DP against model recipients, none against the server. With
+``secagg-dp='distributed'`` each client adds its share of discrete Gaussian noise before masking
+(:func:`fl_app.secagg.client.distributed_noise_share`), the server adds none and accounts each round
+with the noise of the clients that survived it (:class:`strategies.private.secure_sum.SecureSumMechanism`,
+Kairouz, Liu, Steinke 2021).
+
 SecAgg+ quantises each value to ``secagg-quantization-range`` levels over
 ``[-secagg-clipping-range, secagg-clipping-range]``: the sum is exact up to
-``K * clipping_range / quantization_range`` per coordinate. A client that drops out after the key
+``K * clipping_range / quantization_range`` per coordinate, and the accounted sensitivity includes
+that step (``2C + sqrt(P) 2r / L``, :func:`strategies.private.secure_sum.quantised_sensitivity`). A client that drops out after the key
 exchange is unmasked from its neighbours' shares (needs ``secagg-reconstruction-threshold`` of
 them); fewer connected nodes than a round needs fail fast with an error instead of waiting.
 """
@@ -49,8 +58,9 @@ from strategies.core.nodes import wait_for_nodes
 from strategies.core.reporting import Stateful
 from strategies.core.update_matrix import ModelLayout
 from strategies.private.accounting import RoundSpec
-from strategies.private.central_mechanism import CentralGaussianMechanism, fixed_size_sample
+from strategies.private.central_mechanism import fixed_size_sample
 from strategies.private.mechanisms import secure_generator
+from strategies.private.secure_sum import SecureSumMechanism, quantisation_step
 
 NODE_WAIT_SECONDS = 30.0
 
@@ -101,31 +111,25 @@ def _strategy_class():
             self.initial = initial
             self.evaluator = evaluator
             self.rng = rng or secure_generator()
-            self.mechanism: CentralGaussianMechanism | None = None
-            if settings.strategy == "dp-fedavg":
-                from strategies.private.dp_fedavg import calibrated_noise_multiplier
-
-                self.mechanism = CentralGaussianMechanism(
-                    noise_multiplier=calibrated_noise_multiplier(settings.sampling_params(), settings.dp_params()),
-                    clip_norm=settings.dp_clip_norm,
-                    num_clients=settings.num_partitions,
-                    sampling="fixed-size",
-                    clients_per_round=self.m,
-                    delta=settings.dp_delta,
-                    accounting=settings.dp_accounting,
-                    target_epsilon=settings.dp_target_epsilon,
-                    rng=self.rng,
-                )
             self.layout = ModelLayout.of_arrays(initial.to_numpy_ndarrays())
+            self.mechanism: SecureSumMechanism | None = None
+            if settings.strategy == "dp-fedavg":
+                self.mechanism = secure_sum_mechanism(settings, self.layout.size, self.m, self.rng)
             self.global_flat = self.layout.flatten_arrays(initial.to_numpy_ndarrays())
             self.records: dict[int, RoundRecord] = {}
             self.last_update_sum: np.ndarray | None = None
             self._round_spec: RoundSpec | None = None
+            self._connected = 0
 
         @property
         def dp_mode(self) -> str | None:
-            """``dp-mode`` (``client-clipping``: the server noises the unmasked sum) with DP-FedAvg, else None."""
-            return self.settings.dp_mode if self.mechanism is not None else None
+            """With DP-FedAvg, ``dp-mode`` (``client-clipping``: the server noises the unmasked sum), or
+            ``client-clipping+distributed-noise`` with ``secagg-dp='distributed'``; else None."""
+            if self.mechanism is None:
+                return None
+            if self.mechanism.placement == "distributed":
+                return f"{self.settings.dp_mode}+distributed-noise"
+            return self.settings.dp_mode
 
         @property
         def stop_reason(self) -> str | None:
@@ -145,6 +149,7 @@ def _strategy_class():
                 # Message-API DP-FedAvg's fixed-size path): SampledWithoutReplacement(N, m, ...)
                 # under replace-one, the one relation every round of the run uses
                 self._round_spec = self.mechanism.check_budget(server_round, len(clients))
+                self._connected = len(clients)
             chosen = fixed_size_sample(clients, self.m, self.rng)
             config = {"server-round": server_round, "dp-clip-norm": float(self.settings.dp_clip_norm)}
             self.records[server_round] = RoundRecord(round=server_round)
@@ -156,9 +161,11 @@ def _strategy_class():
             record.clients_failed = len(failures)
             record.failures.extend(f"secure aggregation: {f!r}" for f in failures)
             k = len(results)
+            distributed = self.mechanism is not None and self.mechanism.placement == "distributed"
             if k:
                 mean = self.layout.flatten_arrays(parameters_to_ndarrays(results[0][1].parameters), dtype=np.float64)
-                update_sum = k * (mean - self.global_flat.astype(np.float64))
+                # distributed: the clients sent their noised updates (fl_app.secagg.client), not weights
+                update_sum = k * (mean if distributed else mean - self.global_flat.astype(np.float64))
             else:
                 update_sum = np.zeros(self.layout.size)
             self.last_update_sum = update_sum
@@ -166,17 +173,7 @@ def _strategy_class():
             if self.mechanism is not None:
                 if self._round_spec is None:
                     raise RuntimeError("aggregate_fit called before configure_fit")
-                mechanism = self.mechanism
-                extra.update(
-                    {
-                        "noise-std": mechanism.noise_std(),
-                        "clip-norm": mechanism.clip_norm,
-                        "noise-multiplier": mechanism.noise_multiplier,
-                    }
-                )
-                update = mechanism.release(mechanism.mean(update_sum[None, :]), self._round_spec)
-                self._round_spec = None
-                extra.update(mechanism.metrics())
+                update = self._release(server_round, update_sum, k, extra)
             else:
                 update = (update_sum / max(k, 1)).astype(np.float32)
             record.extra.update(extra)
@@ -184,6 +181,50 @@ def _strategy_class():
                 return None, {}
             new_flat = self.global_flat + self.settings.server_learning_rate * update
             return ndarrays_to_parameters(self.layout.unflatten_arrays(new_flat)), {}
+
+        def _release(self, server_round: int, update_sum: np.ndarray, k: int, extra: dict[str, Any]) -> np.ndarray:
+            """The round's released mean update and its accounting: central, the server's noise on the
+            unmasked sum; distributed, no server noise, accounted with the noise of the ``k`` survivors."""
+            mechanism, spec = self.mechanism, self._round_spec
+            if mechanism is None or spec is None:
+                raise RuntimeError("_release needs DP-FedAvg and a round configured by configure_fit")
+            self._round_spec = None
+            if mechanism.placement == "distributed":
+                if not k:  # nothing was unmasked: nothing released, nothing to account
+                    return np.zeros(self.layout.size, np.float32)
+                spec = mechanism.round_spec(self._connected, survivors=k)
+                mechanism.account_survivors(k)
+                extra.update(
+                    {
+                        "secagg-dp": "distributed",
+                        "client-noise-std": mechanism.local_std()
+                        * quantisation_step(mechanism.clipping_range, mechanism.quantization_range),
+                        "secagg-min-clients": mechanism.min_survivors,
+                    }
+                )
+            extra.update(
+                {
+                    "noise-std": mechanism.noise_std(),
+                    "clip-norm": mechanism.clip_norm,
+                    "noise-multiplier": mechanism.noise_multiplier,
+                    "effective-noise-multiplier": mechanism.effective_noise_multiplier(k),
+                }
+            )
+            update = mechanism.release(mechanism.mean(update_sum[None, :]), spec)
+            extra.update(mechanism.metrics())
+            target = mechanism.target_epsilon
+            if target is not None and extra["epsilon"] > target:
+                log(
+                    WARNING,
+                    "round %d: only %d of the %d planned noise shares arrived (secagg-dp-min-clients), so "
+                    "epsilon %.4g exceeds dp-target-epsilon %g; training stops",
+                    server_round,
+                    k,
+                    mechanism.min_survivors,
+                    extra["epsilon"],
+                    target,
+                )
+            return update
 
         def evaluate(self, server_round, parameters):
             if self.evaluator is None:
@@ -219,6 +260,39 @@ def _strategy_class():
                 self.mechanism.load_state_dict(state)
 
     return _SecureDpFedAvg
+
+
+def secure_sum_mechanism(
+    settings: Settings, num_params: int, clients_per_round: int, rng: np.random.Generator
+) -> SecureSumMechanism:
+    """The DP mechanism over SecAgg+'s quantised sum of ``num_params`` values (``secagg-dp``).
+
+    Calibrating ``z`` to ``dp-target-epsilon`` (central noise only) solves for the effective
+    multiplier ``zC / Delta`` of :func:`strategies.private.secure_sum.quantised_sensitivity`.
+    """
+    from strategies.private.dp_fedavg import calibrated_noise_multiplier
+    from strategies.private.secure_sum import quantised_sensitivity
+
+    z = calibrated_noise_multiplier(settings.sampling_params(), settings.dp_params())
+    if settings.dp_noise_multiplier <= 0 < z:  # calibrated for sensitivity 2C: scale to Delta
+        z *= quantised_sensitivity(
+            settings.dp_clip_norm, num_params, settings.secagg_clipping_range, settings.secagg_quantization_range
+        ) / (2.0 * settings.dp_clip_norm)
+    return SecureSumMechanism(
+        num_params=num_params,
+        clipping_range=settings.secagg_clipping_range,
+        quantization_range=settings.secagg_quantization_range,
+        placement=settings.secagg_dp,
+        min_survivors=settings.secagg_dp_min_clients or None,
+        noise_multiplier=z,
+        clip_norm=settings.dp_clip_norm,
+        num_clients=settings.num_partitions,
+        clients_per_round=clients_per_round,
+        delta=settings.dp_delta,
+        accounting=settings.dp_accounting,
+        target_epsilon=settings.dp_target_epsilon,
+        rng=rng,
+    )
 
 
 def run_secure_rounds(

@@ -160,7 +160,8 @@ def check_same_strategy(checkpoint: Checkpoint, strategy: Stateful) -> None:
     if now["private"] and recorded.get("dp-mode") and recorded.get("dp-mode") != now["dp-mode"]:
         raise CheckpointError(
             f"{where} was written with dp-mode '{recorded['dp-mode']}', this run has dp-mode "
-            f"'{now['dp-mode']}': one run's epsilon cannot mix them; resume with dp-mode '{recorded['dp-mode']}'"
+            f"'{now['dp-mode']}': one run's epsilon cannot mix them; resume with dp-mode '{recorded['dp-mode']}' "
+            "(a '+distributed-noise' suffix is SecAgg+'s secagg-dp='distributed')"
         )
 
 

@@ -161,13 +161,22 @@ def run_secure(overrides: dict, nodes: int = 10, **kwargs):
     return strategy, arrays, history
 
 
-def fixed_size_epsilon(population: int, m: int, z: float, rounds: int) -> float:
-    """dp_accounting's RDP for m of N without replacement, replace-one (the clipped sum moves by 2C,
-    so the event's noise multiplier is z / 2), built here and not through our accountant."""
+MLP_PARAMS = 64 * 128 + 128 + 128 * 64 + 64 + 64 * 10 + 10
+"""Values of the mlp on digits (64 features, 10 classes): what SecAgg+ quantises."""
+
+
+def fixed_size_epsilon(population: int, m: int, z: float, rounds: int, clip: float = 0.5) -> float:
+    """dp_accounting's RDP for m of N without replacement, replace-one, built here and not through our
+    accountant: the quantised sum of updates clipped to C moves by up to 2C + sqrt(P) 2r / L (one
+    grid step per value, SecAgg+'s defaults r = 8, L = 2**22), so the event's noise multiplier is
+    z C / (2C + sqrt(P) 2r / L) (z / 2 without quantisation)."""
     import dp_accounting
     from dp_accounting import rdp
 
-    event = dp_accounting.SampledWithoutReplacementDpEvent(population, m, dp_accounting.GaussianDpEvent(z / 2))
+    sensitivity = 2 * clip + MLP_PARAMS**0.5 * 2 * 8.0 / 2**22
+    event = dp_accounting.SampledWithoutReplacementDpEvent(
+        population, m, dp_accounting.GaussianDpEvent(z * clip / sensitivity)
+    )
     accountant = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
     return accountant.compose(event, rounds).get_epsilon(1e-5)
 
@@ -176,6 +185,7 @@ def test_secure_aggregation_accounts_the_fixed_size_sample_of_the_connected_node
     """m = 5 of N = 10 connected nodes without replacement: the history's epsilon is that of the
     sampling actually performed (not m of m)."""
     strategy, _, history = run_secure({"num-server-rounds": 3})
+    assert strategy.layout.size == MLP_PARAMS
     assert [r.round for r in history] == [1, 2, 3]
     assert [r.extra["secure-aggregation-clients"] for r in history] == [5, 5, 5]
     for r in history:
