@@ -23,7 +23,7 @@ The claimed epsilon is the app's own accountant's (the history's ``epsilon``; th
 client's ``dp-sgd-epsilon``); the accuracy is the centralised test accuracy of the model that
 the audited run itself trained (canaries included).
 
-    # the four settings at their defaults (about 5 minutes on 2 cores)
+    # the four settings at their defaults (4 minutes here, on 2 cores shared with other jobs)
     uv run python scripts/privacy_audit.py --json outputs/privacy_audit.json
     # one setting, fewer canaries and rounds
     uv run python scripts/privacy_audit.py --settings central-fixed --canaries 128 --rounds 5
