@@ -20,6 +20,7 @@ from typing import Any
 from fl_app.config.privacy_scope import DP_FTRL_RELATION, privacy_scope, user_level_dp
 from fl_app.config.settings import Settings
 from fl_app.server.run_directory import RoundRecord
+from fl_app.server.summary import largest_example_epsilon
 
 PRIVACY_PREFIXES = ("dp_", "privacy_", "secagg", "secure_")
 ROBUSTNESS_PREFIXES = (
@@ -97,9 +98,7 @@ def user_level_relation(settings: Settings) -> str:
 def privacy_lines(settings: Settings, history: list[RoundRecord]) -> list[str]:
     """The privacy guarantee: (epsilon, delta) and level for each mechanism that ran, else 'none'."""
     epsilon = next((r.extra["epsilon"] for r in reversed(history) if "epsilon" in r.extra), None)
-    example_epsilon = next(
-        (r.extra["dp-sgd-epsilon-max"] for r in reversed(history) if "dp-sgd-epsilon-max" in r.extra), None
-    )
+    example_epsilon = largest_example_epsilon(history)
     user_level = user_level_dp(settings) or settings.secure_aggregation
     mode = "dp-ftrl, tree aggregation" if settings.strategy == "dp-ftrl" else settings.dp_mode
     example_level = settings.dp_sgd_noise_multiplier > 0
@@ -122,7 +121,7 @@ def privacy_lines(settings: Settings, history: list[RoundRecord]) -> list[str]:
     if example_level:
         value = "not reported" if example_epsilon is None else f"epsilon = {_fmt(float(example_epsilon))}"
         lines.append(
-            f"- example level (DP-SGD on the clients): largest client {value}, delta = {_fmt(settings.dp_delta)}, "
+            f"- example level (DP-SGD on the clients): largest client over all rounds {value}, delta = {_fmt(settings.dp_delta)}, "
             f"accounted with {settings.dp_accounting.upper()} for {_DP_SGD_ACCOUNTING[settings.dp_sgd_sampling]}"
         )
     for level, parts in privacy_scope(settings).items():

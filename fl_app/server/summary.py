@@ -12,6 +12,18 @@ from fl_app.config.settings import Settings
 from fl_app.server.run_directory import RoundRecord, RunDirectory
 
 
+def largest_example_epsilon(history: list[RoundRecord]) -> float | None:
+    """The largest DP-SGD example-level epsilon any client reported, over **every** round.
+
+    Each round's ``dp-sgd-epsilon-max`` is the largest among that round's replies; a client that
+    took part in round 3 but not in the last round (say it has few examples, hence the largest
+    epsilon) is only in round 3's value, so the run's figure is the maximum over the history, not
+    the last round's value. A client's epsilon assumes it trained in every round up to the one it
+    reports (an upper bound that only grows), so its last report is its largest."""
+    values = [float(r.extra["dp-sgd-epsilon-max"]) for r in history if "dp-sgd-epsilon-max" in r.extra]
+    return max(values) if values else None
+
+
 def privacy_summary(settings: Settings, history: list[RoundRecord], stop_reason: str | None) -> dict:
     """Epsilon (user level, and the clients' largest DP-SGD example-level one), what it covers
     (:func:`fl_app.config.privacy_scope.privacy_scope`) and why training stopped."""
@@ -19,14 +31,13 @@ def privacy_summary(settings: Settings, history: list[RoundRecord], stop_reason:
     scope = privacy_scope(settings)
     if scope:
         out["what epsilon covers"] = scope
-    for key, name in (
-        ("epsilon", "epsilon (user level)"),
-        ("delta", "delta"),
-        ("dp-sgd-epsilon-max", "epsilon (example level, DP-SGD, largest client)"),
-    ):
+    for key, name in (("epsilon", "epsilon (user level)"), ("delta", "delta")):
         values = [r.extra[key] for r in history if key in r.extra]
         if values:
             out[name] = values[-1]
+    example_epsilon = largest_example_epsilon(history)
+    if example_epsilon is not None:
+        out["epsilon (example level, DP-SGD, largest client over all rounds)"] = example_epsilon
     if stop_reason:
         out["stopped early"] = stop_reason
     return out

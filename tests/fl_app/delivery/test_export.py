@@ -268,7 +268,7 @@ def test_model_card_says_which_dp_sgd_accounting_is_reported(sampling, fragment)
     settings = Settings(dp_sgd_noise_multiplier=1.1, dp_sgd_sampling=sampling)
     history = [RoundRecord(round=0), RoundRecord(round=1, extra={"dp-sgd-epsilon-max": 7.06})]
     card = render(settings, history, parameters=None, keras_size=None, export_report=None, num_server_test=None)
-    assert "largest client epsilon = 7.0600, delta = 1e-05, accounted with RDP " + fragment in card
+    assert "largest client over all rounds epsilon = 7.0600, delta = 1e-05, accounted with RDP " + fragment in card
 
 
 def test_check_node_selection():
