@@ -1,8 +1,12 @@
-"""Integration: Flower's strategies and a user's own get only screened replies in a real run.
+"""Integration: a user's own strategy gets only screened replies in a real run (``flwr run``).
 
-Three of six simulated clients send NaN, float64 arrays and ``num-examples = -5`` every round; under
-``fedavg``, ``fedadam`` and a FedAvg subclass loaded by dotted path from outside the package, each
-bad reply is recorded with its node id in every round and the final model stays finite.
+Three of six simulated clients send NaN, float64 arrays and ``num-examples = -5`` every round;
+under a FedAvg subclass loaded by dotted path from outside the package, each bad reply is recorded
+with its node id in every round and the final model stays finite. The same guard wraps Flower's
+built-in strategies (``fedavg``, ``fedadam``, ...) by the same code path (``make_strategy``): the
+reply fuzzer (tests/strategies/aggregation/test_guard.py) drives every one of them with hostile
+replies, and a whole real run costs about 70 s, so only the user's strategy, which adds the
+dotted-path import, runs end to end here.
 """
 
 import re
@@ -29,8 +33,8 @@ REASONS = {
 }
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "fedadam", "users_strategy:PlainFedAvg"])
-def test_bad_replies_never_reach_the_strategy(tmp_path, monkeypatch, strategy):
+def test_bad_replies_never_reach_a_users_strategy(tmp_path, monkeypatch):
+    strategy = "users_strategy:PlainFedAvg"
     (tmp_path / "users_strategy.py").write_text(USER_MODULE)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # the ServerApp imports the user's module from there
     run = run_to_completion(
