@@ -422,6 +422,14 @@ def check_dp_combination(aggregation: AggregationParams) -> None:
             "strategy='dp-fedavg' cannot use norm-bound-quantile (a noise-free quantile of the update "
             "norms leaks them): use dp-clip-quantile for private adaptive clipping"
         )
+    if aggregation.pre_aggregation:
+        raise ValueError(
+            f"strategy='dp-fedavg' cannot use pre-aggregation='{aggregation.pre_aggregation}': mixing or "
+            "bucketing spreads one client's update over several rows, which the noise's sensitivity does not "
+            "cover; set pre-aggregation=''"
+        )
+    if aggregation.weak_dp_noise_std > 0:
+        raise ValueError("strategy='dp-fedavg' adds calibrated noise already; set weak-dp-noise-std=0")
 
 
 def dp_mechanism(
