@@ -185,7 +185,7 @@ class AggregationStrategy(FedAvg):
 
     def streams_mean(self) -> bool:
         """Whether a round is a plain weighted mean that needs no update matrix: the rule is the
-        mean and no bound, decoder, norm limit or hook looks at single updates."""
+        mean and no bound, pre-aggregation step, decoder, norm limit or hook looks at single updates."""
         return (
             self.rule.is_mean
             and self.bound is None
