@@ -8,6 +8,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 from fl_app.config.settings import Settings, SettingsError
 from strategies.aggregation.steps import CenteredClippingStep, RuleStep
 from strategies.aggregation.strategy import AggregationStrategy, build_aggregation_strategy
+from strategies.private.dp_fedavg import build_dp_strategy
 from strategies.robust import preaggregation as pre
 from strategies.robust.rules import centered_clipping, coordinate_median
 from strategies.robust.weak_dp import WeakDpNoise
@@ -121,3 +122,11 @@ def test_centered_clipping_momentum_averages_the_centre():
     np.testing.assert_allclose(step.center, 0.75 * first + 0.25 * second, rtol=1e-6)
     with pytest.raises(ValueError, match=r"centered-clipping-momentum must be in \[0, 1\), got 1.0"):
         RuleStep.builtin("centered-clipping", {"tau": 1.0, "iterations": 1, "momentum": 1.0})
+
+
+def test_dp_fedavg_runs_centered_clipping_without_a_carried_centre():
+    settings = Settings.from_run_config(
+        {"strategy": "dp-fedavg", "aggregation-rule": "centered-clipping", "num-partitions": 10}
+    )
+    strategy = build_dp_strategy(settings.aggregation_params(), settings.dp_params(), noise_multiplier=1.0)
+    assert type(strategy.rule) is RuleStep and strategy.rule.name == "centered-clipping"
