@@ -41,8 +41,15 @@ Krum, Multi-Krum and Bulyan do and that any exact pairwise-distance rule needs. 
 vary by 2x from call to call (its copies of the K x P matrix are fresh allocations), so the
 speed-up is given at Flower's median and over Flower's range.
 
+A second table times the defences for heterogeneous clients, which Flower does not have, side by
+side with the rules above on the same replies: each as a whole ``aggregate_train`` of our strategy
+(``pre-aggregation`` NNM, bucketing or ARC before the mean; the DnC and centered-clipping rules;
+weak-DP noise after the mean) and as the bare NumPy step on the prebuilt K x P matrix. NNM's row
+splits its step into the K x K distances (one Gram matrix) and the K x K by K x P mixing product.
+
     uv run python scripts/bench_aggregation.py                      # K in {10, 100}, P in {100k, 1M}
     uv run python scripts/bench_aggregation.py --clients 100 --params 1000000 --rules median,krum
+    uv run python scripts/bench_aggregation.py --clients 100 --params 1000000 --rules mean --defences nnm,dnc
 """
 
 from __future__ import annotations
@@ -71,6 +78,9 @@ from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from fl_app.config.settings import Settings  # noqa: E402
 from strategies.aggregation.strategy import build_aggregation_strategy  # noqa: E402
 from strategies.core.update_matrix import ModelLayout, weighted_sum  # noqa: E402  (the floor's inner loop)
+from strategies.robust import preaggregation as pre  # noqa: E402
+from strategies.robust import rules as robust_rules  # noqa: E402
+from strategies.robust.weak_dp import WeakDpNoise  # noqa: E402
 
 RULES = ("mean", "median", "trimmed-mean", "krum", "multi-krum", "bulyan")
 FLOWER_NAMES = {
@@ -89,6 +99,8 @@ SAME_DEFINITION = {
     "multi-krum": True,
     "bulyan": False,
 }
+DEFENCES = ("nnm", "bucketing", "arc", "dnc", "centered-clipping", "weak-dp-noise")
+"""The defences of the second table: name -> the run config of our strategy in :func:`defence_strategy`."""
 BETA = 0.2
 THREADS = 1  # BLAS threads of both sides (--threads)
 
@@ -193,6 +205,105 @@ def our_strategy(rule: str, num_clients: int, payloads: Payloads):
     return strategy
 
 
+def defence_config(defence: str, num_clients: int) -> dict[str, Any]:
+    """Run-config keys of our strategy for ``defence`` (f as for Krum: :func:`byzantine_f`)."""
+    f = byzantine_f(num_clients)
+    if defence in ("nnm", "bucketing", "arc"):
+        return {"aggregation-rule": "mean", "pre-aggregation": defence, "pre-aggregation-f": f}
+    if defence == "dnc":
+        return {"aggregation-rule": "dnc", "dnc-f": f}
+    if defence == "centered-clipping":
+        return {"aggregation-rule": "centered-clipping"}
+    return {"aggregation-rule": "mean", "weak-dp-noise-std": 0.025}
+
+
+def defence_strategy(defence: str, num_clients: int, payloads: Payloads):
+    settings = Settings.from_run_config(
+        {
+            "num-partitions": num_clients,
+            "min-train-clients": num_clients,
+            "min-available-clients": 2,
+            "aggregation-threads": THREADS,
+            **defence_config(defence, num_clients),
+        }
+    )
+    strategy = build_aggregation_strategy(settings.aggregation_rule, settings.aggregation_params())
+    list(strategy.configure_train(1, ArrayRecord(payloads.global_arrays), ConfigRecord({}), _Grid(num_clients)))
+    return strategy
+
+
+def bare_steps(defence: str, matrix: np.ndarray) -> list[tuple[str, Callable[[], Any]]]:
+    """(label, call) of the bare NumPy work of ``defence`` on the K x P update matrix."""
+    num_clients = matrix.shape[0]
+    f = byzantine_f(num_clients)
+    ones = np.ones(num_clients)
+    if defence == "nnm":
+        return [
+            ("K x K distances (Gram)", lambda: robust_rules.pairwise_squared_distances(matrix)),
+            ("distances + mixing product", lambda: pre.nearest_neighbour_mixing(matrix, f)),
+        ]
+    if defence == "bucketing":
+        step = pre.Bucketing(2)
+        return [("bucket means", lambda: step(matrix, ones))]
+    if defence == "arc":
+        copy = matrix.copy()  # clipped in place; clipping the clipped rows again costs the same norms pass
+        return [("norms + clip", lambda: pre.adaptive_robust_clipping(copy, f))]
+    if defence == "dnc":
+        return [("5 x (gather 10k columns + eigh) + mean", lambda: robust_rules.divide_and_conquer(matrix, ones, f))]
+    if defence == "centered-clipping":
+        center = matrix.mean(axis=0)
+        return [
+            (
+                "3 iterations, radius 0.5-quantile",
+                lambda: robust_rules.centered_clipping(matrix, ones, 1.0, 3, center, 0.5),
+            )
+        ]
+    noise = WeakDpNoise(0.025)
+    vector = matrix[0].copy()
+    return [("P Gaussian draws + add", lambda: noise(vector))]
+
+
+def time_bare(call: Callable[[], Any], repeats: int) -> tuple[float, float]:
+    """Median wall and CPU seconds of ``repeats`` calls."""
+    wall, cpu = [], []
+    for _ in range(repeats):
+        gc.collect()
+        started, started_cpu = time.perf_counter(), time.process_time()
+        call()
+        cpu.append(time.process_time() - started_cpu)
+        wall.append(time.perf_counter() - started)
+    return statistics.median(wall), statistics.median(cpu)
+
+
+def defence_table(defences: list[str], num_clients: int, payloads: Payloads, repeats: int) -> None:
+    """Print the defences' times: whole ``aggregate_train`` (our median rule alongside, on the same
+    replies and turns) and the bare steps on the prebuilt matrix."""
+    layout = ModelLayout.of(ArrayRecord(payloads.global_arrays))
+    global_flat = layout.flatten(ArrayRecord(payloads.global_arrays))
+    matrix = np.stack([layout.flatten(m.content.array_records["arrays"]) for m in payloads.replies()])
+    matrix -= global_flat
+    print()
+    print(
+        "| K | P | defence (ours) | aggregate_train CPU s (min-max) | median rule, same turns, CPU s "
+        "| bare step | bare CPU s | bare wall s |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for defence in defences:
+        make = functools.partial(defence_strategy, defence, num_clients, payloads)
+        make_median = functools.partial(our_strategy, "median", num_clients, payloads)
+        (_, cpu, low, high, _), (_, median_cpu, _, _, _) = time_calls((make, make_median), payloads, repeats)
+        config = ", ".join(f"{k}={v}" for k, v in defence_config(defence, num_clients).items())
+        for index, (label, call) in enumerate(bare_steps(defence, matrix)):
+            bare_wall, bare_cpu = time_bare(call, repeats)
+            whole = f"{cpu:.3f} ({low:.3f}-{high:.3f})" if index == 0 else "″"
+            print(
+                f"| {num_clients} | {payloads.num_params} | {defence} ({config}) | {whole} | "
+                f"{median_cpu:.3f} | {label} | {bare_cpu:.3f} | {bare_wall:.3f} |",
+                flush=True,
+            )
+    del matrix
+
+
 def time_calls(
     makers: tuple[Callable[[], Any], ...], payloads: Payloads, repeats: int
 ) -> list[tuple[float, float, float, float, ArrayRecord]]:
@@ -284,15 +395,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-memory", action="store_true", help="skip the tracemalloc pass")
     parser.add_argument("--threads", type=int, default=THREADS, help="BLAS threads of both sides")
+    parser.add_argument("--defences", default=",".join(DEFENCES), help="defences of the second table ('' to skip it)")
     args = parser.parse_args()
     THREADS = args.threads
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=args.threads, user_api="blas")
     rules = [r.strip() for r in args.rules.split(",")]
+    rules = [r for r in rules if r]
     for rule in rules:
         if rule not in RULES:
             parser.error(f"unknown rule '{rule}'; known: {', '.join(RULES)}")
+    defences = [d.strip() for d in args.defences.split(",") if d.strip()]
+    for defence in defences:
+        if defence not in DEFENCES:
+            parser.error(f"unknown defence '{defence}'; known: {', '.join(DEFENCES)}")
 
     import logging
 
@@ -351,6 +468,8 @@ def main() -> None:
                         "- | - | - | - |",
                         flush=True,
                     )
+            if defences:
+                defence_table(defences, num_clients, payloads, args.repeats)
             del payloads
             gc.collect()
 

@@ -2,7 +2,7 @@
 
 ``strategy`` in the run config is either a registered name — Flower's ``fedavg``, ``fedprox``,
 ``fedadam``, ``fedyogi``, ``fedadagrad``, ``fedavgm``; our robust ``median``, ``trimmed-mean``,
-``krum``, ``multi-krum``, ``bulyan``, ``geometric-median``, ``centered-clipping``, and ``robust``
+``krum``, ``multi-krum``, ``bulyan``, ``geometric-median``, ``centered-clipping``, ``dnc``, and ``robust``
 (the rule named by ``aggregation-rule``); ``dp-fedavg``, ``dp-ftrl`` — or a dotted path ``package.module:Name``
 to a user's own code:
 
@@ -133,6 +133,7 @@ ROBUST_STRATEGIES: dict[str, StrategyFactory] = {
             "bulyan",
             "geometric-median",
             "centered-clipping",
+            "dnc",
         )
     },
 }

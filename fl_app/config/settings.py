@@ -205,7 +205,7 @@ class Settings:
     strategy: str = _key(
         "fedavg",
         "a registered name or `package.module:Name`",
-        "Flower's `fedavg`, `fedprox`, `fedadam`, `fedyogi`, `fedadagrad`, `fedavgm`; our robust `median`, `trimmed-mean`, `krum`, `multi-krum`, `bulyan`, `geometric-median`, `centered-clipping`, `robust` (rule from `aggregation-rule`); `dp-fedavg` (differentially private FedAvg); `dp-ftrl` (DP-FTRL, tree aggregation without sampling); or `package.module:Name`",
+        "Flower's `fedavg`, `fedprox`, `fedadam`, `fedyogi`, `fedadagrad`, `fedavgm`; our robust `median`, `trimmed-mean`, `krum`, `multi-krum`, `bulyan`, `geometric-median`, `centered-clipping`, `dnc`, `robust` (rule from `aggregation-rule`); `dp-fedavg` (differentially private FedAvg); `dp-ftrl` (DP-FTRL, tree aggregation without sampling); or `package.module:Name`",
     )
     proximal_mu: float = _key(
         0.0,
@@ -304,7 +304,7 @@ class Settings:
     aggregation_rule: str = _key(
         "mean",
         _lazy_choices("strategies.robust.rules", "RULES", " or `package.module:function`"),
-        "the rule of `strategy='robust'`: `mean`, `median`, `trimmed-mean`, `krum`, `multi-krum`, `bulyan`, `geometric-median`, `centered-clipping`, or `package.module:function`",
+        "the rule of `strategy='robust'`: `mean`, `median`, `trimmed-mean`, `krum`, `multi-krum`, `bulyan`, `geometric-median`, `centered-clipping`, `dnc`, or `package.module:function`",
     )
     trimmed_mean_beta: float = _key(
         0.2,
@@ -320,10 +320,36 @@ class Settings:
         "Weiszfeld iterations (RFA, with Vardi-Zhang's step at a row); a row that is the exact median (its weight outweighs the others' pull) is returned exactly",
     )
     centered_clipping_tau: float = _key(
-        1.0, Range(0.0, MAX_NORM, low_open=True), "clipping radius tau of centered clipping"
+        1.0,
+        Range(0.0, MAX_NORM, low_open=True),
+        "clipping radius of centered clipping: tau itself if `centered-clipping-tau-quantile` is 0, else a multiple of that quantile of the distances to the centre",
     )
     centered_clipping_iterations: int = _key(
         3, Range(1, MAX_ITERATIONS), "iterations of centered clipping (Karimireddy et al. 2021 use 1 to 3)"
+    )
+    centered_clipping_tau_quantile: float = _key(
+        0.5,
+        Range(0.0, 1.0),
+        "if > 0, the radius is `centered-clipping-tau` x this quantile of the updates' distances to the centre (the previous aggregate); 0: absolute tau",
+    )
+    centered_clipping_momentum: float = _key(
+        0.0,
+        Range(0.0, 1.0, high_open=True),
+        "beta of the centre: c <- beta c + (1 - beta) v after each round (0: the centre is the previous aggregate, as in Karimireddy et al. 2021)",
+    )
+    dnc_f: int = _key(
+        1, Range(0, MANY_CLIENTS), "Byzantine clients DnC assumes; it removes floor(c f) updates per iteration"
+    )
+    dnc_iterations: int = _key(
+        5, Range(1, MAX_ITERATIONS), "DnC's iterations, each on fresh random coordinates (Shejwalkar & Houmansadr 2021)"
+    )
+    dnc_dimension: int = _key(
+        10000, Range(1, 100_000_000), "coordinates DnC samples per iteration (all of them if the model has fewer)"
+    )
+    dnc_filter_fraction: float = _key(
+        1.0,
+        Range(0.0, 100.0, low_open=True),
+        "c of DnC: it removes floor(c f) updates per iteration (the paper uses 1)",
     )
     client_weighting: str = _key(
         "uniform",
@@ -339,6 +365,22 @@ class Settings:
         0.0,
         Range(0.0, 1.0),
         "if > 0, the bound follows this quantile of the update norms (geometric update of Andrew et al. 2021), starting at `norm-bound` (or 1.0)",
+    )
+    pre_aggregation: str = _key(
+        "",
+        _lazy_choices("strategies.robust.preaggregation", "PRE_AGGREGATION_STEPS", ", comma-separated, or empty"),
+        "steps between the norm bound and the rule, applied in the order given: `nnm` (nearest-neighbour mixing, Allouah et al. 2023), `bucketing` (Karimireddy et al. 2022), `arc` (adaptive robust clipping, Allouah et al. 2025); empty: none",
+    )
+    pre_aggregation_f: int = _key(
+        1, Range(0, MANY_CLIENTS), "Byzantine clients `nnm` and `arc` assume (n > 2f): NNM mixes the n - f nearest"
+    )
+    bucketing_size: int = _key(
+        2, Range(1, MANY_CLIENTS), "updates per bucket of `bucketing` (the paper: s <= n / (2f))"
+    )
+    weak_dp_noise_std: float = _key(
+        0.0,
+        Range(0.0, MAX_NORM),
+        "std of Gaussian noise added to the aggregate against backdoors, with `norm-bound` (Sun et al. 2019 use 0.025; no DP guarantee; 0: off)",
     )
     min_valid_replies: int = _key(1, Range(1, MANY_CLIENTS), "skip a round with fewer valid replies")
     # Simulated attacks (fl_app.attacks.catalogue), simulation only
@@ -663,6 +705,12 @@ class Settings:
             geometric_median_iterations=self.geometric_median_iterations,
             centered_clipping_tau=self.centered_clipping_tau,
             centered_clipping_iterations=self.centered_clipping_iterations,
+            centered_clipping_tau_quantile=self.centered_clipping_tau_quantile,
+            centered_clipping_momentum=self.centered_clipping_momentum,
+            dnc_f=self.dnc_f,
+            dnc_iterations=self.dnc_iterations,
+            dnc_dimension=self.dnc_dimension,
+            dnc_filter_fraction=self.dnc_filter_fraction,
         )
 
     def aggregation_params(self) -> AggregationParams:
@@ -679,6 +727,10 @@ class Settings:
             max_update_norm=self.max_update_norm,
             norm_bound=self.norm_bound,
             norm_bound_quantile=self.norm_bound_quantile,
+            pre_aggregation=self.pre_aggregation,
+            pre_aggregation_f=self.pre_aggregation_f,
+            bucketing_size=self.bucketing_size,
+            weak_dp_noise_std=self.weak_dp_noise_std,
             server_learning_rate=self.server_learning_rate,
             server_momentum=self.server_momentum,
             min_valid_replies=self.min_valid_replies,

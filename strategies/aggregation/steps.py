@@ -67,7 +67,7 @@ def round_params(name: str, params: Mapping[str, Any], num_replies: int, faults:
     (an error reply) is not counted: an honest crash does not lower f.
     """
     params = dict(params)
-    if name in ("krum", "multi-krum", "bulyan") and faults > 0 and "f" in params:
+    if name in ("krum", "multi-krum", "bulyan", "dnc") and faults > 0 and "f" in params:
         params["f"] = max(0, int(params["f"]) - faults)
     if name == "multi-krum" and params.get("m") is None:
         params["m"] = max(1, num_replies - int(params.get("f", 0)))
@@ -103,7 +103,7 @@ class RuleStep:
             raise ValueError(
                 f"aggregation-rule must be one of {', '.join(RULES)} or 'package.module:function'; got '{name}'"
             )
-        step = cls(RULES[name], name, params)
+        step = (CenteredClippingStep if name == "centered-clipping" else cls)(RULES[name], name, params)
         if num_clients is not None:
             check_rule_conditions(name, num_clients, round_params(name, step.params, num_clients))
         return step
@@ -170,8 +170,74 @@ class RuleStep:
             measurements["rule-f"] = params["f"]
         return np.asarray(self.rule(updates, weights, **params), dtype=np.float32), measurements
 
+    def state_dict(self) -> dict[str, Any]:
+        """State carried across rounds, for checkpoints: none (rules are pure functions)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (nothing to restore)."""
+
     def __repr__(self) -> str:
         return f"RuleStep({self.name!r}, {self.params})"
+
+
+class CenteredClippingStep(RuleStep):
+    """Centered clipping with its centre carried across rounds, as in Karimireddy, He & Jaggi (ICML
+    2021, "Learning from History for Byzantine Robust Optimization", Algorithm 2).
+
+    Round t runs :func:`strategies.robust.rules.centered_clipping` from the centre ``c_{t-1}``
+    (zeros in the first round) and then moves the centre::
+
+        v_t = CC(X_t; c_{t-1}, tau, L)          c_t = beta c_{t-1} + (1 - beta) v_t
+
+    ``beta = 0`` (``centered-clipping-momentum``) makes the centre the previous aggregate, as in the
+    paper, where momentum is what makes the previous aggregate a good centre; with ``beta > 0`` the
+    centre is an exponential average of the aggregates, a server-side momentum that damps how far
+    one round's aggregate moves the next round's centre. The centre is :meth:`state_dict` (in the
+    strategy's checkpoints); a round whose aggregate is not finite leaves it unchanged.
+    """
+
+    def __init__(self, rule: Rule, name: str = "centered-clipping", params: Mapping[str, Any] | None = None) -> None:
+        params = dict(params or {})
+        momentum = params.pop("momentum", 0.0)
+        super().__init__(rule, name, params)
+        in_interval("centered-clipping-momentum", momentum, 0, 1, "[)")
+        self.momentum = float(momentum)
+        self.center: np.ndarray | None = None
+
+    def __call__(
+        self, updates: np.ndarray, weights: np.ndarray, faults: int = 0
+    ) -> tuple[np.ndarray, dict[str, float]]:
+        """The aggregate from the current centre, which then moves towards it."""
+        params = self.params_for(updates.shape[0], faults)
+        center = self.center
+        if center is not None and center.shape != (updates.shape[1],):
+            raise ValueError(
+                f"the centered-clipping centre has {center.size} values, the updates {updates.shape[1]}: "
+                "a checkpoint of another model?"
+            )
+        aggregate = np.asarray(self.rule(updates, weights, center=center, **params), dtype=np.float32)
+        if np.isfinite(aggregate).all():
+            if center is None or self.momentum == 0:
+                self.center = aggregate.copy()
+            else:
+                self.center = np.float32(self.momentum) * center + np.float32(1 - self.momentum) * aggregate
+        return aggregate, {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"center": c_t}`` once a round has run (empty before)."""
+        return {} if self.center is None else {"center": self.center.copy()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s centre (absent: left as it is); ValueError if not finite."""
+        if "center" in state:
+            center = np.asarray(state["center"], np.float32).copy()
+            if center.ndim != 1 or not np.isfinite(center).all():
+                raise ValueError("the centered-clipping centre in the saved state is not a finite vector")
+            self.center = center
+
+    def __repr__(self) -> str:
+        return f"CenteredClippingStep({self.params}, momentum={self.momentum:g})"
 
 
 class ServerStep:

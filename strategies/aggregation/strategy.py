@@ -7,7 +7,9 @@ parameters when it is built and reports its measurements (as TFF's aggregator fa
                                 then its hooks (simulation only: omniscient attackers rewrite rows)
             ──ClientWeighting─> a_k: uniform | num-examples | num-examples capped at c * median
             ──NormBound───────> u_k <- u_k * min(1, M / |u_k|)  (fixed M, or M tracking a norm quantile)
-            ──RuleStep────────> v = rule(U, a)  (mean, median, trimmed mean, Krum, Bulyan, …)
+            ──pre-aggregation─> (U, a) <- step(U, a) for each step in order  (NNM, bucketing, ARC)
+            ──RuleStep────────> v = rule(U, a)  (mean, median, trimmed mean, Krum, Bulyan, DnC, …)
+            ──WeakDpNoise─────> v <- v + N(0, sigma^2 I)  (optional, Sun et al. 2019)
             ──ServerStep──────> m <- beta * m + v ;  w <- w + eta * m
 
 Replies with wrong shapes or dtypes, NaN/Inf, an update norm above ``max-update-norm``, a forged
@@ -25,7 +27,7 @@ import contextlib
 import dataclasses
 import functools
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from logging import INFO, WARNING
 from typing import Any
 
@@ -39,8 +41,15 @@ from strategies.aggregation.collector import ReplyCollector
 from strategies.aggregation.steps import WEIGHTINGS, ClientWeighting, RuleStep, ServerStep
 from strategies.core.checks import at_least, in_interval, non_negative, one_of, positive
 from strategies.core.sampling import SamplingParams
-from strategies.robust.preaggregation import FixedNormBound, NormBound, QuantileNormBound
+from strategies.robust.preaggregation import (
+    FixedNormBound,
+    NormBound,
+    PreAggregationStep,
+    QuantileNormBound,
+    build_pre_aggregation,
+)
 from strategies.robust.rules import RULES
+from strategies.robust.weak_dp import WeakDpNoise
 
 
 @functools.cache
@@ -71,6 +80,9 @@ class AggregationStrategy(FedAvg):
     rule : the rule step (:class:`~strategies.aggregation.steps.RuleStep`)
     weighting : client weights (default uniform)
     bound : a norm bound before the rule (:mod:`strategies.robust.preaggregation`); None: off
+    pre_aggregation : steps after the bound and before the rule, applied in order (NNM, bucketing,
+        ARC: :class:`~strategies.robust.preaggregation.PreAggregationStep`)
+    noise : weak-DP noise on the rule's output (:class:`~strategies.robust.weak_dp.WeakDpNoise`); None: off
     server_step : the server's step (default ``w + v``)
     collector : decoding and validation (default: full-weight replies, no norm limit)
     min_valid_replies : skip a round with fewer valid replies
@@ -92,6 +104,8 @@ class AggregationStrategy(FedAvg):
         *,
         weighting: ClientWeighting | None = None,
         bound: NormBound | None = None,
+        pre_aggregation: Sequence[PreAggregationStep] = (),
+        noise: WeakDpNoise | None = None,
         server_step: ServerStep | None = None,
         collector: ReplyCollector | None = None,
         min_valid_replies: int = 1,
@@ -105,6 +119,8 @@ class AggregationStrategy(FedAvg):
         self.rule = rule
         self.weighting = weighting or ClientWeighting()
         self.bound = bound
+        self.pre_aggregation = list(pre_aggregation)
+        self.noise = noise
         self.server_step = server_step or ServerStep()
         self.collector = collector or ReplyCollector()
         self.min_valid_replies = int(min_valid_replies)
@@ -114,6 +130,7 @@ class AggregationStrategy(FedAvg):
         super().summary()
         log(INFO, "\t├──> Aggregation: %s, %s", self.rule, self.weighting)
         log(INFO, "\t│\t├── reject update norm > %s; bound %s", self.collector.max_update_norm, self.bound)
+        log(INFO, "\t│\t├── pre-aggregation %s; noise %s", self.pre_aggregation or "none", self.noise)
         log(INFO, "\t│\t└── %s", self.server_step)
 
     # ----------------------------------------------------------------------------- rounds
@@ -148,8 +165,15 @@ class AggregationStrategy(FedAvg):
             updates = collected.matrix()
             if self.bound is not None:
                 measurements.update(self.bound(updates))
-            aggregate, rule_measurements = self.rule(updates, weights, faults)
+            rule_weights = weights
+            for step in self.pre_aggregation:
+                updates, rule_weights, step_measurements = step(updates, rule_weights, faults)
+                measurements.update(step_measurements)
+            aggregate, rule_measurements = self.rule(updates, rule_weights, faults)
             measurements.update(rule_measurements)
+        if self.noise is not None:
+            aggregate, noise_measurements = self.noise(aggregate)
+            measurements.update(noise_measurements)
         if aggregate.shape != (collector.layout.size,) or not np.isfinite(aggregate).all():
             log(WARNING, "Round %d skipped: %s returned a non-finite or mis-shaped update", server_round, self.rule)
             return None, MetricRecord({**measurements, "round-skipped": 1})
@@ -161,12 +185,22 @@ class AggregationStrategy(FedAvg):
 
     def streams_mean(self) -> bool:
         """Whether a round is a plain weighted mean that needs no update matrix: the rule is the
-        mean and no bound, decoder, norm limit or hook looks at single updates."""
-        return self.rule.is_mean and self.bound is None and not self.collector.reads_single_updates
+        mean and no bound, pre-aggregation step, decoder, norm limit or hook looks at single updates."""
+        return (
+            self.rule.is_mean
+            and self.bound is None
+            and not self.pre_aggregation
+            and not self.collector.reads_single_updates
+        )
 
     def _cannot_aggregate(self, count: int, faults: int = 0) -> str:
         if count < self.min_valid_replies:
             return f"{count} valid replies, min-valid-replies is {self.min_valid_replies}"
+        for step in self.pre_aggregation:
+            reason = step.cannot_run(count, faults)
+            if reason:
+                return f"{count} valid replies are too few for {step}: {reason}"
+            count = step.output_rows(count)
         return self.rule.cannot_run(count, faults)
 
     # ----------------------------------------------------------------------------- RoundReporting
@@ -182,16 +216,21 @@ class AggregationStrategy(FedAvg):
         return self.collector.rejections()
 
     def state_dict(self) -> dict[str, Any]:
-        """Server momentum and adaptive bound, for checkpoints."""
+        """Server momentum, adaptive bound and the rule's state (centered clipping's centre), for checkpoints."""
         state: dict[str, Any] = self.server_step.state_dict()
         if isinstance(self.bound, QuantileNormBound):
             state["norm-bound"] = self.bound.state_dict()
+        rule_state = self.rule.state_dict()
+        if rule_state:
+            state["rule"] = rule_state
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.server_step.load_state_dict(state)
         if "norm-bound" in state and isinstance(self.bound, QuantileNormBound):
             self.bound.load_state_dict(dict(state["norm-bound"]))
+        if "rule" in state:
+            self.rule.load_state_dict(dict(state["rule"]))
 
 
 def train_metrics(records: list[MetricRecord], weights: np.ndarray) -> MetricRecord:
@@ -222,6 +261,13 @@ class RuleParams:
         geometric_median_iterations: Weiszfeld iterations (``geometric-median-iterations``), >= 1.
         centered_clipping_tau: clipping radius (``centered-clipping-tau``), > 0.
         centered_clipping_iterations: iterations of centered clipping (``centered-clipping-iterations``), >= 1.
+        centered_clipping_tau_quantile: if > 0, tau multiplies this quantile of the distances to the
+            centre (``centered-clipping-tau-quantile``), in [0, 1].
+        centered_clipping_momentum: the centre's momentum beta (``centered-clipping-momentum``), in [0, 1).
+        dnc_f: Byzantine clients DnC removes per iteration, times the filter fraction (``dnc-f``), >= 0.
+        dnc_iterations: DnC's iterations (``dnc-iterations``), >= 1.
+        dnc_dimension: coordinates DnC samples per iteration (``dnc-dimension``), >= 1.
+        dnc_filter_fraction: c, DnC removes floor(c f) updates per iteration (``dnc-filter-fraction``), > 0.
     """
 
     trimmed_mean_beta: float
@@ -231,6 +277,12 @@ class RuleParams:
     geometric_median_iterations: int
     centered_clipping_tau: float
     centered_clipping_iterations: int
+    centered_clipping_tau_quantile: float
+    centered_clipping_momentum: float
+    dnc_f: int
+    dnc_iterations: int
+    dnc_dimension: int
+    dnc_filter_fraction: float
 
     def __post_init__(self) -> None:
         in_interval("trimmed-mean-beta", self.trimmed_mean_beta, 0, 0.5, "[)")
@@ -240,6 +292,14 @@ class RuleParams:
         at_least("geometric-median-iterations", self.geometric_median_iterations, 1)
         positive("centered-clipping-tau", self.centered_clipping_tau)
         at_least("centered-clipping-iterations", self.centered_clipping_iterations, 1)
+        in_interval(
+            "centered-clipping-tau-quantile", self.centered_clipping_tau_quantile, 0, 1, "[]", " (0: absolute tau)"
+        )
+        in_interval("centered-clipping-momentum", self.centered_clipping_momentum, 0, 1, "[)")
+        at_least("dnc-f", self.dnc_f, 0)
+        at_least("dnc-iterations", self.dnc_iterations, 1)
+        at_least("dnc-dimension", self.dnc_dimension, 1)
+        positive("dnc-filter-fraction", self.dnc_filter_fraction)
 
     def of_rule(self, name: str) -> dict[str, Any]:
         """The keyword parameters of built-in rule ``name`` (:data:`strategies.robust.rules.RUN_CONFIG_KEYS`)."""
@@ -248,6 +308,8 @@ class RuleParams:
         params = {param: getattr(self, key.replace("-", "_")) for param, key in RUN_CONFIG_KEYS[name].items()}
         if name == "multi-krum" and not params.get("m"):
             params["m"] = None  # multi-krum-m = 0: m = n - f, decided per round from the valid replies
+        if name == "centered-clipping":
+            params["momentum"] = self.centered_clipping_momentum  # the step's, not the pure rule's
         return params
 
 
@@ -267,6 +329,11 @@ class AggregationParams:
         norm_bound: clip updates to this norm before the rule (``norm-bound``), >= 0 (0: off).
         norm_bound_quantile: the bound follows this quantile of the norms (``norm-bound-quantile``),
             in [0, 1] (0: off).
+        pre_aggregation: comma-separated steps between the bound and the rule, applied in order
+            (``pre-aggregation``): ``nnm``, ``bucketing``, ``arc``; "" for none.
+        pre_aggregation_f: Byzantine clients NNM and ARC assume (``pre-aggregation-f``), >= 0.
+        bucketing_size: updates per bucket (``bucketing-size``), >= 1.
+        weak_dp_noise_std: std of the Gaussian noise on the aggregate (``weak-dp-noise-std``), >= 0 (0: off).
         server_learning_rate: eta of the server step (``server-learning-rate``), > 0.
         server_momentum: beta of the server step (``server-momentum``), in [0, 1).
         min_valid_replies: skip a round with fewer valid replies (``min-valid-replies``), >= 1.
@@ -284,6 +351,10 @@ class AggregationParams:
     max_update_norm: float
     norm_bound: float
     norm_bound_quantile: float
+    pre_aggregation: str
+    pre_aggregation_f: int
+    bucketing_size: int
+    weak_dp_noise_std: float
     server_learning_rate: float
     server_momentum: float
     min_valid_replies: int
@@ -296,11 +367,23 @@ class AggregationParams:
         non_negative("max-update-norm", self.max_update_norm, " (0: off)")
         non_negative("norm-bound", self.norm_bound, " (0: off)")
         in_interval("norm-bound-quantile", self.norm_bound_quantile, 0, 1, "[]", " (0: off)")
+        self.pre_aggregation_steps()
+        non_negative("weak-dp-noise-std", self.weak_dp_noise_std, " (0: off)")
         positive("server-learning-rate", self.server_learning_rate)
         in_interval("server-momentum", self.server_momentum, 0, 1, "[)")
         at_least("min-valid-replies", self.min_valid_replies, 1)
         at_least("aggregation-threads", self.aggregation_threads, 0)
         non_negative("aggregation-memory-gb", self.memory_gb, " (0: half of the physical memory)")
+
+    def pre_aggregation_steps(self) -> list[PreAggregationStep]:
+        """The ``pre-aggregation`` steps, in order, with their parameters (checked here)."""
+        return build_pre_aggregation(self.pre_aggregation, self.pre_aggregation_f, self.bucketing_size)
+
+    def rows_after_pre_aggregation(self, num_rows: int) -> int:
+        """The rows the rule aggregates when ``num_rows`` replies enter the pre-aggregation steps."""
+        for step in self.pre_aggregation_steps():
+            num_rows = step.output_rows(num_rows)
+        return num_rows
 
     def collector(self) -> ReplyCollector:
         """The reply collector these parameters describe (no decoder: compression attaches one)."""
@@ -311,7 +394,8 @@ def rule_step(rule_name: str, params: AggregationParams) -> RuleStep:
     """The rule step of a built-in rule name (its parameters from ``params.rules``) or of a user's
     ``package.module:function``.
 
-    Built-in rules are checked at start-up against the number of clients sampled per round
+    Built-in rules are checked at start-up against the number of clients sampled per round, or the
+    rows that remain of them after the pre-aggregation steps (bucketing: ceil(n / s))
     (e.g. Krum needs n > 2f + 2, Bulyan n >= 4f + 3), and a user's rule is run once on a synthetic
     round (:meth:`RuleStep.check_on_synthetic_round`), so that a configuration that can never work
     fails before any client trains.
@@ -320,13 +404,13 @@ def rule_step(rule_name: str, params: AggregationParams) -> RuleStep:
         from strategies.core.loading import load_object
 
         step = RuleStep(load_object(rule_name, key="aggregation-rule"), rule_name)
-        step.check_on_synthetic_round(params.sampling.clients_per_round())
+        step.check_on_synthetic_round(params.rows_after_pre_aggregation(params.sampling.clients_per_round()))
         return step
     if rule_name not in RULES:
         raise ValueError(
             f"aggregation-rule must be one of {', '.join(RULES)} or 'package.module:function'; got '{rule_name}'"
         )
-    n = params.sampling.clients_per_round(capped=False)
+    n = params.rows_after_pre_aggregation(params.sampling.clients_per_round(capped=False))
     return RuleStep.builtin(rule_name, params.rules.of_rule(rule_name), num_clients=n)
 
 
@@ -340,10 +424,19 @@ def norm_bound_step(params: AggregationParams) -> NormBound | None:
 def build_aggregation_strategy(rule_name: str, params: AggregationParams) -> AggregationStrategy:
     """An :class:`AggregationStrategy` for a built-in rule name or ``package.module:function``,
     its steps built from ``params``."""
+    pre_aggregation = params.pre_aggregation_steps()
+    n = params.sampling.clients_per_round(capped=False)
+    for step in pre_aggregation:
+        reason = step.cannot_run(n)
+        if reason:
+            raise ValueError(f"{reason} (the clients sampled per round)")
+        n = step.output_rows(n)
     return AggregationStrategy(
         rule_step(rule_name, params),
         weighting=ClientWeighting(params.weighting, params.cap_ratio),
         bound=norm_bound_step(params),
+        pre_aggregation=pre_aggregation,
+        noise=WeakDpNoise(params.weak_dp_noise_std) if params.weak_dp_noise_std else None,
         server_step=ServerStep(params.server_learning_rate, params.server_momentum),
         collector=params.collector(),
         min_valid_replies=params.min_valid_replies,

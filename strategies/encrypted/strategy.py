@@ -238,6 +238,16 @@ def check_encryption_compatible(params: EncryptionParams, strategy: str, aggrega
                 f"{key}={value} needs the plaintext updates on the server and cannot run with "
                 f"homomorphic-encryption='{scheme}'; clip on the clients with he-clip-norm instead"
             )
+    if aggregation.pre_aggregation:
+        raise EncryptionConfigError(
+            f"pre-aggregation='{aggregation.pre_aggregation}' needs the plaintext updates on the server and "
+            f"cannot run with homomorphic-encryption='{scheme}'; set pre-aggregation=''"
+        )
+    if aggregation.weak_dp_noise_std > 0:
+        raise EncryptionConfigError(
+            f"weak-dp-noise-std={aggregation.weak_dp_noise_std} needs the plaintext aggregate on the server; "
+            f"with homomorphic-encryption='{scheme}' it must be 0"
+        )
     steps = (
         ("server-learning-rate", aggregation.server_learning_rate, 1.0),
         ("server-momentum", aggregation.server_momentum, 0.0),

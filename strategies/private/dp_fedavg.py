@@ -62,7 +62,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 
 from strategies.aggregation.collector import ReplyCollector
 from strategies.aggregation.guard import GuardedStrategy
-from strategies.aggregation.steps import RuleStep, ServerStep
+from strategies.aggregation.steps import CenteredClippingStep, RuleStep, ServerStep
 from strategies.aggregation.strategy import AggregationParams, AggregationStrategy, rule_step
 from strategies.core.checks import at_least, in_interval, non_negative, one_of, positive
 from strategies.core.clipping import clip_rows
@@ -422,6 +422,14 @@ def check_dp_combination(aggregation: AggregationParams) -> None:
             "strategy='dp-fedavg' cannot use norm-bound-quantile (a noise-free quantile of the update "
             "norms leaks them): use dp-clip-quantile for private adaptive clipping"
         )
+    if aggregation.pre_aggregation:
+        raise ValueError(
+            f"strategy='dp-fedavg' cannot use pre-aggregation='{aggregation.pre_aggregation}': mixing or "
+            "bucketing spreads one client's update over several rows, which the noise's sensitivity does not "
+            "cover; set pre-aggregation=''"
+        )
+    if aggregation.weak_dp_noise_std > 0:
+        raise ValueError("strategy='dp-fedavg' adds calibrated noise already; set weak-dp-noise-std=0")
 
 
 def dp_mechanism(
@@ -476,6 +484,11 @@ def build_dp_strategy(
     """
     check_dp_combination(aggregation)
     rule = rule_step(aggregation.rule, aggregation)  # validates the rule and its conditions
+    if isinstance(rule, CenteredClippingStep):
+        # A centre carried from un-noised past aggregates would make a round depend on clients it
+        # did not sample, which the accountant's amplification by sampling does not allow: under DP
+        # every round starts centered clipping from zero.
+        rule = RuleStep(rule.rule, rule.name, rule.params)
     sampling = aggregation.sampling
     if inner is None:
         inner = AggregationStrategy(

@@ -23,6 +23,7 @@ distances from one Gram matrix (one BLAS call per column block) instead of K^2 r
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -133,10 +134,53 @@ def _check_geometric_median(
 
 
 def _check_centered_clipping(
-    tau: Any, iterations: Any, tau_key: str = "tau", iterations_key: str = "iterations"
-) -> tuple[float, int]:
-    """Validate centered clipping's radius and number of iterations."""
-    return positive_number(tau_key, tau), _check_int(iterations_key, iterations, 1)
+    tau: Any,
+    iterations: Any,
+    tau_quantile: Any = 0.0,
+    tau_key: str = "tau",
+    iterations_key: str = "iterations",
+    tau_quantile_key: str = "tau_quantile",
+) -> tuple[float, int, float]:
+    """Validate centered clipping's radius, number of iterations and radius quantile (0: absolute)."""
+    return (
+        positive_number(tau_key, tau),
+        _check_int(iterations_key, iterations, 1),
+        _check_fraction(tau_quantile_key, tau_quantile, "[0, 1]", lambda q: 0 <= q <= 1),
+    )
+
+
+def _check_fraction(key: str, value: Any, allowed: str, holds: Callable[[float], bool]) -> float:
+    """``value`` as a float if it is a number (not a bool) for which ``holds``, else a ValueError
+    naming ``key``, the value and the ``allowed`` interval."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not holds(float(value)):
+        raise ValueError(f"{key} must be a number in {allowed}, got {value!r}")
+    return float(value)
+
+
+def _check_dnc(
+    num_clients: int,
+    f: Any,
+    iterations: Any,
+    dimension: Any,
+    filter_fraction: Any,
+    keys: Mapping[str, str] | None = None,
+) -> tuple[int, int, int, float, int]:
+    """Validate DnC's parameters; return them with the number of rows removed per iteration,
+    ``floor(c f)``, which must leave at least one row."""
+    keys = keys or {}
+    f = _check_int(keys.get("f", "f"), f, 0)
+    iterations = _check_int(keys.get("iterations", "iterations"), iterations, 1)
+    dimension = _check_int(keys.get("dimension", "dimension"), dimension, 1)
+    c_key = keys.get("filter_fraction", "filter_fraction")
+    c = _check_fraction(c_key, filter_fraction, "(0, inf)", lambda c: 0 < c < math.inf)
+    removed = math.floor(c * f + 1e-9)  # c f without float noise: c = 0.3, f = 10 removes 3
+    if removed >= num_clients:
+        f_key = keys.get("f", "f")
+        raise ValueError(
+            f"DnC removes floor({c_key} * {f_key}) = floor({c:g} * {f}) = {removed} updates per iteration and "
+            f"needs more clients than that, got {num_clients}"
+        )
+    return f, iterations, dimension, c, removed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,25 +537,39 @@ def centered_clipping(
     tau: float,
     iterations: int,
     center: np.ndarray | None = None,
+    tau_quantile: float = 0.0,
 ) -> np.ndarray:
-    """Centered clipping (Karimireddy et al., 2021, "Learning from History for Byzantine Robust
-    Optimization").
+    """Centered clipping (Karimireddy, He & Jaggi, ICML 2021, "Learning from History for
+    Byzantine Robust Optimization", Algorithm 1).
 
-    Starting from ``v = center`` (default: zeros, i.e. the previous aggregate or no update),
-    repeats ``iterations`` times: ``v <- v + (1/K) sum_i clip_tau(x_i - v)`` with
-    ``clip_tau(z) = z * min(1, tau / |z|)``. Each step moves ``v`` by at most ``tau``, so a
-    Byzantine client shifts it by at most ``tau / K`` per step. Ignores the weights.
+    Starting from ``v = center`` (default zeros; the strategy passes the previous round's
+    aggregate, see :class:`strategies.aggregation.steps.CenteredClippingStep`), repeats
+    ``iterations`` (L) times::
+
+        v <- v + (1/K) sum_i clip_r(x_i - v),    clip_r(z) = z * min(1, r / |z|)
+
+    The radius is ``r = tau`` when ``tau_quantile`` is 0 (absolute), else ``r = tau * Q_q`` with
+    ``Q_q`` the ``q = tau_quantile`` quantile of the distances ``|x_i - center|`` (linear
+    interpolation), so that the radius follows the scale of the updates; with ``q = 0.5`` and
+    fewer than K/2 Byzantine rows, ``Q_q`` is at most the largest honest distance. Each step moves
+    ``v`` by at most ``r``, so a Byzantine client shifts it by at most ``r / K`` per step. Ignores
+    the weights. Cost: L + 1 passes over the K x P matrix.
     """
     updates = _as_update_matrix(updates)
     num_clients, num_params = updates.shape
     _as_weights(weights, num_clients)
-    tau, iterations = _check_centered_clipping(tau, iterations)
+    tau, iterations, tau_quantile = _check_centered_clipping(tau, iterations, tau_quantile)
     if center is None:
         estimate = np.zeros(num_params, dtype=np.float32)
     else:
         estimate = np.array(center, dtype=np.float32)
         if estimate.shape != (num_params,):
             raise ValueError(f"center must be a vector of {num_params} values, got shape {estimate.shape}")
+    if tau_quantile > 0:
+        scale = float(np.quantile(row_norms(updates, estimate), tau_quantile))
+        if scale == 0:  # the chosen quantile of the rows sits on the centre: nothing to move
+            return estimate
+        tau *= scale
     for _ in range(iterations):
         distances = row_norms(updates, estimate)
         scales = tau / np.maximum(distances, tau)  # min(1, tau / |x_i - v|)
@@ -520,6 +578,56 @@ def centered_clipping(
         step -= np.float32(scales.sum() / num_clients) * estimate
         estimate += step
     return estimate
+
+
+def random_generator(seed: int | None = None) -> np.random.Generator:
+    """A PCG64 generator: seeded with ``seed`` (tests, reproducible experiments) or, when None,
+    with 128 bits from the OS's CSPRNG (``secrets``), so that clients cannot predict the draws."""
+    return np.random.Generator(np.random.PCG64(secrets.randbits(128) if seed is None else seed))
+
+
+def divide_and_conquer(
+    updates: np.ndarray,
+    weights: np.ndarray,
+    f: int,
+    iterations: int = 5,
+    dimension: int = 10_000,
+    filter_fraction: float = 1.0,
+    seed: int | None = None,
+) -> np.ndarray:
+    """Divide-and-conquer, DnC (Shejwalkar & Houmansadr, NDSS 2021, "Manipulating the Byzantine:
+    Optimizing Model Poisoning Attacks and Defenses for Federated Learning", Algorithm 2).
+
+    Each of the ``iterations`` rounds draws ``b = dimension`` coordinates ``r`` at random (all P
+    when ``b >= P``), centres the sub-matrix ``Z = X[:, r] - mean_i X[i, r]``, takes its top right
+    singular vector ``v`` and scores every row by ``s_i = <Z_i, v>^2`` (computed as
+    ``s_i = lambda u_i^2`` from the top eigenpair ``(lambda, u)`` of the K x K matrix ``Z Z^T``).
+    The ``floor(c f)`` rows of highest score are removed (``c = filter_fraction``). The result is
+    the unweighted mean of the rows kept in every iteration, the paper's intersection; if the
+    iterations disagree so much that it is empty, of the rows kept in the most iterations.
+
+    Needs ``floor(c f) < K``. Ignores the weights. The coordinates come from
+    :func:`random_generator` (``seed`` None: a CSPRNG seed per call, so attackers cannot aim at
+    them); for a fixed ``seed`` the result does not depend on the order of the rows (up to ties of
+    the scores). Cost: per iteration one gather of K x b values and a K x K eigendecomposition,
+    then one pass for the mean.
+    """
+    updates = _as_update_matrix(updates)
+    num_clients, num_params = updates.shape
+    _as_weights(weights, num_clients)
+    f, iterations, dimension, _, removed = _check_dnc(num_clients, f, iterations, dimension, filter_fraction)
+    rng = random_generator(seed)
+    kept_count = np.zeros(num_clients, dtype=np.intp)
+    for _ in range(iterations):
+        if dimension >= num_params:
+            sub = updates.astype(np.float64)
+        else:
+            sub = updates[:, np.sort(rng.choice(num_params, dimension, replace=False))].astype(np.float64)
+        sub -= sub.mean(axis=0)
+        eigenvalues, eigenvectors = np.linalg.eigh(sub @ sub.T)
+        scores = eigenvalues[-1] * eigenvectors[:, -1] ** 2
+        kept_count[np.argsort(scores, kind="stable")[: num_clients - removed]] += 1
+    return _mean_of_rows(updates, np.flatnonzero(kept_count == kept_count.max()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -535,6 +643,7 @@ RULES: dict[str, Rule] = {
     "bulyan": bulyan,
     "geometric-median": geometric_median,
     "centered-clipping": centered_clipping,
+    "dnc": divide_and_conquer,
 }
 
 # rule name -> {keyword parameter of the rule: run-config key that sets it}
@@ -549,6 +658,13 @@ RUN_CONFIG_KEYS: dict[str, dict[str, str]] = {
     "centered-clipping": {
         "tau": "centered-clipping-tau",
         "iterations": "centered-clipping-iterations",
+        "tau_quantile": "centered-clipping-tau-quantile",
+    },
+    "dnc": {
+        "f": "dnc-f",
+        "iterations": "dnc-iterations",
+        "dimension": "dnc-dimension",
+        "filter_fraction": "dnc-filter-fraction",
     },
 }
 
@@ -558,6 +674,7 @@ _REQUIRED_PARAMS: dict[str, tuple[str, ...]] = {
     "multi-krum": ("f", "m"),
     "bulyan": ("f",),
     "centered-clipping": ("tau", "iterations"),
+    "dnc": ("f",),
 }
 
 
@@ -591,4 +708,20 @@ def check_rule_conditions(name: str, num_clients: int, params: Mapping[str, Any]
             keys["max_iter"],
         )
     elif name == "centered-clipping":
-        _check_centered_clipping(params["tau"], params["iterations"], keys["tau"], keys["iterations"])
+        _check_centered_clipping(
+            params["tau"],
+            params["iterations"],
+            params.get("tau_quantile", 0.0),
+            keys["tau"],
+            keys["iterations"],
+            keys["tau_quantile"],
+        )
+    elif name == "dnc":
+        _check_dnc(
+            num_clients,
+            params["f"],
+            params.get("iterations", 5),
+            params.get("dimension", 10_000),
+            params.get("filter_fraction", 1.0),
+            keys,
+        )

@@ -317,6 +317,7 @@ RULE_CASES = [
     ("bulyan", {"f": 2}),
     ("geometric-median", {"max_iter": 200, "tol": 1e-7}),
     ("centered-clipping", {"tau": 1.0, "iterations": 3}),
+    ("dnc", {"f": 2, "dimension": 4, "seed": 7}),
 ]
 
 
@@ -480,6 +481,7 @@ def test_check_rule_conditions_names_the_key_and_value(name, num_clients, params
         ("bulyan", 11, {"f": 2}),
         ("geometric-median", 3, {}),
         ("centered-clipping", 3, {"tau": 0.5, "iterations": 2}),
+        ("dnc", 3, {"f": 2}),
     ],
 )
 def test_check_rule_conditions_accepts_the_limits(name, num_clients, params):
@@ -501,6 +503,7 @@ def test_registry_names_and_config_keys_cover_the_same_rules():
             "bulyan",
             "geometric-median",
             "centered-clipping",
+            "dnc",
         }
     )
 
