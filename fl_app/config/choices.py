@@ -28,6 +28,12 @@ ATTACK_NAMES = (
     "negative-examples",
     "alie",
     "ipm",
+    "min-max",
+    "min-sum",
+    "fang-trimmed-mean",
+    "fang-krum",
+    "mimic",
+    "backdoor",
 )
 EXPORT_FORMATS = ("keras", "savedmodel", "tflite")
 TFLITE_TYPES = ("float32", "int8")
