@@ -28,6 +28,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from fl_app.config.choices import ATTACK_PERTURBATIONS
+
 
 def _check_number(key: str, value: Any, *, positive: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
@@ -167,7 +169,7 @@ def ipm(
     return (-epsilon * honest.mean(axis=0, dtype=np.float64)).astype(np.float32)
 
 
-PERTURBATIONS = ("unit-vec", "std", "sign")
+PERTURBATIONS = ATTACK_PERTURBATIONS
 """The perturbation directions of min-max and min-sum (Shejwalkar & Houmansadr, 2021, Sec. IV)."""
 
 
