@@ -873,6 +873,13 @@ class Settings:
         classes = self.num_classes or {"digits": 10, "synthetic": self.synthetic_classes}.get(self.dataset, 0)
         if "backdoor" in self.attack_names() and classes and self.backdoor_target >= classes:
             raise SettingsError(f"backdoor-target must be a class in [0, {classes - 1}], got {self.backdoor_target}")
+        clients, attackers = self.sampling_params().clients_per_round(), len(self.attackers())
+        if "fang-krum" in self.attack_names() and clients < 2 * attackers + 2:
+            raise SettingsError(
+                f"attack='fang-krum' needs at least 2c + 2 clients per round for c attackers (Fang et al.'s "
+                f"m - 2c - 1 >= 1): {attackers} attackers (attack-fraction / attack-ids) need {2 * attackers + 2}, "
+                f"got {clients}"
+            )
 
     def boost_rounds(self) -> frozenset[int]:
         """``backdoor-boost-rounds`` as a set of round numbers."""

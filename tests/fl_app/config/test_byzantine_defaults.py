@@ -104,3 +104,8 @@ def test_tolerated_counts():
     assert tolerated("trimmed-mean", 49, {"beta": 4 / 49}) == 4
     assert tolerated("krum", 20, {"f": 3}) == tolerated("bulyan", 20, {"f": 3}) == 3
     assert tolerated("centered-clipping", 20, {"tau": 1.0, "iterations": 3}) is None
+
+
+def test_fang_krum_needs_two_c_plus_two_clients():
+    with pytest.raises(SettingsError, match="attack='fang-krum' needs at least 2c \\+ 2 clients per round"):
+        Settings.from_run_config({"strategy": "median", "attack": "fang-krum", "attack-ids": "0,1,2,3,4"})
