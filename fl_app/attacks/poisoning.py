@@ -70,11 +70,12 @@ def poison_data(
 
 def boost_factor(settings: Settings) -> float:
     """``backdoor-boost``, or Bagdasaryan et al.'s model-replacement factor ``gamma = n / eta`` shared by
-    the c attackers: ``n / (eta c)`` with n the clients per round and eta the server learning rate."""
+    the c backdoor attackers: ``n / (eta c)`` with n the clients per round and eta the server learning rate."""
     if settings.backdoor_boost:
         return settings.backdoor_boost
     clients = settings.sampling_params().clients_per_round()
-    return clients / (settings.server_learning_rate * max(1, len(settings.attackers())))
+    boosting = sum(settings.attack_of(pid) == "backdoor" for pid in settings.attackers())
+    return clients / (settings.server_learning_rate * max(1, boosting))
 
 
 def poison_num_examples(settings: Settings, partition_id: int, num_examples: int) -> int:
