@@ -831,10 +831,10 @@ class Settings:
             raise SettingsError("output-dir must not be empty")
         # resume-from is checked by the server when it loads the checkpoint (fl_app.server.checkpoint).
         self._validate_strategy()
-        self._validate_attack_tolerance()
         self._validate_server_privacy()
         self._validate_server_compression()
         self._validate_server_encryption()
+        self._validate_attack_tolerance()  # last: a configuration that cannot run at all says so first
 
     def validate_client(self) -> None:
         """Raise :class:`SettingsError` for the first value of a key the ClientApp uses (data, model,
