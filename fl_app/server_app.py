@@ -46,7 +46,7 @@ def main(grid: Grid, context: Context) -> None:
         model, test_set = initial_weights.server_model(settings)
         # with encryption the server never holds the model after round 0: no centralized evaluation
         if settings.centralized_evaluation and test_set is not None and not encrypted:
-            evaluator = CentralEvaluator(model, *test_set)
+            evaluator = CentralEvaluator.from_settings(settings, model, *test_set)
         initial = ArrayRecord(model.get_weights())
     else:
         initial = initial_weights.query_initial_arrays(grid, settings)

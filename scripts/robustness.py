@@ -39,7 +39,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 RULES = ("mean", "median", "trimmed-mean", "krum", "multi-krum", "bulyan", "geometric-median", "centered-clipping")
-ATTACKS = ("none", "label-flip", "sign-flip", "gaussian", "scaling", "alie", "ipm", "nan", "wrong-shapes")
+ATTACKS = (
+    "none",
+    "label-flip",
+    "sign-flip",
+    "gaussian",
+    "scaling",
+    "alie",
+    "ipm",
+    "nan",
+    "wrong-shapes",
+    "min-max",
+    "min-sum",
+    "fang-trimmed-mean",
+    "fang-krum",
+    "mimic",
+)
 FRACTIONS = (0.1, 0.2, 0.3)
 
 BASE_CONFIG: dict[str, Any] = {
@@ -59,6 +74,7 @@ BASE_CONFIG: dict[str, Any] = {
     "min-evaluate-clients": 0,  # no federated evaluation: final central only
     "strategy": "robust",
     "seed": 42,
+    "attack-allow-excess": True,  # the matrix measures every rule, also beyond the attackers it tolerates
 }
 
 

@@ -6,11 +6,14 @@ partition-id order runs the (j mod len)-th, e.g. ``attack='nan,wrong-shapes' att
 (:meth:`~fl_app.config.settings.Settings.attackers`). Where an attack acts:
 
 * on the client, in the message it really sends: ``label-flip`` poisons the training labels;
+  ``backdoor`` adds triggered examples relabelled ``backdoor-target`` to its training data and, in
+  ``backdoor-boost-rounds``, boosts its update (model replacement);
   ``sign-flip`` (-s u), ``scaling`` (s u), ``gaussian`` (N(0, sigma^2)) and ``nan`` replace the
   update; ``wrong-shapes`` and ``float64`` corrupt the arrays; ``negative-examples`` reports
   ``num-examples = -5``. The server's validation sees them as they are.
-* on the server, for the omniscient attacks ``alie`` and ``ipm``, which need the honest clients'
-  updates of the round (the papers assume omniscience): :class:`OmniscientAttack` is an update
+* on the server, for the omniscient attacks ``alie``, ``ipm``, ``min-max``, ``min-sum``,
+  ``fang-trimmed-mean``, ``fang-krum`` and ``mimic``, which need the honest clients' updates of the
+  round (the papers assume omniscience): :class:`OmniscientAttack` is an update
   hook of :class:`~strategies.aggregation.strategy.AggregationStrategy` that rewrites the attackers' rows after
   validation, before any defence. Attackers are told apart by the ``partition-id`` that every
   client reports in its train metrics. Simulation only: in deployment nothing attacks.
@@ -19,6 +22,7 @@ partition-id order runs the (j mod len)-th, e.g. ``attack='nan,wrong-shapes' att
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -39,11 +43,39 @@ def _rng(settings: Settings, partition_id: int, server_round: int) -> np.random.
     return np.random.default_rng([settings.seed, partition_id + 1, server_round])  # server: -1
 
 
-def poison_labels(settings: Settings, partition_id: int, y: np.ndarray, num_classes: int) -> np.ndarray:
-    """The training labels partition ``partition_id`` trains on (flipped for label-flip attackers)."""
-    if settings.attack_of(partition_id) == "label-flip":
-        return ATTACKS["label-flip"].fn(y, num_classes)
-    return y
+def poison_data(
+    settings: Settings, partition_id: int, x: np.ndarray, y: np.ndarray, num_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The training examples and labels partition ``partition_id`` trains on: its own, with flipped
+    labels for ``label-flip`` attackers, with triggered copies relabelled ``backdoor-target`` for
+    ``backdoor`` attackers."""
+    name = settings.attack_of(partition_id)
+    if name == "label-flip":
+        return x, ATTACKS["label-flip"].fn(y, num_classes)
+    if name == "backdoor":
+        if settings.backdoor_target >= num_classes:
+            raise ValueError(
+                f"backdoor-target must be a class in [0, {num_classes - 1}], got {settings.backdoor_target}"
+            )
+        return ATTACKS["backdoor"].fn(
+            x,
+            y,
+            rng=_rng(settings, partition_id, 0),
+            target=settings.backdoor_target,
+            fraction=settings.backdoor_fraction,
+            trigger_size=settings.backdoor_trigger_size,
+        )
+    return x, y
+
+
+def boost_factor(settings: Settings) -> float:
+    """``backdoor-boost``, or Bagdasaryan et al.'s model-replacement factor ``gamma = n / eta`` shared by
+    the c backdoor attackers: ``n / (eta c)`` with n the clients per round and eta the server learning rate."""
+    if settings.backdoor_boost:
+        return settings.backdoor_boost
+    clients = settings.sampling_params().clients_per_round()
+    boosting = sum(settings.attack_of(pid) == "backdoor" for pid in settings.attackers())
+    return clients / (settings.server_learning_rate * max(1, boosting))
 
 
 def poison_num_examples(settings: Settings, partition_id: int, num_examples: int) -> int:
@@ -68,6 +100,9 @@ def poison_weights(
     attack = ATTACKS[name]
     if attack.level == "arrays":
         return attack.fn(weights)
+    if name == "backdoor" and server_round in settings.boost_rounds():  # model replacement
+        factor = np.float32(boost_factor(settings))
+        return [g + factor * (w - g) for g, w in zip(global_weights, weights)]
     if attack.level != "update" or attack.omniscient:
         return weights  # data attacks acted before training, examples attacks forge the count; omniscient: server
     layout = ModelLayout.of_arrays(global_weights)
@@ -88,8 +123,25 @@ def _partition_id(metrics: object) -> int:
     return int(value) if isinstance(value, (int, float)) else -1
 
 
+def omniscient_params(settings: Settings, name: str, num_clients: int, num_attackers: int) -> dict[str, Any]:
+    """The run config's parameters of omniscient attack ``name`` in a round of ``num_clients`` replies,
+    ``num_attackers`` of them Byzantine."""
+    if name == "alie":
+        return {"z": settings.alie_z or alie_z(num_clients, num_attackers)}
+    if name == "ipm":
+        return {"epsilon": settings.ipm_epsilon}
+    if name in ("min-max", "min-sum"):
+        return {"perturbation": settings.attack_perturbation, "gamma_init": settings.attack_gamma_init}
+    if name == "fang-trimmed-mean":
+        return {"b": settings.fang_b}
+    if name == "fang-krum":
+        return {"num_attackers": num_attackers}
+    return {}
+
+
 class OmniscientAttack:
-    """Server-side stand-in for omniscient attackers (ALIE, IPM): rewrites their rows in place."""
+    """Server-side stand-in for omniscient attackers: rewrites their rows in place (one vector for
+    all the rows of an attack, or one per attacker with its own generator for ``per_attacker`` attacks)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -108,8 +160,11 @@ class OmniscientAttack:
         rng = _rng(self.settings, -1, server_round)
         for name in sorted({a for a in attack_of_row if a}):
             rows = np.array([a == name for a in attack_of_row])
-            if name == "alie":
-                params = {"z": self.settings.alie_z or alie_z(len(ids), int(byzantine.sum()))}
-            else:
-                params = {"epsilon": self.settings.ipm_epsilon}
-            collected.updates[rows] = ATTACKS[name].fn(honest[0], rng=rng, honest_updates=honest, **params)
+            params = omniscient_params(self.settings, name, len(ids), int(byzantine.sum()))
+            attack = ATTACKS[name]
+            if not attack.per_attacker:
+                collected.updates[rows] = attack.fn(honest[0], rng=rng, honest_updates=honest, **params)
+                continue
+            for row in np.flatnonzero(rows):
+                own = _rng(self.settings, ids[row], server_round)
+                collected.updates[row] = attack.fn(honest[0], rng=own, honest_updates=honest, **params)

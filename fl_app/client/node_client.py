@@ -12,7 +12,7 @@ import functools
 
 from flwr.app import Context
 
-from fl_app.attacks.poisoning import poison_labels
+from fl_app.attacks.poisoning import poison_data
 from fl_app.config.settings import Settings
 from fl_app.task.data import ClientData, client_data, node_data_path
 from fl_app.task.keras_client import KerasClient, compile_model
@@ -35,8 +35,10 @@ def settings_from_context(context: Context) -> Settings:
 @functools.lru_cache(maxsize=64)
 def client_data_of(settings: Settings, partition_id: int, data_path: str) -> ClientData:
     data = client_data(settings, partition_id, data_path)
-    y_train = poison_labels(settings, partition_id, data.y_train, data.num_classes)
-    return dataclasses.replace(data, y_train=y_train) if y_train is not data.y_train else data
+    x_train, y_train = poison_data(settings, partition_id, data.x_train, data.y_train, data.num_classes)
+    if x_train is data.x_train and y_train is data.y_train:
+        return data
+    return dataclasses.replace(data, x_train=x_train, y_train=y_train)
 
 
 @functools.lru_cache(maxsize=4)

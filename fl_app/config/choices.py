@@ -28,7 +28,19 @@ ATTACK_NAMES = (
     "negative-examples",
     "alie",
     "ipm",
+    "min-max",
+    "min-sum",
+    "fang-trimmed-mean",
+    "fang-krum",
+    "mimic",
+    "backdoor",
 )
+REJECTED_ATTACKS = ("nan", "wrong-shapes", "float64", "negative-examples")
+"""Attacks whose replies the server's validation rejects: they never reach the aggregation rule."""
+ATTACK_PERTURBATIONS = ("unit-vec", "std", "sign")
+"""The perturbation directions of min-max and min-sum (Shejwalkar & Houmansadr, 2021, Sec. IV)."""
+FLOWER_MEANS = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+"""Flower's strategies whose aggregate is a weighted mean of the updates: no Byzantine client is tolerated."""
 EXPORT_FORMATS = ("keras", "savedmodel", "tflite")
 TFLITE_TYPES = ("float32", "int8")
 

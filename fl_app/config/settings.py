@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -26,11 +27,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from fl_app.config.choices import (
     ATTACK_NAMES,
+    ATTACK_PERTURBATIONS,
     DATASETS,
     EXPORT_FORMATS,
+    FLOWER_MEANS,
     MODEL_NAMES,
     OPTIMIZERS,
     PARTITIONERS,
+    REJECTED_ATTACKS,
     TFLITE_TYPES,
     parse_choices,
     select_attackers,
@@ -43,6 +47,7 @@ if TYPE_CHECKING:
     from strategies.encrypted.strategy import EncryptionParams
     from strategies.private.dp_fedavg import DpParams
     from strategies.registry import StrategyParams
+    from strategies.robust.tolerance import DerivedParams
 
 T = TypeVar("T")
 
@@ -53,6 +58,10 @@ modules are imported only when the reference is written, not with the settings).
 
 class SettingsError(ValueError):
     """A run-config value that the app cannot run with."""
+
+
+class ToleranceWarning(UserWarning):
+    """More simulated attackers reach the rule than it tolerates, and ``attack-allow-excess`` lets it run."""
 
 
 def _choices(values: Any) -> str:
@@ -306,14 +315,28 @@ class Settings:
         _lazy_choices("strategies.robust.rules", "RULES", " or `package.module:function`"),
         "the rule of `strategy='robust'`: `mean`, `median`, `trimmed-mean`, `krum`, `multi-krum`, `bulyan`, `geometric-median`, `centered-clipping`, `dnc`, or `package.module:function`",
     )
-    trimmed_mean_beta: float = _key(
+    byzantine_fraction: float = _key(
         0.2,
         Range(0.0, 0.5, high_open=True),
-        "trimmed mean drops the floor(beta K) smallest and largest values per coordinate, beta in [0, 0.5)",
+        "the fraction rho of Byzantine clients the robust rules assume: with a = floor(rho n) of the n clients per round, "
+        "`krum-f`, `bulyan-f` and `trimmed-mean-beta` left at -1 become min(a, (n-3)//2), min(a, (n-3)//4) and "
+        "min(a, (n-1)//2) / n, and Multi-Krum averages n - f",
     )
-    krum_f: int = _key(1, Range(0, MANY_CLIENTS), "Byzantine clients Krum and Multi-Krum tolerate (n > 2f + 2)")
+    trimmed_mean_beta: float = _key(
+        -1.0,
+        Range(-1.0, 0.5, high_open=True, note=": -1 or in [0, 0.5)"),
+        "trimmed mean drops the floor(beta K + 1e-9) smallest and largest values per coordinate (beta = k/K trims k); "
+        "-1: from `byzantine-fraction`",
+    )
+    krum_f: int = _key(
+        -1,
+        Range(-1, MANY_CLIENTS),
+        "Byzantine clients Krum and Multi-Krum tolerate (n >= 2f + 3); -1: from `byzantine-fraction`",
+    )
     multi_krum_m: int = _key(0, Range(0, MANY_CLIENTS), "updates Multi-Krum averages; 0: n - f")
-    bulyan_f: int = _key(1, Range(0, MANY_CLIENTS), "Byzantine clients Bulyan tolerates (n >= 4f + 3)")
+    bulyan_f: int = _key(
+        -1, Range(-1, MANY_CLIENTS), "Byzantine clients Bulyan tolerates (n >= 4f + 3); -1: from `byzantine-fraction`"
+    )
     geometric_median_iterations: int = _key(
         100,
         Range(1, MAX_ITERATIONS),
@@ -387,7 +410,7 @@ class Settings:
     attack: str = _key(
         "none",
         "none or " + _choices(ATTACK_NAMES) + ", comma-separated",
-        "`none`, `label-flip`, `sign-flip`, `scaling`, `gaussian`, `alie`, `ipm`, `nan`, `wrong-shapes`, `float64`, `negative-examples`; a comma-separated list gives the j-th attacker (in partition order) the (j mod len)-th",
+        "`none`, `label-flip`, `sign-flip`, `scaling`, `gaussian`, `alie`, `ipm`, `min-max`, `min-sum`, `fang-trimmed-mean`, `fang-krum`, `mimic`, `backdoor`, `nan`, `wrong-shapes`, `float64`, `negative-examples`; a comma-separated list gives the j-th attacker (in partition order) the (j mod len)-th",
     )
     attack_fraction: float = _key(
         0.0, Range(0.0, 1.0, high_open=True), "fraction of partitions that attack (drawn with `seed`)"
@@ -400,6 +423,48 @@ class Settings:
     alie_z: float = _key(0.0, Range(0.0, 100.0), "ALIE's z; 0 computes it from n and f as in the paper (about 1)")
     ipm_epsilon: float = _key(
         0.5, Range(0.0, MAX_RATE, low_open=True), "IPM's epsilon (sends -epsilon x mean of honest updates)"
+    )
+    attack_perturbation: str = _key(
+        "std",
+        _choices(ATTACK_PERTURBATIONS),
+        "the direction d of `min-max` and `min-sum` (mu - gamma d): `unit-vec` (mu / |mu|), `std` (coordinate-wise "
+        "standard deviation), `sign` (sign of mu)",
+    )
+    attack_gamma_init: float = _key(
+        10.0,
+        Range(0.0, MAX_NORM, low_open=True),
+        "the start of the gamma search of `min-max` and `min-sum` (Shejwalkar & Houmansadr use 10; gamma stays below twice it)",
+    )
+    fang_b: float = _key(
+        2.0,
+        Range(1.0, 1e3, low_open=True),
+        "b of `fang-trimmed-mean`: values drawn between the honest extreme w and b w (or w / b)",
+    )
+    backdoor_target: int = _key(
+        0, Range(0, MAX_SAMPLES, note=", below the number of classes"), "the label `backdoor` attackers relabel to"
+    )
+    backdoor_fraction: float = _key(
+        0.5,
+        Range(0.0, 1.0, low_open=True),
+        "`backdoor`: triggered, relabelled copies of this fraction of the attacker's examples are added to them",
+    )
+    backdoor_trigger_size: int = _key(
+        2, Range(1, 1000), "side of the square trigger in the bottom-right corner (features for flat data: its square)"
+    )
+    backdoor_boost: float = _key(
+        0.0,
+        Range(0.0, MAX_NORM),
+        "`backdoor` attackers multiply their update by this in `backdoor-boost-rounds` (model replacement, "
+        "Bagdasaryan et al. 2020); 0: n / (eta c), n clients per round, c attackers, eta `server-learning-rate`",
+    )
+    backdoor_boost_rounds: str = _key(
+        "", "round numbers separated by commas, or empty", "the rounds in which `backdoor` attackers boost"
+    )
+    attack_allow_excess: bool = _key(
+        False,
+        "`true`, `false`",
+        "run although more simulated attackers per round reach the rule than it tolerates (a warning instead of "
+        "an error), to measure a rule beyond its assumption",
     )
     # Model delivery: export for on-device inference, check before shipping (fl_app.delivery)
     export: str = _key(
@@ -692,16 +757,24 @@ class Settings:
             num_nodes=self.num_partitions,
         )
 
+    def derived_params(self) -> DerivedParams:
+        """What ``byzantine-fraction`` makes of ``krum-f``, ``bulyan-f`` and ``trimmed-mean-beta`` for the
+        clients per round (:func:`strategies.robust.tolerance.derived_params`)."""
+        from strategies.robust.tolerance import derived_params
+
+        return derived_params(self.sampling_params().clients_per_round(capped=False), self.byzantine_fraction)
+
     def rule_params(self) -> RuleParams:
-        """The built-in aggregation rules' parameters."""
+        """The built-in aggregation rules' parameters: the explicit keys, or at -1 derived from ``byzantine-fraction``."""
         from strategies.aggregation.strategy import RuleParams
 
+        derived = self.derived_params()
         return _typed(
             RuleParams,
-            trimmed_mean_beta=self.trimmed_mean_beta,
-            krum_f=self.krum_f,
+            trimmed_mean_beta=derived.trimmed_mean_beta if self.trimmed_mean_beta == -1 else self.trimmed_mean_beta,
+            krum_f=derived.krum_f if self.krum_f == -1 else self.krum_f,
             multi_krum_m=self.multi_krum_m,
-            bulyan_f=self.bulyan_f,
+            bulyan_f=derived.bulyan_f if self.bulyan_f == -1 else self.bulyan_f,
             geometric_median_iterations=self.geometric_median_iterations,
             centered_clipping_tau=self.centered_clipping_tau,
             centered_clipping_iterations=self.centered_clipping_iterations,
@@ -813,6 +886,7 @@ class Settings:
         self._validate_server_privacy()
         self._validate_server_compression()
         self._validate_server_encryption()
+        self._validate_attack_tolerance()  # last: a configuration that cannot run at all says so first
 
     def validate_client(self) -> None:
         """Raise :class:`SettingsError` for the first value of a key the ClientApp uses (data, model,
@@ -846,6 +920,74 @@ class Settings:
         for name in self.attack_names():
             _one_of("attack", name, ("none", *ATTACK_NAMES))
         self.attackers()
+        _one_of("attack-perturbation", self.attack_perturbation, ATTACK_PERTURBATIONS)
+        self.boost_rounds()
+        classes = self.num_classes or {"digits": 10, "synthetic": self.synthetic_classes}.get(self.dataset, 0)
+        if "backdoor" in self.attack_names() and classes and self.backdoor_target >= classes:
+            raise SettingsError(f"backdoor-target must be a class in [0, {classes - 1}], got {self.backdoor_target}")
+        clients, attackers = self.sampling_params().clients_per_round(), len(self.attackers())
+        if "fang-krum" in self.attack_names() and clients < 2 * attackers + 2:
+            raise SettingsError(
+                f"attack='fang-krum' needs at least 2c + 2 clients per round for c attackers (Fang et al.'s "
+                f"m - 2c - 1 >= 1): {attackers} attackers (attack-fraction / attack-ids) need {2 * attackers + 2}, "
+                f"got {clients}"
+            )
+
+    def boost_rounds(self) -> frozenset[int]:
+        """``backdoor-boost-rounds`` as a set of round numbers."""
+        try:
+            rounds = frozenset(int(r) for r in self.backdoor_boost_rounds.split(",") if r.strip())
+        except ValueError as err:
+            raise SettingsError(
+                f"backdoor-boost-rounds must be round numbers separated by commas, got '{self.backdoor_boost_rounds}'"
+            ) from err
+        if any(r < 1 for r in rounds):
+            raise SettingsError(f"backdoor-boost-rounds must be rounds >= 1, got '{self.backdoor_boost_rounds}'")
+        return rounds
+
+    def tolerance_excess(self) -> str:
+        """Why the simulated attackers exceed what the configured rule tolerates ("" when they do not).
+
+        Counted per round in the worst case, min(attackers, n) with n the clients per round; the
+        attacks the server's validation rejects (``nan``, ``wrong-shapes``, ``float64``,
+        ``negative-examples``) never reach the rule and do not count. Flower's averaging strategies
+        are the mean; DP strategies and a user's strategy or rule state no tolerance and are not checked.
+        """
+        from strategies.registry import ROBUST_STRATEGIES
+        from strategies.robust.rules import RULES, RUN_CONFIG_KEYS
+        from strategies.robust.tolerance import tolerated
+
+        reaching = [pid for pid in self.attackers() if self.attack_of(pid) not in REJECTED_ATTACKS]
+        if self.strategy in FLOWER_MEANS:
+            rule = "mean"
+        elif self.strategy in ROBUST_STRATEGIES:
+            rule = self.aggregation_rule if self.strategy == "robust" else self.strategy
+        else:
+            return ""
+        if not reaching or rule not in RULES:
+            return ""
+        n = self.sampling_params().clients_per_round()
+        params = self.rule_params().of_rule(rule)
+        limit = tolerated(rule, n, params)
+        per_round = min(len(reaching), n)
+        if limit is None or per_round <= limit:
+            return ""
+        keys = ", ".join(f"{RUN_CONFIG_KEYS[rule][p]}={v:g}" for p, v in params.items() if v is not None)
+        return (
+            f"{per_round} simulated attackers can reach the rule in a round (attack='{self.attack}', "
+            f"{len(reaching)} of num-partitions={self.num_partitions}), more than the {limit} that {rule}"
+            f"{' with ' + keys if keys else ''} tolerates among {n} clients per round; raise byzantine-fraction "
+            "(or the rule's key), lower attack-fraction, or set attack-allow-excess=true to measure the rule "
+            "beyond its assumption"
+        )
+
+    def _validate_attack_tolerance(self) -> None:
+        """Refuse (or, with ``attack-allow-excess``, warn about) more attackers than the rule tolerates."""
+        excess = self.tolerance_excess()
+        if excess and not self.attack_allow_excess:
+            raise SettingsError(excess)
+        if excess:
+            warnings.warn(excess, ToleranceWarning, stacklevel=3)
 
     def _validate_client_privacy(self) -> None:
         self.dp_params()  # dp-mode, dp-clip-norm and dp-local-epsilon are the clients' too

@@ -24,18 +24,40 @@ def model_spec(settings: Settings) -> tuple[tuple[int, ...], int, tuple[np.ndarr
 
 
 class CentralEvaluator:
-    """Evaluates global weights on the server's held-out test set with one compiled model."""
+    """Evaluates global weights on the server's held-out test set with one compiled model.
 
-    def __init__(self, model, x: np.ndarray, y: np.ndarray) -> None:
+    With a simulated ``backdoor`` attack (:meth:`from_settings`) it also reports ``backdoor-success``:
+    the fraction of the test examples whose class is not ``backdoor-target`` that, with the trigger
+    stamped, the model classifies as the target (:func:`fl_app.attacks.catalogue.backdoor_success`;
+    computed as the accuracy on those triggered examples labelled with the target).
+    """
+
+    def __init__(self, model, x: np.ndarray, y: np.ndarray, backdoor: tuple[np.ndarray, np.ndarray] | None = None):
         import tensorflow as tf
 
         self.model = model
         self.model.compile(loss=tf.keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
         self.x, self.y = x, y
+        self.backdoor = backdoor
+
+    @classmethod
+    def from_settings(cls, settings: Settings, model, x: np.ndarray, y: np.ndarray) -> CentralEvaluator:
+        """The evaluator of the run: with the triggered test set when a ``backdoor`` attack is simulated."""
+        if "backdoor" not in settings.attack_names():
+            return cls(model, x, y)
+        from fl_app.attacks.catalogue import stamp_trigger
+
+        eligible = y != settings.backdoor_target
+        triggered = stamp_trigger(x[eligible], settings.backdoor_trigger_size, float(x.max()))
+        return cls(model, x, y, (triggered, np.full(int(eligible.sum()), settings.backdoor_target, dtype=y.dtype)))
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         from fl_app.task.compiled_loop import loop_for
 
         self.model.set_weights(arrays.to_numpy_ndarrays())
-        loss, accuracy = loop_for(self.model).evaluate(self.x, self.y)
-        return MetricRecord({"loss": float(loss), "accuracy": float(accuracy)})
+        loop = loop_for(self.model)
+        loss, accuracy = loop.evaluate(self.x, self.y)
+        metrics: dict[str, int | float | list[int] | list[float]] = {"loss": float(loss), "accuracy": float(accuracy)}
+        if self.backdoor is not None:
+            metrics["backdoor-success"] = float(loop.evaluate(*self.backdoor)[1])
+        return MetricRecord(metrics)

@@ -125,6 +125,15 @@ def _metric(record: MetricRecord | None, key: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
+def _record_evaluation(record: RoundRecord, result: MetricRecord | None) -> None:
+    """The centralized evaluation's loss and accuracy, and its other numbers (e.g. ``backdoor-success``) in ``extra``."""
+    record.centralized_loss = _metric(result, "loss")
+    record.centralized_accuracy = _metric(result, "accuracy")
+    for key, value in (result or {}).items():
+        if key not in ("loss", "accuracy") and isinstance(value, (int, float)):
+            record.extra[key] = float(value)
+
+
 def run_rounds(
     grid: Grid,
     strategy: Strategy,
@@ -164,9 +173,7 @@ def run_rounds(
     if evaluate_fn is not None and first_round == 1:
         record = RoundRecord(round=0)
         started = time.perf_counter()
-        result = evaluate_fn(0, arrays)
-        record.centralized_loss = _metric(result, "loss")
-        record.centralized_accuracy = _metric(result, "accuracy")
+        _record_evaluation(record, evaluate_fn(0, arrays))
         _close_round(record, started, history, num_rounds, on_round_end, arrays)
 
     for server_round in range(first_round, num_rounds + 1):
@@ -248,9 +255,7 @@ def run_rounds(
             record.federated_accuracy = _metric(federated, "accuracy")
 
         if evaluate_fn is not None:
-            result = evaluate_fn(server_round, arrays)
-            record.centralized_loss = _metric(result, "loss")
-            record.centralized_accuracy = _metric(result, "accuracy")
+            _record_evaluation(record, evaluate_fn(server_round, arrays))
 
         _close_round(record, started, history, num_rounds, on_round_end, arrays)
     return arrays, history

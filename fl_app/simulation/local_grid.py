@@ -136,7 +136,9 @@ def run_local_federation(
     input_shape, num_classes, test_set = model_spec(settings)
     tf.keras.utils.set_random_seed(settings.seed)
     model = build_model(settings.model, input_shape, num_classes, settings.seed)
-    evaluator = CentralEvaluator(model, *test_set) if (test_set is not None and evaluate_centrally) else None
+    evaluator = None
+    if test_set is not None and evaluate_centrally:
+        evaluator = CentralEvaluator.from_settings(settings, model, *test_set)
     grid = LocalGrid(settings.to_run_config(), settings.num_partitions)
     return run_rounds(
         grid,

@@ -77,16 +77,28 @@ def _check_int(key: str, value: Any, minimum: int) -> int:
     return int(value)
 
 
-def _check_trimmed_mean(num_clients: int, beta: Any, beta_key: str = "beta") -> int:
-    """Validate the trimmed mean's beta; return the number trimmed at each end, floor(beta*n).
+FLOOR_TOLERANCE = 1e-9
+"""Added before flooring a count ``beta * n``: ``beta = k / n`` must give ``k`` although the float
+product may be ``k - 1e-15`` (4/49 * 49 = 3.9999999999999996). The same as
+:func:`fl_app.config.choices.select_attackers` uses for ``attack-fraction``."""
 
-    ``beta < 0.5`` guarantees ``2 * floor(beta * n) < n``: some values are always kept.
+
+def trimmed_count(num_clients: int, beta: float) -> int:
+    """Values trimmed at each end of a coordinate: ``floor(beta * n + 1e-9)``, at most ``(n - 1) // 2``
+    so that one value is always kept (``beta`` just below 0.5 could otherwise round up to n/2)."""
+    return min(math.floor(beta * num_clients + FLOOR_TOLERANCE), (num_clients - 1) // 2)
+
+
+def _check_trimmed_mean(num_clients: int, beta: Any, beta_key: str = "beta") -> int:
+    """Validate the trimmed mean's beta; return the number trimmed at each end (:func:`trimmed_count`).
+
+    ``beta < 0.5`` and the cap of :func:`trimmed_count` guarantee ``2b < n``: some values are always kept.
     """
     if isinstance(beta, bool) or not isinstance(beta, (int, float, np.number)):
         raise ValueError(f"{beta_key} must be a number in [0, 0.5), got {beta!r}")
     if not 0 <= beta < 0.5:
         raise ValueError(f"{beta_key} must be in [0, 0.5), got {beta!r}")
-    return math.floor(beta * num_clients)
+    return trimmed_count(num_clients, float(beta))
 
 
 def _check_krum(num_clients: int, f: Any, f_key: str = "f") -> int:
@@ -337,7 +349,8 @@ def trimmed_mean(updates: np.ndarray, weights: np.ndarray, beta: float) -> np.nd
     """Coordinate-wise trimmed mean (Yin et al., 2018, "Byzantine-Robust Distributed Learning:
     Towards Optimal Statistical Rates").
 
-    With ``b = floor(beta * K)``, each coordinate drops its ``b`` smallest and ``b`` largest
+    With ``b = floor(beta * K + 1e-9)`` (:func:`trimmed_count`: ``beta = k / K`` trims exactly k),
+    each coordinate drops its ``b`` smallest and ``b`` largest
     values and averages the ``K - 2b`` others: ``out_j = mean(sorted(x_:j)[b : K - b])``.
     ``beta`` must be in [0, 0.5), so that ``2b < K``. Ignores the weights. Stays within the honest
     clients' range in every coordinate while at most ``b`` clients are Byzantine.

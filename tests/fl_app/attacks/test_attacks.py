@@ -161,16 +161,30 @@ def test_registry_names_and_levels():
         "wrong-shapes",
         "float64",
         "negative-examples",
+        "min-max",
+        "min-sum",
+        "fang-trimmed-mean",
+        "fang-krum",
+        "mimic",
+        "backdoor",
     }
     assert set(attacks.ATTACKS) == set(ATTACK_NAMES)
-    assert attacks.ATTACKS["label-flip"].level == "data"
+    assert attacks.ATTACKS["label-flip"].level == attacks.ATTACKS["backdoor"].level == "data"
     assert attacks.ATTACKS["wrong-shapes"].level == attacks.ATTACKS["float64"].level == "arrays"
     assert attacks.ATTACKS["negative-examples"].level == "examples"
-    assert {name for name, a in attacks.ATTACKS.items() if a.omniscient} == {"alie", "ipm"}
+    assert {name for name, a in attacks.ATTACKS.items() if a.omniscient} == {
+        "alie",
+        "ipm",
+        "min-max",
+        "min-sum",
+        "fang-trimmed-mean",
+        "fang-krum",
+        "mimic",
+    }
     rng = np.random.default_rng(0)
     for name, attack in attacks.ATTACKS.items():
         if attack.level == "update":
-            params = {"z": 1.0} if name == "alie" else {}
+            params = {"alie": {"z": 1.0}, "fang-krum": {"num_attackers": 1}}.get(name, {})
             out = attack.fn(OWN, rng=rng, honest_updates=HONEST, **params)
             assert out.shape == OWN.shape and out.dtype == np.float32
 

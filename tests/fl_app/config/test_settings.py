@@ -155,7 +155,7 @@ def test_client_parse_leaves_server_only_checks_to_the_server():
     # the server refuses these (Krum's n > 2f + 2, a bad rule name, encryption with Krum); the client
     # does not use them and does not check them
     for config in (
-        {"strategy": "krum", "num-partitions": 3},
+        {"strategy": "krum", "num-partitions": 3, "krum-f": 1},
         {"strategy": "robust", "aggregation-rule": "avg"},
         {"homomorphic-encryption": "ckks", "strategy": "krum"},
     ):

@@ -187,7 +187,7 @@ def test_rule_params_come_from_the_settings():
     ("config", "fragment"),
     [
         ({"trimmed-mean-beta": 0.5}, "trimmed-mean-beta must be in [0, 0.5), got 0.5"),
-        ({"krum-f": -1}, "krum-f must be >= 0, got -1"),
+        ({"krum-f": -2}, "krum-f must be >= 0, got -2"),  # -1 derives f from byzantine-fraction
         ({"centered-clipping-tau": 0.0}, "centered-clipping-tau must be > 0, got 0.0"),
         ({"client-weighting": "trusting"}, "client-weighting must be one of uniform, num-examples, capped; got"),
         ({"norm-bound-quantile": 1.5}, "norm-bound-quantile must be in [0, 1] (0: off), got 1.5"),

@@ -32,7 +32,7 @@ def ref_median(x):
 
 
 def ref_trimmed_mean(x, beta):
-    b = math.floor(beta * len(x))
+    b = min(math.floor(beta * len(x) + 1e-9), (len(x) - 1) // 2)  # beta = k / n trims exactly k
     out = []
     for j in range(x.shape[1]):
         column = sorted(float(v) for v in x[:, j])
