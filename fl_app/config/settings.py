@@ -361,7 +361,9 @@ class Settings:
         "beta of the centre: c <- beta c + (1 - beta) v after each round (0: the centre is the previous aggregate, as in Karimireddy et al. 2021)",
     )
     dnc_f: int = _key(
-        1, Range(0, MANY_CLIENTS), "Byzantine clients DnC assumes; it removes floor(c f) updates per iteration"
+        -1,
+        Range(-1, MANY_CLIENTS),
+        "Byzantine clients DnC assumes; it removes floor(c f) updates per iteration; -1: from `byzantine-fraction`",
     )
     dnc_iterations: int = _key(
         5, Range(1, MAX_ITERATIONS), "DnC's iterations, each on fresh random coordinates (Shejwalkar & Houmansadr 2021)"
@@ -395,7 +397,9 @@ class Settings:
         "steps between the norm bound and the rule, applied in the order given: `nnm` (nearest-neighbour mixing, Allouah et al. 2023), `bucketing` (Karimireddy et al. 2022), `arc` (adaptive robust clipping, Allouah et al. 2025); empty: none",
     )
     pre_aggregation_f: int = _key(
-        1, Range(0, MANY_CLIENTS), "Byzantine clients `nnm` and `arc` assume (n > 2f): NNM mixes the n - f nearest"
+        -1,
+        Range(-1, MANY_CLIENTS),
+        "Byzantine clients `nnm` and `arc` assume (n > 2f): NNM mixes the n - f nearest; -1: from `byzantine-fraction`",
     )
     bucketing_size: int = _key(
         2, Range(1, MANY_CLIENTS), "updates per bucket of `bucketing` (the paper: s <= n / (2f))"
@@ -780,7 +784,7 @@ class Settings:
             centered_clipping_iterations=self.centered_clipping_iterations,
             centered_clipping_tau_quantile=self.centered_clipping_tau_quantile,
             centered_clipping_momentum=self.centered_clipping_momentum,
-            dnc_f=self.dnc_f,
+            dnc_f=derived.majority_f if self.dnc_f == -1 else self.dnc_f,
             dnc_iterations=self.dnc_iterations,
             dnc_dimension=self.dnc_dimension,
             dnc_filter_fraction=self.dnc_filter_fraction,
@@ -801,7 +805,9 @@ class Settings:
             norm_bound=self.norm_bound,
             norm_bound_quantile=self.norm_bound_quantile,
             pre_aggregation=self.pre_aggregation,
-            pre_aggregation_f=self.pre_aggregation_f,
+            pre_aggregation_f=self.derived_params().majority_f
+            if self.pre_aggregation_f == -1
+            else self.pre_aggregation_f,
             bucketing_size=self.bucketing_size,
             weak_dp_noise_std=self.weak_dp_noise_std,
             server_learning_rate=self.server_learning_rate,

@@ -40,12 +40,15 @@ class DerivedParams:
         krum_f: f of Krum and Multi-Krum, ``min(count, (n - 3) // 2)`` (``n >= 2f + 3``).
         bulyan_f: f of Bulyan, ``min(count, (n - 3) // 4)`` (``n >= 4f + 3``).
         trimmed_mean_beta: ``min(count, (n - 1) // 2) / n``.
+        majority_f: f of DnC and of the ``nnm`` and ``arc`` pre-aggregation steps,
+            ``min(count, (n - 1) // 2)`` (they assume an honest majority, ``n > 2f``).
     """
 
     count: int
     krum_f: int
     bulyan_f: int
     trimmed_mean_beta: float
+    majority_f: int
 
 
 def derived_params(num_clients: int, fraction: float) -> DerivedParams:
@@ -58,6 +61,7 @@ def derived_params(num_clients: int, fraction: float) -> DerivedParams:
         krum_f=max(0, min(count, (num_clients - 3) // 2)),
         bulyan_f=max(0, min(count, (num_clients - 3) // 4)),
         trimmed_mean_beta=min(count, (num_clients - 1) // 2) / num_clients,
+        majority_f=min(count, (num_clients - 1) // 2),
     )
 
 
@@ -67,7 +71,8 @@ def tolerated(rule: str, num_clients: int, params: Mapping[str, Any]) -> int | N
     bound depends on tau, or a user's rule).
 
     mean: 0 (one update moves it arbitrarily far); median and geometric median: ``(n - 1) // 2``
-    (breakdown point 1/2); trimmed mean: the count trimmed at each end; Krum, Multi-Krum, Bulyan: f.
+    (breakdown point 1/2); trimmed mean: the count trimmed at each end; Krum, Multi-Krum, Bulyan,
+    DnC: f.
     """
     if rule == "mean":
         return 0
@@ -75,6 +80,6 @@ def tolerated(rule: str, num_clients: int, params: Mapping[str, Any]) -> int | N
         return (num_clients - 1) // 2
     if rule == "trimmed-mean":
         return trimmed_count(num_clients, float(params["beta"]))
-    if rule in ("krum", "multi-krum", "bulyan"):
+    if rule in ("krum", "multi-krum", "bulyan", "dnc"):
         return int(params["f"])
     return None
