@@ -1,6 +1,6 @@
 """Integration: docs/deployment.md's "On one machine (loopback)" steps, run verbatim with bash.
 
-They use the document's fixed ports (9092, 9094-9096) and write ``deploy/`` and ``outputs/`` in the
+They use the document's fixed ports (9092-9096) and write ``deploy/`` and ``outputs/`` in the
 repository, so this test runs only when asked for: ``FL_KERAS_DOCS_DEPLOY=1 pytest
 tests/fl_app/deploy/test_docs_deploy.py``.
 """
@@ -53,7 +53,7 @@ def test_docs_block_is_complete():
 @pytest.mark.timeout(1200)
 @opt_in
 def test_docs_loopback_steps_work_verbatim():
-    for port in (9092, 9094, 9095, 9096):
+    for port in (9092, 9093, 9094, 9095, 9096):
         with socket.socket() as probe:
             if probe.connect_ex(("127.0.0.1", port)) == 0:
                 pytest.skip(f"port {port} is in use")
