@@ -23,7 +23,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fl_app.server.run_directory import RoundRecord
+from fl_app.server.run_directory import RoundRecord, headline
 from strategies.aggregation.guard import GuardedStrategy
 from strategies.core.errors import StopTraining
 from strategies.core.grid_wrapper import GridWrapper
@@ -31,8 +31,6 @@ from strategies.core.nodes import NodesUnavailable
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 RoundCallback = Callable[[RoundRecord, ArrayRecord], None]
-
-_TRAIN_KEYS = {"train-loss": "train_loss", "train-accuracy": "train_accuracy"}
 
 
 def message_bytes(messages: Iterable[Message]) -> int:
@@ -118,13 +116,6 @@ def missing_replies(messages: Iterable[Message], replies: Iterable[Message], tim
     ]
 
 
-def _metric(record: MetricRecord | None, key: str) -> float | None:
-    if record is None or key not in record:
-        return None
-    value = record[key]
-    return float(value) if isinstance(value, (int, float)) else None
-
-
 def run_rounds(
     grid: Grid,
     strategy: Strategy,
@@ -164,9 +155,7 @@ def run_rounds(
     if evaluate_fn is not None and first_round == 1:
         record = RoundRecord(round=0)
         started = time.perf_counter()
-        result = evaluate_fn(0, arrays)
-        record.centralized_loss = _metric(result, "loss")
-        record.centralized_accuracy = _metric(result, "accuracy")
+        record.set_metrics("centralized", evaluate_fn(0, arrays) or {})
         _close_round(record, started, history, num_rounds, on_round_end, arrays)
 
     for server_round in range(first_round, num_rounds + 1):
@@ -218,12 +207,8 @@ def run_rounds(
             record.failures.extend(guarded.rejections())
         if new_arrays is not None:
             arrays = new_arrays
-        if train_metrics is not None:
-            for key, value in train_metrics.items():
-                if key in _TRAIN_KEYS and isinstance(value, (int, float)):
-                    setattr(record, _TRAIN_KEYS[key], float(value))
-                else:
-                    record.extra[key] = value
+        if train_metrics is not None:  # the clients' train-<Keras name> means; the rest as it is
+            record.extra.update(record.set_metrics("train", train_metrics, prefix="train-"))
 
         patient.start_phase(timeout)
         try:
@@ -244,13 +229,10 @@ def run_rounds(
                 log(WARNING, "Round %d: evaluation aggregation failed: %r", server_round, err)
                 record.failures.append(f"evaluate aggregation: {err!r}")
                 federated = None
-            record.federated_loss = _metric(federated, "loss")
-            record.federated_accuracy = _metric(federated, "accuracy")
+            record.set_metrics("federated", {k: v for k, v in (federated or {}).items() if k != "num-examples"})
 
         if evaluate_fn is not None:
-            result = evaluate_fn(server_round, arrays)
-            record.centralized_loss = _metric(result, "loss")
-            record.centralized_accuracy = _metric(result, "accuracy")
+            record.set_metrics("centralized", evaluate_fn(server_round, arrays) or {})
 
         _close_round(record, started, history, num_rounds, on_round_end, arrays)
     return arrays, history
@@ -278,15 +260,18 @@ def _fmt(value: float | None) -> str:
 
 
 def _log_round(record: RoundRecord, num_rounds: int) -> None:
+    name = headline([record]) or "loss"
     log(
         INFO,
-        "[round %d/%d] central acc %s loss %s | federated acc %s | train loss %s | "
+        "[round %d/%d] central %s %s loss %s | federated %s %s | train loss %s | "
         "%d replied, %d failed | %.1f kB up | %.2f s",
         record.round,
         num_rounds,
-        _fmt(record.centralized_accuracy),
+        name,
+        _fmt(record.value("centralized", name)),
         _fmt(record.centralized_loss),
-        _fmt(record.federated_accuracy),
+        name,
+        _fmt(record.value("federated", name)),
         _fmt(record.train_loss),
         record.clients_replied,
         record.clients_failed,
