@@ -135,3 +135,30 @@ def per_example_loss(loss: Any, model, input_shape: tuple[int, ...], spec: Outpu
             f"{tuple(values.shape)} for {n} examples: make it return a vector (no reduction over the batch)"
         )
     return rebuilt
+
+
+def score_predictions(model, y: np.ndarray, predictions: np.ndarray) -> dict[str, float]:
+    """The compiled metrics of ``model`` (Keras names) on given ``predictions`` of targets ``y``,
+    e.g. a TFLite interpreter's outputs, scored exactly as Keras scores the model's own."""
+    import tensorflow as tf
+
+    model.reset_metrics()
+    results = model.compute_metrics(None, tf.convert_to_tensor(y), tf.convert_to_tensor(predictions), None)
+    model.reset_metrics()
+    return {name: float(value) for name, value in results.items() if name != "loss"}
+
+
+def agreement(keras_predictions: np.ndarray, other: np.ndarray, task: str, threshold: float = 0.5) -> tuple[str, float]:
+    """How closely ``other`` (e.g. TFLite's outputs) follows Keras' predictions: the share of the
+    same decisions (argmax of several outputs; ``threshold`` of one output or of multi-label
+    outputs: 0.5 for probabilities, 0 for logits), or for regression the mean absolute difference.
+    Returns (report key, value)."""
+    keras_predictions, other = np.asarray(keras_predictions), np.asarray(other)
+    if task == "regression":
+        return "mean_abs_difference_from_keras", float(np.mean(np.abs(keras_predictions - other)))
+    if task == "multilabel" or keras_predictions.reshape(len(keras_predictions), -1).shape[1] == 1:
+        same = (keras_predictions > threshold) == (other > threshold)
+        return "threshold_agreement_with_keras", float(np.mean(same))
+    return "argmax_agreement_with_keras", float(
+        np.mean(np.argmax(keras_predictions, axis=-1) == np.argmax(other, axis=-1))
+    )
