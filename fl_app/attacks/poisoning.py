@@ -40,8 +40,14 @@ def _rng(settings: Settings, partition_id: int, server_round: int) -> np.random.
 
 
 def poison_labels(settings: Settings, partition_id: int, y: np.ndarray, num_classes: int) -> np.ndarray:
-    """The training labels partition ``partition_id`` trains on (flipped for label-flip attackers)."""
+    """The training labels partition ``partition_id`` trains on (flipped for label-flip attackers;
+    integer class labels only)."""
     if settings.attack_of(partition_id) == "label-flip":
+        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(
+                f"attack 'label-flip' flips integer class labels; this data set's targets have dtype {y.dtype} "
+                f"and shape {y.shape[1:]} per example (one-hot, multi-label or regression): use an update attack"
+            )
         return ATTACKS["label-flip"].fn(y, num_classes)
     return y
 

@@ -383,12 +383,12 @@ class Settings:
     export_best: bool = _key(
         False,
         "`true`, `false`",
-        "also export (and check) the model of the round with the best centralized accuracy, kept in memory during the run",
+        "also export (and check) the model of the round with the best centralized headline metric (accuracy, or the model's first metric, e.g. the lowest `mae`), kept in memory during the run",
     )
     export_tolerance: float = _key(
         0.01,
         Range(0.0, 1.0),
-        "a TFLite model is ready only if its accuracy >= the Keras model's minus this (0.01 = one point), in [0, 1]",
+        "a TFLite model is ready only if its headline metric >= the Keras model's minus this (0.01 = one point of accuracy), or for an error such as `mae` <= the Keras model's x (1 + this)",
     )
     export_calibration_samples: int = _key(
         200, Range(1, MAX_SAMPLES), "examples of the server's held-out set that calibrate int8 quantisation"
