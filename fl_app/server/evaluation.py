@@ -11,12 +11,17 @@ from fl_app.task.output_spec import OutputSpec
 
 def model_spec(settings: Settings) -> tuple[tuple[int, ...], OutputSpec, tuple[np.ndarray, np.ndarray] | None]:
     """(input shape, the task's :class:`OutputSpec`, server test set or None) for the configured data."""
-    from fl_app.task.data import declared_spec, federated_data
+    from fl_app.task.data import declared_spec, federated_data, per_node_loader
 
-    if settings.dataset == "local-file":
+    if settings.dataset == "local-file" or per_node_loader(settings.dataset):
         shape = settings.parsed_input_shape()
-        if shape is None:  # Settings.validate requires it; this keeps the promise explicit
-            raise ValueError("dataset='local-file' needs input-shape so that the server builds the nodes' model")
+        least = 1 if settings.task in ("multilabel", "regression") else 2
+        if shape is None or settings.num_classes < least:  # Settings.validate requires it for local-file
+            raise ValueError(
+                f"dataset='{settings.dataset}' gives each node its own data and the server none, so the server "
+                f"builds the nodes' model from input-shape and num-classes (>= {least}, with task); got "
+                f"input-shape='{settings.input_shape}', num-classes={settings.num_classes}"
+            )
         return shape, declared_spec(settings), None
     data = federated_data(settings)
     shape = settings.parsed_input_shape() or data.input_shape

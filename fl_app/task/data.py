@@ -10,8 +10,10 @@ the same partitions.
 
 The pool is a built-in data set or a user's loader, ``dataset='package.module:load'``: a function
 ``load() -> (x, y)`` of numpy arrays, called in every process that needs the data (the server, for
-its held-out set; each client, which keeps its own partition). On a SuperNode the loader runs on
-the node, so it reads the node's files.
+its held-out set; each client, which keeps its own partition). A loader with parameters,
+``load(partition_id, num_partitions) -> (x, y)``, returns one node's own data instead
+(:func:`per_node_loader`); the server then has none, as with local files. On a SuperNode a loader
+runs on the node, so it reads the node's files.
 
 In deployment each SuperNode may read its own local file instead (``.npz`` with arrays ``x`` and
 ``y``, or a CSV with one or more target columns); :func:`load_local_file` checks it and says what
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -240,18 +243,31 @@ def _as_targets(y: np.ndarray) -> np.ndarray:
     return y.astype(np.float32)
 
 
-def load_user_arrays(name: str) -> tuple[np.ndarray, np.ndarray]:
-    """The pool of a user's loader ``package.module:load`` (``load() -> (x, y)``), checked.
+def per_node_loader(name: str) -> bool:
+    """Whether the user's loader ``name`` returns one node's own data: it takes parameters
+    ``(partition_id, num_partitions)``; a loader without parameters returns the whole pool."""
+    return ":" in name and bool(inspect.signature(_loader(name)).parameters)
 
-    Errors name the loader and what is wrong with its arrays, never their values.
-    """
+
+def _loader(name: str):
     from strategies.core.loading import StrategyNameError, load_object
 
     try:
-        loader = load_object(name, key="dataset")
+        return load_object(name, key="dataset")
     except StrategyNameError as err:
         raise DataFileError(str(err)) from err
-    pool = loader()
+
+
+def load_user_arrays(
+    name: str, partition_id: int | None = None, num_partitions: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """A user's loader's ``(x, y)``, checked: the pool of ``load()``, or with ``partition_id``
+    one node's own data, ``load(partition_id, num_partitions)``.
+
+    Errors name the loader and what is wrong with its arrays, never their values.
+    """
+    loader = _loader(name)
+    pool = loader() if partition_id is None else loader(partition_id, num_partitions)
     if not isinstance(pool, tuple) or len(pool) != 2:
         raise DataFileError(f"dataset '{name}' must return a tuple (x, y) of numpy arrays; got {type(pool).__name__}")
     try:
@@ -435,7 +451,8 @@ def node_data_path(settings: Settings, node_config: Mapping[str, Any], partition
 
 
 def client_data(settings: Settings, partition_id: int, data_path: str = "") -> ClientData:
-    """One client's train/test split: its partition of the pool, or its own local file."""
+    """One client's train/test split: its partition of the pool, its own local file, or what a
+    per-node loader (:func:`per_node_loader`) returns for it."""
     seed = settings.seed + 1000 * (partition_id + 1)
     path = data_path or settings.data_path
     if settings.dataset == "local-file" or data_path:
@@ -444,34 +461,39 @@ def client_data(settings: Settings, partition_id: int, data_path: str = "") -> C
                 "dataset='local-file' but this node has no data file: start its SuperNode with "
                 "--node-config \"data-path='/path/to/local.npz'\" (or set data-path in the run config)"
             )
-        file = path.replace("{partition-id}", str(partition_id))
-        x, y = load_local_file(file, settings.label_column)
-        found, spec = task_spec(settings, y, source=f"data file '{file}'"), declared_spec(settings)
-        if found.task == spec.task == "multiclass" and found.num_classes > spec.num_classes:
-            raise DataFileError(
-                f"data file '{file}': label {found.num_classes - 1} is outside [0, {spec.num_classes}) (num-classes)"
-            )
-        if (found.task, found.units) != (spec.task, spec.units):
-            labels = f" (labels 0 to {found.num_classes - 1})" if found.classification else ""
-            raise DataFileError(
-                f"data file '{file}': its targets make a {found.task} task with {found.units} output(s){labels}, "
-                f"but the run config declares {spec.task} with {spec.units} (task='{settings.task}', "
-                f"num-classes={settings.num_classes})"
-            )
-        spec = dataclasses.replace(spec, one_hot=found.one_hot)
-        num_classes = spec.num_classes
-        shape = settings.parsed_input_shape()
-        if shape is not None:
-            if int(np.prod(x.shape[1:])) != int(np.prod(shape)):
-                raise DataFileError(
-                    f"data file '{file}': examples have shape {x.shape[1:]}, which does not fit input-shape {shape}"
-                )
-            x = x.reshape((len(x), *shape))
+        source = f"data file '{path.replace('{partition-id}', str(partition_id))}'"
+        x, y = load_local_file(path.replace("{partition-id}", str(partition_id)), settings.label_column)
+        x, spec = _node_own(settings, x, y, source)
+    elif per_node_loader(settings.dataset):
+        x, y = load_user_arrays(settings.dataset, partition_id, settings.num_partitions)
+        x, spec = _node_own(settings, x, y, f"dataset '{settings.dataset}' (partition {partition_id})")
     else:
         if not 0 <= partition_id < settings.num_partitions:
             raise ValueError(f"partition-id {partition_id} is outside [0, {settings.num_partitions}) (num-partitions)")
         data = federated_data(settings)
         index = data.partitions[partition_id]
         x, y, spec = data.x[index], data.y[index], data.spec
-        num_classes = spec.num_classes
-    return ClientData(*split_train_test(x, y, settings.test_fraction, seed), num_classes=num_classes, output_spec=spec)
+    return ClientData(
+        *split_train_test(x, y, settings.test_fraction, seed), num_classes=spec.num_classes, output_spec=spec
+    )
+
+
+def _node_own(settings: Settings, x: np.ndarray, y: np.ndarray, source: str) -> tuple[np.ndarray, OutputSpec]:
+    """A node's own data checked against the task the run config declares (:func:`declared_spec`),
+    ``x`` reshaped to ``input-shape``; errors name ``source``."""
+    found, spec = task_spec(settings, y, source=source), declared_spec(settings)
+    if found.task == spec.task == "multiclass" and found.num_classes > spec.num_classes:
+        raise DataFileError(f"{source}: label {found.num_classes - 1} is outside [0, {spec.num_classes}) (num-classes)")
+    if (found.task, found.units) != (spec.task, spec.units):
+        labels = f" (labels 0 to {found.num_classes - 1})" if found.classification else ""
+        raise DataFileError(
+            f"{source}: its targets make a {found.task} task with {found.units} output(s){labels}, "
+            f"but the run config declares {spec.task} with {spec.units} (task='{settings.task}', "
+            f"num-classes={settings.num_classes})"
+        )
+    shape = settings.parsed_input_shape()
+    if shape is not None:
+        if int(np.prod(x.shape[1:])) != int(np.prod(shape)):
+            raise DataFileError(f"{source}: examples have shape {x.shape[1:]}, which does not fit input-shape {shape}")
+        x = x.reshape((len(x), *shape))
+    return x, dataclasses.replace(spec, one_hot=found.one_hot)

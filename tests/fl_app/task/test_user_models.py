@@ -34,6 +34,14 @@ def string_pool():
     return np.array([["a"], ["b"]]), np.array([0, 1])
 
 
+def node_loader(partition_id, num_partitions):
+    """A per-node loader: each node's own rows (here every num_partitions-th breast-cancer example)."""
+    from examples.breast_cancer.data import load
+
+    x, y = load()
+    return x[partition_id::num_partitions], y[partition_id::num_partitions]
+
+
 def test_factory_is_seeded_and_its_compile_kept():
     first = build_model(BINARY, (30,), OutputSpec("binary", 1, 2), seed=3)
     again = build_model(BINARY, (30,), OutputSpec("binary", 1, 2), seed=3)
@@ -167,6 +175,17 @@ def test_loader_errors_name_the_loader(loader, fragment):
     with pytest.raises(DataFileError) as err:
         client_data(dataclasses.replace(SETTINGS, dataset=loader), 0)
     assert f"dataset '{loader}'" in str(err.value) and fragment in str(err.value)
+
+
+def test_per_node_loader_gives_each_node_its_own_data():
+    from fl_app.server.evaluation import model_spec
+
+    settings = dataclasses.replace(SETTINGS, dataset=f"{__name__}:node_loader", input_shape="30", num_classes=2)
+    data = client_data(settings, 1)
+    assert data.spec == OutputSpec("binary", 1, 2) and len(data.y_train) + len(data.y_test) == 190
+    assert model_spec(settings) == ((30,), OutputSpec("binary", 1, 2), None)  # no server test set
+    with pytest.raises(ValueError, match="builds the nodes' model from input-shape and num-classes"):
+        model_spec(dataclasses.replace(settings, input_shape=""))
 
 
 def test_csv_with_several_real_targets(tmp_path):
