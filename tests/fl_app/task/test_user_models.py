@@ -79,6 +79,16 @@ def test_model_errors_say_what_to_change(name, error, fragment):
         assert "tf.keras" in str(err.value) and "import tf_keras" in str(err.value)
 
 
+def test_keras3_file_is_refused_with_what_to_change(tmp_path):
+    import keras
+
+    keras3_build((4,), None).save(tmp_path / "k3.keras")
+    with pytest.raises(ValueError) as err:
+        build_model(str(tmp_path / "k3.keras"), (4,), 2, seed=0)
+    assert "a model saved by standalone Keras 3 is not readable: build it with tf.keras" in str(err.value)
+    assert keras.__version__.startswith("3.")
+
+
 def _dense(units, activation=None):
     return tf.keras.Sequential([tf.keras.layers.Input((4,)), tf.keras.layers.Dense(units, activation=activation)])
 
