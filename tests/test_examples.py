@@ -2,7 +2,7 @@
 
 The binary classifier runs through ``fl-keras-run`` (a real Flower simulation, with a TFLite export
 checked by the model's own metric); the regression, a one-hot multi-class data set and a robust +
-DP-SGD run of the user's binary model run in-process on a LocalGrid (the same ClientApp code).
+DP-SGD run and a compressed run of the user's binary model run in-process on a LocalGrid (the same ClientApp code).
 """
 
 import json
@@ -84,6 +84,19 @@ def test_regression_example_reports_mae():
 def test_one_hot_multiclass_with_a_builtin_model():
     history = _federation({"model": "mlp", "dataset": f"{__name__}:onehot_digits"}, rounds=2)
     assert history[-1].centralized_accuracy > 0.6 > history[0].centralized_accuracy
+
+
+def test_compressed_uploads_with_a_users_binary_model():
+    history = _federation(
+        {
+            "model": "examples.breast_cancer.model:build",
+            "dataset": "examples.breast_cancer.data:load",
+            "compression": "int8",
+            "strategy": "robust",
+        },
+        rounds=2,
+    )
+    assert history[-1].clients_failed == 0 and history[-1].value("centralized", "auc") > 0.8
 
 
 def test_robust_and_dp_sgd_with_a_users_binary_model():
