@@ -3,7 +3,7 @@
 Every ``flwr.serverapp.strategy`` strategy, and ours, sends a train message with the global model in
 an ``ArrayRecord`` (key ``arrays``) and a ``ConfigRecord`` (key ``config``); the reply carries the
 new weights and a ``MetricRecord`` with ``num-examples``. An evaluate message is answered with the
-loss, accuracy and ``num-examples`` of the client's test split.
+loss, the model's metrics (their Keras names) and ``num-examples`` of the client's test split.
 
 The node's client is built once per process (:mod:`fl_app.client.node_client`); what it sends is
 shaped by the client-side transforms in :mod:`fl_app.client.upload`.

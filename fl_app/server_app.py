@@ -21,7 +21,7 @@ from fl_app.config.settings import Settings
 from fl_app.delivery.shipping import BestWeights, TrainReplyRecorder, finish_run
 from fl_app.server import initial_weights
 from fl_app.server.checkpoint import check_compatible, load_checkpoint, resume_strategy, save_checkpoint
-from fl_app.server.evaluation import CentralEvaluator
+from fl_app.server.evaluation import CentralEvaluator, model_spec
 from fl_app.server.polling import ShortPollGrid
 from fl_app.server.round_loop import run_rounds
 from fl_app.server.run_directory import RoundRecord, RunDirectory
@@ -46,7 +46,8 @@ def main(grid: Grid, context: Context) -> None:
         model, test_set = initial_weights.server_model(settings)
         # with encryption the server never holds the model after round 0: no centralized evaluation
         if settings.centralized_evaluation and test_set is not None and not encrypted:
-            evaluator = CentralEvaluator.from_settings(settings, model, *test_set)
+            x_test, y_test = test_set
+            evaluator = CentralEvaluator.from_settings(settings, model, x_test, y_test, spec=model_spec(settings)[1])
         initial = ArrayRecord(model.get_weights())
     else:
         initial = initial_weights.query_initial_arrays(grid, settings)

@@ -187,7 +187,8 @@ def dp_sgd_row(args: argparse.Namespace) -> Row:
     started = time.perf_counter()
     config = {**DP_SGD_CONFIG, "local-epochs": args.dp_sgd_epochs, "seed": args.seed}
     settings = Settings.from_run_config(config)
-    _, num_classes, test_set = model_spec(settings)
+    _, spec, test_set = model_spec(settings)
+    num_classes = spec.num_classes
     if test_set is None:
         raise ValueError("the digits data set has no server test split")
     data = client_data(settings, 0)

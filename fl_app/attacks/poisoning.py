@@ -50,6 +50,11 @@ def poison_data(
     labels for ``label-flip`` attackers, with triggered copies relabelled ``backdoor-target`` for
     ``backdoor`` attackers."""
     name = settings.attack_of(partition_id)
+    if name in ("label-flip", "backdoor") and (y.ndim != 1 or not np.issubdtype(y.dtype, np.integer)):
+        raise ValueError(
+            f"attack '{name}' relabels integer class labels; this data set's targets have dtype {y.dtype} "
+            f"and shape {y.shape[1:]} per example (one-hot, multi-label or regression): use an update attack"
+        )
     if name == "label-flip":
         return x, ATTACKS["label-flip"].fn(y, num_classes)
     if name == "backdoor":

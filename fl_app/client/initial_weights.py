@@ -20,7 +20,6 @@ def initial_weights_reply(msg: Message, context: Context) -> Message:
     settings = settings_from_context(context)
     data = client_data_of(settings, partition_id_of(context), str(context.node_config.get("data-path", "")))
     input_shape = settings.parsed_input_shape() or tuple(data.x_train.shape[1:])
-    num_classes = settings.num_classes or data.num_classes
     tf.keras.utils.set_random_seed(settings.seed)
-    model = build_model(settings.model, input_shape, num_classes, settings.seed)
+    model = build_model(settings.model, input_shape, data.spec, settings.seed)
     return Message(content=RecordDict({"arrays": ArrayRecord(model.get_weights())}), reply_to=msg)

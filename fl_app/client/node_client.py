@@ -16,6 +16,7 @@ from fl_app.attacks.poisoning import poison_data
 from fl_app.config.settings import Settings
 from fl_app.task.data import ClientData, client_data, node_data_path
 from fl_app.task.keras_client import KerasClient, compile_model
+from fl_app.task.output_spec import OutputSpec
 
 DpSgdKey = tuple[float, float, int, bool, str]
 """DP-SGD's compile settings: noise multiplier, clip, microbatches, vectorized, sampling."""
@@ -45,32 +46,42 @@ def client_data_of(settings: Settings, partition_id: int, data_path: str) -> Cli
 def compiled_model(
     model_name: str,
     input_shape: tuple[int, ...],
-    num_classes: int,
+    spec: OutputSpec | int,
     optimizer: str,
     learning_rate: float,
     seed: int,
     threads: int,
     dp_sgd: DpSgdKey | None = None,
 ):
-    """The worker's compiled model; ``dp_sgd = (noise multiplier, l2 clip, microbatches (0: per
-    example), vectorized, sampling)`` compiles it with TF Privacy's DP-SGD optimizer and
-    per-example loss."""
+    """The worker's compiled model (:func:`~fl_app.task.keras_client.compile_model`: a user's own
+    compile is kept; an uncompiled model gets ``optimizer``, ``learning_rate`` and its task's loss).
+
+    ``dp_sgd = (noise multiplier, l2 clip, microbatches (0: per example), vectorized, sampling)``
+    compiles it with TF Privacy's DP-SGD optimizer (``optimizer``, ``learning_rate``: a user's
+    optimizer is replaced) and the per-example version of its loss, or refuses a loss that has none.
+    ``spec`` as an int: that many integer classes.
+    """
     import tensorflow as tf
 
     from fl_app.task.models import build_model, make_optimizer
 
     set_tf_threads(threads)
+    spec = spec if isinstance(spec, OutputSpec) else OutputSpec.classes(spec)
     tf.keras.utils.set_random_seed(seed)
-    model = build_model(model_name, input_shape, num_classes, seed)
+    model = build_model(model_name, input_shape, spec, seed)
     if dp_sgd is not None:
-        from fl_app.task.dp_sgd import dp_loss, make_dp_optimizer
+        from fl_app.task.dp_sgd import make_dp_optimizer
+        from fl_app.task.losses import default_loss, per_example_loss
 
         noise, clip, microbatches, vectorized, sampling = dp_sgd
         dp_optimizer = make_dp_optimizer(
             optimizer, learning_rate, clip, noise, microbatches or None, vectorized, sampling=sampling
         )
-        return compile_model(model, dp_optimizer, loss=dp_loss(), with_proximal_term=False)
-    return compile_model(model, make_optimizer(optimizer, learning_rate))
+        user_loss = model.loss if getattr(model, "compiled_loss", None) is not None else default_loss(model, spec)
+        loss = per_example_loss(user_loss, model, input_shape, spec)
+        return compile_model(model, dp_optimizer, spec=spec, loss=loss, with_proximal_term=False)
+    compiled = getattr(model, "compiled_loss", None) is not None
+    return compile_model(model, None if compiled else make_optimizer(optimizer, learning_rate), spec=spec)
 
 
 def dp_sgd_key(settings: Settings) -> DpSgdKey | None:
@@ -105,7 +116,7 @@ def make_client(context: Context) -> KerasClient:
     model, proximal = compiled_model(
         settings.model,
         tuple(data.x_train.shape[1:]),
-        data.num_classes,
+        data.spec,
         settings.optimizer,
         settings.learning_rate,
         settings.seed,

@@ -17,6 +17,8 @@ DATASETS = ("digits", "synthetic", "local-file", "huggingface")
 PARTITIONERS = ("iid", "dirichlet", "shards")
 OPTIMIZERS = ("sgd", "adam")
 MODEL_NAMES = ("logreg", "mlp", "cnn")
+TASKS = ("multiclass", "binary", "multilabel", "regression")
+TASK_CHOICES = ("auto", *TASKS)
 ATTACK_NAMES = (
     "label-flip",
     "sign-flip",

@@ -16,15 +16,15 @@ from fl_app.config.settings import Settings
 
 USER_LEVEL_COVERED = (
     "the global model after every round (each round's released, noised aggregate) and everything "
-    "computed from it: update-norm, centralized loss and accuracy on the server's own test set, the "
+    "computed from it: update-norm, centralized loss and metrics on the server's own test set, the "
     "adaptive clip-norm (from the noised count), noise-std, epsilon"
 )
 USER_LEVEL_NOT_SENT = (
-    "clients' train loss, train accuracy, fit seconds and partition id (replies carry num-examples = 1); "
+    "clients' train loss, train metrics, fit seconds and partition id (replies carry num-examples = 1); "
     "the exact count of clipped updates"
 )
 USER_LEVEL_OUTSIDE = (
-    "federated evaluation (clients' exact loss and accuracy on their own test data; set "
+    "federated evaluation (clients' exact loss and metrics on their own test data; set "
     "fraction-evaluate to the smallest value or use centralized evaluation only), the counts of "
     "sampled, accepted, rejected and failed replies and the rejection reasons (which node sent a "
     "malformed reply), timing"
@@ -39,7 +39,7 @@ DP_FTRL_OUTSIDE = (
     "DP-FTRL); a person who takes part under several node ids (each id is a separate user)"
 )
 EXAMPLE_LEVEL_COVERED = "each client's model updates, given its number of examples"
-EXAMPLE_LEVEL_NOT_SENT = "clients' train loss, train accuracy and fit seconds"
+EXAMPLE_LEVEL_NOT_SENT = "clients' train loss, train metrics and fit seconds"
 EXAMPLE_LEVEL_OUTSIDE = (
     "each client's num-examples and its dp-sgd-epsilon (a function of it): example-level DP "
     "takes the data set's size as public; federated evaluation on the clients' test data"

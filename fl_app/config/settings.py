@@ -35,6 +35,7 @@ from fl_app.config.choices import (
     OPTIMIZERS,
     PARTITIONERS,
     REJECTED_ATTACKS,
+    TASK_CHOICES,
     TFLITE_TYPES,
     parse_choices,
     select_attackers,
@@ -237,8 +238,13 @@ class Settings:
     # Data
     dataset: str = _key(
         "digits",
-        _choices(DATASETS),
-        "`digits` (bundled), `synthetic`, `local-file` (each node's own file), `huggingface` (needs the network)",
+        _choices(DATASETS) + " or `package.module:load`",
+        "`digits` (bundled), `synthetic`, `local-file` (each node's own file), `huggingface` (needs the network), or a user's loader `package.module:load` returning the pool `(x, y)` (docs/models.md)",
+    )
+    task: str = _key(
+        "auto",
+        _choices(TASK_CHOICES),
+        "what the model predicts: `auto` infers it from the targets (integers: multiclass, 0/1: binary, 0/1 rows: one-hot or multilabel, other numbers: regression); name it for integer regression targets, or with `local-file`",
     )
     partitioner: str = _key(
         "dirichlet",
@@ -278,11 +284,13 @@ class Settings:
         "a `.npz` or `.csv` path, or empty",
         "`.npz` (arrays `x`, `y`) or CSV file with `dataset='local-file'`; `{partition-id}` is replaced by the node's partition id; a node's `--node-config \"data-path='…'\"` overrides it",
     )
-    label_column: str = _key("label", "a column name", "the label column of a CSV data file")
+    label_column: str = _key(
+        "label", "a column name, or names separated by commas", "the target column(s) of a CSV data file"
+    )
     num_classes: int = _key(
         0,
-        Range(0, MAX_SAMPLES, note=" (>= 2 with `local-file`)"),
-        "classes of the model; 0 takes them from the data set (required for `local-file`)",
+        Range(0, MAX_SAMPLES, note=" (>= 2 with `local-file`, >= 1 for its `multilabel` or `regression`)"),
+        "classes of the model (labels with `task='multilabel'`, targets with `task='regression'`); 0 takes them from the data set (required for `local-file`)",
     )
     input_shape: str = _key(
         "",
@@ -291,7 +299,9 @@ class Settings:
     )
     # Model and local training
     model: str = _key(
-        "mlp", _choices(MODEL_NAMES), "`mlp` (128-64 ReLU), `cnn` (conv32-conv64-pool-dense128, images only), `logreg`"
+        "mlp",
+        _choices(MODEL_NAMES) + ", `package.module:build` or a `.keras`/`.h5` file",
+        "`mlp` (128-64 ReLU), `cnn` (conv32-conv64-pool-dense128, images only), `logreg`, a user's factory `package.module:build` (`build(input_shape, output_spec) -> tf.keras.Model`), or a saved `tf.keras` model file (docs/models.md)",
     )
     local_epochs: int = _key(
         5, Range(1, 1000), "epochs of local training per round (1000 already makes a round take hours)"
@@ -484,12 +494,12 @@ class Settings:
     export_best: bool = _key(
         False,
         "`true`, `false`",
-        "also export (and check) the model of the round with the best centralized accuracy, kept in memory during the run",
+        "also export (and check) the model of the round with the best centralized headline metric (accuracy, or the model's first metric, e.g. the lowest `mae`), kept in memory during the run",
     )
     export_tolerance: float = _key(
         0.01,
         Range(0.0, 1.0),
-        "a TFLite model is ready only if its accuracy >= the Keras model's minus this (0.01 = one point), in [0, 1]",
+        "a TFLite model is ready only if its headline metric >= the Keras model's minus this (0.01 = one point of accuracy), or for an error such as `mae` <= the Keras model's x (1 + this)",
     )
     export_calibration_samples: int = _key(
         200, Range(1, MAX_SAMPLES), "examples of the server's held-out set that calibrate int8 quantisation"
@@ -899,7 +909,8 @@ class Settings:
         training, simulated attacks, client-side privacy, compression and encryption, the export
         check); builds no strategy."""
         self._validate_data()
-        _one_of("model", self.model, MODEL_NAMES)
+        if not _is_user_object(self.model) and not self.model.lower().endswith((".keras", ".h5")):
+            _one_of("model", self.model, MODEL_NAMES)
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
         self._validate_attack()
         self._validate_client_privacy()
@@ -1153,7 +1164,9 @@ class Settings:
             raise SettingsError(str(err)) from err
 
     def _validate_data(self) -> None:
-        _one_of("dataset", self.dataset, DATASETS)
+        if not _is_user_object(self.dataset):
+            _one_of("dataset", self.dataset, DATASETS)
+        _one_of("task", self.task, TASK_CHOICES)
         _one_of("partitioner", self.partitioner, PARTITIONERS)
         if self.dataset == "synthetic":  # the pool fl_app.task.data generates in every process
             samples = math.ceil(
@@ -1178,9 +1191,11 @@ class Settings:
                     raise SettingsError(f"data-path must end in .npz or .csv, got '{self.data_path}'")
                 if not first.is_file():
                     raise SettingsError(f"data-path '{self.data_path}' does not exist ({first})")
-            if self.num_classes < 2 or not self.input_shape:
+            least = 1 if self.task in ("multilabel", "regression") else 2
+            if self.num_classes < least or not self.input_shape:
                 raise SettingsError(
-                    "dataset='local-file' needs num-classes (>= 2) and input-shape (e.g. '64' or "
+                    f"dataset='local-file' needs num-classes (>= {least}: classes, or labels or targets with "
+                    "task='multilabel' or 'regression') and input-shape (e.g. '64' or "
                     f"'8,8,1') so that every node builds the same model; got num-classes="
                     f"{self.num_classes}, input-shape='{self.input_shape}'"
                 )
@@ -1245,6 +1260,12 @@ def _coerce(key: str, value: Any, annotation: str | type) -> Any:
     elif kind == "str" and isinstance(value, str):
         return value
     raise SettingsError(f"{key} must be of type {kind}, got {value!r} ({type(value).__name__})")
+
+
+def _is_user_object(value: str) -> bool:
+    """Whether ``value`` names a user's ``package.module:name`` (imported where it is used)."""
+    module, _, attr = value.partition(":")
+    return bool(module) and bool(attr)
 
 
 def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:

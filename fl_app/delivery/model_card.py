@@ -2,7 +2,8 @@
 
 After Mitchell et al. 2019 ("Model Cards for Model Reporting"), cut down to what a federated run
 knows: data set and partitioning, strategy and its parameters, rounds, privacy guarantee, robustness
-settings, accuracy (centralized, federated, TFLite) and model size, and whether the export passed
+settings, the model's headline metric (accuracy, or e.g. ``auc``, ``mae``: centralized, federated,
+TFLite) and its other metrics, and model size, and whether the export passed
 its check before shipping.
 
 Privacy and robustness settings are read from whatever run-config keys exist (``dp-*``,
@@ -19,7 +20,7 @@ from typing import Any
 
 from fl_app.config.privacy_scope import DP_FTRL_RELATION, privacy_scope, user_level_dp
 from fl_app.config.settings import Settings
-from fl_app.server.run_directory import RoundRecord
+from fl_app.server.run_directory import RoundRecord, headline
 from fl_app.server.summary import largest_example_epsilon
 
 PRIVACY_PREFIXES = ("dp_", "privacy_", "secagg", "secure_")
@@ -153,11 +154,15 @@ def render(
     num_server_test: int | None,
 ) -> str:
     """The model card as markdown."""
+    from fl_app.task.output_spec import lower_is_better
+
     trained = [r for r in history if r.round > 0]
     last = history[-1] if history else RoundRecord(round=0)
+    metric = headline(history) or "accuracy"
+    sign = -1.0 if lower_is_better(metric) else 1.0
     best = max(
-        (r for r in history if r.centralized_accuracy is not None),
-        key=lambda r: float(r.centralized_accuracy or 0.0),
+        (r for r in history if r.value("centralized", metric) is not None),
+        key=lambda r: sign * float(r.value("centralized", metric) or 0.0),
         default=None,
     )
     data = settings.dataset
@@ -177,6 +182,7 @@ def render(
         f"# Model card: `{settings.model}` trained with `{settings.strategy}`",
         "",
         "## Data",
+        f"- task: {settings.task}" + (f" (metrics: {', '.join(last.metric_names())})" if last.metric_names() else ""),
         f"- data set: {data}",
         f"- partitioning: {partition} over {settings.num_partitions} clients; each client keeps "
         f"{settings.test_fraction:.0%} of its share as its test split",
@@ -196,29 +202,39 @@ def render(
         "## Robustness",
         *robustness_lines(settings, history),
         "",
-        "## Accuracy",
+        f"## {metric.capitalize() if metric == 'accuracy' else f'Metric: `{metric}`'}",
         "| model | centralized (server test set) | federated (client test splits) |",
         "|---|---|---|",
-        f"| Keras, final round | {_fmt(last.centralized_accuracy)} | {_fmt(last.federated_accuracy)} |",
+        f"| Keras, final round | {_fmt(last.value('centralized', metric))} | {_fmt(last.value('federated', metric))} |",
     ]
     if best is not None and best.round != last.round:
         lines.append(
-            f"| Keras, best round ({best.round}) | {_fmt(best.centralized_accuracy)} | "
-            f"{_fmt(best.federated_accuracy)} |"
+            f"| Keras, best round ({best.round}) | {_fmt(best.value('centralized', metric))} | "
+            f"{_fmt(best.value('federated', metric))} |"
         )
     if export_report:
+        checked = export_report.get("metric", metric)
         for name, entry in export_report.get("models", {}).items():
             keras = entry.get("keras", {})
-            if "federated_accuracy" in keras:
+            if f"federated_{checked}" in keras:
                 lines.append(
                     f"| Keras, {name} (export-check round clients) | "
-                    f"{_fmt(keras.get('centralized_accuracy'))} | {_fmt(keras['federated_accuracy'])} |"
+                    f"{_fmt(keras.get(f'centralized_{checked}'))} | {_fmt(keras[f'federated_{checked}'])} |"
                 )
             for variant, result in entry.get("tflite", {}).items():
                 lines.append(
                     f"| TFLite {variant}, {name} (export-check round clients) | "
-                    f"{_fmt(result.get('centralized_accuracy'))} | {_fmt(result.get('federated_accuracy'))} |"
+                    f"{_fmt(result.get(f'centralized_{checked}'))} | {_fmt(result.get(f'federated_{checked}'))} |"
                 )
+    others = [n for n in last.metric_names() if n != metric]
+    if others:
+        lines += [
+            "",
+            "Other metrics, final round (centralized / federated): "
+            + "; ".join(
+                f"`{n}` {_fmt(last.value('centralized', n))} / {_fmt(last.value('federated', n))}" for n in others
+            ),
+        ]
     lines += [
         "",
         "## Size",
@@ -239,7 +255,9 @@ def render(
                 )
         lines += ["", "## Export check"]
         status = "**ready to ship**" if export_report.get("ready") else "**NOT ready**"
-        lines.append(f"- {status} (tolerance {export_report.get('tolerance')} accuracy below Keras)")
+        checked = export_report.get("metric", "accuracy")
+        direction = "relative rise of" if lower_is_better(checked) else "below Keras in"
+        lines.append(f"- {status} (tolerance {export_report.get('tolerance')} {direction} `{checked}`)")
         lines.extend(f"- {reason}" for reason in export_report.get("reasons", []))
         selection = export_report.get("federated_check", {}).get("selection")
         if selection:

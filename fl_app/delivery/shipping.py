@@ -3,22 +3,26 @@
 After the last round the server (:func:`deliver`):
 
 1. exports the final model (and, with ``export-best``, the model of the round with the best
-   centralized accuracy) in the formats of ``export`` (:mod:`fl_app.delivery.export`); int8 TFLite is
+   centralized headline metric) in the formats of ``export`` (:mod:`fl_app.delivery.export`); int8 TFLite is
    calibrated on up to ``export-calibration-samples`` examples of the server's held-out set;
 2. checks every TFLite model against its Keras model:
 
-   * *centralized*: accuracy on the server's held-out set through the TFLite interpreter, the
-     argmax agreement with Keras' predictions, per-example latency (one example per ``invoke``)
-     and size;
+   * *centralized*: the model's own headline metric (``accuracy`` if compiled with it, else its
+     first metric, e.g. ``auc`` or ``mae``; :func:`fl_app.task.output_spec.headline_metric`) on the
+     server's held-out set through the TFLite interpreter, scored by the model's compiled metric;
+     the agreement with Keras' predictions (same argmax or threshold decisions, or the mean
+     absolute difference for regression); per-example latency (one example per ``invoke``) and size;
    * *federated*: one extra evaluate round sent to a sample (``export-check-fraction``) of the
      clients that did **not** reply in the last training round (all clients, said so in the
      report, when every client trained). Each receives the Keras weights and the ``.tflite``
      bytes (uint8 arrays in the ``tflite`` ArrayRecord, flagged by ``export-check`` in the
-     ConfigRecord) and answers the accuracy of each on its local test split
+     ConfigRecord, with the metric's name) and answers the metric of each on its local test split
      (:func:`answer_export_check`); the server takes the example-weighted means;
 
-   a TFLite model is *ready* only if its accuracy is at least the Keras model's minus
-   ``export-tolerance`` on both, and the whole export is ready only if every model is;
+   a TFLite model is *ready* only if its metric is at least the Keras model's minus
+   ``export-tolerance`` (a metric where higher is better, in points) or at most the Keras
+   model's times ``1 + export-tolerance`` (an error such as ``mae``, relative) on both, and the
+   whole export is ready only if every model is;
 3. writes ``export_check.json`` (the report) into the run directory. A failed check or a failed
    conversion never removes ``model.keras`` or any exported file: it only marks the export not
    ready and says why.
@@ -46,6 +50,7 @@ from fl_app.delivery.tflite import TFLitePredictor
 from strategies.core.grid_wrapper import GridWrapper
 
 CHECK_FLAG = "export-check"
+METRIC_KEY = "export-check-metric"
 TFLITE_RECORD = "tflite"
 KERAS_PREFIX = "keras-"
 REPORT_FILE = "export_check.json"
@@ -84,21 +89,29 @@ def is_export_check(msg: Message) -> bool:
 def answer_export_check(msg: Message, client, num_threads: int = 1) -> Message:
     """Evaluate each Keras model (``keras-<name>`` ArrayRecords) with ``client`` and each TFLite
     model (uint8 arrays of the ``tflite`` ArrayRecord) with the TFLite interpreter on the client's
-    local test split; reply ``<name>-keras-accuracy``, ``<name>-<variant>-accuracy`` and
-    ``num-examples``."""
+    local test split, by the metric the server names (``export-check-metric``, ``accuracy`` if
+    absent); reply ``<name>-keras-<metric>``, ``<name>-<variant>-<metric>`` and ``num-examples``."""
+    from fl_app.task.losses import score_predictions
+
     x_test, y_test = client.data.x_test, client.data.y_test
     if len(y_test) == 0:
         raise ValueError("this client has no test examples for the export check")
+    metric = str(msg.content["config"].get(METRIC_KEY, "accuracy"))
     metrics: dict[str, int | float | list[int] | list[float]] = {}
     for key in msg.content.array_records:
         if key.startswith(KERAS_PREFIX):
             name = key[len(KERAS_PREFIX) :]
             _, _, result = client.evaluate(msg.content.array_records[key].to_numpy_ndarrays(), {})
-            metrics[f"{name}-keras-accuracy"] = float(result["accuracy"])
+            if metric not in result:
+                raise ValueError(
+                    f"the export check asks for metric '{metric}'; this client's model reports {sorted(result)}"
+                )
+            metrics[f"{name}-keras-{metric}"] = float(result[metric])
     if TFLITE_RECORD in msg.content:
         for key, array in msg.content.array_records[TFLITE_RECORD].items():
             predictor = TFLitePredictor(array.numpy().tobytes(), num_threads=num_threads)
-            metrics[f"{key}-accuracy"] = predictor.accuracy(x_test, y_test)
+            scores = score_predictions(client.model, y_test, predictor.predict(x_test))
+            metrics[f"{key}-{metric}"] = scores[metric]
     metrics["num-examples"] = int(len(y_test))
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
@@ -116,28 +129,41 @@ class CheckInputs:
     timeout: float = 600.0
     seed: int = 0
     server_round: int = 0
+    task: str = "multiclass"
+    metric: str | None = None  # None: the model's headline metric (model_metric)
 
 
-def keras_accuracy(model, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
-    """Top-1 accuracy and the predicted classes of a Keras model."""
-    predicted = np.argmax(model.predict(x, batch_size=512, verbose=0), axis=-1)
-    return float(np.mean(predicted == y)), predicted
+def model_metric(model, test_set: tuple[np.ndarray, np.ndarray] | None) -> str:
+    """The compiled model's headline metric (its metrics exist once it has scored something, so it
+    scores a few held-out examples); ``accuracy`` without a held-out set."""
+    from fl_app.task.losses import score_predictions
+    from fl_app.task.output_spec import headline_metric
+
+    if test_set is None:
+        return "accuracy"
+    x, y = test_set[0][:8], test_set[1][:8]
+    return headline_metric(list(score_predictions(model, y, model.predict(x, verbose=0)))) or "accuracy"
 
 
-def centralized_check(model, exported: ExportedModel, x: np.ndarray, y: np.ndarray) -> dict:
-    """Keras vs each TFLite variant on the server's held-out set."""
-    keras_acc, keras_pred = keras_accuracy(model, x, y)
+def centralized_check(model, exported: ExportedModel, x: np.ndarray, y: np.ndarray, task: str, metric: str) -> dict:
+    """Keras vs each TFLite variant on the server's held-out set, by ``metric``."""
+    from fl_app.task.losses import agreement, gives_logits, score_predictions
+
+    keras_pred = model.predict(x, batch_size=512, verbose=0)
+    threshold = 0.0 if gives_logits(model) else 0.5
     out: dict[str, Any] = {
-        "keras": {"centralized_accuracy": keras_acc, "parameters": int(model.count_params())},
+        "keras": {f"centralized_{metric}": score_predictions(model, y, keras_pred)[metric]},
         "tflite": {},
     }
+    out["keras"]["parameters"] = int(model.count_params())
     for variant, blob in exported.tflite.items():
         predictor = TFLitePredictor(blob)
-        pred = np.argmax(predictor.predict(x), axis=-1)
+        pred = predictor.predict(x)
+        key, value = agreement(keras_pred, pred, task, threshold)
         out["tflite"][variant] = {
             "size_bytes": len(blob),
-            "centralized_accuracy": float(np.mean(pred == y)),
-            "argmax_agreement_with_keras": float(np.mean(pred == keras_pred)),
+            f"centralized_{metric}": score_predictions(model, y, pred)[metric],
+            key: value,
             "latency_per_example": predictor.latency(x[:LATENCY_EXAMPLES]),
             "interpreter": predictor.interpreter_package,
         }
@@ -187,7 +213,9 @@ def federated_check(
                     for variant, blob in e.tflite.items()
                 }
             ),
-            "config": ConfigRecord({CHECK_FLAG: True, "server-round": inputs.server_round}),
+            "config": ConfigRecord(
+                {CHECK_FLAG: True, "server-round": inputs.server_round, METRIC_KEY: inputs.metric or "accuracy"}
+            ),
         }
     )
     messages = [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node) for node in nodes]
@@ -205,46 +233,57 @@ def federated_check(
             if key != "num-examples":
                 totals[key] = totals.get(key, 0.0) + n * float(value)
     report["num_examples"] = examples
-    report["accuracy"] = {k: v / examples for k, v in totals.items()} if examples else {}
+    report["means"] = {k: v / examples for k, v in totals.items()} if examples else {}
     return report
 
 
 def judge(report: dict, tolerance: float) -> dict:
-    """Mark each TFLite model ready iff its accuracy >= the Keras model's - tolerance on every
-    check that ran (and at least one ran); the export is ready iff every model is."""
+    """Mark each TFLite model ready iff its metric (``report["metric"]``) is within ``tolerance``
+    of the Keras model's on every check that ran (and at least one ran): at least the Keras value
+    minus ``tolerance`` where higher is better, at most the Keras value times ``1 + tolerance``
+    for an error; the export is ready iff every model is."""
+    from fl_app.task.output_spec import lower_is_better
+
+    metric = report.get("metric", "accuracy")
+    lower = lower_is_better(metric)
     reasons: list[str] = []
     fed_report = report.get("federated_check")
-    federated = (fed_report or {}).get("accuracy", {})
+    federated = (fed_report or {}).get("means", {})
     if fed_report is not None and not federated:
         why = fed_report.get("error") or "; ".join(fed_report.get("failures", [])) or "no reply"
         reasons.append(f"the federated check round measured nothing ({why})")
     for name, entry in report["models"].items():
         reasons.extend(f"{name}: {e}" for e in entry.get("errors", []))
         keras = entry.get("keras", {})
-        keras_fed = federated.get(f"{name}-keras-accuracy")
+        keras_fed = federated.get(f"{name}-keras-{metric}")
         if keras_fed is not None:
-            keras["federated_accuracy"] = keras_fed
+            keras[f"federated_{metric}"] = keras_fed
         for variant, result in entry.get("tflite", {}).items():
             own: list[str] = []
             checks = 0
-            for scope, keras_acc in (("centralized", keras.get("centralized_accuracy")), ("federated", keras_fed)):
-                acc = (
-                    federated.get(f"{name}-{variant}-accuracy")
+            for scope, keras_value in (("centralized", keras.get(f"centralized_{metric}")), ("federated", keras_fed)):
+                value = (
+                    federated.get(f"{name}-{variant}-{metric}")
                     if scope == "federated"
-                    else result.get("centralized_accuracy")
+                    else result.get(f"centralized_{metric}")
                 )
                 if scope == "federated":
-                    result["federated_accuracy"] = acc
-                if acc is None or keras_acc is None:
+                    result[f"federated_{metric}"] = value
+                if value is None or keras_value is None:
                     continue
                 checks += 1
-                if acc < keras_acc - tolerance:
+                if lower and value > keras_value * (1 + tolerance):
                     own.append(
-                        f"{scope} accuracy {acc:.4f} is more than the tolerance {tolerance} below "
-                        f"the Keras model's {keras_acc:.4f}"
+                        f"{scope} {metric} {value:.4f} is more than the tolerance {tolerance} (relative) above "
+                        f"the Keras model's {keras_value:.4f}"
+                    )
+                elif not lower and value < keras_value - tolerance:
+                    own.append(
+                        f"{scope} {metric} {value:.4f} is more than the tolerance {tolerance} below "
+                        f"the Keras model's {keras_value:.4f}"
                     )
             if checks == 0:
-                own.append("no accuracy could be measured (no server test set and no federated reply)")
+                own.append(f"no {metric} could be measured (no server test set and no federated reply)")
             result["ready"] = not own
             result["reasons"] = own
             reasons.extend(f"{name} {variant}: {r}" for r in own)
@@ -276,8 +315,11 @@ def deliver(
         take = rng.permutation(len(x_test))[:calibration_samples]
         representative = x_test[take]
         calibration = {"samples": int(len(take)), "source": "server held-out set (random sample)"}
+    metric = inputs.metric or model_metric(model, inputs.test_set)
+    inputs = dataclasses.replace(inputs, metric=metric)
     report: dict[str, Any] = {
         "ready": False,
+        "metric": metric,
         "tolerance": inputs.tolerance,
         "formats": list(formats),
         "tflite_types": list(tflite_types),
@@ -295,7 +337,7 @@ def deliver(
         result = export_model(model, name, directory, formats, types, representative)
         entry.update(result.describe())
         if inputs.test_set is not None:
-            entry.update(centralized_check(model, result, *inputs.test_set))
+            entry.update(centralized_check(model, result, *inputs.test_set, inputs.task, metric))
         else:
             entry["keras"] = {"parameters": int(model.count_params())}
             entry["tflite"] = {v: {"size_bytes": len(b)} for v, b in result.tflite.items()}
@@ -313,17 +355,21 @@ def deliver(
 
 
 def _log_report(report: dict) -> None:
+    metric = report.get("metric", "accuracy")
     for name, entry in report["models"].items():
         for variant, result in entry.get("tflite", {}).items():
+            agreement = next((f"{k} {v:.4f}" for k, v in result.items() if "keras" in k), "-")
             log(
                 INFO,
-                "[export] %s %s: %d bytes, centralized acc %s, federated acc %s, agreement %s -> %s",
+                "[export] %s %s: %d bytes, centralized %s %s, federated %s %s, %s -> %s",
                 name,
                 variant,
                 result.get("size_bytes", 0),
-                result.get("centralized_accuracy"),
-                result.get("federated_accuracy"),
-                result.get("argmax_agreement_with_keras"),
+                metric,
+                result.get(f"centralized_{metric}"),
+                metric,
+                result.get(f"federated_{metric}"),
+                agreement,
                 "ready" if result.get("ready") else "NOT ready",
             )
     if report["ready"]:
@@ -337,17 +383,28 @@ def _log_report(report: dict) -> None:
 
 
 class BestWeights:
-    """The global weights of the round with the best centralized accuracy (rounds >= 1), in memory."""
+    """The global weights of the round with the best centralized headline metric (rounds >= 1;
+    the largest accuracy, or the smallest error such as ``mae``), in memory."""
 
     def __init__(self) -> None:
         self.round: int | None = None
-        self.accuracy: float | None = None
+        self.metric: str | None = None
+        self.value: float | None = None
         self.weights: list[np.ndarray] | None = None
 
     def update(self, record, arrays: ArrayRecord) -> None:
-        acc = record.centralized_accuracy
-        if record.round >= 1 and acc is not None and (self.accuracy is None or acc > self.accuracy):
-            self.round, self.accuracy, self.weights = record.round, acc, arrays.to_numpy_ndarrays()
+        from fl_app.server.run_directory import headline
+        from fl_app.task.output_spec import lower_is_better
+
+        self.metric = self.metric or headline([record])
+        value = record.value("centralized", self.metric) if self.metric else None
+        if record.round < 1 or value is None:
+            return
+        better = self.value is None or (
+            value < self.value if lower_is_better(self.metric or "") else value > self.value
+        )
+        if better:
+            self.round, self.value, self.weights = record.round, value, arrays.to_numpy_ndarrays()
 
 
 def finish_run(
@@ -372,7 +429,15 @@ def finish_run(
         weights = {"final": final_weights}
         if best is not None and best.weights is not None:
             weights["best"] = best.weights
+        from fl_app.server.evaluation import model_spec
+        from fl_app.server.run_directory import headline
+        from fl_app.task.keras_client import compile_model
+
+        spec = model_spec(settings)[1]
+        compile_model(model, spec=spec, with_proximal_term=False)  # a server without evaluation: not yet
         inputs = CheckInputs(
+            task=spec.task,
+            metric=headline(history),
             tolerance=settings.export_tolerance,
             test_set=test_set,
             check_fraction=settings.export_check_fraction,
@@ -396,7 +461,7 @@ def finish_run(
             log(WARNING, "[export] failed: %r", err)
             report = {"ready": False, "reasons": [f"export failed: {err!r}"], "models": {}}
         if best is not None:
-            report["best_round"] = {"round": best.round, "centralized_accuracy": best.accuracy}
+            report["best_round"] = {"round": best.round, f"centralized_{best.metric}": best.value}
         report["report_file"] = str(run_dir.file(REPORT_FILE))
         run_dir.write_json(REPORT_FILE, report)
         model.set_weights(final_weights)

@@ -231,8 +231,8 @@ def _strategy_class():
                 return None
             result = self.evaluator(server_round, ArrayRecord(parameters_to_ndarrays(parameters)))
             record = self.records.setdefault(server_round, RoundRecord(round=server_round))
-            record.centralized_loss, record.centralized_accuracy = float(result["loss"]), float(result["accuracy"])
-            return float(result["loss"]), {"accuracy": float(result["accuracy"])}
+            record.set_metrics("centralized", result)
+            return float(result["loss"]), {k: float(v) for k, v in result.items() if k != "loss"}
 
         def configure_evaluate(self, server_round, parameters, client_manager):
             clients = sorted(client_manager.all().values(), key=lambda c: c.node_id)
@@ -247,9 +247,10 @@ def _strategy_class():
                 return None, {}
             total = sum(r.num_examples for _, r in results)
             loss = sum(r.loss * r.num_examples for _, r in results) / total
-            accuracy = sum(float(r.metrics.get("accuracy", 0.0)) * r.num_examples for _, r in results) / total
-            record.federated_loss, record.federated_accuracy = float(loss), float(accuracy)
-            return float(loss), {"accuracy": float(accuracy)}
+            names = sorted(set.intersection(*(set(r.metrics) for _, r in results)) - {"num-examples"})
+            means = {n: sum(float(r.metrics[n]) * r.num_examples for _, r in results) / total for n in names}
+            record.set_metrics("federated", {"loss": float(loss), **means})
+            return float(loss), means
 
         def state_dict(self) -> dict[str, Any]:
             """The DP mechanism's state (accountant; empty without DP), for the run's checkpoint."""
@@ -363,8 +364,7 @@ def run_secure_rounds(
         raise ValueError(f"first_round must be an integer >= 1, got {first_round}")
     if evaluator is not None and first_round == 1:
         record = RoundRecord(round=0)
-        result = evaluator(0, initial)
-        record.centralized_loss, record.centralized_accuracy = float(result["loss"]), float(result["accuracy"])
+        record.set_metrics("centralized", evaluator(0, initial))
         history.append(record)
         if on_round_end:
             on_round_end(record, initial)
@@ -398,11 +398,11 @@ def run_secure_rounds(
         history.append(record)
         log(
             INFO,
-            "[round %d/%d] secure aggregation of %s clients | central acc %s | epsilon %s",
+            "[round %d/%d] secure aggregation of %s clients | central %s | epsilon %s",
             server_round,
             settings.num_server_rounds,
             record.extra.get("secure-aggregation-clients"),
-            record.centralized_accuracy,
+            {n: record.value("centralized", n) for n in record.metric_names()},
             record.extra.get("epsilon"),
         )
         if on_round_end:

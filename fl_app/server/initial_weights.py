@@ -6,7 +6,7 @@ itself (:func:`server_model`). With ``centralized-evaluation = false`` the serve
 TensorFlow at all (about 0.5 GB of memory and ~8 s of import saved on the server): it asks one
 client for the seeded initial weights with a Flower ``query`` message (:func:`query_initial_arrays`,
 answered by :func:`initial_weights_reply`), as Flower's legacy server asked a random client for its
-parameters. Both sides build ``build_model(model, input_shape, num_classes, seed)`` after
+parameters. Both sides build ``build_model(model, input_shape, output_spec, seed)`` after
 ``set_random_seed(seed)``, so the weights are the same either way.
 """
 
@@ -26,9 +26,9 @@ def server_model(settings: Settings):
     from fl_app.server.evaluation import model_spec
     from fl_app.task.models import build_model
 
-    input_shape, num_classes, test_set = model_spec(settings)
+    input_shape, spec, test_set = model_spec(settings)
     tf.keras.utils.set_random_seed(settings.seed)
-    return build_model(settings.model, input_shape, num_classes, settings.seed), test_set
+    return build_model(settings.model, input_shape, spec, settings.seed), test_set
 
 
 def query_initial_arrays(grid, settings: Settings, *, timeout: float | None = None) -> ArrayRecord:

@@ -23,7 +23,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fl_app.server.run_directory import RoundRecord
+from fl_app.server.run_directory import RoundRecord, headline
 from strategies.aggregation.guard import GuardedStrategy
 from strategies.core.errors import StopTraining
 from strategies.core.grid_wrapper import GridWrapper
@@ -31,8 +31,6 @@ from strategies.core.nodes import NodesUnavailable
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 RoundCallback = Callable[[RoundRecord, ArrayRecord], None]
-
-_TRAIN_KEYS = {"train-loss": "train_loss", "train-accuracy": "train_accuracy"}
 
 
 def message_bytes(messages: Iterable[Message]) -> int:
@@ -118,20 +116,14 @@ def missing_replies(messages: Iterable[Message], replies: Iterable[Message], tim
     ]
 
 
-def _metric(record: MetricRecord | None, key: str) -> float | None:
-    if record is None or key not in record:
-        return None
-    value = record[key]
-    return float(value) if isinstance(value, (int, float)) else None
-
-
 def _record_evaluation(record: RoundRecord, result: MetricRecord | None) -> None:
-    """The centralized evaluation's loss and accuracy, and its other numbers (e.g. ``backdoor-success``) in ``extra``."""
-    record.centralized_loss = _metric(result, "loss")
-    record.centralized_accuracy = _metric(result, "accuracy")
-    for key, value in (result or {}).items():
-        if key not in ("loss", "accuracy") and isinstance(value, (int, float)):
-            record.extra[key] = float(value)
+    """The centralized evaluation's metrics under their Keras names; ``backdoor-success`` (a simulated
+    backdoor's measurement, not a metric of the model) in ``extra``."""
+    results = dict(result or {})
+    backdoor = results.pop("backdoor-success", None)
+    record.set_metrics("centralized", results)
+    if isinstance(backdoor, (int, float)):
+        record.extra["backdoor-success"] = float(backdoor)
 
 
 def run_rounds(
@@ -225,12 +217,8 @@ def run_rounds(
             record.failures.extend(guarded.rejections())
         if new_arrays is not None:
             arrays = new_arrays
-        if train_metrics is not None:
-            for key, value in train_metrics.items():
-                if key in _TRAIN_KEYS and isinstance(value, (int, float)):
-                    setattr(record, _TRAIN_KEYS[key], float(value))
-                else:
-                    record.extra[key] = value
+        if train_metrics is not None:  # the clients' train-<Keras name> means; the rest as it is
+            record.extra.update(record.set_metrics("train", train_metrics, prefix="train-"))
 
         patient.start_phase(timeout)
         try:
@@ -251,8 +239,7 @@ def run_rounds(
                 log(WARNING, "Round %d: evaluation aggregation failed: %r", server_round, err)
                 record.failures.append(f"evaluate aggregation: {err!r}")
                 federated = None
-            record.federated_loss = _metric(federated, "loss")
-            record.federated_accuracy = _metric(federated, "accuracy")
+            record.set_metrics("federated", {k: v for k, v in (federated or {}).items() if k != "num-examples"})
 
         if evaluate_fn is not None:
             _record_evaluation(record, evaluate_fn(server_round, arrays))
@@ -283,15 +270,18 @@ def _fmt(value: float | None) -> str:
 
 
 def _log_round(record: RoundRecord, num_rounds: int) -> None:
+    name = headline([record]) or "loss"
     log(
         INFO,
-        "[round %d/%d] central acc %s loss %s | federated acc %s | train loss %s | "
+        "[round %d/%d] central %s %s loss %s | federated %s %s | train loss %s | "
         "%d replied, %d failed | %.1f kB up | %.2f s",
         record.round,
         num_rounds,
-        _fmt(record.centralized_accuracy),
+        name,
+        _fmt(record.value("centralized", name)),
         _fmt(record.centralized_loss),
-        _fmt(record.federated_accuracy),
+        name,
+        _fmt(record.value("federated", name)),
         _fmt(record.train_loss),
         record.clients_replied,
         record.clients_failed,

@@ -6,8 +6,8 @@ Layout of ``<output-dir>/<timestamp>-<strategy>/``::
     history.json   one record per round (see :class:`RoundRecord`)
     history.csv    the same, one row per round
     model.keras    the final global model
-    metrics.png    centralized and federated accuracy and loss per round
-    summary.json   final accuracy, rounds, time, paths
+    metrics.png    centralized and federated headline metric (accuracy, mae, ...) and loss per round
+    summary.json   final metrics, rounds, time, paths
 
 ``<output-dir>/latest`` holds the path of the newest run directory.
 """
@@ -19,13 +19,19 @@ import dataclasses
 import datetime as dt
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 
 @dataclasses.dataclass
 class RoundRecord:
-    """What happened in one round (``round`` 0 is the initial model)."""
+    """What happened in one round (``round`` 0 is the initial model).
+
+    Loss and accuracy have their own fields; every other metric of the model (its Keras name:
+    ``mae``, ``auc``, ``binary_accuracy``, ...) is in ``metrics`` as ``<scope>_<name>``, scope
+    ``centralized``, ``federated`` or ``train``; :meth:`value` reads either.
+    """
 
     round: int
     seconds: float = 0.0  # from sending the round's first message to its last evaluation
@@ -41,14 +47,59 @@ class RoundRecord:
     failures: list[str] = dataclasses.field(default_factory=list)
     bytes_sent: int = 0
     bytes_received: int = 0
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def flat(self) -> dict[str, Any]:
-        """One flat row: the fields, then ``extra``'s keys; failures joined by ' | '."""
-        row = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("extra", "failures")}
+        """One flat row: the fields, ``metrics``' and then ``extra``'s keys; failures joined by ' | '."""
+        row = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("metrics", "extra", "failures")}
         row["failures"] = " | ".join(self.failures)
+        row.update(self.metrics)
         row.update(self.extra)
         return row
+
+    def set_metrics(self, scope: str, results: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+        """Record ``results`` (Keras names, after ``prefix``) of ``scope``; return the other keys."""
+        others: dict[str, Any] = {}
+        for key, value in results.items():
+            if not key.startswith(prefix) or isinstance(value, bool) or not isinstance(value, (int, float)):
+                others[key] = value
+                continue
+            name = key[len(prefix) :]
+            if name in ("loss", "accuracy"):
+                setattr(self, f"{scope}_{name}", float(value))
+            else:
+                self.metrics[f"{scope}_{name}"] = float(value)
+        return others
+
+    def value(self, scope: str, name: str) -> float | None:
+        """The ``scope`` (centralized, federated, train) value of the metric named ``name``."""
+        if name in ("loss", "accuracy"):
+            return getattr(self, f"{scope}_{name}")
+        return self.metrics.get(f"{scope}_{name}")
+
+    def metric_names(self) -> list[str]:
+        """The model's metric names this record holds, accuracy first, loss excluded."""
+        names = ["accuracy"] if any(self.value(s, "accuracy") is not None for s in SCOPES) else []
+        for key in self.metrics:
+            name = key.split("_", 1)[1]
+            if name not in names:
+                names.append(name)
+        return names
+
+
+SCOPES = ("centralized", "federated", "train")
+
+
+def headline(history: list[RoundRecord]) -> str | None:
+    """The metric the run is summed up by: ``accuracy`` if any round has it, else the model's
+    first other metric (e.g. ``mae``), else None (loss only)."""
+    from fl_app.task.output_spec import headline_metric
+
+    names: list[str] = []
+    for record in history:
+        names.extend(n for n in record.metric_names() if n not in names)
+    return headline_metric(names)
 
 
 class RunDirectory:
@@ -91,23 +142,25 @@ class RunDirectory:
             writer.writerows(rows)
 
     def plot(self, history: list[RoundRecord]) -> Path:
-        """metrics.png: accuracy (left) and loss (right) per round."""
+        """metrics.png: the headline metric (:func:`headline`, e.g. accuracy or mae; left) and the
+        loss (right) per round."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
+        name = headline(history) or "loss"
         fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 4))
         for field, label in (
             ("centralized", "centralized (server test set)"),
             ("federated", "federated (client test splits)"),
         ):
-            for ax, metric in ((acc_ax, "accuracy"), (loss_ax, "loss")):
-                points = [(r.round, getattr(r, f"{field}_{metric}")) for r in history]
+            for ax, metric in ((acc_ax, name), (loss_ax, "loss")):
+                points = [(r.round, r.value(field, metric)) for r in history]
                 points = [(x, y) for x, y in points if y is not None]
                 if points:
                     ax.plot(*zip(*points), marker="o", label=label)
-        acc_ax.set(xlabel="round", ylabel="accuracy", title="Accuracy")
+        acc_ax.set(xlabel="round", ylabel=name, title=name)
         loss_ax.set(xlabel="round", ylabel="loss", title="Loss")
         for ax in (acc_ax, loss_ax):
             ax.grid(alpha=0.3)

@@ -9,7 +9,7 @@ import numpy as np
 
 from fl_app.config.privacy_scope import privacy_scope
 from fl_app.config.settings import Settings
-from fl_app.server.run_directory import RoundRecord, RunDirectory
+from fl_app.server.run_directory import RoundRecord, RunDirectory, headline
 
 
 def largest_example_epsilon(history: list[RoundRecord]) -> float | None:
@@ -47,15 +47,22 @@ def summarize(settings: Settings, history: list[RoundRecord], seconds: float, ru
     """The run's closing figures (also written to summary.json)."""
     last = history[-1] if history else RoundRecord(round=0)
     trained = [r for r in history if r.round > 0]
+    names = last.metric_names() or ["accuracy"]
+    finals: dict[str, float | None] = {}
+    for name in names:  # the model's metrics under their Keras names, the headline first
+        finals[f"final centralized {name}"] = last.value("centralized", name)
+        if name == names[0]:
+            finals["final centralized loss"] = last.centralized_loss
+    for name in names:
+        finals[f"final federated {name}"] = last.value("federated", name)
     return {
         "strategy": settings.strategy,
         "dataset": settings.dataset,
         "model": settings.model,
         "clients (partitions)": settings.num_partitions,
         "rounds": len(trained),
-        "final centralized accuracy": last.centralized_accuracy,
-        "final centralized loss": last.centralized_loss,
-        "final federated accuracy": last.federated_accuracy,
+        "headline metric": headline(history) or "loss",
+        **finals,
         "failed client replies": sum(r.clients_failed for r in trained),
         "seconds": round(seconds, 2),
         "tensorflow on the server": "tensorflow" in sys.modules,

@@ -133,12 +133,12 @@ def run_local_federation(
     settings = Settings.from_run_config(run_config)
     strategy = make_strategy(settings)
     evaluate_centrally = evaluate_centrally and settings.homomorphic_encryption == "none"
-    input_shape, num_classes, test_set = model_spec(settings)
+    input_shape, spec, test_set = model_spec(settings)
     tf.keras.utils.set_random_seed(settings.seed)
-    model = build_model(settings.model, input_shape, num_classes, settings.seed)
+    model = build_model(settings.model, input_shape, spec, settings.seed)
     evaluator = None
     if test_set is not None and evaluate_centrally:
-        evaluator = CentralEvaluator.from_settings(settings, model, *test_set)
+        evaluator = CentralEvaluator.from_settings(settings, model, *test_set, spec)
     grid = LocalGrid(settings.to_run_config(), settings.num_partitions)
     return run_rounds(
         grid,

@@ -8,7 +8,7 @@ of ~110 examples took ~0.5 s, of which the ~20 optimizer steps take a few millis
 :class:`CompiledLoop` keeps, per Keras model, one ``tf.function`` around the model's own
 ``train_step`` (so a custom ``train_step``, the compiled loss with ``model.losses`` such as the
 FedProx term, and the optimizer's own ``minimize``, e.g. a DP-SGD optimizer, all still apply) and
-one ``tf.function`` for a forward pass. Both are traced once per input signature (batch dimension
+one around its ``test_step`` (the compiled loss and metrics, whatever they are). Both are traced once per input signature (batch dimension
 left open, so clients of different sizes share the trace). One call runs many batches in the graph
 (``train_step`` on gathered, sample-weighted batches of any sizes): a fit is two calls, the epochs
 before the last and then the last, so a small client pays neither ``model.fit``'s per-call set-up
@@ -121,18 +121,9 @@ class CompiledLoop:
             import tensorflow as tf
 
             model = self.model
-            loss_fn = tf.keras.losses.get(model.loss)
-
-            def eval_step(xb, yb):
-                probabilities = model(xb, training=False)
-                loss = tf.reduce_mean(loss_fn(yb, probabilities))  # a DP loss is per example
-                if model.losses:
-                    loss += tf.add_n(model.losses)
-                labels = tf.cast(tf.reshape(yb, [-1]), tf.int64)
-                correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probabilities, axis=-1), labels), tf.float32))
-                return loss, correct
-
-            step = self._eval_steps[key] = tf.function(eval_step, input_signature=self._signature(x, y))
+            step = self._eval_steps[key] = tf.function(
+                lambda xb, yb: model.test_step((xb, yb)), input_signature=self._signature(x, y)
+            )
         return step
 
     # ------------------------------------------------------------------ public
@@ -183,19 +174,19 @@ class CompiledLoop:
         logs = run(epochs_batches[-1])
         return {key: float(value) for key, value in logs.items()}
 
-    def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-        """(mean loss, accuracy) over ``x, y`` with the model's compiled loss, in large batches."""
+    def evaluate(self, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+        """The model's compiled loss and metrics over ``x, y`` in large batches, under their Keras
+        names (``loss``, ``accuracy``, ``mae``, ``auc``, ...), as ``model.evaluate`` returns them."""
         n = len(y)
         if n == 0:
             raise ValueError("no evaluation examples")
         step = self._eval_step(x, y)
-        loss_sum, correct = 0.0, 0.0
+        self.model.reset_metrics()
+        logs: Any = {}
         for start in range(0, n, EVAL_BATCH):
-            xb, yb = x[start : start + EVAL_BATCH], y[start : start + EVAL_BATCH]
-            loss, hits = step(xb, yb)
-            loss_sum += float(loss) * len(yb)
-            correct += float(hits)
-        return loss_sum / n, correct / n
+            logs = step(x[start : start + EVAL_BATCH], y[start : start + EVAL_BATCH])
+        self.model.reset_metrics()
+        return {key: float(value) for key, value in logs.items()}
 
 
 def shuffled_batches(rng: np.random.Generator) -> EpochBatches:

@@ -1,19 +1,30 @@
 """Data sets and their federated partitions.
 
-Every data set becomes one pool of numpy arrays ``(x, y)`` with integer labels. The server keeps a
-stratified, held-out share of the pool for centralized evaluation; the rest is split among the
-clients with a ``flwr_datasets`` partitioner (IID, Dirichlet label skew, or label-sorted shards as
-in McMahan et al. 2017). Each client splits its own partition into train and test. The same
-settings and seed always give the same partitions.
+Every data set becomes one pool of numpy arrays ``(x, y)``: integer classes, one-hot or multi-label
+rows, or real-valued targets (the task is inferred from ``y``, see :mod:`fl_app.task.output_spec`).
+The server keeps a stratified, held-out share of the pool for centralized evaluation; the rest is
+split among the clients with a ``flwr_datasets`` partitioner (IID, Dirichlet label skew, or
+label-sorted shards as in McMahan et al. 2017; regression targets are stratified by quantile bin).
+Each client splits its own partition into train and test. The same settings and seed always give
+the same partitions.
 
-In deployment each SuperNode reads its own local file instead (``.npz`` with arrays ``x`` and ``y``,
-or a CSV with a label column); :func:`load_local_file` checks it and says what is wrong.
+The pool is a built-in data set or a user's loader, ``dataset='package.module:load'``: a function
+``load() -> (x, y)`` of numpy arrays, called in every process that needs the data (the server, for
+its held-out set; each client, which keeps its own partition). A loader with parameters,
+``load(partition_id, num_partitions) -> (x, y)``, returns one node's own data instead
+(:func:`per_node_loader`); the server then has none, as with local files. On a SuperNode a loader
+runs on the node, so it reads the node's files.
+
+In deployment each SuperNode may read its own local file instead (``.npz`` with arrays ``x`` and
+``y``, or a CSV with one or more target columns); :func:`load_local_file` checks it and says what
+is wrong.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from fl_app.config.settings import Settings
+from fl_app.task.output_spec import OutputSpec, infer_output_spec, strata
 
 
 class DataFileError(ValueError):
@@ -37,6 +49,12 @@ class ClientData:
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
+    output_spec: OutputSpec | None = None
+
+    @property
+    def spec(self) -> OutputSpec:
+        """The task (``output_spec``; None: integer classes in ``[0, num_classes)``)."""
+        return self.output_spec or OutputSpec.classes(self.num_classes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +67,7 @@ class FederatedData:
     x_server_test: np.ndarray
     y_server_test: np.ndarray
     num_classes: int
+    spec: OutputSpec
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -125,7 +144,10 @@ file from exhausting the device (a 2.4 MB ``.npz`` can expand to 2.5 GB)."""
 
 
 def load_local_file(path: str | Path, label_column: str = "label") -> tuple[np.ndarray, np.ndarray]:
-    """Read a node's own data: ``.npz`` with ``x`` and ``y``, or CSV with a label column.
+    """Read a node's own data: ``.npz`` with ``x`` and ``y``, or CSV with target column(s).
+
+    ``label_column`` names one CSV column, or several separated by commas (multi-column targets:
+    one-hot, multi-label or several regression targets). Targets may be integers or real numbers.
 
     Errors name the file and the problem, never the file's contents (they travel to the server
     in the node's error reply).
@@ -178,9 +200,12 @@ def _read_csv(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
             header = handle.readline().strip().split(",")
     except (UnicodeDecodeError, OSError) as err:
         raise DataFileError(f"data file '{path}' is not a UTF-8 text file: {type(err).__name__}") from err
-    if label_column not in header:
+    targets = [c.strip() for c in label_column.split(",") if c.strip()]
+    missing = [c for c in targets if c not in header]
+    if missing or not targets:
         raise DataFileError(
-            f"data file '{path}' has no column '{label_column}' (label-column) among its {len(header)} columns"
+            f"data file '{path}' has no column '{missing[0] if missing else label_column}' (label-column) "
+            f"among its {len(header)} columns"
         )
     try:
         table = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.float64, ndmin=2)
@@ -188,8 +213,9 @@ def _read_csv(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
         raise DataFileError(f"data file '{path}' has a value that is not a number, or rows of unequal length") from err
     if table.shape[1] != len(header):
         raise DataFileError(f"data file '{path}' rows have {table.shape[1]} values but the header names {len(header)}")
-    label = header.index(label_column)
-    return np.delete(table, label, axis=1), table[:, label]
+    columns = [header.index(c) for c in targets]
+    y = table[:, columns] if len(columns) > 1 else table[:, columns[0]]
+    return np.delete(table, columns, axis=1), y
 
 
 def _check_arrays(path: Path, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -199,22 +225,73 @@ def _check_arrays(path: Path, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray,
         raise DataFileError(f"data file '{path}': x has {len(x)} rows but y has {len(y)}")
     if not np.issubdtype(x.dtype, np.number):
         raise DataFileError(f"data file '{path}': x must be numeric, got dtype {x.dtype}")
-    y = np.asarray(y).reshape(-1)
-    if not np.issubdtype(y.dtype, np.number) or not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
-        raise DataFileError(f"data file '{path}': labels y must be integers")
-    if y.min() < 0:
-        raise DataFileError(f"data file '{path}': labels must be >= 0, found {int(y.min())}")
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y.reshape(-1)
+    if not np.issubdtype(y.dtype, np.number) or not np.all(np.isfinite(y)):
+        raise DataFileError(f"data file '{path}': targets y must be finite numbers")
     x = x.astype(np.float32)
     if not np.all(np.isfinite(x)):
         raise DataFileError(f"data file '{path}': x holds NaN or infinite values")
-    return x, y.astype(np.int64)
+    return x, _as_targets(y)
+
+
+def _as_targets(y: np.ndarray) -> np.ndarray:
+    """Integer vectors as int64 (class labels), anything else as float32 (one-hot, multi-label, real)."""
+    if y.ndim == 1 and np.all(y == np.round(y)):
+        return y.astype(np.int64)
+    return y.astype(np.float32)
+
+
+def per_node_loader(name: str) -> bool:
+    """Whether the user's loader ``name`` returns one node's own data: it takes parameters
+    ``(partition_id, num_partitions)``; a loader without parameters returns the whole pool."""
+    return ":" in name and bool(inspect.signature(_loader(name)).parameters)
+
+
+def _loader(name: str):
+    from strategies.core.loading import StrategyNameError, load_object
+
+    try:
+        return load_object(name, key="dataset")
+    except StrategyNameError as err:
+        raise DataFileError(str(err)) from err
+
+
+def load_user_arrays(
+    name: str, partition_id: int | None = None, num_partitions: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """A user's loader's ``(x, y)``, checked: the pool of ``load()``, or with ``partition_id``
+    one node's own data, ``load(partition_id, num_partitions)``.
+
+    Errors name the loader and what is wrong with its arrays, never their values.
+    """
+    loader = _loader(name)
+    pool = loader() if partition_id is None else loader(partition_id, num_partitions)
+    if not isinstance(pool, tuple) or len(pool) != 2:
+        raise DataFileError(f"dataset '{name}' must return a tuple (x, y) of numpy arrays; got {type(pool).__name__}")
+    try:
+        x, y = np.asarray(pool[0]), np.asarray(pool[1])
+    except (TypeError, ValueError) as err:
+        raise DataFileError(f"dataset '{name}' returned x or y that is not an array: {type(err).__name__}") from err
+    if len(x) == 0 or len(x) != len(y):
+        raise DataFileError(f"dataset '{name}': x has {len(x)} rows and y {len(y)}; they must be equal and > 0")
+    if not np.issubdtype(x.dtype, np.number) or not np.issubdtype(y.dtype, np.number):
+        raise DataFileError(f"dataset '{name}': x and y must be numeric, got dtypes {x.dtype} and {y.dtype}")
+    x = x.astype(np.float32)
+    if not np.all(np.isfinite(x)) or not np.all(np.isfinite(y)):
+        raise DataFileError(f"dataset '{name}': x or y holds NaN or infinite values")
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y.reshape(-1)
+    return x, _as_targets(y)
 
 
 # --------------------------------------------------------------------------- partitioning
 
 
 def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (keep, held_out) with ``fraction`` of every class held out."""
+    """Indices (keep, held_out) with ``fraction`` of every class held out (``y``: one integer per
+    example, see :func:`fl_app.task.output_spec.strata`)."""
     rng = np.random.default_rng(seed)
     held = []
     for label in np.unique(y):
@@ -234,7 +311,8 @@ def partition_indices(
     shards_per_client: int = 2,
     seed: int = 42,
 ) -> tuple[np.ndarray, ...]:
-    """Split example indices among ``num_partitions`` clients with a flwr-datasets partitioner.
+    """Split example indices among ``num_partitions`` clients with a flwr-datasets partitioner
+    (``y``: one integer per example to skew by, see :func:`fl_app.task.output_spec.strata`).
 
     * ``iid``: a seeded shuffle, then equal contiguous parts (``IidPartitioner``);
     * ``dirichlet``: per-class proportions p_k ~ Dir(alpha) (``DirichletPartitioner``; smaller
@@ -296,24 +374,51 @@ def _pool(settings: Settings) -> tuple[np.ndarray, np.ndarray, int]:
         return make_synthetic_arrays(total, settings.synthetic_classes, settings.synthetic_features, settings.seed)
     if settings.dataset == "huggingface":
         return load_hf_arrays(settings.hf_dataset, settings.hf_label_column)
+    if ":" in settings.dataset:
+        x, y = load_user_arrays(settings.dataset)
+        return x, y, settings.num_classes
     raise ValueError(f"dataset '{settings.dataset}' has no shared pool (each node reads its own file)")
+
+
+def task_spec(settings: Settings, y: np.ndarray, num_classes: int = 0, source: str = "") -> OutputSpec:
+    """The :class:`OutputSpec` of targets ``y`` under the run config's ``task`` and ``num-classes``."""
+    try:
+        return infer_output_spec(y, settings.task, max(num_classes, settings.num_classes))
+    except ValueError as err:
+        raise DataFileError(f"{source or 'dataset ' + repr(settings.dataset)}: {err} (task='{settings.task}')") from err
+
+
+def declared_spec(settings: Settings) -> OutputSpec:
+    """The task that ``task`` and ``num-classes`` declare, for nodes that each read their own file
+    (``local-file``): every node and the server must build the same model before seeing data.
+    ``num-classes`` counts classes, labels (``multilabel``) or targets (``regression``)."""
+    task, n = settings.task, settings.num_classes
+    if task == "regression":
+        return OutputSpec("regression", max(n, 1))
+    if task == "multilabel":
+        return OutputSpec("multilabel", n, n)
+    if task == "binary" or (task == "auto" and n == 2):
+        return OutputSpec("binary", 1, 2)
+    return OutputSpec.classes(n)
 
 
 @functools.lru_cache(maxsize=4)
 def federated_data(settings: Settings) -> FederatedData:
     """The server test set and every client's partition (cached per process)."""
     x, y, num_classes = _pool(settings)
-    keep, held_out = stratified_split(y, settings.server_test_fraction, settings.seed)
+    spec = task_spec(settings, y, num_classes)
+    groups = strata(y, spec)
+    keep, held_out = stratified_split(groups, settings.server_test_fraction, settings.seed)
     x_pool, y_pool = x[keep], y[keep]
     partitions = partition_indices(
-        y_pool,
+        groups[keep],
         settings.num_partitions,
         settings.partitioner,
         alpha=settings.dirichlet_alpha,
         shards_per_client=settings.shards_per_client,
         seed=settings.seed,
     )
-    return FederatedData(x_pool, y_pool, partitions, x[held_out], y[held_out], num_classes)
+    return FederatedData(x_pool, y_pool, partitions, x[held_out], y[held_out], spec.num_classes, spec)
 
 
 def node_data_path(settings: Settings, node_config: Mapping[str, Any], partition_id: int) -> str:
@@ -346,7 +451,8 @@ def node_data_path(settings: Settings, node_config: Mapping[str, Any], partition
 
 
 def client_data(settings: Settings, partition_id: int, data_path: str = "") -> ClientData:
-    """One client's train/test split: its partition of the pool, or its own local file."""
+    """One client's train/test split: its partition of the pool, its own local file, or what a
+    per-node loader (:func:`per_node_loader`) returns for it."""
     seed = settings.seed + 1000 * (partition_id + 1)
     path = data_path or settings.data_path
     if settings.dataset == "local-file" or data_path:
@@ -355,22 +461,39 @@ def client_data(settings: Settings, partition_id: int, data_path: str = "") -> C
                 "dataset='local-file' but this node has no data file: start its SuperNode with "
                 "--node-config \"data-path='/path/to/local.npz'\" (or set data-path in the run config)"
             )
-        file = path.replace("{partition-id}", str(partition_id))
-        x, y = load_local_file(file, settings.label_column)
-        num_classes = settings.num_classes or int(y.max()) + 1
-        if y.max() >= num_classes:
-            raise DataFileError(f"data file '{file}': label {int(y.max())} is outside [0, {num_classes}) (num-classes)")
-        shape = settings.parsed_input_shape()
-        if shape is not None:
-            if int(np.prod(x.shape[1:])) != int(np.prod(shape)):
-                raise DataFileError(
-                    f"data file '{file}': examples have shape {x.shape[1:]}, which does not fit input-shape {shape}"
-                )
-            x = x.reshape((len(x), *shape))
+        source = f"data file '{path.replace('{partition-id}', str(partition_id))}'"
+        x, y = load_local_file(path.replace("{partition-id}", str(partition_id)), settings.label_column)
+        x, spec = _node_own(settings, x, y, source)
+    elif per_node_loader(settings.dataset):
+        x, y = load_user_arrays(settings.dataset, partition_id, settings.num_partitions)
+        x, spec = _node_own(settings, x, y, f"dataset '{settings.dataset}' (partition {partition_id})")
     else:
         if not 0 <= partition_id < settings.num_partitions:
             raise ValueError(f"partition-id {partition_id} is outside [0, {settings.num_partitions}) (num-partitions)")
         data = federated_data(settings)
         index = data.partitions[partition_id]
-        x, y, num_classes = data.x[index], data.y[index], data.num_classes
-    return ClientData(*split_train_test(x, y, settings.test_fraction, seed), num_classes=num_classes)
+        x, y, spec = data.x[index], data.y[index], data.spec
+    return ClientData(
+        *split_train_test(x, y, settings.test_fraction, seed), num_classes=spec.num_classes, output_spec=spec
+    )
+
+
+def _node_own(settings: Settings, x: np.ndarray, y: np.ndarray, source: str) -> tuple[np.ndarray, OutputSpec]:
+    """A node's own data checked against the task the run config declares (:func:`declared_spec`),
+    ``x`` reshaped to ``input-shape``; errors name ``source``."""
+    found, spec = task_spec(settings, y, source=source), declared_spec(settings)
+    if found.task == spec.task == "multiclass" and found.num_classes > spec.num_classes:
+        raise DataFileError(f"{source}: label {found.num_classes - 1} is outside [0, {spec.num_classes}) (num-classes)")
+    if (found.task, found.units) != (spec.task, spec.units):
+        labels = f" (labels 0 to {found.num_classes - 1})" if found.classification else ""
+        raise DataFileError(
+            f"{source}: its targets make a {found.task} task with {found.units} output(s){labels}, "
+            f"but the run config declares {spec.task} with {spec.units} (task='{settings.task}', "
+            f"num-classes={settings.num_classes})"
+        )
+    shape = settings.parsed_input_shape()
+    if shape is not None:
+        if int(np.prod(x.shape[1:])) != int(np.prod(shape)):
+            raise DataFileError(f"{source}: examples have shape {x.shape[1:]}, which does not fit input-shape {shape}")
+        x = x.reshape((len(x), *shape))
+    return x, dataclasses.replace(spec, one_hot=found.one_hot)

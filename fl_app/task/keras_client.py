@@ -24,6 +24,7 @@ from flwr.common import Scalar
 import fl_app  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 from fl_app.task.compiled_loop import EpochBatches, loop_for
 from fl_app.task.data import ClientData
+from fl_app.task.output_spec import OutputSpec
 
 
 class ProximalTerm:
@@ -52,16 +53,34 @@ class ProximalTerm:
                 anchor.assign(weight)
 
 
-def compile_model(model, optimizer, *, loss=None, with_proximal_term: bool = True):
-    """Compile ``model`` for sparse integer labels; return it with its :class:`ProximalTerm`."""
-    import tensorflow as tf
+def compile_model(model, optimizer=None, *, spec: OutputSpec | None = None, loss=None, with_proximal_term: bool = True):
+    """Compile ``model`` for its task; return it with its :class:`ProximalTerm` (or None).
+
+    * A model its author compiled keeps its loss, metrics and optimizer (``optimizer`` None), or
+      its loss and metrics with ``optimizer`` (DP-SGD's, which then needs ``loss``: the per-example
+      version of the user's loss, :func:`fl_app.task.losses.per_example_loss`).
+    * An uncompiled model gets ``optimizer`` (None: Keras' default, for a model that only
+      evaluates), ``loss`` or the loss the task and the model's output imply
+      (:func:`fl_app.task.losses.default_loss`) and the task's metrics (``spec`` None: integer
+      class labels, as the built-in models' softmax takes).
+
+    The proximal term (FedProx) joins the model's losses; Keras adds ``model.losses`` to the
+    compiled loss at every step, so a user's compiled model needs no recompiling for it.
+    """
+    from fl_app.task.losses import default_loss, default_metrics, output_units, user_metrics
 
     proximal = ProximalTerm(model) if with_proximal_term else None
-    model.compile(
-        optimizer=optimizer,
-        loss=loss or tf.keras.losses.SparseCategoricalCrossentropy(),
-        metrics=["accuracy"],
-    )
+    compiled = getattr(model, "compiled_loss", None) is not None
+    if compiled and optimizer is not None:
+        model.compile(optimizer=optimizer, loss=loss or model.loss, metrics=user_metrics(model))
+    elif not compiled:
+        if spec is None:  # integer class labels, one per output unit
+            spec = OutputSpec.classes(max(output_units(model), 2))
+        model.compile(
+            optimizer=optimizer or "rmsprop",
+            loss=loss or default_loss(model, spec),
+            metrics=default_metrics(model, spec),
+        )
     return model, proximal
 
 
@@ -139,11 +158,8 @@ class KerasClient(NumPyClient):
             seed=seed,
             epoch_batches=self.epoch_batches,
         )
-        metrics: dict[str, Scalar] = {
-            "train-loss": logs["loss"],
-            "train-accuracy": logs["accuracy"],
-            "fit-seconds": time.perf_counter() - started,
-        }
+        metrics: dict[str, Scalar] = {f"train-{name}": value for name, value in logs.items()}
+        metrics["fit-seconds"] = time.perf_counter() - started
         return self.model.get_weights(), len(self.data.y_train), metrics
 
     def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[float, int, dict[str, Scalar]]:
@@ -152,5 +168,6 @@ class KerasClient(NumPyClient):
         self.model.set_weights(parameters)
         if self.proximal is not None:
             self.proximal.set(0.0, self.model)
-        loss, accuracy = loop_for(self.model).evaluate(self.data.x_test, self.data.y_test)
-        return float(loss), len(self.data.y_test), {"accuracy": float(accuracy)}
+        results = loop_for(self.model).evaluate(self.data.x_test, self.data.y_test)
+        loss = results.pop("loss")
+        return float(loss), len(self.data.y_test), {name: float(value) for name, value in results.items()}

@@ -652,7 +652,8 @@ class EncryptedFedAvg(FedAvg):
             if values:
                 measurements[f"{key}-mean"] = float(np.mean(values))
                 measurements[f"{key}-max"] = float(np.max(values))
-        for key in ("train-loss", "train-accuracy"):
+        train_keys = sorted({k for c in accepted for k in c.metrics if k.startswith("train-")})
+        for key in train_keys:  # the clients' train-<Keras metric> means
             pairs = [(float(v), c.weight) for c in accepted if isinstance(v := c.metrics.get(key), (int, float))]
             if pairs:
                 measurements[key] = sum(v * w for v, w in pairs) / sum(w for _, w in pairs)
