@@ -138,6 +138,8 @@ class GatewaySpec:
             path = getattr(self, name)
             if not Path(path).is_file():
                 raise FileNotFoundError(f"gateway {name} {path} is missing (make it with scripts/edge.py certs)")
+            # nginx reads relative paths from its prefix (the gateway folder), not from here
+            object.__setattr__(self, name, Path(path).resolve())
         for name in ("certificate", "key", "ca", "public_host"):
             if any(c in str(getattr(self, name)) for c in ";{}\"'\n\\"):
                 raise ValueError(f"gateway {name} {getattr(self, name)!r} holds a character nginx would misread")

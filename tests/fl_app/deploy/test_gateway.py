@@ -69,6 +69,16 @@ def test_bad_gateway_settings_are_refused_by_name(certs, changes, message):
         _spec(certs, **changes)
 
 
+def test_relative_certificate_paths_become_absolute(certs, monkeypatch):
+    """nginx would read them relative to its prefix (the gateway folder), where they are not."""
+    monkeypatch.chdir(certs.parent)
+    spec = _spec(
+        certs, certificate=Path("certs/superlink.pem"), key=Path("certs/superlink.key"), ca=Path("certs/ca.pem")
+    )
+    assert spec.certificate == certs / "superlink.pem" and spec.key.is_absolute() and spec.ca.is_absolute()
+    assert f"ssl_certificate {certs / 'superlink.pem'};" in gateway.render_config(spec, certs, run_as_root=False)
+
+
 def test_missing_certificate_is_refused(certs):
     with pytest.raises(FileNotFoundError, match="edge.py certs"):
         _spec(certs, key=certs / "absent.key")
