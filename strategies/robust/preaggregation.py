@@ -183,18 +183,34 @@ def nearest_neighbour_mixing(updates: np.ndarray, f: int) -> np.ndarray:
     return mixing @ updates
 
 
-class NearestNeighbourMixing:
-    """:func:`nearest_neighbour_mixing` with ``f`` (``pre-aggregation-f``); needs ``n > 2f``.
+class _HonestMajorityStep:
+    """A pre-aggregation step with ``f`` (``pre-aggregation-f``) that needs ``n > 2f`` and keeps the
+    number of rows; with ``r`` replies rejected in the round it runs with ``f - r`` (each rejection
+    was one of the f faulty clients)."""
 
-    With ``r`` replies rejected in the round, it mixes with ``f - r`` (each rejection was one of
-    the f faulty clients). Weights pass unchanged.
-    """
+    name = ""
 
     def __init__(self, f: int) -> None:
         self.f = _check_count("pre-aggregation-f", f, 0)
 
     def _f(self, faults: int) -> int:
         return max(0, self.f - faults)
+
+    def output_rows(self, num_rows: int) -> int:
+        return num_rows
+
+    def cannot_run(self, num_rows: int, faults: int = 0) -> str:
+        return _honest_majority(self.name, "pre-aggregation-f", self._f(faults), num_rows)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(f={self.f})"
+
+
+class NearestNeighbourMixing(_HonestMajorityStep):
+    """:func:`nearest_neighbour_mixing` with ``f`` (``pre-aggregation-f``); needs ``n > 2f``.
+    Weights pass unchanged."""
+
+    name = "nnm"
 
     def __call__(
         self, updates: np.ndarray, weights: np.ndarray, faults: int = 0
@@ -208,15 +224,6 @@ class NearestNeighbourMixing:
         else:
             mixed = nearest_neighbour_mixing(updates, f)
         return mixed, weights, {"nnm-f": f}
-
-    def output_rows(self, num_rows: int) -> int:
-        return num_rows
-
-    def cannot_run(self, num_rows: int, faults: int = 0) -> str:
-        return _honest_majority("nnm", "pre-aggregation-f", self._f(faults), num_rows)
-
-    def __repr__(self) -> str:
-        return f"NearestNeighbourMixing(f={self.f})"
 
 
 def bucket_means(updates: np.ndarray, size: int, permutation: np.ndarray) -> np.ndarray:
@@ -299,16 +306,12 @@ def adaptive_robust_clipping(updates: np.ndarray, f: int) -> tuple[float, int]:
     return threshold, int(np.sum(norms > threshold))
 
 
-class AdaptiveRobustClipping:
+class AdaptiveRobustClipping(_HonestMajorityStep):
     """:func:`adaptive_robust_clipping` with ``f`` (``pre-aggregation-f``, lowered by the round's
     rejected replies); needs ``n > 2f``. Weights pass unchanged; measures ``arc-clip-norm``
     (C) and ``arc-clipped-replies``."""
 
-    def __init__(self, f: int) -> None:
-        self.f = _check_count("pre-aggregation-f", f, 0)
-
-    def _f(self, faults: int) -> int:
-        return max(0, self.f - faults)
+    name = "arc"
 
     def __call__(
         self, updates: np.ndarray, weights: np.ndarray, faults: int = 0
@@ -321,15 +324,6 @@ class AdaptiveRobustClipping:
         if math.isfinite(threshold):
             measurements["arc-clip-norm"] = threshold
         return updates, weights, measurements
-
-    def output_rows(self, num_rows: int) -> int:
-        return num_rows
-
-    def cannot_run(self, num_rows: int, faults: int = 0) -> str:
-        return _honest_majority("arc", "pre-aggregation-f", self._f(faults), num_rows)
-
-    def __repr__(self) -> str:
-        return f"AdaptiveRobustClipping(f={self.f})"
 
 
 PRE_AGGREGATION_STEPS = ("nnm", "bucketing", "arc")
