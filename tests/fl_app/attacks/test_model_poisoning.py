@@ -191,11 +191,21 @@ def test_fang_trimmed_mean_lies_beyond_the_honest_extreme_against_the_true_direc
 
 
 @FAST
-@given(honest_rounds(min_rows=6), st.integers(1, 3))
-def test_fang_krum_is_what_krum_selects(x, c):
+@given(
+    st.integers(1, 3),
+    st.integers(0, 14),
+    st.integers(8, 40),
+    st.floats(-1, 1),
+    st.integers(0, 2**32 - 1),
+)
+def test_fang_krum_is_what_krum_selects(c, extra, p, log_scale, seed):
+    """Honest updates drawn around zero (where Fang's search succeeds about 999 times in 1000; on
+    arbitrary rows it often finds no lambda, and filtering those out starves Hypothesis)."""
+    scale = 10.0**log_scale
+    x = (np.random.default_rng(seed).standard_normal((2 * c + 3 + extra, p)) * scale).astype(np.float32)
     mal = attacks.fang_krum(x[0], rng=np.random.default_rng(0), honest_updates=x, num_attackers=c)
     lam = float(np.abs(mal).max())
-    assume(lam >= 1e-5)  # the search succeeded
+    assume(lam >= 1e-5)  # the search succeeded (it stops below its threshold, 1e-5)
     attacked = np.concatenate([np.repeat(mal[None], c, axis=0), x])
     np.testing.assert_array_equal(rules.krum(attacked, np.ones(len(attacked)), f=c), mal)
 
