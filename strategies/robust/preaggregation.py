@@ -202,6 +202,13 @@ class _HonestMajorityStep:
     def cannot_run(self, num_rows: int, faults: int = 0) -> str:
         return _honest_majority(self.name, "pre-aggregation-f", self._f(faults), num_rows)
 
+    def _round_f(self, num_rows: int, faults: int) -> int:
+        """This round's f; ValueError with :meth:`cannot_run`'s reason when the step cannot run."""
+        reason = self.cannot_run(num_rows, faults)
+        if reason:
+            raise ValueError(reason)
+        return self._f(faults)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(f={self.f})"
 
@@ -215,10 +222,7 @@ class NearestNeighbourMixing(_HonestMajorityStep):
     def __call__(
         self, updates: np.ndarray, weights: np.ndarray, faults: int = 0
     ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-        reason = self.cannot_run(updates.shape[0], faults)
-        if reason:
-            raise ValueError(reason)
-        f = self._f(faults)
+        f = self._round_f(updates.shape[0], faults)
         if f == 0:  # every row's n neighbours are all rows: each becomes the mean
             mixed = np.broadcast_to(updates.mean(axis=0, dtype=np.float32), updates.shape).copy()
         else:
@@ -316,10 +320,7 @@ class AdaptiveRobustClipping(_HonestMajorityStep):
     def __call__(
         self, updates: np.ndarray, weights: np.ndarray, faults: int = 0
     ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-        reason = self.cannot_run(updates.shape[0], faults)
-        if reason:
-            raise ValueError(reason)
-        threshold, clipped = adaptive_robust_clipping(updates, self._f(faults))
+        threshold, clipped = adaptive_robust_clipping(updates, self._round_f(updates.shape[0], faults))
         measurements: dict[str, float] = {"arc-clipped-replies": clipped}
         if math.isfinite(threshold):
             measurements["arc-clip-norm"] = threshold
