@@ -25,7 +25,14 @@ import pytest
 
 from fl_app.deploy import node_worker, services
 from fl_app.deploy.launcher import free_port, stop_process_tree
-from fl_app.deploy.operator import _bin, deployment_env, make_node_keys, start, write_connection
+from fl_app.deploy.operator import (
+    _bin,
+    deployment_env,
+    make_node_keys,
+    start,
+    supernode_list_command,
+    write_connection,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -48,6 +55,11 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
 def _alive(tickets: dict[int, int | None]) -> list[str]:
     """Command lines of the processes in ``tickets`` (PID -> start time) that still run."""
     return [services.command_line(pid) for pid, ticks in tickets.items() if services.start_ticks(pid) == ticks]
+
+
+def _flwr(env: dict[str, str], command: list[str]) -> subprocess.CompletedProcess:
+    """A ``flwr`` CLI command, run from the repository root."""
+    return subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
 
 
 def _flwr_succeeded(result: subprocess.CompletedProcess) -> bool:
@@ -76,9 +88,7 @@ def _intruder_is_refused(tmp_path: Path, env: dict[str, str], public: str, ca: P
         "submit": ("run", str(ROOT), "public", "--format", "json"),
     }
     for what, args in attempts.items():
-        result = subprocess.run(
-            [_bin("flwr"), *args], env=intruder_env, cwd=ROOT, capture_output=True, text=True, timeout=180
-        )
+        result = _flwr(intruder_env, [_bin("flwr"), *args])
         assert not _flwr_succeeded(result), f"the intruder could {what}: {result.stdout}{result.stderr}"
         assert "404 Not Found" in result.stdout + result.stderr, (what, result.stdout, result.stderr)
     with httpx.Client(base_url=f"https://{public}", verify=ssl.create_default_context(cafile=ca)) as client:
@@ -134,28 +144,14 @@ def test_edge_commands_behind_the_gateway_refuse_an_intruder_and_stop_every_proc
         keys = [str(pki / "keys" / f"node-{i}.pub") for i in range(2)]
         registered = _edge("register", "--connection", "edge", *keys, env=env)
         assert registered.returncode == 0, registered.stdout + registered.stderr
-        listed = subprocess.run(
-            [_bin("flwr"), "supernode", "list", "edge", "--format", "json"],
-            env=env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=180,
-        )
+        listed = _flwr(env, supernode_list_command("edge"))
         assert _flwr_succeeded(listed), listed.stdout + listed.stderr
         nodes = json.loads(listed.stdout)["nodes"]
         assert len(nodes) == 2
         _intruder_is_refused(tmp_path, env, f"127.0.0.1:{port}", ca, int(nodes[0]["node-id"]))
         superlink_log = (tmp_path / "superlink.log").read_text()
         assert "/v1/control/list-runs" not in superlink_log and "/v1/runtime/" not in superlink_log  # none got through
-        relisted = subprocess.run(
-            [_bin("flwr"), "supernode", "list", "edge", "--format", "json"],
-            env=env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=180,
-        )
+        relisted = _flwr(env, supernode_list_command("edge"))
         assert json.loads(relisted.stdout)["nodes"] == nodes  # nothing registered or unregistered
 
         link = ("--superlink", f"127.0.0.1:{port}", "--ca", str(ca))
