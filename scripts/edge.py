@@ -72,6 +72,30 @@ def _exec(command: list[str], env: dict[str, str]) -> int:
     return 1  # not reached
 
 
+def _stop_children_on_signal(children: list[subprocess.Popen]) -> threading.Event:
+    """On SIGTERM or Ctrl-C to this command (e.g. from ``edge.py stop``): set the returned event and
+    terminate ``children`` (the list may still grow after this call)."""
+    stopping = threading.Event()
+
+    def stop(*_):
+        stopping.set()
+        for process in children:
+            if process.poll() is None:
+                process.terminate()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    return stopping
+
+
+def _stop_own_tree(children: list[subprocess.Popen]) -> None:
+    """Stop everything this command started, whole trees, not only ``children``: Flower's
+    SuperExec, ServerApps and ClientApps run in sessions of their own under them; then reap."""
+    services.stop_tree(process_tree(os.getpid())[1:], timeout=15)
+    for process in children:
+        process.wait(timeout=15)
+
+
 def cmd_superlink(args: argparse.Namespace) -> int:
     if not args.insecure and not args.certs:
         sys.exit(
@@ -146,17 +170,8 @@ def _run_superlink_behind_gateway(args: argparse.Namespace) -> int:
         {"address": f"{args.host}:{args.port} (Fleet API, nginx)", "control": f"{control} (loopback)", "tls": "on"},
     )
     print("$ " + " ".join(command), flush=True)
-    stopping = threading.Event()
     children: list[subprocess.Popen] = []
-
-    def stop(*_):
-        stopping.set()
-        for process in children:
-            if process.poll() is None:
-                process.terminate()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    stopping = _stop_children_on_signal(children)
     code = 1
     try:
         children.append(subprocess.Popen(command, env=env))
@@ -189,10 +204,7 @@ def _run_superlink_behind_gateway(args: argparse.Namespace) -> int:
         code = 0
         print("superlink: stopped on request", flush=True)
     finally:
-        # the whole tree: Flower's SuperExec and ServerApps run in sessions of their own
-        services.stop_tree(process_tree(os.getpid())[1:], timeout=15)
-        for process in children:
-            process.wait(timeout=15)
+        _stop_own_tree(children)
     return code
 
 
@@ -252,25 +264,12 @@ def _run_supernode(args: argparse.Namespace, node_config: dict[str, object], env
     # Both stay in this command's process group: stopping the group stops them all.
     supernode = subprocess.Popen(command, env=env)
 
-    stopping = threading.Event()
-
-    def stop(*_):
-        stopping.set()
-        for process in (supernode, worker):
-            if process is not None and process.poll() is None:
-                process.terminate()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    children = [process for process in (supernode, worker) if process is not None]
+    stopping = _stop_children_on_signal(children)
     try:
         code = _watch(args, supernode, stopping)
     finally:
-        # The whole tree, not only our children: Flower's SuperExec and ClientApps run in
-        # sessions of their own under the SuperNode.
-        services.stop_tree(process_tree(os.getpid())[1:], timeout=15)
-        for process in (supernode, worker):
-            if process is not None:
-                process.wait(timeout=15)
+        _stop_own_tree(children)
     return code
 
 
