@@ -184,16 +184,17 @@ http {{
         ssl_certificate_key {spec.key};
         ssl_protocols TLSv1.2 TLSv1.3;
         ssl_session_cache shared:fleet:1m;
+        # how both forwarding locations reach the SuperLink (inherited by them)
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header Host 127.0.0.1;
+        proxy_ssl_verify on;
+        proxy_ssl_trusted_certificate {spec.ca};
+        proxy_ssl_name localhost;
+        proxy_ssl_session_reuse on;
         location ~ {FLEET_PATH_PATTERN} {{
             limit_except POST {{ deny all; }}
             proxy_pass https://superlink$uri;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host 127.0.0.1;
-            proxy_ssl_verify on;
-            proxy_ssl_trusted_certificate {spec.ca};
-            proxy_ssl_name localhost;
-            proxy_ssl_session_reuse on;
             proxy_request_buffering off;
             proxy_buffering off;
             proxy_read_timeout 600s;
@@ -202,12 +203,6 @@ http {{
         location = /health {{
             limit_except GET {{ deny all; }}
             proxy_pass https://superlink/health;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host 127.0.0.1;
-            proxy_ssl_verify on;
-            proxy_ssl_trusted_certificate {spec.ca};
-            proxy_ssl_name localhost;
         }}
         location / {{
             return 404;
