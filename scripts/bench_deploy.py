@@ -67,21 +67,24 @@ def simulation(work: Path, nodes: int, rounds: int) -> list[float]:
     return round_times(out)
 
 
-def deployment(work: Path, nodes: int, rounds: int, warm: bool) -> list[float]:
-    name = "warm" if warm else "cold"
+def deployment(
+    work: Path, nodes: int, rounds: int, warm: bool, flower_polls: bool = False, executor: bool = False
+) -> list[float]:
+    name = "executor" if executor else ("warm" if warm else "cold") + ("-flower-polls" if flower_polls else "")
     out = work / name
-    with LoopbackDeployment(work / f"deploy-{name}", ROOT) as link:
-        workers = [link.start_worker(f"node-{i}", wait=False) if warm else None for i in range(nodes)]
+    with LoopbackDeployment(work / f"deploy-{name}", ROOT, flower_polls=flower_polls) as link:
+        workers = [link.start_worker(f"node-{i}", wait=False) if warm and not executor else None for i in range(nodes)]
         for i in range(nodes):
             key, _ = link.node_keys(f"node-{i}")
             worker = workers[i]
-            if warm:
+            if worker is not None:
                 link.wait_worker(f"node-{i}")
             link.start_node(
                 f"node-{i}",
                 {"data-path": str(work / "data" / f"node-{i}.npz"), "partition-id": i},
                 private_key=key,
                 worker=worker,
+                executor=executor,
             )
         for i in range(nodes):
             link.node_id(f"node-{i}")
@@ -95,7 +98,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--modes", default="simulation,cold,warm")
+    parser.add_argument(
+        "--modes",
+        default="simulation,cold,warm",
+        help="comma-separated: simulation, cold (a process per message), warm (the Keras worker), "
+        "executor (the warm executor, fl_app.deploy.node_executor: no process per message); "
+        "cold-flower-polls / warm-flower-polls: the same with Flower's own poll intervals "
+        "(SuperNode 3 s idle / 0.5 s reply wait, SuperExec 1 s) instead of fl_app.deploy.supernode_entry's",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-deploy-") as tmp:
         work = Path(tmp)
@@ -106,7 +116,14 @@ def main() -> int:
             if mode == "simulation":
                 times = simulation(work, args.nodes, args.rounds)
             else:
-                times = deployment(work, args.nodes, args.rounds, warm=(mode == "warm"))
+                times = deployment(
+                    work,
+                    args.nodes,
+                    args.rounds,
+                    warm=mode.startswith("warm"),
+                    flower_polls=mode.endswith("flower-polls"),
+                    executor=mode == "executor",
+                )
             results[mode] = {
                 "first round s": round(times[0], 2),
                 "later rounds mean s": round(statistics.mean(times[1:]), 2) if len(times) > 1 else None,

@@ -227,6 +227,8 @@ def cmd_supernode(args: argparse.Namespace) -> int:
         node_config["data-path"] = str(Path(args.data_path).expanduser().resolve())
     if args.partition_id is not None:
         node_config["partition-id"] = args.partition_id
+    # --no-worker and --worker-socket only make sense with Flower's SuperExec: they choose it
+    args.flower_runtime = args.flower_runtime or args.no_worker or args.worker_socket is not None
     env = deploy.deployment_env(args.flwr_home)
     name = f"supernode-{args.runtime_port}"
     services.record(args.state_dir, name, sys.argv, {"superlink": args.superlink})
@@ -237,10 +239,12 @@ def cmd_supernode(args: argparse.Namespace) -> int:
 
 
 def _run_supernode(args: argparse.Namespace, node_config: dict[str, object], env: dict[str, str]) -> int:
-    """The warm worker (unless --no-worker), then the SuperNode; returns the SuperNode's exit code,
-    or 2 when the worker cannot own its socket (the SuperNode is then not started)."""
+    """The SuperNode and what runs its messages: the warm executor (default), or with
+    --flower-runtime Flower's SuperExec (a process per message) with the warm Keras worker (unless
+    --no-worker). Returns the SuperNode's exit code, or 2 when the worker cannot own its socket (the
+    SuperNode is then not started)."""
     worker = None
-    if not args.no_worker:
+    if args.flower_runtime and not args.no_worker:
         socket_path = (
             Path(args.worker_socket) if args.worker_socket else node_worker.default_socket_path(args.runtime_port)
         )
@@ -259,15 +263,20 @@ def _run_supernode(args: argparse.Namespace, node_config: dict[str, object], env
         insecure=args.insecure,
         node_config=node_config,
         max_wait_time=args.max_wait_time,
+        isolation="subprocess" if args.flower_runtime else "process",
     )
     print("$ " + " ".join(command), flush=True)
-    # Both stay in this command's process group: stopping the group stops them all.
+    # All stay in this command's process group: stopping the group stops them all.
     supernode = subprocess.Popen(command, env=env)
+    executor = None
+    if not args.flower_runtime:
+        executor = subprocess.Popen(deploy.executor_command(args.runtime_port), env=env)
+        print(f"Warm executor started: pid {executor.pid}", flush=True)
 
-    children = [process for process in (supernode, worker) if process is not None]
+    children = [process for process in (supernode, worker, executor) if process is not None]
     stopping = _stop_children_on_signal(children)
     try:
-        code = _watch(args, supernode, stopping)
+        code = _watch(args, supernode, stopping, companion=executor)
     finally:
         _stop_own_tree(children)
     return code
@@ -277,10 +286,16 @@ LINK_CHECK_INTERVAL_S = 5.0
 SUPERLINK_LOST = 3
 
 
-def _watch(args: argparse.Namespace, supernode: subprocess.Popen, stopping: threading.Event) -> int:
+def _watch(
+    args: argparse.Namespace,
+    supernode: subprocess.Popen,
+    stopping: threading.Event,
+    companion: subprocess.Popen | None = None,
+) -> int:
     """Wait for the SuperNode; return its exit code (0 when it was stopped on request: SIGTERM or
-    Ctrl-C to this command, e.g. from ``edge.py stop``), or ``SUPERLINK_LOST`` once the SuperLink
-    has not answered for ``--max-wait-time`` seconds (Flower's SuperNode then logs "Giving up
+    Ctrl-C to this command, e.g. from ``edge.py stop``), 1 when ``companion`` (the warm executor,
+    without which no message runs) exited, or ``SUPERLINK_LOST`` once the SuperLink has not
+    answered for ``--max-wait-time`` seconds (Flower's SuperNode then logs "Giving up
     reconnection" but keeps running: measured with Flower 1.41)."""
     import time
 
@@ -289,6 +304,14 @@ def _watch(args: argparse.Namespace, supernode: subprocess.Popen, stopping: thre
         try:
             code = supernode.wait(timeout=LINK_CHECK_INTERVAL_S)
         except subprocess.TimeoutExpired:
+            if companion is not None and companion.poll() is not None and not stopping.is_set():
+                print(
+                    f"supernode: the warm executor exited with code {companion.returncode} (its log above says "
+                    "why); stopping the SuperNode, exit code 1",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                return 1
             if args.max_wait_time is None:
                 continue
             if deploy.superlink_answers(args.superlink, ca=args.ca, insecure=args.insecure, timeout=2.0):
@@ -468,7 +491,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("keys", nargs="+", help="public key files (*.pub)")
     p.set_defaults(func=cmd_register)
 
-    p = sub.add_parser("supernode", help="start a SuperNode (and its warm Keras worker)")
+    p = sub.add_parser("supernode", help="start a SuperNode (and the warm executor that runs its messages)")
     p.add_argument("--flwr-home", **home)
     p.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
     p.add_argument("--ca", help="the CA certificate (ca.pem)")
@@ -479,12 +502,21 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--runtime-port", type=int, default=9094, help="one free port per SuperNode on a host")
     p.add_argument(
-        "--no-worker", action="store_true", help="import TensorFlow in every message's process (Flower's default)"
+        "--flower-runtime",
+        action="store_true",
+        help="run each message in a fresh flwr-clientapp process started by Flower's SuperExec (Flower's default) "
+        "instead of the warm executor (fl_app.deploy.node_executor); with the warm Keras worker unless --no-worker",
+    )
+    p.add_argument(
+        "--no-worker",
+        action="store_true",
+        help="Flower's runtime without the worker: import TensorFlow in every message's process (Flower's default)",
     )
     p.add_argument(
         "--worker-socket",
-        help="in a directory only this user may access; default $XDG_RUNTIME_DIR/fl-keras/worker-<runtime-port>.sock, "
-        "or <temp dir>/fl-keras-<uid>/worker-<runtime-port>.sock",
+        help="Flower's runtime with the warm Keras worker on this socket, in a directory only this user may access "
+        "(default with --flower-runtime: $XDG_RUNTIME_DIR/fl-keras/worker-<runtime-port>.sock, "
+        "or <temp dir>/fl-keras-<uid>/worker-<runtime-port>.sock)",
     )
     p.add_argument("--insecure", action="store_true")
     p.add_argument(

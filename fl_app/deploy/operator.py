@@ -266,15 +266,23 @@ def _bin(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
+SUPEREXEC_TASK_POLL_S = "0.05"
+FLOWER_SUPEREXEC_TASK_POLL_S = "1.0"  # Flower 1.41's default
+
+
 def deployment_env(flwr_home: str | Path | None = None) -> dict[str, str]:
     """Environment for SuperLink, SuperNodes and ``flwr``: this environment's tools first on PATH,
-    runtime dependency installation off (the locked environment is used as is)."""
+    runtime dependency installation off (the locked environment is used as is), and the SuperExecs
+    that the SuperLink and each SuperNode start looking for a task to launch every 0.05 s instead of
+    Flower's default 1 s (Flower's own setting ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``, 0.01-60 s; a
+    value already in the environment is kept)."""
     env = dict(os.environ)
     env.update(
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
         FLWR_DISABLE_UPDATE_CHECK="1",
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
     )
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", SUPEREXEC_TASK_POLL_S)
     if flwr_home is not None:
         env["FLWR_HOME"] = str(Path(flwr_home).resolve())
     return env
@@ -354,11 +362,20 @@ def supernode_command(
     insecure: bool = False,
     node_config: Mapping[str, object] | None = None,
     max_wait_time: float | None = None,
+    short_polls: bool = True,
+    isolation: str = "subprocess",
 ) -> list[str]:
     """``flower-supernode`` reaching ``superlink`` (HOST:PORT) over TLS, authenticated by
     ``private_key``, with its own ``node_config`` (e.g. ``data-path``), and its Runtime API on
-    ``127.0.0.1:runtime_port`` (one free port per SuperNode on a host)."""
-    command = [_bin("flower-supernode"), "--superlink", superlink, "--host", "127.0.0.1", "--port", str(runtime_port)]
+    ``127.0.0.1:runtime_port`` (one free port per SuperNode on a host). It runs through
+    :mod:`fl_app.deploy.supernode_entry` (Flower's entry point with short, growing polls), or, with
+    ``short_polls=False``, as Flower's own ``flower-supernode`` (for comparisons). ``isolation``
+    ``"subprocess"``: the SuperNode starts Flower's SuperExec (a ``flwr-clientapp`` process per
+    message); ``"process"``: it does not, and :func:`executor_command` runs the messages."""
+    if isolation not in ("subprocess", "process"):
+        raise ValueError(f"isolation must be 'subprocess' or 'process', got {isolation!r}")
+    command = [sys.executable, "-m", "fl_app.deploy.supernode_entry"] if short_polls else [_bin("flower-supernode")]
+    command += ["--superlink", superlink, "--host", "127.0.0.1", "--port", str(runtime_port)]
     if insecure:
         command.append("--insecure")
     else:
@@ -374,7 +391,15 @@ def supernode_command(
         command += ["--node-config", format_node_config(node_config)]
     if max_wait_time is not None:
         command += ["--max-wait-time", str(max_wait_time)]
+    if isolation != "subprocess":
+        command += ["--isolation", isolation]
     return command
+
+
+def executor_command(runtime_port: int) -> list[str]:
+    """The warm ClientApp runtime (:mod:`fl_app.deploy.node_executor`) of the SuperNode whose
+    Runtime API is on ``127.0.0.1:runtime_port`` (that SuperNode runs with ``isolation="process"``)."""
+    return [sys.executable, "-m", "fl_app.deploy.node_executor", "--runtime-api-address", f"127.0.0.1:{runtime_port}"]
 
 
 def register_command(public_key: str | Path, connection: str, name: str | None = None) -> list[str]:
@@ -531,6 +556,7 @@ class LoopbackDeployment:
         host: str = "127.0.0.1",
         cert_hosts: Sequence[str] = ("localhost", "127.0.0.1"),
         gateway: bool = True,
+        flower_polls: bool = False,
     ) -> None:
         from fl_app.deploy.launcher import free_port
 
@@ -551,8 +577,12 @@ class LoopbackDeployment:
         self.flwr_home = self.root / "flwr_home"
         self.certs = self.root / "certs"
         self.env = deployment_env(self.flwr_home)
+        self.flower_polls = flower_polls  # Flower's own 3 s / 0.5 s / 1 s polls, for comparisons
+        if flower_polls:
+            self.env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = FLOWER_SUPEREXEC_TASK_POLL_S
         self.processes: list[subprocess.Popen] = []
         self.workers: dict[str, subprocess.Popen] = {}
+        self.executors: dict[str, subprocess.Popen] = {}
         self.superlink: subprocess.Popen | None = None
 
     # -- lifecycle
@@ -686,26 +716,37 @@ class LoopbackDeployment:
         *,
         private_key: Path | None = None,
         worker: Path | None = None,
+        executor: bool = False,
         superlink: str | None = None,
         prefix: Sequence[str] = (),
     ) -> subprocess.Popen:
         """SuperNode ``name`` (log ``<name>.log``), reaching ``superlink`` (default: the loopback
-        address), its command prefixed by ``prefix`` (e.g. ``ip netns exec NS``)."""
+        address), its command prefixed by ``prefix`` (e.g. ``ip netns exec NS``). With ``executor``
+        its messages run in a warm :mod:`fl_app.deploy.node_executor` process (log
+        ``<name>-executor.log``, same prefix) instead of a ``flwr-clientapp`` process each."""
+        if executor and worker is not None:
+            raise ValueError("a node runs its messages in the warm executor or through a worker, not both")
         from fl_app.deploy.launcher import free_port
         from fl_app.deploy.node_worker import NODE_CONFIG_KEY
 
         config = dict(node_config)
         if worker is not None:
             config[NODE_CONFIG_KEY] = str(worker)
+        runtime_port = free_port()
         command = supernode_command(
             superlink or self.address,
-            runtime_port=free_port(),
+            runtime_port=runtime_port,
             root_certificates=None if self.insecure else self.certs / "ca.pem",
             private_key=private_key,
             insecure=self.insecure,
             node_config=config,
+            short_polls=not self.flower_polls,
+            isolation="process" if executor else "subprocess",
         )
-        return self._start([*prefix, *command], name)
+        node = self._start([*prefix, *command], name)
+        if executor:
+            self.executors[name] = self._start([*prefix, *executor_command(runtime_port)], f"{name}-executor")
+        return node
 
     def node_id(self, name: str, timeout: float = 300.0) -> int:
         """The node id the SuperLink gave SuperNode ``name`` (from its log)."""

@@ -1,13 +1,16 @@
 """Integration: a real deployment on loopback, SuperLink and SuperNodes as separate processes.
 
-TLS and SuperNode authentication are on. Each SuperNode reads its own data file and runs its
-messages in a warm Keras worker (fl_app.deploy.node_worker), except the node with the corrupt file, which
-runs them the Flower way (a fresh process per message).
+TLS and SuperNode authentication are on. Each SuperNode reads its own data file. The nodes run
+their messages in the warm executor (fl_app.deploy.node_executor: no process per message), except
+two: in the first test node-2 runs them through Flower's SuperExec with the warm Keras worker
+(fl_app.deploy.node_worker), and the node with the corrupt file the Flower way (a fresh process
+per message, TensorFlow imported in each).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -30,12 +33,12 @@ def _history(output_dir: Path) -> tuple[Path, list[dict]]:
     return run_dir, json.loads((run_dir / "history.json").read_text())
 
 
-def _wait_for(predicate, timeout: float, what: str) -> None:
+def _wait_for(predicate, timeout: float, what: str, interval: float = 0.3) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.3)
+        time.sleep(interval)
 
 
 def test_tls_auth_run_survives_a_killed_node_and_a_corrupt_file(tmp_path):
@@ -45,15 +48,14 @@ def test_tls_auth_run_survives_a_killed_node_and_a_corrupt_file(tmp_path):
     out = tmp_path / "outputs"
 
     with LoopbackDeployment(tmp_path / "deploy", ROOT) as deployment:
-        workers = [deployment.start_worker(f"node-{i}", wait=False) for i in range(3)]
+        worker = deployment.start_worker("node-2", wait=False)
         # An unregistered key is refused: that SuperNode gives up and exits.
         stranger_key, _ = deployment.node_keys("stranger", register=False)
         stranger = deployment.start_node("stranger", {"data-path": str(files[0])}, private_key=stranger_key)
         assert stranger.wait(timeout=120) != 0
         assert "Failed to activate SuperNode" in deployment.log("stranger")
 
-        for i in range(3):
-            deployment.wait_worker(f"node-{i}")
+        deployment.wait_worker("node-2")
         nodes = {}
         for i in range(3):
             key, _ = deployment.node_keys(f"node-{i}")
@@ -61,7 +63,8 @@ def test_tls_auth_run_survives_a_killed_node_and_a_corrupt_file(tmp_path):
                 f"node-{i}",
                 {"data-path": str(files[i]), "partition-id": i},
                 private_key=key,
-                worker=workers[i],
+                worker=worker if i == 2 else None,
+                executor=i != 2,
             )
         key, _ = deployment.node_keys("node-bad")
         deployment.start_node("node-bad", {"data-path": str(corrupt), "partition-id": 3}, private_key=key)
@@ -106,12 +109,10 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
     )
 
     with LoopbackDeployment(tmp_path / "deploy", ROOT) as deployment:
-        workers = [deployment.start_worker(f"node-{i}", wait=False) for i in range(2)]
         for i in range(2):
             key, _ = deployment.node_keys(f"node-{i}")
-            deployment.wait_worker(f"node-{i}")
             deployment.start_node(
-                f"node-{i}", {"data-path": str(files[i]), "partition-id": i}, private_key=key, worker=workers[i]
+                f"node-{i}", {"data-path": str(files[i]), "partition-id": i}, private_key=key, executor=True
             )
 
         whole = tmp_path / "whole"
@@ -127,9 +128,17 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
             state = Path(latest.read_text().strip()) / "checkpoint" / "state.json" if latest.exists() else None
             return json.loads(state.read_text())["round"] if state and state.exists() else -1
 
-        _wait_for(lambda: completed_round() >= 2, 400, "round 2 of the interrupted run")
-        deployment.stop_run(run_id)
-        assert deployment.wait(run_id, timeout=120).startswith("finished:")
+        _wait_for(lambda: completed_round() >= 2, 400, "round 2 of the interrupted run", interval=0.05)
+        # Rounds take seconds: freeze the nodes' executors so that no further round can complete
+        # before the stop takes effect, and let them go once the run is over.
+        for executor in deployment.executors.values():
+            os.kill(executor.pid, signal.SIGSTOP)
+        try:
+            deployment.stop_run(run_id)
+            assert deployment.wait(run_id, timeout=120).startswith("finished:")
+        finally:
+            for executor in deployment.executors.values():
+                os.kill(executor.pid, signal.SIGCONT)
         stopped_dir = Path((parts / "latest").read_text().strip())
         assert json.loads((stopped_dir / "checkpoint" / "state.json").read_text())["round"] in (2, 3)
 

@@ -77,15 +77,13 @@ def test_node_on_another_network_stack_loses_its_link_mid_round(tmp_path, namesp
     out = tmp_path / "outputs"
     hosts = ["localhost", "127.0.0.1"] + [space["superlink_ip"] for space in namespaces]
     with LoopbackDeployment(tmp_path / "deploy", ROOT, host="0.0.0.0", cert_hosts=hosts) as deployment:
-        workers = [deployment.start_worker(f"node-{i}", wait=False) for i in range(NODES)]
         for i, space in enumerate(namespaces):
             key, _ = deployment.node_keys(f"node-{i}")
-            deployment.wait_worker(f"node-{i}")
             deployment.start_node(
                 f"node-{i}",
                 {"data-path": str(files[i]), "partition-id": i},
                 private_key=key,
-                worker=workers[i],
+                executor=True,  # in the node's namespace too: it reaches the node's Runtime API on its loopback
                 superlink=f"{space['superlink_ip']}:{deployment.port}",
                 prefix=["ip", "netns", "exec", space["ns"]],
             )

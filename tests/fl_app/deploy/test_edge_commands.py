@@ -112,9 +112,10 @@ def _intruder_is_refused(tmp_path: Path, env: dict[str, str], public: str, ca: P
 
 def test_edge_commands_behind_the_gateway_refuse_an_intruder_and_stop_every_process(tmp_path):
     """The intruder is refused (above) while the operator registers and lists; ``edge.py stop
-    NAME`` stops a SuperNode's whole tree (SuperExec and warm worker included), then the
-    SuperLink's (nginx included); a SuperNode started with ``--max-wait-time`` exits with code 3
-    once the SuperLink is gone (Flower's own SuperNode gives up reconnecting but keeps running)."""
+    NAME`` stops a SuperNode's whole tree (with ``--flower-runtime``: SuperExec and warm worker
+    included), then the SuperLink's (nginx included); a SuperNode started with ``--max-wait-time``
+    (by default: with the warm executor, no SuperExec) exits with code 3 once the SuperLink is gone,
+    its executor stopped with it (Flower's own SuperNode gives up reconnecting but keeps running)."""
     state = tmp_path / "state"
     env = deployment_env(tmp_path / "flwr_home")
     env["XDG_RUNTIME_DIR"] = str(tmp_path / "no-runtime-dir")  # the worker falls back to <tmp>/fl-keras-<uid>
@@ -156,7 +157,10 @@ def test_edge_commands_behind_the_gateway_refuse_an_intruder_and_stop_every_proc
 
         link = ("--superlink", f"127.0.0.1:{port}", "--ca", str(ca))
         background(
-            "node", "supernode", *link, "--key", str(pki / "keys" / "node-0"), "--runtime-port", str(runtime_port)
+            "node",
+            "supernode",
+            *link,
+            *("--key", str(pki / "keys" / "node-0"), "--runtime-port", str(runtime_port), "--flower-runtime"),
         )
         _wait_for(lambda: node_id_logged("node"), 180, "the SuperNode's id")
 
@@ -184,13 +188,17 @@ def test_edge_commands_behind_the_gateway_refuse_an_intruder_and_stop_every_proc
             str(pki / "keys" / "node-1"),
             "--runtime-port",
             str(second_port),
-            "--no-worker",
             "--max-wait-time",
             "10",
         )
         _wait_for(lambda: node_id_logged("lost"), 180, "the second SuperNode's id")
         lost = next(service for service in services.recorded(state) if service.name == f"supernode-{second_port}")
-        lost_tickets = {pid: services.start_ticks(pid) for pid in services.tree(lost)}
+        lost_tree = services.tree(lost)
+        assert any("fl_app.deploy.node_executor" in services.command_line(pid) for pid in lost_tree), lost_tree
+        assert not any(
+            "flower-superexec" in services.command_line(pid) for pid in lost_tree
+        )  # the default: no SuperExec
+        lost_tickets = {pid: services.start_ticks(pid) for pid in lost_tree}
         link_tree = services.tree(recorded[f"superlink-{port}"])
         assert len(link_tree) >= 5, link_tree  # edge.py, flower-superlink, its SuperExec, nginx (master, worker)
         tickets = {pid: services.start_ticks(pid) for pid in link_tree}
