@@ -14,6 +14,7 @@ from flwr.app import Context
 
 from fl_app.attacks.poisoning import poison_data
 from fl_app.config.settings import Settings
+from fl_app.task.callbacks import CallbackFactory, load_callback_factory
 from fl_app.task.data import ClientData, client_data, node_data_path
 from fl_app.task.keras_client import KerasClient, compile_model
 from fl_app.task.output_spec import OutputSpec
@@ -134,7 +135,17 @@ def make_client(context: Context) -> KerasClient:
         proximal=proximal,
         proximal_mu=settings.proximal_mu,
         epoch_batches=model.optimizer.poisson_batches if poisson else None,
+        callbacks=callback_factory(settings.callbacks) if settings.callbacks else None,
+        callbacks_name=settings.callbacks,
+        validation_fraction=settings.callbacks_validation_fraction,
+        partition_id=partition_id,
     )
+
+
+@functools.lru_cache(maxsize=4)
+def callback_factory(path: str) -> CallbackFactory:
+    """The run config's ``callbacks`` factory, imported once per process."""
+    return load_callback_factory(path)
 
 
 def client_fn(context: Context):
