@@ -141,7 +141,7 @@ def main(grid: Grid, context: Context) -> None:
         summary["export check report"] = export_report["report_file"]
     summary.update(privacy_summary(settings, history, stop_reason))
     run_dir.write_json("summary.json", summary)
-    log(INFO, "")
+    log(INFO, "=== Summary %s", "=" * 50)  # fl_app.deploy.output_filter.SUMMARY_HEADING
     for key, value in summary.items():
         if key != "settings":
             log(INFO, "%-28s %s", key, value)
