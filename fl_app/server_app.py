@@ -18,7 +18,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fl_app.config.settings import Settings
-from fl_app.delivery.shipping import BestWeights, TrainReplyRecorder, finish_run
+from fl_app.delivery.shipping import BestWeights, TrainReplyRecorder, check_exportable, finish_run
 from fl_app.server import initial_weights
 from fl_app.server.checkpoint import check_compatible, load_checkpoint, resume_strategy, save_checkpoint
 from fl_app.server.evaluation import CentralEvaluator, model_spec
@@ -42,6 +42,8 @@ def main(grid: Grid, context: Context) -> None:
     model = evaluator = test_set = None
     encrypted = settings.homomorphic_encryption != "none"
     # TensorFlow on the server only for centralized evaluation and for exporting the model
+    if settings.export_formats():  # a model that cannot be exported is refused before training
+        check_exportable(model_spec(settings)[1], settings.export_formats())
     if settings.centralized_evaluation or settings.export_formats():
         model, test_set = initial_weights.server_model(settings)
         # with encryption the server never holds the model after round 0: no centralized evaluation

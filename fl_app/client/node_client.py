@@ -18,6 +18,7 @@ from fl_app.task.callbacks import CallbackFactory, load_callback_factory
 from fl_app.task.data import ClientData, client_data, node_data_path
 from fl_app.task.keras_client import KerasClient, compile_model
 from fl_app.task.output_spec import OutputSpec
+from fl_app.task.targets import check_output_names
 
 DpSgdKey = tuple[float, float, int, bool, str]
 """DP-SGD's compile settings: noise multiplier, clip, microbatches, vectorized, sampling."""
@@ -124,6 +125,7 @@ def make_client(context: Context) -> KerasClient:
         settings.client_threads,
         dp_sgd,
     )
+    check_output_names(model, data.y_train)  # several targets: one per output, by name
     # DP-SGD's Poisson batches come from the optimizer's secretly seeded sampler, never the seed
     poisson = dp_sgd is not None and settings.dp_sgd_sampling == "poisson"
     return KerasClient(

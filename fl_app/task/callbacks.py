@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 import fl_app  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+from fl_app.task.targets import keras_targets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,9 +129,11 @@ def fit_with_callbacks(
     learning_rate: tf.Variable | None = rate if isinstance(rate, tf.Variable) else None
     saved = None if learning_rate is None else learning_rate.numpy()
     try:
+        if validation is not None:
+            validation = (validation[0], keras_targets(validation[1]))
         history = model.fit(
             x,
-            y,
+            keras_targets(y),
             epochs=epochs,
             batch_size=batch_size,
             shuffle=True,
