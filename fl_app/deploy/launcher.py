@@ -41,7 +41,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from fl_app.deploy.output_filter import NoiseFilter, copy_filtered, quiet_environment
+from fl_app.deploy.output_filter import NoiseFilter, copy_filtered
 
 HEALTH_TIMEOUT_S = 60.0
 
@@ -344,8 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--verbose",
         action="store_true",
-        help="show TensorFlow, Ray, CUDA and Flower start-up output too (hidden by default: "
-        "TF_CPP_MIN_LOG_LEVEL=2 and a filter of known noise lines)",
+        help="show TensorFlow, Ray, CUDA and Flower start-up output too (by default a filter hides "
+        "their known start-up and shutdown lines)",
     )
     return parser
 
@@ -362,8 +362,6 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = (args.output_dir or app / "outputs").resolve()
     flwr_home = app / ".flwr"
     env = prepare_environment(flwr_home, free_port(), free_port())
-    if not args.verbose:
-        env = quiet_environment(env)
     noise_filter = None if args.verbose else NoiseFilter()
     summary_seen: list[str] = []
 

@@ -5,10 +5,13 @@ Flower print when each worker starts: TensorFlow's oneDNN and ``cpu_feature_guar
 ``cudart_stub`` and red ``failed call to cuInit`` lines on machines without a GPU, absl's
 "log messages before absl::InitializeLog()", Ray's accelerator ``FutureWarning`` and log
 de-duplication hints, Flower's federation-size hints and its actors' "Manually terminating" at
-the end. None says anything about the run. By default the launcher sets
-``TF_CPP_MIN_LOG_LEVEL=2`` (TensorFlow's C++ INFO and WARNING off; a user's own value is kept)
-for every process of the run (:func:`quiet_environment`) and drops the lines that match
+the end. None says anything about the run. By default the launcher drops the lines that match
 :data:`NOISE` (:class:`NoiseFilter`); ``fl-keras-run --verbose`` shows everything.
+
+An environment variable cannot do it: this TensorFlow (2.21) writes its start-up lines through
+absl before absl's logging is initialised, so ``TF_CPP_MIN_LOG_LEVEL=2`` (which ``fl_app`` sets
+anyway) still prints them (measured: the same oneDNN, ``cudart_stub`` and ``cuInit`` lines with it),
+and Ray's and Flower's lines have no such switch.
 
 Errors of the run itself (tracebacks, the app's warnings, failed replies) never match.
 """
@@ -84,10 +87,3 @@ def copy_filtered(source: IO[str], target: IO[str], noise_filter: NoiseFilter | 
 SUMMARY_HEADING = "=== Summary "
 """How the ServerApp's summary starts in the log (``fl_app.server_app``): the launcher prints the
 summary itself only when the stream did not show it."""
-
-
-def quiet_environment(env: dict[str, str]) -> dict[str, str]:
-    """``env`` with TensorFlow's C++ INFO and WARNING logs off, unless it sets its own level."""
-    quiet = dict(env)
-    quiet.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    return quiet

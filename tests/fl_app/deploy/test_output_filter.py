@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from fl_app.deploy import launcher
-from fl_app.deploy.output_filter import NoiseFilter, copy_filtered, is_noise, quiet_environment
+from fl_app.deploy.output_filter import NoiseFilter, copy_filtered, is_noise
 
 # Lines of a default `fl-keras-run --clients 3 -- -c num-server-rounds=2` on a CPU machine (verbatim,
 # colour codes included), before the filter.
@@ -64,11 +64,6 @@ def test_copy_filtered_notes_the_summary_and_verbose_copies_all():
     out = io.StringIO()
     copy_filtered(io.StringIO(text), out, None, [])
     assert out.getvalue() == text
-
-
-def test_quiet_environment_keeps_a_users_level():
-    assert quiet_environment({})["TF_CPP_MIN_LOG_LEVEL"] == "2"
-    assert quiet_environment({"TF_CPP_MIN_LOG_LEVEL": "0"})["TF_CPP_MIN_LOG_LEVEL"] == "0"
 
 
 def test_help_documents_every_option_and_the_double_dash():
