@@ -344,8 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--verbose",
         action="store_true",
-        help="show TensorFlow, Ray, CUDA and Flower start-up output too (by default a filter hides "
-        "their known start-up and shutdown lines)",
+        help="show everything the run prints (by default a filter hides TensorFlow, Ray, CUDA and Flower "
+        "start-up and shutdown lines, and Flower's per-phase lines that the progress line repeats)",
     )
     return parser
 
@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    hidden = f"; {noise_filter.hidden} start-up lines hidden (--verbose shows them)" if noise_filter else ""
+    hidden = f"; {noise_filter.hidden} noise lines hidden (--verbose shows them)" if noise_filter else ""
     print(f"\nflwr run exited with {code}; run status: {status}; {time.perf_counter() - started:.1f} s in all{hidden}")
     if not summary_seen:  # the stream did not show the ServerApp's summary: this run's file, if any
         print_summary(output_dir, launched_at)

@@ -5,7 +5,10 @@ Flower print when each worker starts: TensorFlow's oneDNN and ``cpu_feature_guar
 ``cudart_stub`` and red ``failed call to cuInit`` lines on machines without a GPU, absl's
 "log messages before absl::InitializeLog()", Ray's accelerator ``FutureWarning`` and log
 de-duplication hints, Flower's federation-size hints and its actors' "Manually terminating" at
-the end. None says anything about the run. By default the launcher drops the lines that match
+the end. None says anything about the run. Flower's strategies also log four lines per round
+(``configure_train: Sampled 3 nodes``, ``aggregate_train: Received 3 results and 0 failures``, and
+the same for evaluation), which the app's progress line repeats (replied, failed), so that a round
+is one line. By default the launcher drops the lines that match
 :data:`NOISE` (:class:`NoiseFilter`); ``fl-keras-run --verbose`` shows everything.
 
 An environment variable cannot do it: this TensorFlow (2.21) writes its start-up lines through
@@ -43,9 +46,12 @@ NOISE: tuple[re.Pattern[str], ...] = tuple(
         r"To change federation size, use the following command",
         r"flwr federation simulation-config ",
         r"Manually terminating ClientAppActor",
+        # Flower's strategies' own per-phase lines, which the progress line of each round repeats
+        r"(configure_train|configure_evaluate): Sampled \d+ nodes \(out of \d+\)$",
+        r"(aggregate_train|aggregate_evaluate): Received \d+ results and \d+ failures$",
     )
 )
-"""Start-up and shutdown lines that say nothing about the run (matched without colour codes)."""
+"""Start-up, shutdown and repeated per-round lines (matched without colour codes)."""
 
 
 def is_noise(line: str) -> bool:

@@ -1,4 +1,4 @@
-"""What ``fl-keras-run`` shows: start-up noise hidden (``--verbose`` shows it), the summary once,
+"""What ``fl-keras-run`` shows: start-up noise and Flower's repeated per-phase lines hidden (``--verbose`` shows it), the summary once,
 ``--help`` documenting ``--`` and every option."""
 
 from __future__ import annotations
@@ -33,13 +33,16 @@ NOISE_LINES = [
     "To enable the following instructions: AVX2 AVX512F FMA, in other operations, rebuild TensorFlow with the "
     "appropriate compiler flags.",
     "\x1b[36m(ClientAppActor pid=4994)\x1b[0m \x1b[93mWARNING \x1b[0m:   Manually terminating ClientAppActor",
+    "\x1b[92mINFO \x1b[0m:      configure_train: Sampled 3 nodes (out of 3)",
+    "\x1b[92mINFO \x1b[0m:      aggregate_train: Received 3 results and 0 failures",
+    "\x1b[92mINFO \x1b[0m:      configure_evaluate: Sampled 3 nodes (out of 3)",
+    "\x1b[92mINFO \x1b[0m:      aggregate_evaluate: Received 2 results and 1 failures",
 ]
 RUN_LINES = [
     "Successfully started run 5846539300458252203",
     "\x1b[92mINFO \x1b[0m:      Run directory: /tmp/kk/out/20261129-050855-fedavg",
     "\x1b[92mINFO \x1b[0m:      [round 1/2 50%] ETA 0:04 | central accuracy 0.8468 loss 0.5504 | federated ...",
     "\x1b[93mWARNING \x1b[0m:   [round 1] failure: node 7: no reply within the round timeout (600 s)",
-    "\x1b[92mINFO \x1b[0m:      aggregate_train: Received 3 results and 0 failures",
     "Traceback (most recent call last):",
     '  File "/work/x/fl_app/client_app.py", line 69, in train',
     "ValueError: model 'm' has 3 output units but the data has 10 classes",
