@@ -121,6 +121,10 @@ def test_a_factory_that_returns_no_list_is_named(compiled):
         make_callbacks(make_not_a_list, CallbackInfo(1, 0, 1, 32, 10, 0), "pkg.mod:make")
     with pytest.raises(ValueError, match="not a tf.keras.callbacks.Callback"):
         make_callbacks(lambda info: [object()], CallbackInfo(1, 0, 1, 32, 10, 0), "pkg.mod:make")
+    keras3 = pytest.importorskip("keras")
+    if keras3.__version__.startswith("3"):
+        with pytest.raises(ValueError, match=r"EarlyStopping, not a tf.keras.callbacks.Callback \(a Keras 3 callback"):
+            make_callbacks(lambda info: [keras3.callbacks.EarlyStopping()], CallbackInfo(1, 0, 1, 32, 10, 0))
 
 
 def test_callbacks_and_dp_sgd_batches_are_refused_by_the_client():

@@ -118,3 +118,22 @@ def test_dp_sgd_export_wrong_names_and_an_uncompiled_model_are_refused():
 
     with pytest.raises(ValueError, match="an uncompiled model must have one output"):
         compile_model(two, "adam", spec=spec)
+
+
+def test_the_server_refuses_to_export_a_multi_output_model_before_training(monkeypatch, tmp_path):
+    from tests.helpers import run_server_app_in_process
+
+    config = {
+        "model": f"{HERE}:build",
+        "dataset": f"{HERE}:load",
+        "num-partitions": 2,
+        "min-available-clients": 2,
+        "min-train-clients": 2,
+        "min-evaluate-clients": 2,
+        "centralized-evaluation": False,
+        "export": "tflite",
+        "output-dir": str(tmp_path / "out"),
+    }
+    with pytest.raises(ValueError, match=r"export='tflite' supports models with one output"):
+        run_server_app_in_process(monkeypatch, config, nodes=2)
+    assert not (tmp_path / "out").exists()  # refused before the run directory, before any round
