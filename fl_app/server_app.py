@@ -18,7 +18,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fl_app.config.settings import Settings
-from fl_app.delivery.shipping import BestWeights, TrainReplyRecorder, finish_run
+from fl_app.delivery.shipping import BestWeights, TrainReplyRecorder, check_exportable, finish_run
 from fl_app.server import initial_weights
 from fl_app.server.checkpoint import check_compatible, load_checkpoint, resume_strategy, save_checkpoint
 from fl_app.server.evaluation import CentralEvaluator, model_spec
@@ -42,6 +42,8 @@ def main(grid: Grid, context: Context) -> None:
     model = evaluator = test_set = None
     encrypted = settings.homomorphic_encryption != "none"
     # TensorFlow on the server only for centralized evaluation and for exporting the model
+    if settings.export_formats():  # a model that cannot be exported is refused before training
+        check_exportable(model_spec(settings)[1], settings.export_formats())
     if settings.centralized_evaluation or settings.export_formats():
         model, test_set = initial_weights.server_model(settings)
         # with encryption the server never holds the model after round 0: no centralized evaluation
@@ -141,7 +143,7 @@ def main(grid: Grid, context: Context) -> None:
         summary["export check report"] = export_report["report_file"]
     summary.update(privacy_summary(settings, history, stop_reason))
     run_dir.write_json("summary.json", summary)
-    log(INFO, "")
+    log(INFO, "=== Summary %s", "=" * 50)  # fl_app.deploy.output_filter.SUMMARY_HEADING
     for key, value in summary.items():
         if key != "settings":
             log(INFO, "%-28s %s", key, value)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from fl_app.config.settings import Settings
 from fl_app.deploy.operator import LoopbackDeployment, write_node_files
+from fl_app.server.run_directory import latest_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +35,8 @@ def config(nodes: int, rounds: int, output_dir: Path) -> str:
 
 
 def round_times(output_dir: Path) -> list[float]:
-    run_dir = Path((output_dir / "latest").read_text().strip())
+    run_dir = latest_run(output_dir)
+    assert run_dir is not None, f"no run directory in {output_dir}"
     history = json.loads((run_dir / "history.json").read_text())
     return [r["seconds"] for r in history if r["round"] > 0]
 

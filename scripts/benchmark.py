@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 
 from fl_app.deploy.process_tools import TreeMemorySampler  # noqa: E402
+from fl_app.server.run_directory import latest_run  # noqa: E402
 
 BASELINE_APP = ROOT / "scripts" / "baseline_app"
 
@@ -46,8 +47,8 @@ BASELINE_APP = ROOT / "scripts" / "baseline_app"
 def _round_one_done(output_dir: Path) -> bool:
     """Whether our app's history in ``output_dir`` already holds round 1."""
     try:
-        run_dir = Path((output_dir / "latest").read_text().strip())
-        return any(r["round"] == 1 for r in json.loads((run_dir / "history.json").read_text()))
+        run_dir = latest_run(output_dir)
+        return run_dir is not None and any(r["round"] == 1 for r in json.loads((run_dir / "history.json").read_text()))
     except (OSError, ValueError, KeyError):
         return False
 
@@ -185,10 +186,9 @@ def ours(clients: int, rounds: int, out: Path, extra: str, timeout: float) -> di
     ``in_round_s``)."""
     out_dir = out / f"a-{clients}"
     result = run_simulation(ROOT, clients, out_dir, f"num-server-rounds={rounds} {extra}".strip(), timeout)
-    latest = out_dir / "latest"
+    run_dir = latest_run(out_dir)
     history = []
-    if latest.exists():
-        run_dir = Path(latest.read_text().strip())
+    if run_dir is not None:
         history = json.loads((run_dir / "history.json").read_text())
         result["final_accuracy"] = history[-1].get("centralized_accuracy")
         result["run_dir"] = str(run_dir)

@@ -6,9 +6,15 @@ train + evaluate messages handled three ways, side by side, plus centralized tra
 1. quickstart style: build and compile a fresh Keras model per message, ``model.fit``/``evaluate``;
 2. one reused compiled model, ``model.fit``/``model.evaluate`` per message;
 3. this app's ``KerasClient`` (reused model, compiled per-epoch train loop, compiled evaluation);
-4. centralized ``model.fit`` on the pooled client train data for the same sample-epochs.
+4. centralized ``model.fit`` on the pooled client train data for the same sample-epochs;
+
+and the train messages alone, per local epoch of one client, with and without Keras callbacks
+(run config ``callbacks``): ``KerasClient`` with the compiled fast loop (no callbacks, the
+default) vs ``KerasClient`` with a callback factory (``model.fit`` with an ``EarlyStopping`` that
+never stops and a ``LearningRateScheduler``, so every epoch runs).
 
     uv run python scripts/client_cost.py --clients 10 --repeats 3
+    uv run python scripts/client_cost.py --callbacks-only   # only the per-epoch comparison
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--callbacks-only", action="store_true", help="only fast loop vs fit with callbacks")
     args = parser.parse_args()
 
     import numpy as np
@@ -90,25 +97,51 @@ def main() -> None:
     def centralized():
         central.fit(x, y, epochs=epochs, batch_size=batch, verbose=0)
 
+    def callbacks(info):
+        return [
+            tf.keras.callbacks.EarlyStopping(monitor="loss", patience=info.local_epochs),
+            tf.keras.callbacks.LearningRateScheduler(lambda epoch, lr: lr),
+        ]
+
+    def train_only(factory):
+        def run():
+            for i, d in enumerate(data):
+                client = KerasClient(
+                    ours, d, local_epochs=epochs, batch_size=batch, seed=i, proximal=proximal, callbacks=factory
+                )
+                client.fit(initial, {"server-round": 1})
+
+        return run
+
     results = {}
-    for name, fn in (
-        ("quickstart style", quickstart),
-        ("reused model, model.fit", keras_reused),
-        ("this app (KerasClient)", app),
-        ("centralized, same sample-epochs", centralized),
-    ):
+
+    def measure(name: str, fn, per: float = 1.0, unit: str = "s per round") -> float:
         fn()  # warm-up: imports, tracing
         times = []
         for _ in range(args.repeats):
             started = time.perf_counter()
             fn()
-            times.append(time.perf_counter() - started)
-        results[name] = round(statistics.median(times), 3)
-        print(f"{name:<34} {results[name]:8.3f} s per round (median of {args.repeats})", flush=True)
-    results["quickstart / app"] = round(results["quickstart style"] / results["this app (KerasClient)"], 2)
-    results["app / centralized"] = round(
-        results["this app (KerasClient)"] / results["centralized, same sample-epochs"], 2
-    )
+            times.append((time.perf_counter() - started) / per)
+        results[name] = round(statistics.median(times), 5)
+        print(f"{name:<44} {results[name]:9.5f} {unit} (median of {args.repeats})", flush=True)
+        return results[name]
+
+    if not args.callbacks_only:
+        for name, fn in (
+            ("quickstart style", quickstart),
+            ("reused model, model.fit", keras_reused),
+            ("this app (KerasClient)", app),
+            ("centralized, same sample-epochs", centralized),
+        ):
+            measure(name, fn)
+        results["quickstart / app"] = round(results["quickstart style"] / results["this app (KerasClient)"], 2)
+        results["app / centralized"] = round(
+            results["this app (KerasClient)"] / results["centralized, same sample-epochs"], 2
+        )
+    client_epochs = len(data) * epochs
+    fast = measure("train, fast loop (no callbacks)", train_only(None), client_epochs, "s per client-epoch")
+    fit = measure("train, model.fit with 2 callbacks", train_only(callbacks), client_epochs, "s per client-epoch")
+    results["callbacks / fast loop, per epoch"] = round(fit / fast, 2)
     print(json.dumps(results, indent=2))
 
 

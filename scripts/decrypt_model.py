@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fl_app  # noqa: F401  (loads TenSEAL before TensorFlow)
+from fl_app.server.run_directory import latest_run
 from strategies.core.update_matrix import ModelLayout
 from strategies.encrypted.keys import load_client_scheme
 from strategies.encrypted.strategy import load_encrypted_model, reconstruct
@@ -31,10 +32,9 @@ def run_directory(path: Path) -> Path:
     """A run directory, or the one that ``<output-dir>/latest`` names."""
     if (path / "encrypted-model.npz").is_file():
         return path
-    if path.name == "latest" and path.is_file():
-        return Path(path.read_text().strip())
-    if (path / "latest").is_file():
-        return Path((path / "latest").read_text().strip())
+    named = latest_run(path.parent) if path.name == "latest" else latest_run(path)
+    if named is not None:
+        return named
     raise FileNotFoundError(f"{path} holds no encrypted-model.npz")
 
 

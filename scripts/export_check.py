@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 import fl_app  # noqa: F401  (Keras 2, before TensorFlow loads)
+from fl_app.server.run_directory import latest_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +34,9 @@ def main() -> None:
     )
     parser.add_argument("--calibration-seeds", type=int, default=3, help="int8 conversions to measure")
     args = parser.parse_args()
-    run_dir = args.run_dir or Path((ROOT / "outputs" / "latest").read_text().strip())
+    run_dir = args.run_dir or latest_run(ROOT / "outputs")
+    if run_dir is None:
+        raise SystemExit("no run directory: outputs/latest does not exist (pass --run-dir)")
 
     import tensorflow as tf
 

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fl_app.server.run_directory import latest_run
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -96,7 +98,8 @@ def run_to_completion(out: Path, clients: int, run_config: str) -> FinishedRun:
     assert proc.returncode == 0, output[-4000:]
     assert "run status: finished:completed" in output
     assert_launcher_cleaned_up(output)
-    run_dir = out.parent / (out / "latest").read_text().strip()  # relative to out's parent, or absolute
+    run_dir = latest_run(out)
+    assert run_dir is not None, output[-4000:]
     return FinishedRun(output, run_dir, json.loads((run_dir / "history.json").read_text()))
 
 
@@ -124,4 +127,6 @@ def run_server_app_in_process(monkeypatch, run_config: dict, nodes: int, grid_cl
     grid = (grid_class or LocalGrid)(config, nodes)
     server_app.main(grid, grid.contexts[1])
     out = Path(str(config["output-dir"]))
-    return out.parent / (out / "latest").read_text().strip()
+    run_dir = latest_run(out)
+    assert run_dir is not None
+    return run_dir

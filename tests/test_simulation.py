@@ -1,6 +1,7 @@
 """Integration: a real Flower simulation through ``flwr run`` (via the launcher)."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -36,6 +37,15 @@ def test_flwr_run_simulation_writes_history_and_model(tmp_path):
     assert summary["rounds"] == 2
     assert np.isclose(summary["final centralized accuracy"], history[-1]["centralized_accuracy"])
     assert (run.run_dir / "metrics.png").stat().st_size > 1000
+    # what a person sees (fl-keras-run without --verbose): a progress line per round, the summary
+    # once, no start-up noise, and outputs/latest a symlink to this run
+    from fl_app.deploy.output_filter import is_noise
+
+    assert re.search(r"\[round 2/2 100%\] ETA 0:00 \| central accuracy 0\.\d{4}", run.output)
+    assert run.output.count("=== Summary") == 1 and run.output.count("final centralized accuracy") == 1
+    assert [line for line in run.output.splitlines() if is_noise(line)] == []
+    assert "noise lines hidden (--verbose shows them)" in run.output
+    assert (tmp_path / "outputs" / "latest").is_symlink()
 
 
 def test_bad_run_config_fails_before_training(tmp_path):

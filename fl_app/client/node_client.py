@@ -14,9 +14,11 @@ from flwr.app import Context
 
 from fl_app.attacks.poisoning import poison_data
 from fl_app.config.settings import Settings
+from fl_app.task.callbacks import CallbackFactory, load_callback_factory
 from fl_app.task.data import ClientData, client_data, node_data_path
 from fl_app.task.keras_client import KerasClient, compile_model
 from fl_app.task.output_spec import OutputSpec
+from fl_app.task.targets import check_output_names
 
 DpSgdKey = tuple[float, float, int, bool, str]
 """DP-SGD's compile settings: noise multiplier, clip, microbatches, vectorized, sampling."""
@@ -123,6 +125,7 @@ def make_client(context: Context) -> KerasClient:
         settings.client_threads,
         dp_sgd,
     )
+    check_output_names(model, data.y_train)  # several targets: one per output, by name
     # DP-SGD's Poisson batches come from the optimizer's secretly seeded sampler, never the seed
     poisson = dp_sgd is not None and settings.dp_sgd_sampling == "poisson"
     return KerasClient(
@@ -134,7 +137,17 @@ def make_client(context: Context) -> KerasClient:
         proximal=proximal,
         proximal_mu=settings.proximal_mu,
         epoch_batches=model.optimizer.poisson_batches if poisson else None,
+        callbacks=callback_factory(settings.callbacks) if settings.callbacks else None,
+        callbacks_name=settings.callbacks,
+        validation_fraction=settings.callbacks_validation_fraction,
+        partition_id=partition_id,
     )
+
+
+@functools.lru_cache(maxsize=4)
+def callback_factory(path: str) -> CallbackFactory:
+    """The run config's ``callbacks`` factory, imported once per process."""
+    return load_callback_factory(path)
 
 
 def client_fn(context: Context):

@@ -309,6 +309,16 @@ class Settings:
     batch_size: int = _key(32, Range(1, 65536), "local batch size (65536: larger than any client's data set here)")
     learning_rate: float = _key(0.01, Range(0.0, MAX_RATE, low_open=True), "local learning rate")
     optimizer: str = _key("adam", _choices(OPTIMIZERS), "local optimizer: `adam` or `sgd`")
+    callbacks: str = _key(
+        "",
+        '"" or `package.module:make`',
+        'Keras callbacks on every client: a factory `make(info) -> list[tf.keras.callbacks.Callback]`, called at every local fit with a `fl_app.task.callbacks.CallbackInfo` (round, partition, epochs, batch size, examples); local training then runs `model.fit` with them; "" trains with the compiled fast loop (docs/models.md)',
+    )
+    callbacks_validation_fraction: float = _key(
+        0.0,
+        Range(0.0, 0.5, high_open=True),
+        "share of a client's training split held out as `model.fit`'s validation data for `callbacks` (e.g. `EarlyStopping(monitor='val_loss')`); 0: none",
+    )
     client_threads: int = _key(
         1, Range(1, MAX_THREADS), "TensorFlow threads per client process (more than the cores only slows it)"
     )
@@ -912,11 +922,32 @@ class Settings:
         if not _is_user_object(self.model) and not self.model.lower().endswith((".keras", ".h5")):
             _one_of("model", self.model, MODEL_NAMES)
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
+        self._validate_callbacks()
         self._validate_attack()
         self._validate_client_privacy()
         self._validate_codecs()
         self.encryption_params()
         self._validate_export()
+
+    def _validate_callbacks(self) -> None:
+        if self.callbacks and not _is_user_object(self.callbacks):
+            raise SettingsError(
+                f"callbacks must be \"\" or a factory 'package.module:make' returning a list of "
+                f"tf.keras callbacks; got '{self.callbacks}'"
+            )
+        if self.callbacks_validation_fraction > 0 and not self.callbacks:
+            raise SettingsError(
+                f"callbacks-validation-fraction={self.callbacks_validation_fraction:g} holds out validation data "
+                'for Keras callbacks, but callbacks is "": name a factory in callbacks, or set it to 0'
+            )
+        if self.callbacks and self.dp_sgd_noise_multiplier > 0:
+            raise SettingsError(
+                f"callbacks='{self.callbacks}' cannot run with DP-SGD (dp-sgd-noise-multiplier="
+                f"{self.dp_sgd_noise_multiplier:g}): callbacks run in model.fit, whose batches are not DP-SGD's "
+                "secretly seeded Poisson batches, and a callback that stops early or changes the learning rate "
+                'changes the steps the example-level epsilon is accounted for; set callbacks="" or '
+                "dp-sgd-noise-multiplier=0"
+            )
 
     def _validate_strategy(self) -> None:
         from strategies.aggregation.strategy import build_aggregation_strategy

@@ -407,6 +407,19 @@ class BestWeights:
             self.round, self.value, self.weights = record.round, value, arrays.to_numpy_ndarrays()
 
 
+def check_exportable(spec, formats: tuple[str, ...]) -> None:
+    """``ValueError`` before any training when ``export`` asks for a model that cannot be exported
+    and checked: a model with several outputs (``spec`` multioutput), whose TFLite outputs the
+    check before shipping cannot score by one metric."""
+    if formats and spec.multi_output:
+        names = ", ".join(name for name, _ in spec.outputs)
+        raise ValueError(
+            f"export='{','.join(formats)}' supports models with one output; this model has {len(spec.outputs)} "
+            f"({names}), whose TFLite outputs the check before shipping cannot score: set export='' "
+            "(the run still writes model.keras)"
+        )
+
+
 def finish_run(
     *,
     grid,

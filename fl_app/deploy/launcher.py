@@ -17,6 +17,11 @@ only by its port, and keeps the environment and working directory of the run tha
 
 Everything after ``--`` (or any unknown option) is passed to ``flwr run``, e.g.
 ``fl-keras-run -- -c "strategy='fedprox' proximal-mu=0.1"``.
+
+What it shows: the stream of the run without TensorFlow, Ray, CUDA and Flower start-up noise
+(:mod:`fl_app.deploy.output_filter`; ``--verbose`` shows everything), one progress line per round,
+and the run's summary once: the ServerApp's, or, when the stream did not show it, the
+``summary.json`` this run wrote (never an earlier run's).
 """
 
 from __future__ import annotations
@@ -29,11 +34,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from fl_app.deploy.output_filter import NoiseFilter, copy_filtered
 
 HEALTH_TIMEOUT_S = 60.0
 
@@ -176,13 +184,31 @@ def become_subreaper() -> bool:
 
 
 def run_while_alive(
-    command: list[str], env: dict[str, str], cwd: Path, superlink: subprocess.Popen, port: int
+    command: list[str],
+    env: dict[str, str],
+    cwd: Path,
+    superlink: subprocess.Popen,
+    port: int,
+    noise_filter: NoiseFilter | None = None,
+    summary_seen: list[str] | None = None,
 ) -> tuple[int | None, str]:
     """Run ``command`` (``flwr run``) while the SuperLink lives. Returns ``(exit code, "")``, or
     ``(None, why)`` as soon as the SuperLink has exited, or has not answered its health check on
     ``port`` for ``LOST_AFTER_S`` seconds (seen here: after SIGTERM during a run it stopped
-    listening but did not exit). ``command`` is then stopped: it would go on waiting."""
-    process = subprocess.Popen(command, env=env, cwd=cwd)
+    listening but did not exit). ``command`` is then stopped: it would go on waiting.
+
+    Its output (stdout and stderr, in order) is copied to this process's stdout, without the lines
+    ``noise_filter`` drops (None: all of it); the summary heading, if shown, goes into ``summary_seen``."""
+    process = subprocess.Popen(
+        command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+    )
+    assert process.stdout is not None
+    copier = threading.Thread(
+        target=copy_filtered,
+        args=(process.stdout, sys.stdout, noise_filter, summary_seen if summary_seen is not None else []),
+        daemon=True,
+    )
+    copier.start()
     last_answer = next_check = time.monotonic()
     try:
         while True:
@@ -208,6 +234,7 @@ def run_while_alive(
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        copier.join(timeout=5)  # the rest of its output
 
 
 def run_status(env: dict[str, str], app: Path) -> str:
@@ -245,11 +272,14 @@ def default_num_partitions(app: Path) -> int:
 def print_summary(output_dir: Path, since: float) -> None:
     """Print the summary this run wrote: ``<output-dir>/latest``'s, if it was written after the
     wall-clock time ``since`` (the launch), never an earlier run's."""
+    from fl_app.server.run_directory import latest_run
+
     latest = output_dir / "latest"
-    if not latest.exists() or latest.stat().st_mtime < since:
+    run = latest_run(output_dir)
+    if run is None or latest.lstat().st_mtime < since:  # the link itself: made when the run started
         print("This run wrote no run directory.")
         return
-    summary_file = Path(latest.read_text(encoding="utf-8").strip()) / "summary.json"
+    summary_file = run / "summary.json"
     if not summary_file.exists() or summary_file.stat().st_mtime < since:
         print(f"This run wrote no summary ({summary_file} is missing).")
         return
@@ -267,20 +297,61 @@ def _threads(app: Path, cpus_per_client: int) -> str:
     return f" client-threads={cpus_per_client}" if "client-threads" in config["tool"]["flwr"]["app"]["config"] else ""
 
 
-def main(argv: list[str] | None = None) -> int:
+EPILOG = """\
+passing options to flwr run:
+  Everything after `--` goes to `flwr run <app> local --stream` unchanged (as does any option
+  fl-keras-run does not know), most often the run config: -c "key=value key=value" (every key:
+  docs/run-config.md). Strings are quoted with single quotes inside the double quotes.
+
+examples:
+  fl-keras-run
+  fl-keras-run --clients 20 -- -c "strategy='fedprox' proximal-mu=0.1 num-server-rounds=20"
+  fl-keras-run --verbose --output-dir /tmp/runs -- -c "model='examples.diabetes.model:build'"
+
+It starts a private SuperLink on free loopback ports (FLWR_HOME=<app>/.flwr), stops it and
+everything under it by PID at the end, and exits 1 unless the run finished as `completed`.
+Each run writes <output-dir>/<timestamp>-<strategy>/; <output-dir>/latest links to the newest.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``fl-keras-run``'s options; ``--help`` documents each and ``--``."""
     parser = argparse.ArgumentParser(
         prog="fl-keras-run",
+        usage="%(prog)s [options] [-- FLWR_RUN_OPTIONS ...]",
         description="Run the federation in Flower's simulation engine with a private local SuperLink.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--app", type=Path, default=Path.cwd(), help="the Flower app directory")
     parser.add_argument(
-        "--clients", type=int, default=None, help="simulated SuperNodes (and num-partitions); default: num-partitions"
+        "--app", type=Path, default=Path.cwd(), help="the Flower app directory (default: the current directory)"
     )
-    parser.add_argument("--cpus-per-client", type=int, default=1)
+    parser.add_argument(
+        "--clients",
+        type=int,
+        default=None,
+        help="simulated SuperNodes, also the run config's num-partitions (default: num-partitions in pyproject.toml)",
+    )
+    parser.add_argument(
+        "--cpus-per-client",
+        type=int,
+        default=1,
+        help="CPUs Ray reserves for each virtual client, also TensorFlow's threads per client (client-threads) (default: 1)",
+    )
     parser.add_argument(
         "--output-dir", type=Path, default=None, help="where run directories go (default: <app>/outputs)"
     )
-    args, flwr_args = parser.parse_known_args(argv)
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show everything the run prints (by default a filter hides TensorFlow, Ray, CUDA and Flower "
+        "start-up and shutdown lines, and Flower's per-phase lines that the progress line repeats)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, flwr_args = build_parser().parse_known_args(argv)
     # SIGTERM (e.g. a test's timeout) unwinds like Ctrl-C, so the SuperLink's tree is always stopped
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if flwr_args and flwr_args[0] == "--":
@@ -291,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = (args.output_dir or app / "outputs").resolve()
     flwr_home = app / ".flwr"
     env = prepare_environment(flwr_home, free_port(), free_port())
+    noise_filter = None if args.verbose else NoiseFilter()
+    summary_seen: list[str] = []
 
     command = [
         _bin("flwr"),
@@ -317,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             port = int(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"])
-            code, lost = run_while_alive(command, env, app, superlink, port)
+            code, lost = run_while_alive(command, env, app, superlink, port, noise_filter, summary_seen)
             # never `flwr ls local` once the SuperLink is gone: it would start a new, detached one
             status = run_status(env, app) if code is not None else "unknown"
     finally:
@@ -331,8 +404,10 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    print(f"\nflwr run exited with {code}; run status: {status}; {time.perf_counter() - started:.1f} s in all")
-    print_summary(output_dir, launched_at)
+    hidden = f"; {noise_filter.hidden} noise lines hidden (--verbose shows them)" if noise_filter else ""
+    print(f"\nflwr run exited with {code}; run status: {status}; {time.perf_counter() - started:.1f} s in all{hidden}")
+    if not summary_seen:  # the stream did not show the ServerApp's summary: this run's file, if any
+        print_summary(output_dir, launched_at)
     if code != 0 or status != "finished:completed":
         print(f"The run did not complete (status {status}); see {flwr_home / 'superlink.log'}", file=sys.stderr)
         return 1

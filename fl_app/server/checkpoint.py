@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from fl_app.server.run_directory import RoundRecord
+from fl_app.server.run_directory import RoundRecord, latest_run
 from strategies.aggregation.guard import GuardedStrategy
 from strategies.core.reporting import Private, Stateful
 
@@ -242,11 +242,11 @@ def save_checkpoint(
 
 def find_checkpoint(path: str | Path) -> Path:
     """The checkpoint folder for ``path``: a run directory, its checkpoint folder, or an output
-    directory whose ``latest`` file names the run."""
+    directory whose ``latest`` names the run."""
     path = Path(path).expanduser()
     candidates = [path / CHECKPOINT_DIR, path]
-    if (path / "latest").is_file():
-        latest = Path((path / "latest").read_text(encoding="utf-8").strip())
+    latest = latest_run(path)
+    if latest is not None:
         candidates.insert(0, latest / CHECKPOINT_DIR)
     for candidate in candidates:
         if (candidate / "state.json").is_file() and (candidate / "weights.npz").is_file():

@@ -16,14 +16,15 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Iterable
-from logging import INFO, WARNING
+from logging import WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fl_app.server.run_directory import RoundRecord, headline
+from fl_app.server.progress import RoundProgress
+from fl_app.server.run_directory import RoundRecord
 from strategies.aggregation.guard import GuardedStrategy
 from strategies.core.errors import StopTraining
 from strategies.core.grid_wrapper import GridWrapper
@@ -157,6 +158,7 @@ def run_rounds(
     """
     history: list[RoundRecord] = []
     arrays = initial_arrays
+    progress = RoundProgress(num_rounds, first_round)
     patient = PatientGrid(grid)
     guarded = GuardedStrategy.around(strategy)
     # a strategy may lower the bar: DP-FedAvg runs its mechanism (noise) on an empty Poisson sample
@@ -166,7 +168,7 @@ def run_rounds(
         record = RoundRecord(round=0)
         started = time.perf_counter()
         _record_evaluation(record, evaluate_fn(0, arrays))
-        _close_round(record, started, history, num_rounds, on_round_end, arrays)
+        _close_round(record, started, history, progress, on_round_end, arrays)
 
     for server_round in range(first_round, num_rounds + 1):
         record = RoundRecord(round=server_round)
@@ -244,7 +246,7 @@ def run_rounds(
         if evaluate_fn is not None:
             _record_evaluation(record, evaluate_fn(server_round, arrays))
 
-        _close_round(record, started, history, num_rounds, on_round_end, arrays)
+        _close_round(record, started, history, progress, on_round_end, arrays)
     return arrays, history
 
 
@@ -252,41 +254,14 @@ def _close_round(
     record: RoundRecord,
     started: float,
     history: list[RoundRecord],
-    num_rounds: int,
+    progress: RoundProgress,
     on_round_end: RoundCallback | None,
     arrays: ArrayRecord,
 ) -> None:
-    """Time, keep, log and report a finished round."""
+    """Time, keep, report (one progress line) and hand on a finished round."""
     record.seconds = time.perf_counter() - started
     record.finished_at = time.time()
     history.append(record)
-    _log_round(record, num_rounds)
+    progress.report(record)
     if on_round_end is not None:
         on_round_end(record, arrays)
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
-
-
-def _log_round(record: RoundRecord, num_rounds: int) -> None:
-    name = headline([record]) or "loss"
-    log(
-        INFO,
-        "[round %d/%d] central %s %s loss %s | federated %s %s | train loss %s | "
-        "%d replied, %d failed | %.1f kB up | %.2f s",
-        record.round,
-        num_rounds,
-        name,
-        _fmt(record.value("centralized", name)),
-        _fmt(record.centralized_loss),
-        name,
-        _fmt(record.value("federated", name)),
-        _fmt(record.train_loss),
-        record.clients_replied,
-        record.clients_failed,
-        record.bytes_received / 1e3,
-        record.seconds,
-    )
-    for line in record.failures:
-        log(WARNING, "[round %d] failure: %s", record.round, line)

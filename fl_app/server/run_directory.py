@@ -9,7 +9,8 @@ Layout of ``<output-dir>/<timestamp>-<strategy>/``::
     metrics.png    centralized and federated headline metric (accuracy, mae, ...) and loss per round
     summary.json   final metrics, rounds, time, paths
 
-``<output-dir>/latest`` holds the path of the newest run directory.
+``<output-dir>/latest`` is a symbolic link to the newest run directory (relative, so the output
+directory can move); :func:`latest_run` reads it, and the plain file that older versions wrote.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import csv
 import dataclasses
 import datetime as dt
 import json
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -117,7 +119,7 @@ class RunDirectory:
         path.mkdir(parents=True)
         self.root = root
         self.path = path
-        (root / "latest").write_text(str(path) + "\n", encoding="utf-8")
+        point_latest(root, path)
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -170,6 +172,26 @@ class RunDirectory:
         fig.savefig(target, dpi=100)
         plt.close(fig)
         return target
+
+
+def point_latest(root: Path, run: Path) -> None:
+    """Make ``root/latest`` a symbolic link to ``run`` (a directory in ``root``), replacing any
+    earlier link or file at once (a new link renamed over it)."""
+    temporary = root / f".latest-{os.getpid()}"
+    temporary.unlink(missing_ok=True)
+    temporary.symlink_to(run.name, target_is_directory=True)
+    os.replace(temporary, root / "latest")
+
+
+def latest_run(output_dir: str | Path) -> Path | None:
+    """The run directory ``<output_dir>/latest`` names (a symbolic link, or a file holding a path
+    as older versions wrote), or None when there is none."""
+    latest = Path(output_dir) / "latest"
+    if latest.is_symlink():
+        return latest.resolve()
+    if latest.is_file():
+        return Path(latest.read_text(encoding="utf-8").strip())
+    return None
 
 
 def _jsonable(value: Any) -> Any:

@@ -20,6 +20,9 @@ depends only on the seed, so a reused model gives the same result as a fresh one
 its Poisson sampler (:mod:`fl_app.task.dp_sgd`), whose batches vary in size and may be empty. An
 empty batch runs as one example of sample weight 0 (zero loss, zero gradient), so that the step
 still happens (DP-SGD then releases its noise alone) and every batch has the same traced shape.
+
+Targets for a model with several outputs (a structured array, :mod:`fl_app.task.targets`) go in
+as Keras' dict ``{output name: targets}``; every step gathers each output's rows alike.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Any
 import numpy as np
 
 import fl_app  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+from fl_app.task.targets import keras_targets
 
 _LOOPS: weakref.WeakKeyDictionary[Any, CompiledLoop] = weakref.WeakKeyDictionary()
 EVAL_BATCH = 1024
@@ -60,13 +64,22 @@ class CompiledLoop:
     # ------------------------------------------------------------------ tracing
 
     @staticmethod
-    def _signature(x: np.ndarray, y: np.ndarray):
+    def _signature(x: np.ndarray, y: Any):
         import tensorflow as tf
 
-        return (
-            tf.TensorSpec((None, *x.shape[1:]), tf.as_dtype(x.dtype)),
-            tf.TensorSpec((None, *y.shape[1:]), tf.as_dtype(y.dtype)),
-        )
+        def spec(array: np.ndarray):
+            return tf.TensorSpec((None, *array.shape[1:]), tf.as_dtype(array.dtype))
+
+        return spec(x), tf.nest.map_structure(spec, y)
+
+    @staticmethod
+    def _key(x: np.ndarray, y: Any) -> tuple:
+        """What a trace depends on: the per-example shapes and dtypes of ``x`` and every target."""
+        import tensorflow as tf
+
+        targets = tuple((a.shape[1:], a.dtype.str) for a in tf.nest.flatten(y))
+        names = tuple(sorted(y)) if isinstance(y, dict) else ()
+        return (x.shape[1:], x.dtype.str, targets, names)
 
     def _train_batches(self, x: np.ndarray, y: np.ndarray, weighted: bool):
         """Many batches in one graph: ``train_step`` on ``x[order[starts[i]:starts[i+1]]]`` for
@@ -74,7 +87,7 @@ class CompiledLoop:
         ``weights[starts[i]:starts[i+1]]`` (batches of any sizes, an empty one as a zero-weight
         example); without, Keras' unweighted step (the seeded shuffle, whose batches are never
         empty: measured faster, as Keras skips the weighting)."""
-        key = (x.shape[1:], x.dtype.str, y.shape[1:], y.dtype.str, weighted)
+        key = (*self._key(x, y), weighted)
         batches = self._train_steps.get(key)
         if batches is None:
             import tensorflow as tf
@@ -83,9 +96,10 @@ class CompiledLoop:
 
             def step(xs, ys, order, weights, start, end):
                 index = order[start:end]
+                targets = tf.nest.map_structure(lambda t: tf.gather(t, index), ys)
                 if weights is None:
-                    return model.train_step((tf.gather(xs, index), tf.gather(ys, index)))
-                return model.train_step((tf.gather(xs, index), tf.gather(ys, index), weights[start:end]))
+                    return model.train_step((tf.gather(xs, index), targets))
+                return model.train_step((tf.gather(xs, index), targets, weights[start:end]))
 
             def train_batches(xs, ys, order, weights, starts):
                 # the first step outside the loop: on the first trace it creates the optimizer's
@@ -114,8 +128,8 @@ class CompiledLoop:
             self._train_steps[key] = batches
         return batches
 
-    def _eval_step(self, x: np.ndarray, y: np.ndarray):
-        key = (x.shape[1:], x.dtype.str, y.shape[1:], y.dtype.str)
+    def _eval_step(self, x: np.ndarray, y: Any):
+        key = self._key(x, y)
         step = self._eval_steps.get(key)
         if step is None:
             import tensorflow as tf
@@ -149,6 +163,7 @@ class CompiledLoop:
         paid ~1.4 ms per call).
         """
         n = len(y)
+        y = keras_targets(y)
         if n == 0:
             raise ValueError("no training examples")
         if epochs < 1:
@@ -161,7 +176,7 @@ class CompiledLoop:
         if epoch_batches is None:
             epoch_batches = shuffled_batches(np.random.Generator(np.random.PCG64(seed)))
         train = self._train_batches(x, y, weighted)
-        xs, ys = tf.convert_to_tensor(x), tf.convert_to_tensor(y)
+        xs, ys = tf.convert_to_tensor(x), tf.nest.map_structure(tf.convert_to_tensor, y)
         epochs_batches = [epoch_batches(n, batch_size) for _ in range(epochs)]
 
         def run(batches: list[np.ndarray]) -> Any:
@@ -180,11 +195,13 @@ class CompiledLoop:
         n = len(y)
         if n == 0:
             raise ValueError("no evaluation examples")
+        y = keras_targets(y)
         step = self._eval_step(x, y)
         self.model.reset_metrics()
         logs: Any = {}
         for start in range(0, n, EVAL_BATCH):
-            logs = step(x[start : start + EVAL_BATCH], y[start : start + EVAL_BATCH])
+            batch = {k: v[start : start + EVAL_BATCH] for k, v in y.items()} if isinstance(y, dict) else None
+            logs = step(x[start : start + EVAL_BATCH], y[start : start + EVAL_BATCH] if batch is None else batch)
         self.model.reset_metrics()
         return {key: float(value) for key, value in logs.items()}
 

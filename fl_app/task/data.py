@@ -34,6 +34,7 @@ import numpy as np
 
 from fl_app.config.settings import Settings
 from fl_app.task.output_spec import OutputSpec, infer_output_spec, strata
+from fl_app.task.targets import is_multi_target, pack_targets
 
 
 class DataFileError(ValueError):
@@ -271,11 +272,18 @@ def load_user_arrays(
     if not isinstance(pool, tuple) or len(pool) != 2:
         raise DataFileError(f"dataset '{name}' must return a tuple (x, y) of numpy arrays; got {type(pool).__name__}")
     try:
-        x, y = np.asarray(pool[0]), np.asarray(pool[1])
+        x = np.asarray(pool[0])
+        y = pack_targets(pool[1], f"dataset '{name}'") if isinstance(pool[1], Mapping) else np.asarray(pool[1])
     except (TypeError, ValueError) as err:
+        if isinstance(pool[1], Mapping) and isinstance(err, ValueError):
+            raise DataFileError(str(err)) from err
         raise DataFileError(f"dataset '{name}' returned x or y that is not an array: {type(err).__name__}") from err
     if len(x) == 0 or len(x) != len(y):
         raise DataFileError(f"dataset '{name}': x has {len(x)} rows and y {len(y)}; they must be equal and > 0")
+    if is_multi_target(y):  # several outputs: checked by pack_targets
+        if not np.issubdtype(x.dtype, np.number) or not np.all(np.isfinite(x)):
+            raise DataFileError(f"dataset '{name}': x must be numeric and finite, got dtype {x.dtype}")
+        return x.astype(np.float32), y
     if not np.issubdtype(x.dtype, np.number) or not np.issubdtype(y.dtype, np.number):
         raise DataFileError(f"dataset '{name}': x and y must be numeric, got dtypes {x.dtype} and {y.dtype}")
     x = x.astype(np.float32)
@@ -481,6 +489,11 @@ def client_data(settings: Settings, partition_id: int, data_path: str = "") -> C
 def _node_own(settings: Settings, x: np.ndarray, y: np.ndarray, source: str) -> tuple[np.ndarray, OutputSpec]:
     """A node's own data checked against the task the run config declares (:func:`declared_spec`),
     ``x`` reshaped to ``input-shape``; errors name ``source``."""
+    if is_multi_target(y):
+        raise DataFileError(
+            f"{source}: targets for several outputs need a loader of the whole pool, load() -> (x, {{output: y}}); "
+            "a node's own data (local-file, load(partition_id, num_partitions)) declares one task in the run config"
+        )
     found, spec = task_spec(settings, y, source=source), declared_spec(settings)
     if found.task == spec.task == "multiclass" and found.num_classes > spec.num_classes:
         raise DataFileError(f"{source}: label {found.num_classes - 1} is outside [0, {spec.num_classes}) (num-classes)")

@@ -22,6 +22,7 @@ from flwr.client import NumPyClient
 from flwr.common import Scalar
 
 import fl_app  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+from fl_app.task.callbacks import CallbackFactory, CallbackInfo, fit_with_callbacks, make_callbacks, validation_split
 from fl_app.task.compiled_loop import EpochBatches, loop_for
 from fl_app.task.data import ClientData
 from fl_app.task.output_spec import OutputSpec
@@ -112,6 +113,14 @@ class KerasClient(NumPyClient):
     proximal_mu : default ``mu`` when the fit config carries no ``proximal-mu``
     epoch_batches : draws each epoch's batches instead of the seeded shuffle (DP-SGD's Poisson
         sampler, :meth:`fl_app.task.dp_sgd.make_dp_optimizer`'s ``poisson_batches``)
+    callbacks : a factory of Keras callbacks (:mod:`fl_app.task.callbacks`, run config
+        ``callbacks``): each fit then runs ``model.fit`` with the callbacks it makes, and replies
+        ``local-epochs-run`` (fewer than ``local-epochs`` when a callback stopped training);
+        None: the compiled fast loop
+    callbacks_name : the factory's ``package.module:make``, for error messages
+    validation_fraction : with ``callbacks``, the share of the training split held out as
+        ``model.fit``'s validation data (``val_*`` logs, replied as ``train-val_<name>``)
+    partition_id : the client's partition id, passed to the callback factory
     """
 
     def __init__(
@@ -125,7 +134,16 @@ class KerasClient(NumPyClient):
         proximal: ProximalTerm | None = None,
         proximal_mu: float = 0.0,
         epoch_batches: EpochBatches | None = None,
+        callbacks: CallbackFactory | None = None,
+        callbacks_name: str = "callbacks",
+        validation_fraction: float = 0.0,
+        partition_id: int = 0,
     ) -> None:
+        if callbacks is not None and epoch_batches is not None:
+            raise ValueError(
+                "Keras callbacks run in model.fit, which cannot draw DP-SGD's batches (epoch_batches): "
+                "use callbacks without DP-SGD"
+            )
         self.model = model
         self.data = data
         self.local_epochs = local_epochs
@@ -134,6 +152,10 @@ class KerasClient(NumPyClient):
         self.proximal = proximal
         self.proximal_mu = proximal_mu
         self.epoch_batches = epoch_batches
+        self.callbacks = callbacks
+        self.callbacks_name = callbacks_name
+        self.validation_fraction = validation_fraction
+        self.partition_id = partition_id
 
     def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:
         return self.model.get_weights()
@@ -149,18 +171,40 @@ class KerasClient(NumPyClient):
         if self.proximal is not None:
             self.proximal.set(mu, self.model)
         reset_optimizer(self.model.optimizer)
-        seed = self.seed + int(config.get("server-round", 0))
-        logs = loop_for(self.model).fit(
-            self.data.x_train,
-            self.data.y_train,
-            epochs=int(config.get("local-epochs", self.local_epochs)),
-            batch_size=int(config.get("batch-size", self.batch_size)),
-            seed=seed,
-            epoch_batches=self.epoch_batches,
-        )
-        metrics: dict[str, Scalar] = {f"train-{name}": value for name, value in logs.items()}
+        server_round = int(config.get("server-round", 0))
+        seed = self.seed + server_round
+        epochs = int(config.get("local-epochs", self.local_epochs))
+        batch_size = int(config.get("batch-size", self.batch_size))
+        metrics: dict[str, Scalar] = {}
+        if self.callbacks is None:
+            logs = loop_for(self.model).fit(
+                self.data.x_train,
+                self.data.y_train,
+                epochs=epochs,
+                batch_size=batch_size,
+                seed=seed,
+                epoch_batches=self.epoch_batches,
+            )
+            num_examples = len(self.data.y_train)
+        else:
+            x, y, validation = validation_split(self.data.x_train, self.data.y_train, self.validation_fraction, seed)
+            info = CallbackInfo(
+                server_round=server_round,
+                partition_id=self.partition_id,
+                local_epochs=epochs,
+                batch_size=batch_size,
+                num_train_examples=len(y),
+                num_validation_examples=0 if validation is None else len(validation[1]),
+            )
+            callbacks = make_callbacks(self.callbacks, info, self.callbacks_name)
+            logs, ran = fit_with_callbacks(
+                self.model, x, y, epochs=epochs, batch_size=batch_size, callbacks=callbacks, validation=validation
+            )
+            metrics["local-epochs-run"] = ran
+            num_examples = len(y)
+        metrics.update({f"train-{name}": value for name, value in logs.items()})
         metrics["fit-seconds"] = time.perf_counter() - started
-        return self.model.get_weights(), len(self.data.y_train), metrics
+        return self.model.get_weights(), num_examples, metrics
 
     def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[float, int, dict[str, Scalar]]:
         if len(self.data.y_test) == 0:

@@ -6,7 +6,9 @@ A data set's targets ``y`` decide the task (unless the run config's ``task`` nam
   (``(n, k)`` of 0/1 summing to 1);
 * ``binary``: integer labels 0/1 only (a model may end in one sigmoid unit or two softmax units);
 * ``multilabel``: rows of 0/1 that do not sum to 1 (``(n, k)``, several labels per example);
-* ``regression``: any other numbers (``(n,)`` or ``(n, k)`` targets).
+* ``regression``: any other numbers (``(n,)`` or ``(n, k)`` targets);
+* ``multioutput``: several targets per example, one per model output (a structured array, see
+  :mod:`fl_app.task.targets`), each inferred as above (:attr:`OutputSpec.outputs`).
 
 :class:`OutputSpec` is what a user's model factory receives besides the input shape. From it and
 the model's output width come the loss and metrics of a model that its author left uncompiled
@@ -21,6 +23,9 @@ import dataclasses
 import numpy as np
 
 from fl_app.config.choices import TASK_CHOICES, TASKS
+
+MULTI_OUTPUT = "multioutput"
+"""The task of a model with several outputs, each with its own task (never a run-config ``task``)."""
 
 _LOWER_IS_BETTER = ("loss", "error", "crossentropy", "hinge", "divergence", "poisson", "logcosh")
 _LOWER_IS_BETTER_NAMES = frozenset({"mae", "mse", "rmse", "mape", "msle", "kld", "kl_divergence"})
@@ -37,14 +42,21 @@ class OutputSpec:
         1 (``binary``), the number of labels (``multilabel``) or of targets (``regression``)
     num_classes : classes (``multiclass``; 2 for ``binary``), labels (``multilabel``), 0 (``regression``)
     one_hot : ``multiclass`` targets given as one-hot rows rather than integers
+    outputs : ``multioutput`` only: ``(output name, its OutputSpec)`` per output, in the data's
+        order (``units`` is then the number of outputs)
     """
 
     task: str
     units: int
     num_classes: int = 0
     one_hot: bool = False
+    outputs: tuple[tuple[str, OutputSpec], ...] = ()
 
     def __post_init__(self) -> None:
+        if self.task == MULTI_OUTPUT:
+            if len(self.outputs) < 1 or self.units != len(self.outputs):
+                raise ValueError("a multioutput spec needs one (name, OutputSpec) per output, units = their number")
+            return
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}; got '{self.task}'")
         if self.units < 1:
@@ -53,6 +65,10 @@ class OutputSpec:
     @property
     def classification(self) -> bool:
         return self.task != "regression"
+
+    @property
+    def multi_output(self) -> bool:
+        return self.task == MULTI_OUTPUT
 
     @classmethod
     def classes(cls, num_classes: int) -> OutputSpec:
@@ -70,6 +86,14 @@ def infer_output_spec(y: np.ndarray, task: str = "auto", num_classes: int = 0) -
     if task not in TASK_CHOICES:
         raise ValueError(f"task must be one of {', '.join(TASK_CHOICES)}; got '{task}'")
     y = np.asarray(y)
+    if y.dtype.names is not None:  # several targets: one spec per output (fl_app.task.targets)
+        if task != "auto" or num_classes:
+            raise ValueError(
+                f"targets for several outputs ({', '.join(y.dtype.names)}) take their tasks from their own values: "
+                "leave task='auto' and num-classes=0"
+            )
+        outputs = tuple((name, infer_output_spec(y[name])) for name in y.dtype.names)
+        return OutputSpec(MULTI_OUTPUT, len(outputs), outputs=outputs)
     if len(y) == 0:
         raise ValueError("no targets to infer the task from")
     if not np.issubdtype(y.dtype, np.number) and y.dtype != bool:
@@ -111,6 +135,9 @@ def strata(y: np.ndarray, spec: OutputSpec, bins: int = 10) -> np.ndarray:
     """One integer per example to stratify and partition by: the class (multiclass, binary), the
     first label (multilabel) or the target's quantile bin (regression, first target)."""
     y = np.asarray(y)
+    if spec.multi_output:  # the first output's strata
+        name, first_spec = spec.outputs[0]
+        return strata(y[name], first_spec, bins)
     if spec.task == "regression":
         first = y.reshape(len(y), -1)[:, 0].astype(np.float64)
         edges = np.unique(np.quantile(first, np.linspace(0, 1, bins + 1)[1:-1]))
@@ -132,4 +159,5 @@ def headline_metric(names: list[str] | tuple[str, ...]) -> str | None:
     """The metric a run is summed up by: ``accuracy`` if reported, else the first non-loss one."""
     if "accuracy" in names:
         return "accuracy"
-    return next((n for n in names if n != "loss"), None)
+    # a multi-output model also reports each output's loss (``<output>_loss``): not a metric
+    return next((n for n in names if n != "loss" and not n.endswith("_loss")), None)

@@ -361,7 +361,7 @@ def test_the_launcher_never_prints_an_earlier_runs_summary(tmp_path, capsys):
     run = tmp_path / "run-1"
     run.mkdir()
     (run / "summary.json").write_text(json.dumps({"final centralized accuracy": 0.97}))
-    (tmp_path / "latest").write_text(str(run))
+    (tmp_path / "latest").symlink_to(run.name)
     print_summary(tmp_path, since=time.time() + 60)  # a run launched after that one wrote nothing
     out = capsys.readouterr().out
     assert "0.97" not in out and "This run wrote no run directory" in out

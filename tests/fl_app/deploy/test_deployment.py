@@ -21,6 +21,7 @@ import pytest
 from fl_app.config.settings import Settings
 from fl_app.deploy.launcher import stop_process_tree
 from fl_app.deploy.operator import LoopbackDeployment, write_node_files
+from fl_app.server.run_directory import latest_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -29,7 +30,8 @@ LOCAL = "dataset='local-file' num-classes=10 input-shape='8,8,1' local-epochs=1"
 
 
 def _history(output_dir: Path) -> tuple[Path, list[dict]]:
-    run_dir = Path((output_dir / "latest").read_text().strip())
+    run_dir = latest_run(output_dir)
+    assert run_dir is not None
     return run_dir, json.loads((run_dir / "history.json").read_text())
 
 
@@ -124,8 +126,8 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
         run_id = deployment.submit(f"{config} output-dir='{parts}'")
 
         def completed_round() -> int:
-            latest = parts / "latest"
-            state = Path(latest.read_text().strip()) / "checkpoint" / "state.json" if latest.exists() else None
+            latest = latest_run(parts)
+            state = latest / "checkpoint" / "state.json" if latest is not None else None
             return json.loads(state.read_text())["round"] if state and state.exists() else -1
 
         _wait_for(lambda: completed_round() >= 2, 400, "round 2 of the interrupted run", interval=0.05)
@@ -139,7 +141,8 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
         finally:
             for executor in deployment.executors.values():
                 os.kill(executor.pid, signal.SIGCONT)
-        stopped_dir = Path((parts / "latest").read_text().strip())
+        stopped_dir = latest_run(parts)
+        assert stopped_dir is not None
         assert json.loads((stopped_dir / "checkpoint" / "state.json").read_text())["round"] in (2, 3)
 
         resumed = tmp_path / "resumed"

@@ -21,6 +21,7 @@ import pytest
 
 from fl_app.config.settings import Settings
 from fl_app.deploy.operator import LoopbackDeployment, write_node_files
+from fl_app.server.run_directory import latest_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -102,7 +103,8 @@ def test_node_on_another_network_stack_loses_its_link_mid_round(tmp_path, namesp
         status = deployment.wait(run_id, timeout=420)
         assert status == "finished:completed", deployment.log("superlink")[-3000:]
 
-    run_dir = Path((out / "latest").read_text().strip())
+    run_dir = latest_run(out)
+    assert run_dir is not None
     round1, round2 = json.loads((run_dir / "history.json").read_text())
     assert round1["clients_replied"] == 3 and round1["clients_failed"] == 0, round1["failures"]
     assert round2["clients_replied"] == 2, round2["failures"]

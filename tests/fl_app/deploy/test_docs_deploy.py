@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from fl_app.server.run_directory import latest_run
+
 opt_in = pytest.mark.skipif(
     os.environ.get("FL_KERAS_DOCS_DEPLOY") != "1",
     reason="set FL_KERAS_DOCS_DEPLOY=1 (uses fixed ports and the repository's deploy/)",
@@ -59,8 +61,7 @@ def test_docs_loopback_steps_work_verbatim():
                 pytest.skip(f"port {port} is in use")
     if (ROOT / "deploy").exists():
         shutil.rmtree(ROOT / "deploy")
-    outputs_latest = ROOT / "outputs" / "latest"
-    before = outputs_latest.read_text() if outputs_latest.exists() else None
+    before = latest_run(ROOT / "outputs")
     process = subprocess.Popen(
         ["bash", "-e", "-c", docs_loopback_block()],
         cwd=ROOT,
@@ -86,8 +87,8 @@ def test_docs_loopback_steps_work_verbatim():
     assert not list((ROOT / "deploy" / "processes").glob("*.json")), "edge.py stop left a service recorded"
     assert process.returncode == 0, output[-5000:]
     assert "Successfully started run" in output and "finished" in output, output[-5000:]
-    assert outputs_latest.read_text() != before
-    run_dir = Path(outputs_latest.read_text().strip())
+    run_dir = latest_run(ROOT / "outputs")
+    assert run_dir is not None and run_dir != before
     assert (run_dir / "summary.json").exists()  # written after the last round
     history = json.loads((run_dir / "history.json").read_text())
     assert [r["round"] for r in history] == [1, 2, 3]
