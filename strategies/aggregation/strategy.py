@@ -41,6 +41,7 @@ from strategies.aggregation.collector import ReplyCollector
 from strategies.aggregation.steps import WEIGHTINGS, ClientWeighting, RuleStep, ServerStep
 from strategies.core.checks import at_least, in_interval, non_negative, one_of, positive
 from strategies.core.sampling import SamplingParams
+from strategies.core.update_matrix import CollectedUpdates
 from strategies.robust.preaggregation import (
     FixedNormBound,
     NormBound,
@@ -48,7 +49,7 @@ from strategies.robust.preaggregation import (
     QuantileNormBound,
     build_pre_aggregation,
 )
-from strategies.robust.rules import RULES
+from strategies.robust.rules import RULES, UpdateRows, distances_of_rows
 from strategies.robust.weak_dp import WeakDpNoise
 
 
@@ -151,8 +152,7 @@ class AggregationStrategy(FedAvg):
         self, server_round: int, replies: list[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         collector = self.collector
-        streamed = collector.stream_mean(server_round, replies, self.weighting) if self.streams_mean() else None
-        collected, aggregate = streamed if streamed is not None else (collector.collect(server_round, replies), None)
+        collected, streamed = self._collect(server_round, replies)
         measurements = collector.measurements(collected)
         faults = collector.faults(collected)
         reason = self._cannot_aggregate(collected.count, faults)
@@ -161,7 +161,7 @@ class AggregationStrategy(FedAvg):
             return None, MetricRecord({**measurements, "round-skipped": 1})
 
         weights = self.weighting(collected.num_examples)
-        if aggregate is None:
+        if streamed is None:
             updates = collected.matrix()
             if self.bound is not None:
                 measurements.update(self.bound(updates))
@@ -171,6 +171,11 @@ class AggregationStrategy(FedAvg):
                 measurements.update(step_measurements)
             aggregate, rule_measurements = self.rule(updates, rule_weights, faults)
             measurements.update(rule_measurements)
+        elif isinstance(streamed, tuple):
+            aggregate, rule_measurements = self.rule.of_rows(*streamed, faults)
+            measurements.update(rule_measurements)
+        else:
+            aggregate = streamed
         if self.noise is not None:
             aggregate, noise_measurements = self.noise(aggregate)
             measurements.update(noise_measurements)
@@ -183,15 +188,38 @@ class AggregationStrategy(FedAvg):
         metrics["update-norm"] = float(np.linalg.norm(aggregate))
         return collector.layout.unflatten(new_global), metrics
 
+    def _collect(
+        self, server_round: int, replies: list[Message]
+    ) -> tuple[CollectedUpdates, np.ndarray | tuple[UpdateRows, np.ndarray] | None]:
+        """The round's valid replies and what was computed straight from their bytes: the mean's
+        aggregate (:meth:`streams_mean`), or the rows and their K x K squared distances
+        (:meth:`streams_distances`: one Gram matrix, :func:`strategies.robust.rules.distances_of_rows`);
+        None: the K x P matrix is in ``collected``."""
+        collector = self.collector
+        if self.streams_mean():
+            mean = collector.stream_mean(server_round, replies, self.weighting)
+            if mean is not None:
+                return mean
+        elif self.streams_distances():
+            streamed = collector.stream(server_round, replies, lambda rows, _: distances_of_rows(rows))
+            if streamed is not None:
+                collected, rows, distances = streamed
+                return collected, None if distances is None else (rows, distances)
+        return collector.collect(server_round, replies), None
+
+    def _reads_only_whole_rounds(self) -> bool:
+        """Whether no bound, pre-aggregation step, decoder, norm limit or hook looks at single updates."""
+        return self.bound is None and not self.pre_aggregation and not self.collector.reads_single_updates
+
     def streams_mean(self) -> bool:
         """Whether a round is a plain weighted mean that needs no update matrix: the rule is the
         mean and no bound, pre-aggregation step, decoder, norm limit or hook looks at single updates."""
-        return (
-            self.rule.is_mean
-            and self.bound is None
-            and not self.pre_aggregation
-            and not self.collector.reads_single_updates
-        )
+        return self.rule.is_mean and self._reads_only_whole_rounds()
+
+    def streams_distances(self) -> bool:
+        """Whether a round is Krum or Multi-Krum computed from the reply bytes (a Gram matrix of
+        column blocks, then the chosen rows), with no K x P matrix: as :meth:`streams_mean`."""
+        return self.rule.reads_distances and self._reads_only_whole_rounds()
 
     def _cannot_aggregate(self, count: int, faults: int = 0) -> str:
         if count < self.min_valid_replies:

@@ -16,6 +16,7 @@ that cannot be trusted is rejected with a reason and the node id, never raised:
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 import os
@@ -356,23 +357,82 @@ def weighted_sum(
     return out
 
 
-def stream_weighted_mean(
-    replies: Iterable[Message],
-    layout: ModelLayout,
-    global_vector: np.ndarray,
-    weigh: Callable[[np.ndarray], np.ndarray],
-    out: np.ndarray,
-) -> tuple[CollectedUpdates, np.ndarray | None] | None:
-    """Validate ``replies`` and return their weighted mean update without the K x P matrix.
+class ReplyRows:
+    """The valid replies' updates ``x_k = w_k - w`` read straight from the received bytes.
 
-    ``mean = sum_k a_k x_k - (sum_k a_k) w`` with ``a = weigh(n) / sum(weigh(n))`` (float32)
-    and ``x_k`` read straight from the received bytes (:meth:`ModelLayout.views`): the same
-    validation as :func:`collect_updates` without ``max_norm`` or a decoder, one read of each
-    reply and no per-client row. NaN and Inf are found from the result (any non-finite input
-    makes it non-finite); the replies that hold them are then rejected and the sum redone.
-    Returns ``(collected, mean)`` (``collected.updates`` is None; ``mean`` None when no reply
-    is valid), or None if the result overflowed float32 without any non-finite input (e.g. an
-    update ``x_k - w`` beyond float32), for the caller to fall back to :func:`collect_updates`.
+    The :class:`strategies.robust.rules.UpdateRows` of a round that needs no K x P matrix:
+    :meth:`read` fills a small column block (``x_k[columns] = w_k[columns] - w[columns]``, float32,
+    the same values as the matrix's rows), :meth:`row` one row, :meth:`weighted_mean` and
+    :meth:`mean_of_rows` stream ``sum_k c_k x_k`` over the chosen replies (:func:`weighted_sum`).
+    """
+
+    def __init__(self, views: list[list[np.ndarray]], layout: ModelLayout, global_vector: np.ndarray) -> None:
+        self.views = views  # per reply, its arrays' flat views (:meth:`ModelLayout.views`)
+        self.layout = layout
+        self.global_vector = global_vector
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.views), self.layout.size
+
+    def read(self, columns: slice, out: np.ndarray) -> np.ndarray:
+        """``out[k] = w_k[columns] - w[columns]`` for every reply k (``out``: K x width float32)."""
+        offsets = self.layout.offsets
+        first = bisect.bisect_right(offsets, columns.start) - 1
+        for i in range(first, len(offsets) - 1):
+            low, high = max(columns.start, offsets[i]), min(columns.stop, offsets[i + 1])
+            if low >= high:
+                break
+            global_part, target = self.global_vector[low:high], out[:, low - columns.start : high - columns.start]
+            for k, views in enumerate(self.views):
+                np.subtract(views[i][low - offsets[i] : high - offsets[i]], global_part, out=target[k])
+        return out
+
+    def row(self, index: int) -> np.ndarray:
+        """``x_index`` as a new float32 vector."""
+        return self.layout.flatten_views(
+            self.views[index], out=np.empty(self.layout.size, np.float32), minus=self.global_vector
+        )
+
+    def weighted_mean(
+        self, coefficients: np.ndarray, out: np.ndarray, rows: Sequence[int] | np.ndarray | None = None
+    ) -> np.ndarray:
+        """``out = sum_k c_k w_k - (sum_k c_k) w`` over ``rows`` (all replies when None): with
+        coefficients summing to 1, the weighted mean of the updates ``x_k``, in one read of each
+        reply's bytes (float32 ``c``, one per row used)."""
+        views = self.views if rows is None else [self.views[k] for k in rows]
+        weighted_sum(views, coefficients, self.layout, out)
+        out -= np.float32(coefficients.sum(dtype=np.float64)) * self.global_vector
+        return out
+
+    def mean_of_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The unweighted mean of the updates ``x_k``, k in ``rows``, as a new float32 vector."""
+        coefficients = np.full(len(rows), 1.0 / len(rows), np.float32)
+        return self.weighted_mean(coefficients, np.empty(self.layout.size, np.float32), rows)
+
+    def non_finite(self) -> list[int]:
+        """The replies whose values hold NaN or Inf."""
+        return [k for k, views in enumerate(self.views) if not all(finite_values(view) for view in views)]
+
+
+RowsResult = Callable[[ReplyRows, np.ndarray], np.ndarray]
+"""``compute(rows, num_examples)``: an array that is finite whenever every row is."""
+
+
+def stream_rows(
+    replies: Iterable[Message], layout: ModelLayout, global_vector: np.ndarray, compute: RowsResult
+) -> tuple[CollectedUpdates, ReplyRows, np.ndarray | None] | None:
+    """Validate ``replies`` and return ``compute`` of their updates read straight from the bytes.
+
+    The same validation as :func:`collect_updates` without ``max_norm`` or a decoder, and no K x P
+    matrix: each accepted reply's arrays are views of its bytes (:meth:`ModelLayout.views`),
+    handed to ``compute`` as :class:`ReplyRows` with the reported example counts. NaN and Inf are
+    found from the result (``compute`` must make any non-finite input non-finite, as a weighted
+    sum or a Gram matrix does); the replies that hold them are then rejected and ``compute``
+    redone. Returns ``(collected, rows, result)`` (``collected.updates`` is None; ``result`` None
+    when no reply is valid), or None if the result is not finite without any non-finite input
+    (e.g. an update ``x_k - w`` beyond float32), for the caller to fall back to
+    :func:`collect_updates`.
     """
     accepted: list[tuple[int, int, MetricRecord, float, list[np.ndarray]]] = []
     rejections: list[tuple[int, str]] = []
@@ -383,25 +443,25 @@ def stream_weighted_mean(
             rejections.append((screened.index, rejection(screened.node, err)))
             continue
         accepted.append((screened.index, screened.node, screened.metrics, screened.num_examples, views))
-    mean: np.ndarray | None = None
+    result: np.ndarray | None = None
+    rows = ReplyRows([], layout, global_vector)
     while accepted:
-        weights = np.asarray(weigh(np.asarray([entry[3] for entry in accepted], np.float64)), np.float64)
-        coefficients = (weights / weights.sum()).astype(np.float32)
+        rows = ReplyRows([entry[4] for entry in accepted], layout, global_vector)
         with np.errstate(over="ignore", invalid="ignore"):  # found below, from the result
-            mean = weighted_sum([entry[4] for entry in accepted], coefficients, layout, out)
-            mean -= np.float32(coefficients.sum(dtype=np.float64)) * global_vector
-        if np.isfinite(mean).all():
+            result = compute(rows, np.asarray([entry[3] for entry in accepted], np.float64))
+        if np.isfinite(result).all():
             break
-        finite = [all(finite_values(view) for view in entry[4]) for entry in accepted]
-        if all(finite):
+        bad = set(rows.non_finite())
+        if not bad:
             return None
         rejections += [
             (entry[0], rejection(entry[1], "the update holds NaN or infinite values"))
-            for entry, ok in zip(accepted, finite)
-            if not ok
+            for k, entry in enumerate(accepted)
+            if k in bad
         ]
-        accepted = [entry for entry, ok in zip(accepted, finite) if ok]
-        mean = None
+        accepted = [entry for k, entry in enumerate(accepted) if k not in bad]
+        result = None
+        rows = ReplyRows([], layout, global_vector)
     collected = CollectedUpdates(
         None,
         np.asarray([entry[3] for entry in accepted], np.float64),
@@ -409,4 +469,27 @@ def stream_weighted_mean(
         [entry[2] for entry in accepted],
         [line for _, line in sorted(rejections)],
     )
-    return collected, mean
+    return collected, rows, result
+
+
+def stream_weighted_mean(
+    replies: Iterable[Message],
+    layout: ModelLayout,
+    global_vector: np.ndarray,
+    weigh: Callable[[np.ndarray], np.ndarray],
+    out: np.ndarray,
+) -> tuple[CollectedUpdates, np.ndarray | None] | None:
+    """Validate ``replies`` and return their weighted mean update without the K x P matrix.
+
+    ``mean = sum_k a_k x_k - (sum_k a_k) w`` with ``a = weigh(n) / sum(weigh(n))`` (float32)
+    and ``x_k`` read straight from the received bytes: :func:`stream_rows` with
+    :meth:`ReplyRows.weighted_mean`, one read of each reply and no per-client row. Returns
+    ``(collected, mean)``, or None for the caller to fall back to :func:`collect_updates`.
+    """
+
+    def mean(rows: ReplyRows, num_examples: np.ndarray) -> np.ndarray:
+        weights = np.asarray(weigh(num_examples), np.float64)
+        return rows.weighted_mean((weights / weights.sum()).astype(np.float32), out)
+
+    streamed = stream_rows(replies, layout, global_vector, mean)
+    return None if streamed is None else (streamed[0], streamed[2])
