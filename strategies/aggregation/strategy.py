@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from logging import INFO, WARNING
 from typing import Any
@@ -60,14 +61,20 @@ def _threadpools() -> Any:
     return ThreadpoolController()
 
 
-def blas_thread_limit(threads: int | None) -> contextlib.AbstractContextManager:
-    """A context that runs BLAS with ``threads`` threads (None: leave the library's setting).
+def server_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers and ``taskset``
+    narrow; ``os.cpu_count()`` where the platform has no affinity)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
-    On a server that shares its cores (a simulation's clients, other jobs), one thread keeps
-    the aggregation's CPU use and timing predictable; a dedicated server can use them all.
+
+def blas_thread_limit(threads: int) -> contextlib.AbstractContextManager:
+    """A context that runs BLAS (NumPy's and SciPy's libraries) with ``threads`` threads.
+
+    Set explicitly rather than left to the library, whose default is every core of the machine,
+    not of the process's affinity: a server confined to fewer cores would oversubscribe them.
     """
-    if threads is None:
-        return contextlib.nullcontext()
     return _threadpools().limit(limits=threads, user_api="blas")
 
 
@@ -88,7 +95,8 @@ class AggregationStrategy(FedAvg):
     collector : decoding and validation (default: full-weight replies, no norm limit)
     min_valid_replies : skip a round with fewer valid replies
     blas_threads : BLAS threads while aggregating (Gram matrix, matrix-vector products); None:
-        the library's default (all cores)
+        every core of the process's affinity (:func:`server_cores`): the clients wait for the
+        aggregate, so the round's aggregation has the cores to itself
     **sampling : FedAvg's ``fraction_train``, ``min_train_nodes``, …
     """
 
@@ -117,6 +125,8 @@ class AggregationStrategy(FedAvg):
         at_least("min-valid-replies", min_valid_replies, 1)
         if blas_threads is not None:
             at_least("aggregation-threads", blas_threads, 1)
+        self.blas_threads = blas_threads or server_cores()
+        """BLAS threads while aggregating."""
         self.rule = rule
         self.weighting = weighting or ClientWeighting()
         self.bound = bound
@@ -125,7 +135,6 @@ class AggregationStrategy(FedAvg):
         self.server_step = server_step or ServerStep()
         self.collector = collector or ReplyCollector()
         self.min_valid_replies = int(min_valid_replies)
-        self.blas_threads = blas_threads
 
     def summary(self) -> None:
         super().summary()
@@ -365,8 +374,8 @@ class AggregationParams:
         server_learning_rate: eta of the server step (``server-learning-rate``), > 0.
         server_momentum: beta of the server step (``server-momentum``), in [0, 1).
         min_valid_replies: skip a round with fewer valid replies (``min-valid-replies``), >= 1.
-        aggregation_threads: BLAS threads while aggregating (``aggregation-threads``), >= 0 (0: the
-            library's default).
+        aggregation_threads: BLAS threads while aggregating (``aggregation-threads``), >= 0 (0: every
+            core of the server process's affinity).
         memory_gb: GiB the round's K x P update matrix may take (``aggregation-memory-gb``), >= 0
             (0: half of the server's physical memory).
     """
