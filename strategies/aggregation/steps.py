@@ -283,6 +283,8 @@ class ServerStep:
             self._velocity *= np.float32(self.momentum)
             self._velocity += aggregate
             step = self._velocity
+        if self.learning_rate == 1:  # FedAvg's step: one pass, no scaled copy
+            return global_flat + step
         return global_flat + np.float32(self.learning_rate) * step
 
     def state_dict(self) -> dict[str, Any]:

@@ -402,7 +402,7 @@ class ReplyRows:
         reply's bytes (float32 ``c``, one per row used)."""
         views = self.views if rows is None else [self.views[k] for k in rows]
         weighted_sum(views, coefficients, self.layout, out)
-        out -= np.float32(coefficients.sum(dtype=np.float64)) * self.global_vector
+        saxpy(self.global_vector, out, a=-coefficients.sum(dtype=np.float64))  # in place, one pass, no temporary
         return out
 
     def mean_of_rows(self, rows: np.ndarray) -> np.ndarray:
