@@ -33,13 +33,22 @@ memory is measured in a separate call under ``tracemalloc`` (NumPy reports its b
 the peak of traced allocations during ``aggregate_train`` above what was allocated before it (the
 replies), on a fresh strategy, so our first-round buffer allocation is counted.
 
-After the FedAvg row of each size, a "read floor" row times one bare weighted pass over the reply
-values (no validation, no messages, no result): Flower's FedAvg time over it is the largest
-speed-up any implementation could show at that size on this machine's memory bandwidth. After the
-Krum row, a "Gram floor" row times ``X @ X.T`` alone, the float32 matrix product that Flower's
-Krum, Multi-Krum and Bulyan do and that any exact pairwise-distance rule needs. Flower's times
-vary by 2x from call to call (its copies of the K x P matrix are fresh allocations), so the
-speed-up is given at Flower's median and over Flower's range.
+Each row also prints the rule's *floor*, the least work the rule itself must do, timed bare in the
+same run (:data:`FLOORS`): for the weighted mean one weighted pass over the reply values (no
+validation, no messages, no result: the *read floor*); for the median and the trimmed mean sorting
+every coordinate's K values of the prebuilt K x P matrix (the *sort floor*: NumPy's SIMD sort of
+transposed column blocks, faster here than a partition at the median); for Krum and Multi-Krum
+the Gram matrix ``X X^T`` of the prebuilt matrix alone (the *Gram floor*, the faster of
+``X @ X.T`` and BLAS ``ssyrk``), for Bulyan the Gram and sort floors together. ``Flower / floor``
+is the largest speed-up any implementation could show at that size on this machine, and
+``floor / ours`` how much of it ours reaches (the issue's target: 90%). Flower's times vary by 2x
+from call to call (its copies of the K x P matrix are fresh allocations), so the speed-up is given
+at Flower's median and over Flower's range.
+
+``--scale KxP`` (e.g. ``1000x1000000``: 4 GB of replies) instead times one ``aggregate_train`` of
+our strategy per rule of ``--scale-rules`` (default mean, median, Krum) with
+``aggregation-memory-gb = --memory-gb``, and prints its CPU and wall time, the tracemalloc peak above
+the replies and the process's peak resident memory above its level before the call.
 
 A second table times the defences for heterogeneous clients, which Flower does not have, side by
 side with the rules above on the same replies: each as a whole ``aggregate_train`` of our strategy
@@ -50,6 +59,7 @@ splits its step into the K x K distances (one Gram matrix) and the K x K by K x 
     uv run python scripts/bench_aggregation.py                      # K in {10, 100}, P in {100k, 1M}
     uv run python scripts/bench_aggregation.py --clients 100 --params 1000000 --rules median,krum
     uv run python scripts/bench_aggregation.py --clients 100 --params 1000000 --rules mean --defences nnm,dnc
+    uv run python scripts/bench_aggregation.py --scale 1000x1000000 --threads 2 --memory-gb 4
 """
 
 from __future__ import annotations
