@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import io
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -179,14 +180,28 @@ class ModelLayout:
         ]
 
     def unflatten(self, vector: np.ndarray) -> ArrayRecord:
-        """The inverse of :meth:`flatten`: an ArrayRecord with the layout's names and dtypes."""
+        """The inverse of :meth:`flatten`: an ArrayRecord with the layout's names and dtypes.
+
+        Each array's bytes are what ``Array(ndarray)`` (``np.save``) writes, a ``.npy`` header and
+        the values, but joined in one copy of the values (``np.save`` into a buffer copies them
+        two or three times).
+        """
         arrays = {
-            key: Array(vector[start:end].reshape(shape).astype(dtype, copy=False))
+            key: _npy_array(vector[start:end].reshape(shape).astype(dtype, copy=False))
             for key, shape, dtype, start, end in zip(
                 self.keys, self.shapes, self.dtypes, self.offsets[:-1], self.offsets[1:]
             )
         }
         return ArrayRecord(array_dict=arrays)
+
+
+def _npy_array(values: np.ndarray) -> Array:
+    """``Array(values)`` with the same bytes (``.npy`` format 1.0, C order), the values copied once."""
+    values = np.asarray(values, order="C")  # not ascontiguousarray, which makes 0-d arrays 1-d
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(values))
+    data = b"".join((header.getvalue(), memoryview(values.reshape(-1).view(np.uint8))))
+    return Array(dtype=str(values.dtype), shape=tuple(values.shape), stype=SType.NUMPY, data=data)
 
 
 def _npy_header(array: Array, key: str) -> bytes:
