@@ -23,11 +23,8 @@ around it only forwards them (a plain mean stays streamed from the reply bytes).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 import math
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from logging import INFO, WARNING
 from typing import Any
@@ -40,6 +37,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from strategies.aggregation.collector import ReplyCollector
 from strategies.aggregation.steps import WEIGHTINGS, ClientWeighting, RuleStep, ServerStep
+from strategies.core.blas_threads import blas_thread_limit, server_cores
 from strategies.core.checks import at_least, in_interval, non_negative, one_of, positive
 from strategies.core.sampling import SamplingParams
 from strategies.core.update_matrix import CollectedUpdates
@@ -52,30 +50,6 @@ from strategies.robust.preaggregation import (
 )
 from strategies.robust.rules import RULES, UpdateRows, distances_of_rows
 from strategies.robust.weak_dp import WeakDpNoise
-
-
-@functools.cache
-def _threadpools() -> Any:
-    from threadpoolctl import ThreadpoolController
-
-    return ThreadpoolController()
-
-
-def server_cores() -> int:
-    """The cores this process may run on (its CPU affinity, which containers and ``taskset``
-    narrow; ``os.cpu_count()`` where the platform has no affinity)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def blas_thread_limit(threads: int) -> contextlib.AbstractContextManager:
-    """A context that runs BLAS (NumPy's and SciPy's libraries) with ``threads`` threads.
-
-    Set explicitly rather than left to the library, whose default is every core of the machine,
-    not of the process's affinity: a server confined to fewer cores would oversubscribe them.
-    """
-    return _threadpools().limit(limits=threads, user_api="blas")
 
 
 class AggregationStrategy(FedAvg):

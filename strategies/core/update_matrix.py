@@ -29,6 +29,7 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.common.constant import SType
 from scipy.linalg.blas import saxpy  # at import, so that BLAS thread limits (threadpoolctl) see its library
 
+from strategies.core.blas_threads import blas_thread_limit
 from strategies.core.replies import ScreenedReply, finite_values, rejection, screen_replies
 from strategies.core.wire_format import payload_from_array_record
 
@@ -200,7 +201,7 @@ def _npy_array(values: np.ndarray) -> Array:
     values = np.asarray(values, order="C")  # not ascontiguousarray, which makes 0-d arrays 1-d
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(values))
-    data = b"".join((header.getvalue(), memoryview(values.reshape(-1).view(np.uint8))))
+    data = b"".join((header.getvalue(), values.reshape(-1).view(np.uint8).data))
     return Array(dtype=str(values.dtype), shape=tuple(values.shape), stype=SType.NUMPY, data=data)
 
 
@@ -359,8 +360,16 @@ def weighted_sum(
 
     Chunk by chunk of each array, so that the partial sum stays in cache while every reply's
     bytes are read once; each ``total += c_k x_k`` is one BLAS ``saxpy`` (a fused multiply-add,
-    one pass: ~1.6x faster than NumPy's multiply then add, about the speed of reading the bytes).
+    one pass: ~1.6x faster than NumPy's multiply then add, about the speed of reading the bytes),
+    on one BLAS thread (:mod:`strategies.core.blas_threads`: waking a second thread for every
+    256 KB call costs more than it reads; docs/performance.md has the figures).
     """
+    with blas_thread_limit(1):
+        _weighted_sum(rows, coefficients, layout, out)
+    return out
+
+
+def _weighted_sum(rows: list[list[np.ndarray]], coefficients: np.ndarray, layout: ModelLayout, out: np.ndarray) -> None:
     for i in range(len(layout.keys)):
         base, size = layout.offsets[i], layout.offsets[i + 1] - layout.offsets[i]
         for start in range(0, size, _STREAM_CHUNK):
@@ -369,7 +378,6 @@ def weighted_sum(
             np.multiply(rows[0][i][start:stop], coefficients[0], out=total)
             for views, coefficient in zip(rows[1:], coefficients[1:]):
                 saxpy(views[i][start:stop], total, a=coefficient)  # in place: total is float32, contiguous
-    return out
 
 
 class ReplyRows:
