@@ -370,6 +370,7 @@ def weighted_sum(
 
 
 def _weighted_sum(rows: list[list[np.ndarray]], coefficients: np.ndarray, layout: ModelLayout, out: np.ndarray) -> None:
+    """:func:`weighted_sum`'s loop: per array, per chunk, ``total = c_0 x_0`` then ``total += c_k x_k``."""
     for i in range(len(layout.keys)):
         base, size = layout.offsets[i], layout.offsets[i + 1] - layout.offsets[i]
         for start in range(0, size, _STREAM_CHUNK):
