@@ -18,6 +18,8 @@ Coordinate-wise rules (median, trimmed mean, Bulyan's second stage) work on bloc
 transposed and sorted in a small reused buffer, so their extra memory stays a few MB whatever P.
 Distance-based rules (Krum, Multi-Krum, Bulyan's first stage) compute all pairwise squared
 distances from one Gram matrix (one BLAS call per column block) instead of K^2 row differences.
+They read their rows through :class:`UpdateRows`, so that Krum and Multi-Krum (:data:`DISTANCE_RULES`)
+run on the matrix or straight on the replies' bytes, with the same results.
 """
 
 from __future__ import annotations
