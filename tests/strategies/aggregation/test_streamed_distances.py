@@ -105,3 +105,14 @@ def test_streamed_krum_allocates_no_update_matrix():
         assert arrays is not None
         matrix_bytes = 4 * num_clients * sum(a.size for a in g)
         assert peak < matrix_bytes / 3, (name, peak, matrix_bytes)
+
+
+def test_streamed_krum_falls_back_to_the_matrix_when_updates_overflow():
+    g = [np.full(s, -3e38, np.float32) for s in SHAPES]
+    replies = [reply(n, [np.full(s, 3e38, np.float32) for s in SHAPES], 1) for n in range(1, 4)]
+    streamed = AggregationStrategy(RuleStep.builtin("krum", {"f": 0}))
+    matrix = AggregationStrategy(RuleStep.builtin("krum", {"f": 0}), collector=ReplyCollector(max_update_norm=np.inf))
+    (arrays, metrics), (reference, reference_metrics) = round_of(streamed, g, replies), round_of(matrix, g, replies)
+    assert arrays is None and reference is None  # every update x - w overflows: all rejected, round skipped
+    assert dict(metrics) == dict(reference_metrics)
+    assert streamed.rejections() == matrix.rejections() != []
