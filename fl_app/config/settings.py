@@ -720,9 +720,9 @@ class Settings:
     )
     # Server-side aggregation speed (strategies.aggregation)
     aggregation_threads: int = _key(
-        1,
+        0,
         Range(0, MAX_THREADS),
-        "BLAS threads of the server's aggregation (0: the library's default, all cores); one keeps a shared machine, such as a simulation's, predictable",
+        "BLAS threads of the server's aggregation (0: every core the server process may run on, its CPU affinity); the clients wait for the aggregate, so a round's aggregation has the cores to itself",
     )
     aggregation_memory_gb: float = _key(
         0.0,

@@ -26,9 +26,12 @@ from strategies.core.update_matrix import (
     CollectedUpdates,
     Decoder,
     ModelLayout,
+    ReplyRows,
+    RowsResult,
     UpdateBuffer,
     collect_updates,
     default_memory_budget,
+    stream_rows,
     stream_weighted_mean,
 )
 
@@ -125,6 +128,19 @@ class ReplyCollector:
             for hook in self.hooks:
                 hook(server_round, collected)
         return collected
+
+    def stream(
+        self, server_round: int, replies: list[Message], compute: RowsResult
+    ) -> tuple[CollectedUpdates, ReplyRows, np.ndarray | None] | None:
+        """``compute(rows, num_examples)`` straight from the reply bytes, without the matrix
+        (:func:`strategies.core.update_matrix.stream_rows`; None: fall back to :meth:`collect`).
+        Only when :attr:`reads_single_updates` is False."""
+        if self.reads_single_updates:
+            raise RuntimeError("a decoder, norm limit or hook reads single updates: collect them instead")
+        streamed = stream_rows(replies, self.layout, self.global_flat, compute)
+        if streamed is not None:
+            self._record(server_round, streamed[0])
+        return streamed
 
     def stream_mean(
         self, server_round: int, replies: list[Message], weigh: Callable[[np.ndarray], np.ndarray]

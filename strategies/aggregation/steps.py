@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from strategies.core.checks import in_interval, one_of, positive
-from strategies.robust.rules import RULES, check_rule_conditions, weighted_mean
+from strategies.robust.rules import DISTANCE_RULES, RULES, UpdateRows, check_rule_conditions, weighted_mean
 
 Rule = Callable[..., np.ndarray]
 """``rule(updates: K x P float32, weights: K, **params) -> P float32`` (:mod:`strategies.robust.rules`)."""
@@ -159,16 +159,34 @@ class RuleStep:
             return f"{num_replies} valid replies are too few for {self.name}: {err}"
         return ""
 
+    @property
+    def reads_distances(self) -> bool:
+        """Whether this built-in rule needs only the rows and their pairwise distances (Krum,
+        Multi-Krum: :data:`strategies.robust.rules.DISTANCE_RULES`), so that the strategy may
+        compute it from the reply bytes (:meth:`of_rows`) without the K x P matrix."""
+        return self.name in DISTANCE_RULES
+
+    def _round(self, num_replies: int, faults: int) -> tuple[dict[str, Any], dict[str, float]]:
+        """The round's parameters and measurements: ``rule-f`` when rejected replies lowered f."""
+        params = self.params_for(num_replies, faults)
+        measurements: dict[str, float] = {}
+        if "f" in params and params["f"] != self.params.get("f", params["f"]):
+            measurements["rule-f"] = params["f"]
+        return params, measurements
+
     def __call__(
         self, updates: np.ndarray, weights: np.ndarray, faults: int = 0
     ) -> tuple[np.ndarray, dict[str, float]]:
         """The aggregate (length-P float32) and the measurements: ``rule-f`` when rejected replies
         lowered the rule's f this round."""
-        params = self.params_for(updates.shape[0], faults)
-        measurements: dict[str, float] = {}
-        if "f" in params and params["f"] != self.params.get("f", params["f"]):
-            measurements["rule-f"] = params["f"]
+        params, measurements = self._round(updates.shape[0], faults)
         return np.asarray(self.rule(updates, weights, **params), dtype=np.float32), measurements
+
+    def of_rows(self, rows: UpdateRows, distances: np.ndarray, faults: int = 0) -> tuple[np.ndarray, dict[str, float]]:
+        """What :meth:`__call__` returns, for a rule that :attr:`reads_distances`, from the rows and
+        their K x K squared distances (:func:`strategies.robust.rules.distances_of_rows`)."""
+        params, measurements = self._round(rows.shape[0], faults)
+        return np.asarray(DISTANCE_RULES[self.name](rows, distances, **params), dtype=np.float32), measurements
 
     def state_dict(self) -> dict[str, Any]:
         """State carried across rounds, for checkpoints: none (rules are pure functions)."""
@@ -265,6 +283,8 @@ class ServerStep:
             self._velocity *= np.float32(self.momentum)
             self._velocity += aggregate
             step = self._velocity
+        if self.learning_rate == 1:  # FedAvg's step: one pass, no scaled copy
+            return global_flat + step
         return global_flat + np.float32(self.learning_rate) * step
 
     def state_dict(self) -> dict[str, Any]:

@@ -23,9 +23,7 @@ around it only forwards them (a plain mean stays streamed from the reply bytes).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from logging import INFO, WARNING
@@ -39,8 +37,10 @@ from flwr.serverapp.strategy import FedAvg
 
 from strategies.aggregation.collector import ReplyCollector
 from strategies.aggregation.steps import WEIGHTINGS, ClientWeighting, RuleStep, ServerStep
+from strategies.core.blas_threads import blas_thread_limit, server_cores
 from strategies.core.checks import at_least, in_interval, non_negative, one_of, positive
 from strategies.core.sampling import SamplingParams
+from strategies.core.update_matrix import CollectedUpdates
 from strategies.robust.preaggregation import (
     FixedNormBound,
     NormBound,
@@ -48,26 +48,8 @@ from strategies.robust.preaggregation import (
     QuantileNormBound,
     build_pre_aggregation,
 )
-from strategies.robust.rules import RULES
+from strategies.robust.rules import RULES, UpdateRows, distances_of_rows
 from strategies.robust.weak_dp import WeakDpNoise
-
-
-@functools.cache
-def _threadpools() -> Any:
-    from threadpoolctl import ThreadpoolController
-
-    return ThreadpoolController()
-
-
-def blas_thread_limit(threads: int | None) -> contextlib.AbstractContextManager:
-    """A context that runs BLAS with ``threads`` threads (None: leave the library's setting).
-
-    On a server that shares its cores (a simulation's clients, other jobs), one thread keeps
-    the aggregation's CPU use and timing predictable; a dedicated server can use them all.
-    """
-    if threads is None:
-        return contextlib.nullcontext()
-    return _threadpools().limit(limits=threads, user_api="blas")
 
 
 class AggregationStrategy(FedAvg):
@@ -87,7 +69,8 @@ class AggregationStrategy(FedAvg):
     collector : decoding and validation (default: full-weight replies, no norm limit)
     min_valid_replies : skip a round with fewer valid replies
     blas_threads : BLAS threads while aggregating (Gram matrix, matrix-vector products); None:
-        the library's default (all cores)
+        every core of the process's affinity (:func:`server_cores`): the clients wait for the
+        aggregate, so the round's aggregation has the cores to itself
     **sampling : FedAvg's ``fraction_train``, ``min_train_nodes``, …
     """
 
@@ -116,6 +99,8 @@ class AggregationStrategy(FedAvg):
         at_least("min-valid-replies", min_valid_replies, 1)
         if blas_threads is not None:
             at_least("aggregation-threads", blas_threads, 1)
+        self.blas_threads = blas_threads or server_cores()
+        """BLAS threads while aggregating."""
         self.rule = rule
         self.weighting = weighting or ClientWeighting()
         self.bound = bound
@@ -124,7 +109,6 @@ class AggregationStrategy(FedAvg):
         self.server_step = server_step or ServerStep()
         self.collector = collector or ReplyCollector()
         self.min_valid_replies = int(min_valid_replies)
-        self.blas_threads = blas_threads
 
     def summary(self) -> None:
         super().summary()
@@ -151,8 +135,7 @@ class AggregationStrategy(FedAvg):
         self, server_round: int, replies: list[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         collector = self.collector
-        streamed = collector.stream_mean(server_round, replies, self.weighting) if self.streams_mean() else None
-        collected, aggregate = streamed if streamed is not None else (collector.collect(server_round, replies), None)
+        collected, streamed = self._collect(server_round, replies)
         measurements = collector.measurements(collected)
         faults = collector.faults(collected)
         reason = self._cannot_aggregate(collected.count, faults)
@@ -161,7 +144,7 @@ class AggregationStrategy(FedAvg):
             return None, MetricRecord({**measurements, "round-skipped": 1})
 
         weights = self.weighting(collected.num_examples)
-        if aggregate is None:
+        if streamed is None:
             updates = collected.matrix()
             if self.bound is not None:
                 measurements.update(self.bound(updates))
@@ -171,6 +154,11 @@ class AggregationStrategy(FedAvg):
                 measurements.update(step_measurements)
             aggregate, rule_measurements = self.rule(updates, rule_weights, faults)
             measurements.update(rule_measurements)
+        elif isinstance(streamed, tuple):
+            aggregate, rule_measurements = self.rule.of_rows(*streamed, faults)
+            measurements.update(rule_measurements)
+        else:
+            aggregate = streamed
         if self.noise is not None:
             aggregate, noise_measurements = self.noise(aggregate)
             measurements.update(noise_measurements)
@@ -183,15 +171,38 @@ class AggregationStrategy(FedAvg):
         metrics["update-norm"] = float(np.linalg.norm(aggregate))
         return collector.layout.unflatten(new_global), metrics
 
+    def _collect(
+        self, server_round: int, replies: list[Message]
+    ) -> tuple[CollectedUpdates, np.ndarray | tuple[UpdateRows, np.ndarray] | None]:
+        """The round's valid replies and what was computed straight from their bytes: the mean's
+        aggregate (:meth:`streams_mean`), or the rows and their K x K squared distances
+        (:meth:`streams_distances`: one Gram matrix, :func:`strategies.robust.rules.distances_of_rows`);
+        None: the K x P matrix is in ``collected``."""
+        collector = self.collector
+        if self.streams_mean():
+            mean = collector.stream_mean(server_round, replies, self.weighting)
+            if mean is not None:
+                return mean
+        elif self.streams_distances():
+            streamed = collector.stream(server_round, replies, lambda rows, _: distances_of_rows(rows))
+            if streamed is not None:
+                collected, rows, distances = streamed
+                return collected, None if distances is None else (rows, distances)
+        return collector.collect(server_round, replies), None
+
+    def _reads_only_whole_rounds(self) -> bool:
+        """Whether no bound, pre-aggregation step, decoder, norm limit or hook looks at single updates."""
+        return self.bound is None and not self.pre_aggregation and not self.collector.reads_single_updates
+
     def streams_mean(self) -> bool:
         """Whether a round is a plain weighted mean that needs no update matrix: the rule is the
         mean and no bound, pre-aggregation step, decoder, norm limit or hook looks at single updates."""
-        return (
-            self.rule.is_mean
-            and self.bound is None
-            and not self.pre_aggregation
-            and not self.collector.reads_single_updates
-        )
+        return self.rule.is_mean and self._reads_only_whole_rounds()
+
+    def streams_distances(self) -> bool:
+        """Whether a round is Krum or Multi-Krum computed from the reply bytes (a Gram matrix of
+        column blocks, then the chosen rows), with no K x P matrix: as :meth:`streams_mean`."""
+        return self.rule.reads_distances and self._reads_only_whole_rounds()
 
     def _cannot_aggregate(self, count: int, faults: int = 0) -> str:
         if count < self.min_valid_replies:
@@ -337,8 +348,8 @@ class AggregationParams:
         server_learning_rate: eta of the server step (``server-learning-rate``), > 0.
         server_momentum: beta of the server step (``server-momentum``), in [0, 1).
         min_valid_replies: skip a round with fewer valid replies (``min-valid-replies``), >= 1.
-        aggregation_threads: BLAS threads while aggregating (``aggregation-threads``), >= 0 (0: the
-            library's default).
+        aggregation_threads: BLAS threads while aggregating (``aggregation-threads``), >= 0 (0: every
+            core of the server process's affinity).
         memory_gb: GiB the round's K x P update matrix may take (``aggregation-memory-gb``), >= 0
             (0: half of the server's physical memory).
     """

@@ -46,8 +46,9 @@ def is_client_error(line: str) -> bool:
 
 def reply_records(message: Message) -> tuple[ArrayRecord, MetricRecord]:
     """The reply's only ArrayRecord and only MetricRecord; ValueError if it holds other counts."""
-    content = message.content
-    arrays, metrics = list(content.array_records.values()), list(content.metric_records.values())
+    records = list(message.content.values())  # one pass: Flower's array_records/metric_records build synced copies
+    arrays = [record for record in records if isinstance(record, ArrayRecord)]
+    metrics = [record for record in records if isinstance(record, MetricRecord)]
     if len(arrays) != 1 or len(metrics) != 1:
         raise ValueError(
             f"a reply must hold one ArrayRecord and one MetricRecord, got {len(arrays)} and {len(metrics)}"

@@ -16,7 +16,9 @@ that cannot be trusted is rejected with a reason and the node id, never raised:
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import io
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -27,6 +29,7 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.common.constant import SType
 from scipy.linalg.blas import saxpy  # at import, so that BLAS thread limits (threadpoolctl) see its library
 
+from strategies.core.blas_threads import blas_thread_limit
 from strategies.core.replies import ScreenedReply, finite_values, rejection, screen_replies
 from strategies.core.wire_format import payload_from_array_record
 
@@ -178,14 +181,28 @@ class ModelLayout:
         ]
 
     def unflatten(self, vector: np.ndarray) -> ArrayRecord:
-        """The inverse of :meth:`flatten`: an ArrayRecord with the layout's names and dtypes."""
+        """The inverse of :meth:`flatten`: an ArrayRecord with the layout's names and dtypes.
+
+        Each array's bytes are what ``Array(ndarray)`` (``np.save``) writes, a ``.npy`` header and
+        the values, but joined in one copy of the values (``np.save`` into a buffer copies them
+        two or three times).
+        """
         arrays = {
-            key: Array(vector[start:end].reshape(shape).astype(dtype, copy=False))
+            key: _npy_array(vector[start:end].reshape(shape).astype(dtype, copy=False))
             for key, shape, dtype, start, end in zip(
                 self.keys, self.shapes, self.dtypes, self.offsets[:-1], self.offsets[1:]
             )
         }
         return ArrayRecord(array_dict=arrays)
+
+
+def _npy_array(values: np.ndarray) -> Array:
+    """``Array(values)`` with the same bytes (``.npy`` format 1.0, C order), the values copied once."""
+    values = np.asarray(values, order="C")  # not ascontiguousarray, which makes 0-d arrays 1-d
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(values))
+    data = b"".join((header.getvalue(), values.reshape(-1).view(np.uint8).data))
+    return Array(dtype=str(values.dtype), shape=tuple(values.shape), stype=SType.NUMPY, data=data)
 
 
 def _npy_header(array: Array, key: str) -> bytes:
@@ -343,8 +360,17 @@ def weighted_sum(
 
     Chunk by chunk of each array, so that the partial sum stays in cache while every reply's
     bytes are read once; each ``total += c_k x_k`` is one BLAS ``saxpy`` (a fused multiply-add,
-    one pass: ~1.6x faster than NumPy's multiply then add, about the speed of reading the bytes).
+    one pass: ~1.6x faster than NumPy's multiply then add, about the speed of reading the bytes),
+    on one BLAS thread (:mod:`strategies.core.blas_threads`: waking a second thread for every
+    256 KB call costs more than it reads; docs/performance.md has the figures).
     """
+    with blas_thread_limit(1):
+        _weighted_sum(rows, coefficients, layout, out)
+    return out
+
+
+def _weighted_sum(rows: list[list[np.ndarray]], coefficients: np.ndarray, layout: ModelLayout, out: np.ndarray) -> None:
+    """:func:`weighted_sum`'s loop: per array, per chunk, ``total = c_0 x_0`` then ``total += c_k x_k``."""
     for i in range(len(layout.keys)):
         base, size = layout.offsets[i], layout.offsets[i + 1] - layout.offsets[i]
         for start in range(0, size, _STREAM_CHUNK):
@@ -353,7 +379,121 @@ def weighted_sum(
             np.multiply(rows[0][i][start:stop], coefficients[0], out=total)
             for views, coefficient in zip(rows[1:], coefficients[1:]):
                 saxpy(views[i][start:stop], total, a=coefficient)  # in place: total is float32, contiguous
-    return out
+
+
+class ReplyRows:
+    """The valid replies' updates ``x_k = w_k - w`` read straight from the received bytes.
+
+    The :class:`strategies.robust.rules.UpdateRows` of a round that needs no K x P matrix:
+    :meth:`read` fills a small column block (``x_k[columns] = w_k[columns] - w[columns]``, float32,
+    the same values as the matrix's rows), :meth:`row` one row, :meth:`weighted_mean` and
+    :meth:`mean_of_rows` stream ``sum_k c_k x_k`` over the chosen replies (:func:`weighted_sum`).
+    """
+
+    def __init__(self, views: list[list[np.ndarray]], layout: ModelLayout, global_vector: np.ndarray) -> None:
+        self.views = views  # per reply, its arrays' flat views (:meth:`ModelLayout.views`)
+        self.layout = layout
+        self.global_vector = global_vector
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.views), self.layout.size
+
+    def read(self, columns: slice, out: np.ndarray) -> np.ndarray:
+        """``out[k] = w_k[columns] - w[columns]`` for every reply k (``out``: K x width float32)."""
+        offsets = self.layout.offsets
+        first = bisect.bisect_right(offsets, columns.start) - 1
+        for i in range(first, len(offsets) - 1):
+            low, high = max(columns.start, offsets[i]), min(columns.stop, offsets[i + 1])
+            if low >= high:
+                break
+            global_part, target = self.global_vector[low:high], out[:, low - columns.start : high - columns.start]
+            for k, views in enumerate(self.views):
+                np.subtract(views[i][low - offsets[i] : high - offsets[i]], global_part, out=target[k])
+        return out
+
+    def row(self, index: int) -> np.ndarray:
+        """``x_index`` as a new float32 vector."""
+        return self.layout.flatten_views(
+            self.views[index], out=np.empty(self.layout.size, np.float32), minus=self.global_vector
+        )
+
+    def weighted_mean(
+        self, coefficients: np.ndarray, out: np.ndarray, rows: Sequence[int] | np.ndarray | None = None
+    ) -> np.ndarray:
+        """``out = sum_k c_k w_k - (sum_k c_k) w`` over ``rows`` (all replies when None): with
+        coefficients summing to 1, the weighted mean of the updates ``x_k``, in one read of each
+        reply's bytes (float32 ``c``, one per row used)."""
+        views = self.views if rows is None else [self.views[k] for k in rows]
+        weighted_sum(views, coefficients, self.layout, out)
+        saxpy(self.global_vector, out, a=-coefficients.sum(dtype=np.float64))  # in place, one pass, no temporary
+        return out
+
+    def mean_of_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The unweighted mean of the updates ``x_k``, k in ``rows``, as a new float32 vector."""
+        coefficients = np.full(len(rows), 1.0 / len(rows), np.float32)
+        return self.weighted_mean(coefficients, np.empty(self.layout.size, np.float32), rows)
+
+    def non_finite(self) -> list[int]:
+        """The replies whose values hold NaN or Inf."""
+        return [k for k, views in enumerate(self.views) if not all(finite_values(view) for view in views)]
+
+
+RowsResult = Callable[[ReplyRows, np.ndarray], np.ndarray]
+"""``compute(rows, num_examples)``: an array that is finite whenever every row is."""
+
+
+def stream_rows(
+    replies: Iterable[Message], layout: ModelLayout, global_vector: np.ndarray, compute: RowsResult
+) -> tuple[CollectedUpdates, ReplyRows, np.ndarray | None] | None:
+    """Validate ``replies`` and return ``compute`` of their updates read straight from the bytes.
+
+    The same validation as :func:`collect_updates` without ``max_norm`` or a decoder, and no K x P
+    matrix: each accepted reply's arrays are views of its bytes (:meth:`ModelLayout.views`),
+    handed to ``compute`` as :class:`ReplyRows` with the reported example counts. NaN and Inf are
+    found from the result (``compute`` must make any non-finite input non-finite, as a weighted
+    sum or a Gram matrix does); the replies that hold them are then rejected and ``compute``
+    redone. Returns ``(collected, rows, result)`` (``collected.updates`` is None; ``result`` None
+    when no reply is valid), or None if the result is not finite without any non-finite input
+    (e.g. an update ``x_k - w`` beyond float32), for the caller to fall back to
+    :func:`collect_updates`.
+    """
+    accepted: list[tuple[int, int, MetricRecord, float, list[np.ndarray]]] = []
+    rejections: list[tuple[int, str]] = []
+    for screened in screen_replies(replies, rejections):
+        try:
+            views = layout.views(screened.arrays)
+        except ValueError as err:
+            rejections.append((screened.index, rejection(screened.node, err)))
+            continue
+        accepted.append((screened.index, screened.node, screened.metrics, screened.num_examples, views))
+    result: np.ndarray | None = None
+    rows = ReplyRows([], layout, global_vector)
+    while accepted:
+        rows = ReplyRows([entry[4] for entry in accepted], layout, global_vector)
+        with np.errstate(over="ignore", invalid="ignore"):  # found below, from the result
+            result = compute(rows, np.asarray([entry[3] for entry in accepted], np.float64))
+        if np.isfinite(result).all():
+            break
+        bad = set(rows.non_finite())
+        if not bad:
+            return None
+        rejections += [
+            (entry[0], rejection(entry[1], "the update holds NaN or infinite values"))
+            for k, entry in enumerate(accepted)
+            if k in bad
+        ]
+        accepted = [entry for k, entry in enumerate(accepted) if k not in bad]
+        result = None
+        rows = ReplyRows([], layout, global_vector)
+    collected = CollectedUpdates(
+        None,
+        np.asarray([entry[3] for entry in accepted], np.float64),
+        [entry[1] for entry in accepted],
+        [entry[2] for entry in accepted],
+        [line for _, line in sorted(rejections)],
+    )
+    return collected, rows, result
 
 
 def stream_weighted_mean(
@@ -366,47 +506,14 @@ def stream_weighted_mean(
     """Validate ``replies`` and return their weighted mean update without the K x P matrix.
 
     ``mean = sum_k a_k x_k - (sum_k a_k) w`` with ``a = weigh(n) / sum(weigh(n))`` (float32)
-    and ``x_k`` read straight from the received bytes (:meth:`ModelLayout.views`): the same
-    validation as :func:`collect_updates` without ``max_norm`` or a decoder, one read of each
-    reply and no per-client row. NaN and Inf are found from the result (any non-finite input
-    makes it non-finite); the replies that hold them are then rejected and the sum redone.
-    Returns ``(collected, mean)`` (``collected.updates`` is None; ``mean`` None when no reply
-    is valid), or None if the result overflowed float32 without any non-finite input (e.g. an
-    update ``x_k - w`` beyond float32), for the caller to fall back to :func:`collect_updates`.
+    and ``x_k`` read straight from the received bytes: :func:`stream_rows` with
+    :meth:`ReplyRows.weighted_mean`, one read of each reply and no per-client row. Returns
+    ``(collected, mean)``, or None for the caller to fall back to :func:`collect_updates`.
     """
-    accepted: list[tuple[int, int, MetricRecord, float, list[np.ndarray]]] = []
-    rejections: list[tuple[int, str]] = []
-    for screened in screen_replies(replies, rejections):
-        try:
-            views = layout.views(screened.arrays)
-        except ValueError as err:
-            rejections.append((screened.index, rejection(screened.node, err)))
-            continue
-        accepted.append((screened.index, screened.node, screened.metrics, screened.num_examples, views))
-    mean: np.ndarray | None = None
-    while accepted:
-        weights = np.asarray(weigh(np.asarray([entry[3] for entry in accepted], np.float64)), np.float64)
-        coefficients = (weights / weights.sum()).astype(np.float32)
-        with np.errstate(over="ignore", invalid="ignore"):  # found below, from the result
-            mean = weighted_sum([entry[4] for entry in accepted], coefficients, layout, out)
-            mean -= np.float32(coefficients.sum(dtype=np.float64)) * global_vector
-        if np.isfinite(mean).all():
-            break
-        finite = [all(finite_values(view) for view in entry[4]) for entry in accepted]
-        if all(finite):
-            return None
-        rejections += [
-            (entry[0], rejection(entry[1], "the update holds NaN or infinite values"))
-            for entry, ok in zip(accepted, finite)
-            if not ok
-        ]
-        accepted = [entry for entry, ok in zip(accepted, finite) if ok]
-        mean = None
-    collected = CollectedUpdates(
-        None,
-        np.asarray([entry[3] for entry in accepted], np.float64),
-        [entry[1] for entry in accepted],
-        [entry[2] for entry in accepted],
-        [line for _, line in sorted(rejections)],
-    )
-    return collected, mean
+
+    def mean(rows: ReplyRows, num_examples: np.ndarray) -> np.ndarray:
+        weights = np.asarray(weigh(num_examples), np.float64)
+        return rows.weighted_mean((weights / weights.sum()).astype(np.float32), out)
+
+    streamed = stream_rows(replies, layout, global_vector, mean)
+    return None if streamed is None else (streamed[0], streamed[2])

@@ -18,6 +18,8 @@ Coordinate-wise rules (median, trimmed mean, Bulyan's second stage) work on bloc
 transposed and sorted in a small reused buffer, so their extra memory stays a few MB whatever P.
 Distance-based rules (Krum, Multi-Krum, Bulyan's first stage) compute all pairwise squared
 distances from one Gram matrix (one BLAS call per column block) instead of K^2 row differences.
+They read their rows through :class:`UpdateRows`, so that Krum and Multi-Krum (:data:`DISTANCE_RULES`)
+run on the matrix or straight on the replies' bytes, with the same results.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
+from scipy.linalg.blas import dsyrk, ssyrk  # at import, so that BLAS thread limits (threadpoolctl) see its library
 
 from strategies.core.checks import positive_number
 
@@ -256,39 +259,99 @@ def row_norms(updates: np.ndarray, center: np.ndarray | None = None) -> np.ndarr
     return np.sqrt(squares)
 
 
-def _centered_gram(updates: np.ndarray, dtype: type[np.floating]) -> np.ndarray:
+class UpdateRows(Protocol):
+    """K x P float32 update rows that a rule reads without needing them as one matrix: the matrix
+    itself (:class:`MatrixRows`) or the replies' bytes
+    (:class:`strategies.core.update_matrix.ReplyRows`, no K x P matrix at all)."""
+
+    @property
+    def shape(self) -> tuple[int, int]: ...
+
+    def read(self, columns: slice, out: np.ndarray) -> np.ndarray:
+        """``out[:] = X[:, columns]`` (``out``: K x width, C-contiguous float32); returns ``out``."""
+        ...
+
+    def row(self, index: int) -> np.ndarray:
+        """``X[index]`` as a new float32 vector."""
+        ...
+
+    def mean_of_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The unweighted mean of ``X[rows]``, a new float32 vector."""
+        ...
+
+
+class MatrixRows:
+    """:class:`UpdateRows` of a K x P float32 matrix (C-contiguous; not modified)."""
+
+    def __init__(self, updates: np.ndarray) -> None:
+        self.updates = updates
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.updates.shape[0], self.updates.shape[1]
+
+    def read(self, columns: slice, out: np.ndarray) -> np.ndarray:
+        np.copyto(out, self.updates[:, columns])
+        return out
+
+    def row(self, index: int) -> np.ndarray:
+        return self.updates[index].copy()
+
+    def mean_of_rows(self, rows: np.ndarray) -> np.ndarray:
+        return _mean_of_rows(self.updates, rows)
+
+
+def _centered_gram(rows: UpdateRows, dtype: type[np.floating]) -> np.ndarray:
     """Gram matrix of the rows after subtracting their mean, accumulated in float64.
 
-    Subtracting the mean row leaves pairwise distances unchanged and avoids the cancellation of
-    ``|x_i|^2 + |x_j|^2 - 2 x_i.x_j`` when the rows share a large common component.
+    Per column block B (K x about ``_BLOCK_BYTES``, read into one reused buffer, cache-resident):
+    ``B <- B - mean_i B_i`` then ``G += B B^T``, one BLAS ``syrk`` on B's transpose (no copy: a
+    C-contiguous B is a Fortran-contiguous B^T), which computes the upper triangle only, about
+    K^2 w flops per block of w columns, half of a general product; the lower triangle is
+    mirrored once at the end. Subtracting the mean row leaves pairwise distances unchanged and
+    avoids the cancellation of ``|x_i|^2 + |x_j|^2 - 2 x_i.x_j`` when the rows share a large
+    common component. Only the block buffer and G are allocated: no K x P temporary.
     """
-    num_rows = updates.shape[0]
-    gram = np.zeros((num_rows, num_rows), dtype=np.float64)
-    for columns in _column_blocks(num_rows, updates.shape[1]):
-        block = updates[:, columns].astype(dtype)
+    num_rows, num_columns = rows.shape
+    syrk = ssyrk if dtype is np.float32 else dsyrk
+    upper = np.zeros((num_rows, num_rows), dtype=np.float64)
+    buffer: np.ndarray | None = None
+    for columns in _column_blocks(num_rows, num_columns):
+        if buffer is None:
+            buffer = np.empty(num_rows * (columns.stop - columns.start), dtype=np.float32)
+        block = rows.read(columns, buffer[: num_rows * (columns.stop - columns.start)].reshape(num_rows, -1))
+        if dtype is not np.float32:
+            block = block.astype(dtype)
         block -= block.mean(axis=0, dtype=dtype)
-        gram += block @ block.T
-    return gram
+        upper += syrk(1.0, block.T, trans=1)
+    return upper + np.triu(upper, 1).T
 
 
-def pairwise_squared_distances(updates: np.ndarray) -> np.ndarray:
-    """K x K float64 matrix of squared L2 distances between the rows of ``updates``.
+def distances_of_rows(rows: UpdateRows) -> np.ndarray:
+    """K x K float64 matrix of squared L2 distances between ``rows``, from their Gram matrix.
 
-    ``D_ij = G_ii + G_jj - 2 G_ij`` with ``G`` the Gram matrix of the mean-centred rows, clamped
-    at 0, with an exact zero diagonal. The Gram matrix is computed with float32 BLAS and float64
-    accumulation across column blocks; if that overflows (rows with values near the float32
-    limit) it is recomputed in float64, where no finite float32 input can overflow.
+    ``D_ij = G_ii + G_jj - 2 G_ij`` with ``G`` the Gram matrix of the mean-centred rows
+    (:func:`_centered_gram`), clamped at 0 (rounding can make the difference of nearly equal
+    rows slightly negative), with an exact zero diagonal. The Gram matrix is computed with
+    float32 BLAS and float64 accumulation across column blocks; if that overflows (rows with
+    values near the float32 limit) it is recomputed in float64, where no finite float32 input
+    can overflow. Rows holding NaN or Inf give non-finite distances (the diagonal excepted).
     """
-    updates = _as_update_matrix(updates)
     with np.errstate(over="ignore", invalid="ignore"):
-        gram = _centered_gram(updates, np.float32)
-    if not np.all(np.isfinite(gram)):
-        gram = _centered_gram(updates, np.float64)
-    squared_norms = np.diag(gram)
-    distances = squared_norms[:, None] + squared_norms[None, :] - 2.0 * gram
+        gram = _centered_gram(rows, np.float32)
+        if not np.all(np.isfinite(gram)):
+            gram = _centered_gram(rows, np.float64)
+        squared_norms = np.diag(gram)
+        distances = squared_norms[:, None] + squared_norms[None, :] - 2.0 * gram
     np.maximum(distances, 0.0, out=distances)
     np.fill_diagonal(distances, 0.0)
     return distances
+
+
+def pairwise_squared_distances(updates: np.ndarray) -> np.ndarray:
+    """K x K float64 matrix of squared L2 distances between the rows of ``updates``
+    (:func:`distances_of_rows` of the matrix)."""
+    return distances_of_rows(MatrixRows(_as_update_matrix(updates)))
 
 
 def _krum_order(distances: np.ndarray, num_neighbours: int) -> np.ndarray:
@@ -369,9 +432,18 @@ def trimmed_mean(updates: np.ndarray, weights: np.ndarray, beta: float) -> np.nd
     return result
 
 
-def _krum_ranking(updates: np.ndarray, f: int) -> np.ndarray:
-    """All rows from best to worst Krum score, with K - f - 2 neighbours (see _krum_order)."""
-    return _krum_order(pairwise_squared_distances(updates), updates.shape[0] - f - 2)
+def krum_of_rows(rows: UpdateRows, distances: np.ndarray, f: int) -> np.ndarray:
+    """Krum's output (see :func:`krum`) from the rows and their K x K squared distances
+    (:func:`distances_of_rows`): the row of smallest score, read once."""
+    f = _check_krum(rows.shape[0], f)
+    return rows.row(int(_krum_order(distances, rows.shape[0] - f - 2)[0]))
+
+
+def multi_krum_of_rows(rows: UpdateRows, distances: np.ndarray, f: int, m: int) -> np.ndarray:
+    """Multi-Krum's output (see :func:`multi_krum`) from the rows and their K x K squared
+    distances: the unweighted mean of the ``m`` rows of smallest score, without copying them."""
+    f, m = _check_multi_krum(rows.shape[0], f, m)
+    return rows.mean_of_rows(_krum_order(distances, rows.shape[0] - f - 2)[:m])
 
 
 def krum(updates: np.ndarray, weights: np.ndarray, f: int) -> np.ndarray:
@@ -380,12 +452,13 @@ def krum(updates: np.ndarray, weights: np.ndarray, f: int) -> np.ndarray:
 
     ``score(i) = sum of |x_i - x_j|^2 over the K - f - 2 rows j != i nearest to x_i``; returns
     the row with the smallest score (ties: smaller sum of all distances, then lower index).
-    Needs ``K > 2f + 2``. Ignores the weights.
+    Needs ``K > 2f + 2``. Ignores the weights. The distances come from one Gram matrix
+    (:func:`distances_of_rows`).
     """
     updates = _as_update_matrix(updates)
     _as_weights(weights, updates.shape[0])
-    f = _check_krum(updates.shape[0], f)
-    return updates[_krum_ranking(updates, f)[0]].copy()
+    rows = MatrixRows(updates)
+    return krum_of_rows(rows, distances_of_rows(rows), f)
 
 
 def multi_krum(updates: np.ndarray, weights: np.ndarray, f: int, m: int) -> np.ndarray:
@@ -398,8 +471,14 @@ def multi_krum(updates: np.ndarray, weights: np.ndarray, f: int, m: int) -> np.n
     """
     updates = _as_update_matrix(updates)
     _as_weights(weights, updates.shape[0])
-    f, m = _check_multi_krum(updates.shape[0], f, m)
-    return _mean_of_rows(updates, _krum_ranking(updates, f)[:m])
+    rows = MatrixRows(updates)
+    return multi_krum_of_rows(rows, distances_of_rows(rows), f, m)
+
+
+DISTANCE_RULES: dict[str, Callable[..., np.ndarray]] = {"krum": krum_of_rows, "multi-krum": multi_krum_of_rows}
+"""Rules computed from :class:`UpdateRows` and their K x K squared distances alone:
+``rule(rows, distances, **params)``, the same output as the matrix rule of the same name, so
+that a strategy can run them on the replies' bytes without building the K x P matrix."""
 
 
 def _bulyan_selection(distances: np.ndarray, f: int, count: int) -> np.ndarray:

@@ -203,3 +203,15 @@ def test_typed_params_name_key_value_and_allowed(config, fragment):
     with pytest.raises(ValueError) as err:
         unchecked.aggregation_params()
     assert fragment in str(err.value)
+
+
+def test_blas_threads_default_to_the_cores_of_the_server_process():
+    import os
+
+    from strategies.core.blas_threads import server_cores
+
+    assert server_cores() == len(os.sched_getaffinity(0))
+    assert AggregationStrategy(RuleStep.mean()).blas_threads == server_cores()
+    for threads, expected in ((0, server_cores()), (3, 3)):
+        params = Settings.from_run_config({"aggregation-threads": threads}).aggregation_params()
+        assert build_aggregation_strategy("mean", params).blas_threads == expected

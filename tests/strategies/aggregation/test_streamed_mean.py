@@ -135,3 +135,18 @@ def test_strategy_falls_back_to_the_matrix_when_the_streamed_mean_overflows():
     assert arrays is None and reference is None  # every update x - w overflows: all rejected, round skipped
     assert dict(metrics) == dict(reference_metrics)
     assert streamed.rejections() == matrix.rejections()
+
+
+def test_unflatten_writes_the_bytes_np_save_writes():
+    rng = np.random.default_rng(2)
+    arrays = [*arrays_of(rng), np.array(1.5, np.float32), np.zeros((0, 3), np.float32)]
+    layout = ModelLayout.of(ArrayRecord(arrays))
+    record = layout.unflatten(flat(arrays))
+    for ours, array in zip(record.values(), arrays):
+        expected = Array(array)
+        assert (ours.data, ours.dtype, tuple(ours.shape), ours.stype) == (
+            expected.data,
+            expected.dtype,
+            tuple(expected.shape),
+            expected.stype,
+        )
