@@ -163,3 +163,55 @@ def test_mlflow_run_holds_the_config_the_rounds_and_the_model(tmp_path, monkeypa
     assert [m.step for m in auc] == [0, 1] and [m.value for m in auc] == pytest.approx([0.55, 0.9])
     assert run.data.metrics["privacy/epsilon"] == 1.25 and run.data.metrics["traffic/bytes_up"] == 3000
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["model.keras"]
+
+
+def test_a_named_mlflow_store_without_the_extra_stops_the_run_before_training(monkeypatch):
+    from fl_app.config.settings import Settings, SettingsError
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real_find_spec(name, *a)
+    )
+    with pytest.raises(
+        SettingsError, match=r"mlflow-tracking-uri is 'file:/tmp/x' but MLflow is not installed.*--extra mlflow"
+    ):
+        Settings.from_run_config({"mlflow-tracking-uri": "file:/tmp/x"})
+    with pytest.raises(SettingsError, match="mlflow-experiment must not be empty"):
+        Settings.from_run_config({"mlflow-experiment": ""})
+    Settings.from_run_config({"tensorboard": False})
+
+
+def test_server_app_writes_the_history_as_events_and_a_resumed_run_holds_every_round(monkeypatch, tmp_path):
+    """The ServerApp in-process (no TensorFlow on its side: centralized-evaluation=false): one round,
+    then a run resumed from it for a second; each run directory's events equal its history.json
+    (the resumed one's: both rounds), with one update norm per train reply of the rounds it ran. With the mlflow extra, both runs are in MLflow too."""
+    from tests.events import history_scalars, read_events
+    from tests.fl_app.server.test_faults_and_checkpoint import run_server_app
+
+    mlflow = importlib.util.find_spec("mlflow") is not None
+    tracking = {"mlflow-tracking-uri": (tmp_path / "mlruns").as_uri()} if mlflow else {}
+    first = run_server_app(monkeypatch, tmp_path / "first", {"num-server-rounds": 1, **tracking}, nodes=2)
+    resumed = run_server_app(
+        monkeypatch, tmp_path / "resumed", {"num-server-rounds": 2, "resume-from": str(first), **tracking}, nodes=2
+    )
+    for run_dir, rounds, trained_here in ((first, [1], [1]), (resumed, [1, 2], [2])):
+        history = json.loads((run_dir / "history.json").read_text())
+        assert [r["round"] for r in history] == rounds
+        scalars, histograms = read_events(run_dir)
+        expected = history_scalars(history)
+        assert set(scalars) == set(expected) and "federated/accuracy" in scalars and "replies/rejected" in scalars
+        for tag, steps in expected.items():
+            assert scalars[tag] == pytest.approx(steps, rel=1e-6), tag
+        norms = histograms["clients/update_norm"]
+        assert sorted(norms) == trained_here and all(norms[r].num == 2 and norms[r].min > 0 for r in trained_here)
+    if mlflow:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=tracking["mlflow-tracking-uri"])
+        runs = client.search_runs([client.get_experiment_by_name("fl-keras").experiment_id])
+        assert sorted(r.info.run_name for r in runs) == sorted([first.name, resumed.name])
+        for run in runs:
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, "federated/accuracy")]
+            assert steps == ([1] if run.info.run_name == first.name else [1, 2])
+            artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+            assert artifacts == {"weights.npz", "history.json", "summary.json"}
