@@ -37,6 +37,7 @@ from flwr.app import ArrayRecord, Message
 from flwr.common.logger import log
 
 from fl_app.server.run_directory import SCOPES, RoundRecord
+from strategies.core.update_matrix import ModelLayout
 
 PRIVACY_KEYS = ("delta", "noise", "clip-norm", "dp-", "participation")
 """``extra`` keys that start with one of these (or contain ``epsilon``) are privacy figures."""
@@ -72,24 +73,27 @@ def round_scalars(record: RoundRecord) -> dict[str, float]:
 
 def update_norms(global_arrays: ArrayRecord, replies: Iterable[Message]) -> list[float]:
     """``||w_k - w||`` of each reply whose one ArrayRecord has the names, shapes and dtypes of
-    ``global_arrays`` (full weights); replies with other content and non-finite norms are left out."""
-    reference = {key: array.numpy() for key, array in global_arrays.items()}
+    ``global_arrays`` (full weights); replies with other content and non-finite norms are left out.
+
+    Each reply is read once, as the aggregation reads it (:class:`ModelLayout`: views on the
+    received bytes, ``w_k - w`` into one reused float32 vector)."""
+    layout = ModelLayout.of(global_arrays)
+    base = layout.flatten(global_arrays)
+    diff = np.empty_like(base)
     norms = []
     for reply in replies:
         records = list(reply.content.array_records.values()) if reply.has_content() else []
-        if len(records) != 1 or list(records[0].keys()) != list(reference):
+        if len(records) != 1:
             continue
-        squares = 0.0
-        for key, array in records[0].items():
-            value, base = array.numpy(), reference[key]
-            if value.shape != base.shape or value.dtype != base.dtype:
-                break
-            with np.errstate(over="ignore", invalid="ignore"):
-                diff = (value - base).ravel().astype(np.float64)
-                squares += float(np.dot(diff, diff))
-        else:
-            if np.isfinite(squares):
-                norms.append(float(np.sqrt(squares)))
+        try:
+            views = layout.views(records[0])
+        except ValueError:  # not the global model's layout: an encoded or encrypted upload
+            continue
+        with np.errstate(over="ignore", invalid="ignore"):
+            layout.flatten_views(views, out=diff, minus=base)
+            norm = float(np.sqrt(np.dot(diff, diff)))
+        if np.isfinite(norm):
+            norms.append(norm)
     return norms
 
 
