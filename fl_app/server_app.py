@@ -145,6 +145,7 @@ def main(grid: Grid, context: Context) -> None:
         summary["export ready"] = export_report["ready"]
         summary["export check report"] = export_report["report_file"]
     summary.update(privacy_summary(settings, history, stop_reason))
+    summary.update(tracker.summary())
     run_dir.write_json("summary.json", summary)
     tracker.finish([model_file, run_dir.file("history.json"), run_dir.file("summary.json")])
     log(INFO, "")

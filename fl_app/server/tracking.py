@@ -170,6 +170,15 @@ class RunTracker:
                 log(WARNING, "MLflow metrics are no longer logged: %r", err)
                 self.mlflow = None
 
+    def summary(self) -> dict[str, str]:
+        """Where the run was tracked, for ``summary.json``: the event file and the MLflow run id."""
+        out = {}
+        if self.events is not None:
+            out["tensorboard events"] = str(self.events.path)
+        if self.mlflow is not None:
+            out["mlflow run"] = self.mlflow.run_id
+        return out
+
     def replay(self, history: Iterable[RoundRecord]) -> None:
         """Log the rounds of an earlier run that this one resumes (the history holds them all)."""
         for record in history:

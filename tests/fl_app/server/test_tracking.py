@@ -202,6 +202,9 @@ def test_server_app_writes_the_history_as_events_and_a_resumed_run_holds_every_r
         assert set(scalars) == set(expected) and "federated/accuracy" in scalars and "replies/rejected" in scalars
         for tag, steps in expected.items():
             assert scalars[tag] == pytest.approx(steps, rel=1e-6), tag
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["tensorboard events"].startswith(str(run_dir / "events.out.tfevents."))
+        assert ("mlflow run" in summary) is mlflow
         norms = histograms["clients/update_norm"]
         assert sorted(norms) == trained_here and all(norms[r].num == 2 and norms[r].min > 0 for r in trained_here)
     if mlflow:
