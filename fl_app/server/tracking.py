@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from logging import WARNING
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import ArrayRecord, Message
@@ -38,6 +38,9 @@ from flwr.common.logger import log
 
 from fl_app.server.run_directory import SCOPES, RoundRecord
 from strategies.core.update_matrix import ModelLayout
+
+if TYPE_CHECKING:
+    from fl_app.config.settings import Settings
 
 PRIVACY_KEYS = ("delta", "noise", "clip-norm", "dp-", "participation")
 """``extra`` keys that start with one of these (or contain ``epsilon``) are privacy figures."""
@@ -126,7 +129,7 @@ class RunTracker:
         self._norms: dict[int, list[float]] = {}
 
     @classmethod
-    def for_run(cls, settings: Any, run_dir: Path, dp_mode: str | None) -> RunTracker:
+    def for_run(cls, settings: Settings, run_dir: Path, dp_mode: str | None) -> RunTracker:
         """The trackers that ``settings`` ask for, writing into the run directory ``run_dir``; the
         norm histogram only where the updates' norms are not protected by the run's DP."""
         mlflow = None
