@@ -27,7 +27,8 @@ from fl_app.server.round_loop import run_rounds
 from fl_app.server.run_directory import RoundRecord, RunDirectory
 from fl_app.server.strategy_setup import make_strategy
 from fl_app.server.summary import privacy_summary, summarize
-from strategies.core.reporting import Stateful
+from fl_app.server.tracking import RunTracker
+from strategies.core.reporting import Private, Stateful
 
 app = ServerApp()
 
@@ -78,12 +79,15 @@ def main(grid: Grid, context: Context) -> None:
     run_dir = RunDirectory(settings.output_dir, settings.strategy)
     run_dir.write_json("config.json", settings.to_run_config())
     log(INFO, "Run directory: %s", run_dir.path)
+    tracker = RunTracker.for_run(settings, run_dir.path, running.dp_mode if isinstance(running, Private) else None)
+    tracker.replay(history)  # a resumed run's events hold the earlier rounds too, as its history does
     recorder = TrainReplyRecorder(grid)  # who trained last: the export check asks the others
     best = BestWeights() if settings.export_best else None
 
     def on_round_end(record: RoundRecord, arrays: ArrayRecord) -> None:
         history.append(record)
         run_dir.write_history(history)
+        tracker.log_round(record)
         if best is not None:
             best.update(record, arrays)
         save_checkpoint(
@@ -108,6 +112,7 @@ def main(grid: Grid, context: Context) -> None:
             on_round_end=on_round_end,
             min_train_replies=settings.min_train_replies,
             sampling_seed=settings.seed,
+            observe_replies=tracker.observe_replies if tracker.wants_replies else None,
         )
         stop_reason = guarded.stop_reason
 
@@ -142,7 +147,9 @@ def main(grid: Grid, context: Context) -> None:
         summary["export ready"] = export_report["ready"]
         summary["export check report"] = export_report["report_file"]
     summary.update(privacy_summary(settings, history, stop_reason))
+    summary.update(tracker.summary())
     run_dir.write_json("summary.json", summary)
+    tracker.finish([model_file, run_dir.file("history.json"), run_dir.file("summary.json")])
     log(INFO, "=== Summary %s", "=" * 50)  # fl_app.deploy.output_filter.SUMMARY_HEADING
     for key, value in summary.items():
         if key != "settings":

@@ -2,14 +2,18 @@
 
 The binary classifier runs through ``fl-keras-run`` (a real Flower simulation, with a TFLite export
 checked by the model's own metric); the regression, a one-hot multi-class data set and a robust +
-DP-SGD run and a compressed run of the user's binary model run in-process on a LocalGrid (the same ClientApp code).
+DP-SGD run, a central DP run and a compressed run of the user's binary model run in-process on a
+LocalGrid (the same ClientApp code). Each run's TensorBoard events, read back with TensorBoard's
+reader, equal its history under the model's metric names.
 """
 
 import json
+import math
 
 import numpy as np
 import pytest
 
+from tests.events import history_scalars, read_events
 from tests.helpers import run_to_completion
 
 pytestmark = pytest.mark.integration
@@ -25,7 +29,12 @@ def onehot_digits():
     return digits.data.astype(np.float32) / 16.0, np.eye(10, dtype=np.float32)[digits.target]
 
 
-def _federation(run_config: dict, rounds: int = 3):
+def _federation(run_config: dict, rounds: int = 3, events_dir=None):
+    """The federation in-process; with ``events_dir``, its TensorBoard events written there by the
+    trackers the ServerApp would make (:meth:`RunTracker.for_run`)."""
+    from fl_app.config.settings import Settings
+    from fl_app.server.strategy_setup import make_strategy
+    from fl_app.server.tracking import RunTracker
     from fl_app.simulation.local_grid import run_local_federation
 
     config = {
@@ -38,7 +47,31 @@ def _federation(run_config: dict, rounds: int = 3):
         "batch-size": 16,
         **run_config,
     }
-    return run_local_federation(config, num_rounds=rounds)[1]
+    tracker = None
+    if events_dir is not None:  # the ServerApp's trackers for these settings and this strategy's privacy
+        settings = Settings.from_run_config(config)
+        tracker = RunTracker.for_run(settings, events_dir, make_strategy(settings).dp_mode)
+    history = run_local_federation(
+        config,
+        num_rounds=rounds,
+        on_round_end=(lambda record, arrays: tracker.log_round(record)) if tracker else None,
+        observe_replies=tracker.observe_replies if tracker else None,
+    )[1]
+    if tracker is not None:
+        tracker.finish([])
+    return history
+
+
+def _assert_events_hold(events_dir, history, names: set[str]) -> None:
+    """The events (read back with TensorBoard's reader) equal the history, under the model's metric names."""
+    scalars, histograms = read_events(events_dir)
+    expected = history_scalars(history)
+    assert set(scalars) == set(expected)
+    for tag, steps in expected.items():
+        assert scalars[tag] == pytest.approx(steps, rel=1e-6), tag
+    for scope in ("centralized", "federated", "train"):
+        assert {tag.split("/")[1] for tag in scalars if tag.startswith(f"{scope}/")} == names | {"loss"}
+    assert "clients/update_norm" in histograms
 
 
 def test_binary_example_through_fl_keras_run(tmp_path):
@@ -64,6 +97,7 @@ def test_binary_example_through_fl_keras_run(tmp_path):
     assert report["metric"] == "accuracy" and report["ready"], report["reasons"]
     assert float32["threshold_agreement_with_keras"] >= 0.99 and "federated_accuracy" in float32
     assert (run.run_dir / "metrics.png").stat().st_size > 1000
+    _assert_events_hold(run.run_dir, history, {"accuracy", "auc"})  # written by the ServerApp of the simulation
 
     import tensorflow as tf
 
@@ -71,18 +105,21 @@ def test_binary_example_through_fl_keras_run(tmp_path):
     assert model.output_shape == (None, 1) and model.loss == "binary_crossentropy"
 
 
-def test_regression_example_reports_mae():
+def test_regression_example_reports_mae(tmp_path):
     history = _federation(
-        {"model": "examples.diabetes.model:build", "dataset": "examples.diabetes.data:load", "learning-rate": 0.01}
+        {"model": "examples.diabetes.model:build", "dataset": "examples.diabetes.data:load", "learning-rate": 0.01},
+        events_dir=tmp_path,
     )
+    _assert_events_hold(tmp_path, history, {"mae"})
     first, last = history[0], history[-1]
     assert last.centralized_accuracy is None and set(last.metric_names()) == {"mae"}
     assert last.value("centralized", "mae") < first.value("centralized", "mae")
     assert last.value("federated", "mae") is not None and last.value("train", "mae") is not None
 
 
-def test_one_hot_multiclass_with_a_builtin_model():
-    history = _federation({"model": "mlp", "dataset": f"{__name__}:onehot_digits"}, rounds=2)
+def test_one_hot_multiclass_with_a_builtin_model(tmp_path):
+    history = _federation({"model": "mlp", "dataset": f"{__name__}:onehot_digits"}, rounds=2, events_dir=tmp_path)
+    _assert_events_hold(tmp_path, history, {"accuracy"})
     assert history[-1].centralized_accuracy > 0.6 > history[0].centralized_accuracy
 
 
@@ -115,3 +152,30 @@ def test_robust_and_dp_sgd_with_a_users_binary_model():
     last = history[-1]
     assert last.clients_failed == 0 and last.extra["dp-sgd-epsilon-max"] > 0
     assert last.value("centralized", "auc") > 0.8
+
+
+def test_central_dp_with_a_users_binary_model(tmp_path):
+    """DP-FedAvg (central: the server clips and noises) around the user's compiled binary model;
+    epsilon is accounted every round and is in the TensorBoard events, the update norms are not."""
+    history = _federation(
+        {
+            "model": "examples.breast_cancer.model:build",
+            "dataset": "examples.breast_cancer.data:load",
+            "strategy": "dp-fedavg",
+            "dp-mode": "central",
+            "dp-noise-multiplier": 0.1,
+            "dp-clip-norm": 1.0,
+            "dp-sampling": "fixed-size",
+            "local-epochs": 5,
+        },
+        rounds=2,
+        events_dir=tmp_path,
+    )
+    last = history[-1]
+    # three clients need little noise to learn, so epsilon is large (here about 295, then 535): the
+    # run shows the wiring (clip, noise, accountant) with a user's model, not a useful guarantee
+    assert last.clients_failed == 0 and 0 < history[1].extra["epsilon"] < last.extra["epsilon"] < math.inf
+    assert last.value("centralized", "auc") > 0.8
+    scalars, histograms = read_events(tmp_path)
+    assert "clients/update_norm" not in histograms
+    assert scalars["privacy/epsilon"] == pytest.approx({1: history[1].extra["epsilon"], 2: last.extra["epsilon"]})

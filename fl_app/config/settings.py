@@ -329,6 +329,20 @@ class Settings:
     )
     # Outputs
     output_dir: str = _key("outputs", "a non-empty path", "where run directories are written")
+    # Experiment tracking (fl_app.server.tracking)
+    tensorboard: bool = _key(
+        True,
+        "`true`, `false`",
+        "write TensorBoard events into the run directory every round (metrics under their Keras names, epsilon, replies, bytes, a histogram of client update norms; `tensorboard --logdir outputs/`); no TensorFlow on the server for it",
+    )
+    mlflow_tracking_uri: str = _key(
+        "",
+        "empty, a local store (`file:./mlruns`) or a tracking server's `http(s)://` address",
+        "log the run to MLflow (needs the `mlflow` extra: `uv sync --extra mlflow`): the run config as parameters, every round's metrics, the final model, history and summary as artifacts; empty: off",
+    )
+    mlflow_experiment: str = _key(
+        "fl-keras", "a non-empty name", "the MLflow experiment the run is logged in (created when missing)"
+    )
     # Robust aggregation (strategies.aggregation.strategy): rules, pre-aggregation, client weights
     aggregation_rule: str = _key(
         "mean",
@@ -907,12 +921,25 @@ class Settings:
                 )
         if not self.output_dir:
             raise SettingsError("output-dir must not be empty")
+        self._validate_tracking()
         # resume-from is checked by the server when it loads the checkpoint (fl_app.server.checkpoint).
         self._validate_strategy()
         self._validate_server_privacy()
         self._validate_server_compression()
         self._validate_server_encryption()
         self._validate_attack_tolerance()  # last: a configuration that cannot run at all says so first
+
+    def _validate_tracking(self) -> None:
+        """The MLflow keys: a named experiment, and MLflow installed when a tracking URI is set."""
+        import importlib.util
+
+        if not self.mlflow_experiment:
+            raise SettingsError("mlflow-experiment must not be empty")
+        if self.mlflow_tracking_uri and importlib.util.find_spec("mlflow") is None:
+            raise SettingsError(
+                f"mlflow-tracking-uri is '{self.mlflow_tracking_uri}' but MLflow is not installed: install the "
+                "project's mlflow extra (`uv sync --extra mlflow`), or leave mlflow-tracking-uri empty"
+            )
 
     def validate_client(self) -> None:
         """Raise :class:`SettingsError` for the first value of a key the ClientApp uses (data, model,

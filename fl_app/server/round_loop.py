@@ -32,6 +32,9 @@ from strategies.core.nodes import NodesUnavailable
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 RoundCallback = Callable[[RoundRecord, ArrayRecord], None]
+ReplyObserver = Callable[[int, ArrayRecord, list[Message]], None]
+"""``observe(server_round, global_arrays, replies)``: sees a round's train replies with content
+before aggregation (e.g. :meth:`fl_app.server.tracking.RunTracker.observe_replies`); must not change them."""
 
 
 def message_bytes(messages: Iterable[Message]) -> int:
@@ -141,6 +144,7 @@ def run_rounds(
     on_round_end: RoundCallback | None = None,
     min_train_replies: int = 1,
     sampling_seed: int | None = None,
+    observe_replies: ReplyObserver | None = None,
 ) -> tuple[ArrayRecord, list[RoundRecord]]:
     """Run rounds ``first_round..num_rounds``; return the final arrays and the history.
 
@@ -154,7 +158,8 @@ def run_rounds(
 
     ``on_round_end(record, arrays)`` is called after every round (and after round 0, the
     evaluation of the initial model, when ``first_round == 1``), e.g. to write the history and a
-    checkpoint.
+    checkpoint. ``observe_replies(round, arrays, replies)`` sees each round's train replies with
+    content, and the global arrays they answer, before aggregation.
     """
     history: list[RoundRecord] = []
     arrays = initial_arrays
@@ -195,6 +200,8 @@ def run_rounds(
         record.failures.extend(failures)
         record.bytes_received = message_bytes(ok)
         record.extra.update(max_of_reply_metrics(ok))
+        if observe_replies is not None:
+            observe_replies(server_round, arrays, ok)
         if len(ok) < min_train_replies:
             log(
                 WARNING,
@@ -216,7 +223,9 @@ def run_rounds(
                 record.failures.append(f"aggregation: {err!r}")
                 new_arrays, train_metrics = None, None
             # the replies the guard or the strategy rejected (error replies are counted above)
-            record.failures.extend(guarded.rejections())
+            rejected = guarded.rejections()
+            record.failures.extend(rejected)
+            record.extra["rejected"] = len(rejected)
         if new_arrays is not None:
             arrays = new_arrays
         if train_metrics is not None:  # the clients' train-<Keras name> means; the rest as it is

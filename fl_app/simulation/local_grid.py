@@ -15,7 +15,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import ArrayRecord, Context, Error, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -24,6 +24,9 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fl_app.config.settings import Settings
 from fl_app.server.run_directory import RoundRecord
+
+if TYPE_CHECKING:
+    from fl_app.server.round_loop import ReplyObserver, RoundCallback
 
 
 def _ensure_task_identity() -> None:
@@ -121,8 +124,13 @@ def run_local_federation(
     *,
     num_rounds: int | None = None,
     evaluate_centrally: bool = True,
+    on_round_end: RoundCallback | None = None,
+    observe_replies: ReplyObserver | None = None,
 ) -> tuple[ArrayRecord, list[RoundRecord]]:
-    """Run the federation that ``run_config`` describes in this process; return final arrays and history."""
+    """Run the federation that ``run_config`` describes in this process; return final arrays and history.
+
+    ``on_round_end`` and ``observe_replies`` are handed to :func:`~fl_app.server.round_loop.run_rounds`
+    (e.g. a :class:`~fl_app.server.tracking.RunTracker`'s ``log_round`` and ``observe_replies``)."""
     import tensorflow as tf
 
     from fl_app.server.evaluation import CentralEvaluator, model_spec
@@ -147,4 +155,6 @@ def run_local_federation(
         num_rounds=num_rounds or settings.num_server_rounds,
         timeout=settings.round_timeout,
         evaluate_fn=evaluator,
+        on_round_end=on_round_end,
+        observe_replies=observe_replies,
     )

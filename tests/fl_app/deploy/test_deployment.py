@@ -22,11 +22,15 @@ from fl_app.config.settings import Settings
 from fl_app.deploy.launcher import stop_process_tree
 from fl_app.deploy.operator import LoopbackDeployment, write_node_files
 from fl_app.server.run_directory import latest_run
+from tests.events import read_events
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 ROOT = Path(__file__).resolve().parents[3]
 LOCAL = "dataset='local-file' num-classes=10 input-shape='8,8,1' local-epochs=1"
+BINARY = "examples.breast_cancer"
+"""The user's binary classifier (examples/breast_cancer: a model module and a data module outside fl_app)."""
+BINARY_LOCAL = f"dataset='local-file' model='{BINARY}.model:build' num-classes=2 input-shape='30' local-epochs=1"
 
 
 def _history(output_dir: Path) -> tuple[Path, list[dict]]:
@@ -103,9 +107,14 @@ def test_tls_auth_run_survives_a_killed_node_and_a_corrupt_file(tmp_path):
 
 
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
-    files = write_node_files(tmp_path / "data", Settings(num_partitions=2, partitioner="iid"))
+    """A user's model (the binary example, each node holding its share of the breast-cancer data as
+    its own file): an uninterrupted run, exported to TFLite and checked by the model's own metric on
+    the nodes, and a run stopped after round 2 and resumed, which ends with the same weights."""
+    files = write_node_files(
+        tmp_path / "data", Settings(num_partitions=2, partitioner="iid", dataset=f"{BINARY}.data:load")
+    )
     config = (
-        f"num-server-rounds=4 {LOCAL} strategy='fedadam' server-learning-rate=0.05 "
+        f"num-server-rounds=4 {BINARY_LOCAL} strategy='fedadam' server-learning-rate=0.05 "
         "min-available-clients=2 min-train-clients=2 fraction-evaluate=0.01 "
         "min-evaluate-clients=0 round-timeout=120"
     )
@@ -118,7 +127,8 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
             )
 
         whole = tmp_path / "whole"
-        status = deployment.wait(deployment.submit(f"{config} output-dir='{whole}'"), timeout=400)
+        export = "export='tflite' export-tflite-types='float32'"
+        status = deployment.wait(deployment.submit(f"{config} output-dir='{whole}' {export}"), timeout=500)
         assert status == "finished:completed", deployment.log("superlink")[-3000:]
 
         # Stop the server process after round 2 of 4, then resume from its run directory.
@@ -153,6 +163,18 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
 
     whole_dir, whole_history = _history(whole)
     resumed_dir, resumed_history = _history(resumed)
+    # the user's model trained on the nodes' own files and was exported; the check used its metric
+    assert 0.5 < whole_history[-1]["train_accuracy"] <= 1.0 and 0.5 < whole_history[-1]["metrics"]["train_auc"] <= 1.0
+    report = json.loads((whole_dir / "export_check.json").read_text())
+    final = report["models"]["final"]
+    assert report["metric"] == "accuracy" and report["ready"], report["reasons"]  # ready: within export-tolerance
+    assert final["tflite"]["float32"]["federated_accuracy"] > 0.5 and final["keras"]["federated_accuracy"] > 0.5
+    assert (whole_dir / "export" / "final_float32.tflite").stat().st_size > 0
+    # the deployed server's TensorBoard events hold the history under the model's metric names
+    scalars, _ = read_events(resumed_dir)
+    assert scalars["train/auc"] == pytest.approx(
+        {r["round"]: r["metrics"]["train_auc"] for r in resumed_history if "train_auc" in r["metrics"]}, rel=1e-6
+    )
     assert [r["round"] for r in resumed_history] == [1, 2, 3, 4]
     with (
         np.load(whole_dir / "checkpoint" / "weights.npz") as a,

@@ -26,6 +26,7 @@ from fl_app.server.checkpoint import (
 from fl_app.server.round_loop import run_rounds
 from fl_app.server.run_directory import RoundRecord
 from strategies.aggregation.guard import GuardedStrategy
+from tests.events import read_events
 from tests.helpers import run_server_app_in_process
 
 
@@ -286,6 +287,8 @@ def test_private_run_refuses_to_resume_a_non_private_checkpoint(monkeypatch, tmp
 
 def test_non_private_run_refuses_to_resume_a_private_checkpoint(monkeypatch, tmp_path):
     stopped = run_server_app(monkeypatch, tmp_path / "private", {**PRIVATE, "num-server-rounds": 1})
+    scalars, histograms = read_events(stopped)  # epsilon is tracked; the clients' update norms are not released
+    assert scalars["privacy/epsilon"][1] > 0 and "clients/update_norm" not in histograms
     assert json.loads((stopped / "checkpoint" / "state.json").read_text())["privacy"] == {
         "private": True,
         "dp-mode": "central",
