@@ -17,8 +17,9 @@ stay in memory between messages, as in simulation. It looks for tasks with short
 while idle (``POLL_INITIAL_S`` … ``POLL_MAXIMUM_S``).
 
 It runs **only the code installed on the node**: a task whose FAB (the app the operator submitted)
-has other ``fl_app`` / ``strategies`` sources than the ones this process imported, or another
-ClientApp than ``fl_app.client_app:app``, gets an error reply that says so, and its message fails
+has other ``fl_app`` / ``strategies`` sources than the ones this process imported, another
+ClientApp than ``fl_app.client_app:app``, or another version of any Python file this process would
+import (e.g. a user's model module named in the run config), gets an error reply that says so, and its message fails
 as any failing ClientApp's does. The node never executes code that arrives over the network (with
 Flower's default SuperExec it does: the ``flwr-clientapp`` process installs and imports the FAB).
 Install the submitted version on the node, or run the node with Flower's SuperExec
@@ -33,10 +34,11 @@ import hashlib
 import importlib
 import io
 import signal
+import sys
 import threading
 import time
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from logging import ERROR, INFO
 from pathlib import Path
 
@@ -92,8 +94,11 @@ def poll_delays(
 class FabCheck:
     """Remembers, per FAB hash, whether that FAB's code is this process's (computed once)."""
 
-    def __init__(self, installed_digest: Callable[[], str] = code_digest) -> None:
+    def __init__(
+        self, installed_digest: Callable[[], str] = code_digest, search_path: Sequence[str] | None = None
+    ) -> None:
         self._installed_digest = installed_digest
+        self._search_path = search_path
         self._verdicts: dict[str, str | None] = {}
 
     def problem(self, fab_hash: str, fab_content: bytes) -> str | None:
@@ -108,7 +113,32 @@ class FabCheck:
             return f"its ClientApp is {client_app!r}, this node runs {CLIENT_APP_REF!r}"
         if fab_code_digest(fab_content) != self._installed_digest():
             return "its fl_app / strategies sources differ from the ones installed on this node"
+        return self._other_code_problem(fab_content)
+
+    def _other_code_problem(self, fab_content: bytes) -> str | None:
+        """The FAB's other Python files (a user's model, data or callbacks module named in the run
+        config): each that this process would import, i.e. found at the same relative path under
+        an entry of its import path, must have the same bytes. Files the node cannot import are
+        left alone: the ClientApp cannot run them (a run that needs one fails with ImportError)."""
+        search_path = sys.path if self._search_path is None else self._search_path
+        with zipfile.ZipFile(io.BytesIO(fab_content)) as fab:
+            for name in sorted(fab.namelist()):
+                if not name.endswith(".py") or name.startswith(CODE_PACKAGES):
+                    continue
+                node_copy = _importable_copy(name, search_path)
+                if node_copy is not None and node_copy.read_bytes() != fab.read(name):
+                    return f"its {name} differs from this node's {node_copy}"
         return None
+
+
+def _importable_copy(relative: str, search_path: Sequence[str]) -> Path | None:
+    """The first file ``relative`` under an entry of ``search_path`` ("" is the working
+    directory), as the import system would find a module at that path (None: nowhere)."""
+    for entry in search_path:
+        candidate = Path(entry or ".") / relative
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 class WarmExecutor:

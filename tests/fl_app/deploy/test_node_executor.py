@@ -20,9 +20,11 @@ from tests.fakes import instruction
 ROOT = Path(__file__).resolve().parents[3]
 
 
-def _fab(client_app: str = "fl_app.client_app:app", change: str | None = None) -> bytes:
+def _fab(
+    client_app: str = "fl_app.client_app:app", change: str | None = None, extra: dict[str, bytes] | None = None
+) -> bytes:
     """A FAB (zip) of this checkout's sources, as ``flwr build`` packs them; ``change`` appends a
-    comment to that file."""
+    comment to that file; ``extra`` adds files (path: bytes)."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as fab:
         pyproject = (ROOT / "pyproject.toml").read_text().replace('"fl_app.client_app:app"', f'"{client_app}"')
@@ -33,6 +35,8 @@ def _fab(client_app: str = "fl_app.client_app:app", change: str | None = None) -
                 data = path.read_bytes() + (b"\n# changed\n" if name == change else b"")
                 fab.writestr(name, data)
         fab.writestr("README.md", "not code")
+        for name, data in (extra or {}).items():
+            fab.writestr(name, data)
     return buffer.getvalue()
 
 
@@ -54,6 +58,19 @@ def test_the_fab_check_names_what_differs_and_decides_once_per_fab():
     assert "sources differ" in check.problem("b", _fab(change="fl_app/client_app.py"))
     assert "its ClientApp is 'other.app:app'" in check.problem("c", _fab(client_app="other.app:app"))
     assert next(calls) == 2  # two FABs with our ClientApp compared their sources
+
+
+def test_a_users_module_the_node_would_import_must_be_the_submitted_one(tmp_path):
+    """A user's model module outside fl_app (e.g. examples/breast_cancer/model.py) runs from the
+    node's copy: the FAB's copy must be byte-equal; a file the node cannot import is left alone."""
+    user = tmp_path / "mypkg" / "model.py"
+    user.parent.mkdir()
+    user.write_bytes(b"def build(input_shape, output_spec): ...\n")
+    check = node_executor.FabCheck(search_path=[str(tmp_path)])
+    assert check.problem("same", _fab(extra={"mypkg/model.py": user.read_bytes()})) is None
+    assert check.problem("not-on-node", _fab(extra={"other/model.py": b"x = 1\n"})) is None
+    problem = check.problem("edited", _fab(extra={"mypkg/model.py": b"def build(*a): return None\n"}))
+    assert problem == f"its mypkg/model.py differs from this node's {user}"
 
 
 def test_polls_start_short_and_grow_to_the_cap():
