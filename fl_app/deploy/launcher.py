@@ -37,11 +37,12 @@ import sys
 import threading
 import time
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from fl_app.deploy.output_filter import NoiseFilter, copy_filtered
+from fl_app.deploy.startup_timeline import StartupTimeline
 
 HEALTH_TIMEOUT_S = 60.0
 
@@ -58,8 +59,15 @@ def _bin(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
+SUPEREXEC_TASK_POLL_S = "0.05"
+"""Seconds between a SuperExec's looks for a task to launch (Flower's ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``,
+0.01-60, default 1): the simulation process, a deployment's ServerApp, a node's ClientApp start up
+to 1 s sooner."""
+
+
 def prepare_environment(flwr_home: Path, http_port: int, control_port: int) -> dict[str, str]:
-    """Environment for ``flower-superlink`` and ``flwr``: private home, ports, no runtime installs."""
+    """Environment for ``flower-superlink`` and ``flwr``: private home, ports, no runtime installs,
+    the SuperExec's task poll at :data:`SUPEREXEC_TASK_POLL_S` (unless the environment sets it)."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     (flwr_home / "config.toml").write_text(
         '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n',
@@ -74,6 +82,7 @@ def prepare_environment(flwr_home: Path, http_port: int, control_port: int) -> d
         FLWR_DISABLE_UPDATE_CHECK="1",
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
     )
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", SUPEREXEC_TASK_POLL_S)
     return env
 
 
@@ -191,6 +200,7 @@ def run_while_alive(
     port: int,
     noise_filter: NoiseFilter | None = None,
     summary_seen: list[str] | None = None,
+    observe: Callable[[str], None] | None = None,
 ) -> tuple[int | None, str]:
     """Run ``command`` (``flwr run``) while the SuperLink lives. Returns ``(exit code, "")``, or
     ``(None, why)`` as soon as the SuperLink has exited, or has not answered its health check on
@@ -198,14 +208,15 @@ def run_while_alive(
     listening but did not exit). ``command`` is then stopped: it would go on waiting.
 
     Its output (stdout and stderr, in order) is copied to this process's stdout, without the lines
-    ``noise_filter`` drops (None: all of it); the summary heading, if shown, goes into ``summary_seen``."""
+    ``noise_filter`` drops (None: all of it); the summary heading, if shown, goes into ``summary_seen``;
+    ``observe`` sees every line as it arrives."""
     process = subprocess.Popen(
         command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
     )
     assert process.stdout is not None
     copier = threading.Thread(
         target=copy_filtered,
-        args=(process.stdout, sys.stdout, noise_filter, summary_seen if summary_seen is not None else []),
+        args=(process.stdout, sys.stdout, noise_filter, summary_seen if summary_seen is not None else [], observe),
         daemon=True,
     )
     copier.start()
@@ -342,6 +353,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--output-dir", type=Path, default=None, help="where run directories go (default: <app>/outputs)"
     )
     parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="print a timeline at the end: when the SuperLink answered, the run was submitted, the simulation "
+        "process, the ServerApp, the first Ray actor and its TensorFlow import, and each of rounds 0, 1 and the "
+        "last came (fl_app.deploy.startup_timeline)",
+    )
+    parser.add_argument(
         "--verbose",
         action="store_true",
         help="show everything the run prints (by default a filter hides TensorFlow, Ray, CUDA and Flower "
@@ -363,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     flwr_home = app / ".flwr"
     env = prepare_environment(flwr_home, free_port(), free_port())
     noise_filter = None if args.verbose else NoiseFilter()
+    timeline = StartupTimeline() if args.profile else None
     summary_seen: list[str] = []
 
     command = [
@@ -390,7 +409,13 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             port = int(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"])
-            code, lost = run_while_alive(command, env, app, superlink, port, noise_filter, summary_seen)
+            if timeline is not None:
+                timeline.mark("local SuperLink answering")
+            code, lost = run_while_alive(
+                command, env, app, superlink, port, noise_filter, summary_seen, timeline.observe if timeline else None
+            )
+            if timeline is not None:
+                timeline.mark("flwr run exited")
             # never `flwr ls local` once the SuperLink is gone: it would start a new, detached one
             status = run_status(env, app) if code is not None else "unknown"
     finally:
@@ -408,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nflwr run exited with {code}; run status: {status}; {time.perf_counter() - started:.1f} s in all{hidden}")
     if not summary_seen:  # the stream did not show the ServerApp's summary: this run's file, if any
         print_summary(output_dir, launched_at)
+    if timeline is not None:
+        print(timeline.table(), flush=True)
     if code != 0 or status != "finished:completed":
         print(f"The run did not complete (status {status}); see {flwr_home / 'superlink.log'}", file=sys.stderr)
         return 1

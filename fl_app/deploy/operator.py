@@ -266,7 +266,6 @@ def _bin(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
-SUPEREXEC_TASK_POLL_S = "0.05"
 FLOWER_SUPEREXEC_TASK_POLL_S = "1.0"  # Flower 1.41's default
 
 
@@ -282,6 +281,8 @@ def deployment_env(flwr_home: str | Path | None = None) -> dict[str, str]:
         FLWR_DISABLE_UPDATE_CHECK="1",
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
     )
+    from fl_app.deploy.launcher import SUPEREXEC_TASK_POLL_S
+
     env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", SUPEREXEC_TASK_POLL_S)
     if flwr_home is not None:
         env["FLWR_HOME"] = str(Path(flwr_home).resolve())

@@ -22,7 +22,7 @@ Errors of the run itself (tracebacks, the app's warnings, failed replies) never 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import IO
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -77,10 +77,20 @@ class NoiseFilter:
                 yield line
 
 
-def copy_filtered(source: IO[str], target: IO[str], noise_filter: NoiseFilter | None, seen: list[str]) -> None:
+def copy_filtered(
+    source: IO[str],
+    target: IO[str],
+    noise_filter: NoiseFilter | None,
+    seen: list[str],
+    observe: Callable[[str], None] | None = None,
+) -> None:
     """Copy ``source`` to ``target`` line by line (flushed), without the noise when ``noise_filter``
-    is given; the shown lines that start the run's summary are appended to ``seen``."""
+    is given; the shown lines that start the run's summary are appended to ``seen``; ``observe``
+    (e.g. :meth:`fl_app.deploy.startup_timeline.StartupTimeline.observe`) sees every line, noise
+    included, as it arrives."""
     lines: Iterable[str] = iter(source.readline, "")
+    if observe is not None:
+        lines = _observed(lines, observe)
     if noise_filter is not None:
         lines = noise_filter.lines(lines)
     for line in lines:
@@ -88,6 +98,12 @@ def copy_filtered(source: IO[str], target: IO[str], noise_filter: NoiseFilter | 
             seen.append(line)
         target.write(line)
         target.flush()
+
+
+def _observed(lines: Iterable[str], observe: Callable[[str], None]) -> Iterator[str]:
+    for line in lines:
+        observe(line)
+        yield line
 
 
 SUMMARY_HEADING = "=== Summary "
