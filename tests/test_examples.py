@@ -179,3 +179,27 @@ def test_central_dp_with_a_users_binary_model(tmp_path):
     scalars, histograms = read_events(tmp_path)
     assert "clients/update_norm" not in histograms
     assert scalars["privacy/epsilon"] == pytest.approx({1: history[1].extra["epsilon"], 2: last.extra["epsilon"]})
+
+
+def test_a_users_cnn_trains_with_the_users_callbacks():
+    """examples/digits_cnn: a user's compiled CNN from a module outside the package, with the user's
+    callbacks on every client: the per-round learning rate reaches every fit, and early stopping on
+    the local validation split can end a fit before its epochs."""
+    from examples.digits_cnn.model import BASE_LEARNING_RATE, ROUND_DECAY
+
+    history = _federation(
+        {
+            "model": "examples.digits_cnn.model:build",
+            "callbacks": "examples.digits_cnn.model:callbacks",
+            "callbacks-validation-fraction": 0.2,
+            "local-epochs": 4,
+        },
+        rounds=3,
+    )
+    rounds = [record for record in history if record.round > 0]
+    assert [record.value("train", "lr") for record in rounds] == pytest.approx(
+        [BASE_LEARNING_RATE * ROUND_DECAY ** (record.round - 1) for record in rounds], rel=1e-5
+    )
+    assert all(1 <= record.extra["local-epochs-run"] <= 4 for record in rounds)
+    assert all(record.value("train", "val_accuracy") is not None for record in rounds)
+    assert history[-1].centralized_accuracy > max(0.5, history[0].centralized_accuracy + 0.3)
