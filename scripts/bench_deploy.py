@@ -3,15 +3,19 @@
 One configuration for all three: N nodes, each with its own ``node-<i>.npz`` (the digits
 partitions), ``dataset='local-file'``, the MLP, 1 local epoch, FedAvg, R rounds, federated
 evaluation on every node. The figure is the server's own per-round time from ``history.json``
-(train + evaluate, sending and receiving included), first round and later rounds apart.
+(train + evaluate, sending and receiving included), first round and later rounds apart; for the
+warm executor also how much of a later round its messages took in the node's process (pull,
+fit or evaluate, push) and the rest (polls, the SuperLink and gateway hops, the ServerApp).
 
     uv run python scripts/bench_deploy.py --nodes 3 --rounds 4
+    uv run python scripts/bench_deploy.py --nodes 2 --rounds 4 --modes warm-flower-polls,warm,executor
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -93,7 +97,32 @@ def deployment(
         status = link.wait(link.submit(config(nodes, rounds, out)), timeout=3600)
         if status != "finished:completed":
             raise RuntimeError(f"{name} run ended {status}: {link.log('superlink')[-3000:]}")
+        if executor:
+            TASK_SECONDS[name] = [task_seconds(link.log(f"node-{i}-executor")) for i in range(nodes)]
     return round_times(out)
+
+
+TASK_SECONDS: dict[str, list[list[float]]] = {}
+"""Per mode, per node: the warm executor's seconds for each message, in order (train, evaluate, …)."""
+
+
+def task_seconds(executor_log: str) -> list[float]:
+    """The durations the warm executor logged ("task N done in S s"): pulling the message, the
+    ClientApp (fit or evaluate) and pushing the reply, in the node's process."""
+    return [float(m) for m in re.findall(r"\] task \d+ done in ([0-9.]+) s", executor_log)]
+
+
+def round_breakdown(rounds: list[float], nodes_tasks: list[list[float]]) -> dict[str, float]:
+    """Later rounds (2..R): the mean round, the mean of the slowest node's two messages (train and
+    evaluate) in the executor, and the rest (polls, SuperLink and gateway hops, the ServerApp)."""
+    later = range(1, len(rounds))
+    in_executor = [max(sum(tasks[2 * r : 2 * r + 2]) for tasks in nodes_tasks) for r in later]
+    mean_round = statistics.mean(rounds[1:])
+    return {
+        "later rounds mean s": round(mean_round, 3),
+        "in the executor (slowest node, train + evaluate) s": round(statistics.mean(in_executor), 3),
+        "outside it (polls, hops, ServerApp) s": round(mean_round - statistics.mean(in_executor), 3),
+    }
 
 
 def main() -> int:
@@ -132,6 +161,8 @@ def main() -> int:
                 "all rounds": [round(t, 2) for t in times],
                 "wall s (incl. start-up)": round(time.perf_counter() - started, 1),
             }
+            if mode in TASK_SECONDS and len(times) > 1:
+                results[mode]["breakdown"] = round_breakdown(times, TASK_SECONDS[mode])
             print(mode, json.dumps(results[mode]), flush=True)
     print(json.dumps(results, indent=2))
     return 0
