@@ -18,8 +18,9 @@ while idle (``POLL_INITIAL_S`` … ``POLL_MAXIMUM_S``).
 
 It runs **only the code installed on the node**: a task whose FAB (the app the operator submitted)
 has other ``fl_app`` / ``strategies`` sources than the ones this process imported, another
-ClientApp than ``fl_app.client_app:app``, or another version of any Python file this process would
-import (e.g. a user's model module named in the run config), gets an error reply that says so, and its message fails
+ClientApp than ``fl_app.client_app:app``, or another version of a Python file of the user's
+packages that the run config names (``model='examples.breast_cancer.model:build'``: ``examples/``)
+and that this process would import, gets an error reply that says so, and its message fails
 as any failing ClientApp's does. The node never executes code that arrives over the network (with
 Flower's default SuperExec it does: the ``flwr-clientapp`` process installs and imports the FAB).
 Install the submitted version on the node, or run the node with Flower's SuperExec
@@ -33,12 +34,13 @@ import functools
 import hashlib
 import importlib
 import io
+import re
 import signal
 import sys
 import threading
 import time
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from logging import ERROR, INFO
 from pathlib import Path
 
@@ -92,43 +94,59 @@ def poll_delays(
 
 
 class FabCheck:
-    """Remembers, per FAB hash, whether that FAB's code is this process's (computed once)."""
+    """Remembers, per FAB hash and set of user packages, whether that FAB's code is this process's
+    (computed once)."""
 
     def __init__(
         self, installed_digest: Callable[[], str] = code_digest, search_path: Sequence[str] | None = None
     ) -> None:
         self._installed_digest = installed_digest
         self._search_path = search_path
-        self._verdicts: dict[str, str | None] = {}
+        self._verdicts: dict[tuple[str, frozenset[str]], str | None] = {}
 
-    def problem(self, fab_hash: str, fab_content: bytes) -> str | None:
-        """None when the FAB runs this node's code; otherwise what differs."""
-        if fab_hash not in self._verdicts:
-            self._verdicts[fab_hash] = self._compare(fab_content)
-        return self._verdicts[fab_hash]
+    def problem(self, fab_hash: str, fab_content: bytes, run_config: Mapping[str, object] | None = None) -> str | None:
+        """None when the FAB runs this node's code; otherwise what differs. ``run_config`` (the
+        task's) names the user's packages to compare too (:func:`user_packages`)."""
+        packages = user_packages(run_config or {})
+        key = (fab_hash, packages)
+        if key not in self._verdicts:
+            self._verdicts[key] = self._compare(fab_content, packages)
+        return self._verdicts[key]
 
-    def _compare(self, fab_content: bytes) -> str | None:
+    def _compare(self, fab_content: bytes, packages: frozenset[str]) -> str | None:
         client_app = fab_client_app(fab_content)
         if client_app != CLIENT_APP_REF:
             return f"its ClientApp is {client_app!r}, this node runs {CLIENT_APP_REF!r}"
         if fab_code_digest(fab_content) != self._installed_digest():
             return "its fl_app / strategies sources differ from the ones installed on this node"
-        return self._other_code_problem(fab_content)
+        return self._user_code_problem(fab_content, packages)
 
-    def _other_code_problem(self, fab_content: bytes) -> str | None:
-        """The FAB's other Python files (a user's model, data or callbacks module named in the run
-        config): each that this process would import, i.e. found at the same relative path under
-        an entry of its import path, must have the same bytes. Files the node cannot import are
-        left alone: the ClientApp cannot run them (a run that needs one fails with ImportError)."""
+    def _user_code_problem(self, fab_content: bytes, packages: frozenset[str]) -> str | None:
+        """The FAB's Python files in the user's ``packages`` (e.g. ``examples`` for
+        ``model='examples.breast_cancer.model:build'``): each that this process would import, i.e.
+        found at the same relative path under an entry of its import path, must have the same
+        bytes. A file the node cannot import is left alone: the ClientApp cannot run it (a run
+        that needs it fails with ImportError)."""
         search_path = sys.path if self._search_path is None else self._search_path
         with zipfile.ZipFile(io.BytesIO(fab_content)) as fab:
             for name in sorted(fab.namelist()):
-                if not name.endswith(".py") or name.startswith(CODE_PACKAGES):
+                if not name.endswith(".py") or name.split("/")[0].removesuffix(".py") not in packages:
                     continue
                 node_copy = _importable_copy(name, search_path)
                 if node_copy is not None and node_copy.read_bytes() != fab.read(name):
                     return f"its {name} differs from this node's {node_copy}"
         return None
+
+
+USER_REFERENCE = re.compile(r"^([A-Za-z_]\w*)(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
+
+
+def user_packages(run_config: Mapping[str, object]) -> frozenset[str]:
+    """Top-level packages of the user code a run config names as ``package.module:attribute``
+    (the ``model``, ``dataset`` and ``callbacks`` keys, a user's strategy or rule), other than
+    this app's own ``fl_app`` and ``strategies``."""
+    named = (USER_REFERENCE.match(value) for value in run_config.values() if isinstance(value, str))
+    return frozenset(match.group(1) for match in named if match) - {"fl_app", "strategies"}
 
 
 def _importable_copy(relative: str, search_path: Sequence[str]) -> Path | None:
@@ -220,7 +238,7 @@ class WarmExecutor:
         try:
             heartbeat.start()
             message, context, _run, fab = pull_task_input(client)
-            problem = self.fab_check.problem(fab.hash_str, fab.content)
+            problem = self.fab_check.problem(fab.hash_str, fab.content, context.run_config)
             if problem is not None:
                 raise ForeignApp(
                     f"this node runs only the app installed on it: the submitted app (FAB {fab.hash_str[:12]}) "

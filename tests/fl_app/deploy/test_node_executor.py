@@ -60,17 +60,35 @@ def test_the_fab_check_names_what_differs_and_decides_once_per_fab():
     assert next(calls) == 2  # two FABs with our ClientApp compared their sources
 
 
-def test_a_users_module_the_node_would_import_must_be_the_submitted_one(tmp_path):
-    """A user's model module outside fl_app (e.g. examples/breast_cancer/model.py) runs from the
-    node's copy: the FAB's copy must be byte-equal; a file the node cannot import is left alone."""
+def test_a_users_module_the_run_config_names_must_be_the_node_copy(tmp_path):
+    """A user's model package outside fl_app (e.g. examples/ for examples.breast_cancer.model) runs
+    from the node's copy: the FAB's copy must be byte-equal; files of packages the run config does
+    not name (a script the developer edited) and files the node cannot import are left alone."""
     user = tmp_path / "mypkg" / "model.py"
     user.parent.mkdir()
     user.write_bytes(b"def build(input_shape, output_spec): ...\n")
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "bench.py").write_bytes(b"old = 1\n")
     check = node_executor.FabCheck(search_path=[str(tmp_path)])
-    assert check.problem("same", _fab(extra={"mypkg/model.py": user.read_bytes()})) is None
-    assert check.problem("not-on-node", _fab(extra={"other/model.py": b"x = 1\n"})) is None
-    problem = check.problem("edited", _fab(extra={"mypkg/model.py": b"def build(*a): return None\n"}))
-    assert problem == f"its mypkg/model.py differs from this node's {user}"
+    config = {"model": "mypkg.model:build", "dataset": "digits", "learning-rate": 0.1}
+    same = _fab(extra={"mypkg/model.py": user.read_bytes(), "scripts/bench.py": b"edited = 2\n"})
+    assert check.problem("same", same, config) is None
+    assert check.problem("not-on-node", _fab(extra={"mypkg/other.py": b"x = 1\n"}), config) is None
+    edited = _fab(extra={"mypkg/model.py": b"def build(*a): return None\n"})
+    assert check.problem("edited", edited, config) == f"its mypkg/model.py differs from this node's {user}"
+    assert check.problem("edited", edited, {"model": "mlp"}) is None  # not named: not this run's code
+
+
+def test_user_packages_are_the_top_level_packages_of_named_references():
+    config = {
+        "model": "examples.breast_cancer.model:build",
+        "callbacks": "mycb:make",
+        "strategy": "strategies.examples:Custom",
+        "dataset": "digits",
+        "output-dir": "/tmp/a:b",
+        "seed": 3,
+    }
+    assert node_executor.user_packages(config) == {"examples", "mycb"}
 
 
 def test_polls_start_short_and_grow_to_the_cap():
