@@ -328,7 +328,9 @@ def heatmap(results: Mapping[str, Any], partition: str, fraction: float, path: P
                 values[i, j] = summarize(grid[(name, attack)]).mean
         values[i, -1] = worst.get(name, np.nan)
     fig, ax = plt.subplots(figsize=(0.95 * len(columns) + 3.0, 0.5 * len(names) + 1.8))
-    image = ax.imshow(np.nan_to_num(values, nan=0.0), vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
+    cmap = plt.get_cmap("RdYlGn").copy()
+    cmap.set_bad("lightgrey")  # cells not run
+    image = ax.imshow(np.ma.masked_invalid(values), vmin=0.0, vmax=1.0, cmap=cmap, aspect="auto")
     ax.set_xticks(range(len(columns)), columns, rotation=40, ha="right")
     ax.set_yticks(range(len(names)), names)
     for i in range(len(names)):
