@@ -291,14 +291,15 @@ def backdoor_table(results: Mapping[str, Any], partition: str, fraction: float) 
     success = collect(results, partition, fraction, "backdoor-success")
     lines = [
         f"| configuration ({partition}, fraction {fraction:g}, boosted backdoor) | clean accuracy "
-        "| accuracy under backdoor | backdoor success |",
-        "|---|---|---|---|",
+        "| accuracy under backdoor | backdoor success | backdoor success of the clean model |",
+        "|---|---|---|---|---|",
     ]
     names = _ordered((n for n, a in success if a == "backdoor"), _config_order())
     for name in names:
         clean = summarize(accuracy[(name, "none")]).text() if (name, "none") in accuracy else "…"
         main = summarize(accuracy.get((name, "backdoor"), [])).text()
-        lines.append(f"| {name} | {clean} | {main} | {summarize(success[(name, 'backdoor')]).text()} |")
+        base = summarize(success[(name, "none")]).text() if (name, "none") in success else "…"
+        lines.append(f"| {name} | {clean} | {main} | {summarize(success[(name, 'backdoor')]).text()} | {base} |")
     return "\n".join(lines) if names else ""
 
 
@@ -387,8 +388,10 @@ class FinalEvaluator:
         from fl_app.server.evaluation import CentralEvaluator, model_spec
         from fl_app.task.models import build_model
 
-        settings = Settings.from_run_config(dict(config))
-        key = (settings.seed, config.get("attack") == "backdoor", settings.partitioner, settings.dirichlet_alpha)
+        # every cell measures the backdoor success, the clean ones too (the rate at which a model
+        # without a backdoor already classifies triggered images as the target: the baseline)
+        settings = Settings.from_run_config({**config, "attack": "backdoor", "attack-fraction": 0.0})
+        key = (settings.seed, settings.partitioner, settings.dirichlet_alpha)
         if key not in self._cache:
             input_shape, spec, test_set = model_spec(settings)
             tf.keras.utils.set_random_seed(settings.seed)
