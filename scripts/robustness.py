@@ -355,13 +355,10 @@ def report(results: Mapping[str, Any], out_dir: Path, *, draw: bool = True) -> s
     present = sorted({parse_key(k)[:2] for k in results["cells"]})
     parts = []
     for partition, fraction in present:
-        parts += [
-            f"### {partition}, attacker fraction {fraction:g}\n",
-            worst_case_table(results, partition, fraction),
-            "",
-            markdown_table(results, partition, fraction),
-            "",
-        ]
+        parts.append(f"### {partition}, attacker fraction {fraction:g}\n")
+        if worst_cases(results, partition, fraction):
+            parts += [worst_case_table(results, partition, fraction), ""]
+        parts += [markdown_table(results, partition, fraction), ""]
         backdoor = backdoor_table(results, partition, fraction)
         if backdoor:
             parts += [backdoor, ""]
