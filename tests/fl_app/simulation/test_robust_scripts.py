@@ -26,36 +26,72 @@ robustness = load_script("robustness")
 bench = load_script("bench_aggregation")
 
 
-def test_cell_config_follows_the_attacker_count_and_caps_bulyan():
+def test_cell_config_takes_rule_parameters_from_byzantine_fraction():
+    from fl_app.config.settings import Settings, SettingsError
+
     base = robustness.BASE_CONFIG
-    config, note = robustness.cell_config("bulyan", "sign-flip", 0.3, base)
-    assert config["bulyan-f"] == 4 and "capped from 6" in note
-    assert config["attack"] == "sign-flip" and config["attack-fraction"] == 0.3
-    config, _ = robustness.cell_config("trimmed-mean", "none", 0.2, base)
-    assert config["trimmed-mean-beta"] == pytest.approx(0.2) and "attack" not in config
-    config, _ = robustness.cell_config("mean", "alie", 0.1, base)
-    assert config["client-weighting"] == "num-examples" and config["aggregation-rule"] == "mean"
-    config, _ = robustness.cell_config("multi-krum", "ipm", 0.2, base)
-    assert config["krum-f"] == 4 and config["client-weighting"] == "uniform"
-    from fl_app.config.settings import Settings
+    config, note = robustness.cell_config("bulyan", "sign-flip", 0.2, base, partition="dir0.3", seed=1)
+    assert config["byzantine-fraction"] == 0.2 and "bulyan-f" not in config and note == "f=4"
+    assert config["partitioner"] == "dirichlet" and config["dirichlet-alpha"] == 0.3 and config["seed"] == 1
+    assert config["attack"] == "sign-flip" and config["attack-fraction"] == 0.2
+    settings = Settings.from_run_config(config)
+    assert settings.rule_params().bulyan_f == 4  # the project derives it, not the script
+    config, note = robustness.cell_config("trimmed-mean+nnm", "none", 0.1, base)
+    settings = Settings.from_run_config(config)
+    assert "attack" not in config and config["pre-aggregation"] == "nnm" and note == "beta=0.1 pre-f=2"
+    assert settings.rule_params().trimmed_mean_beta == pytest.approx(0.1)
+    assert settings.aggregation_params().pre_aggregation_f == 2
+    config, _ = robustness.cell_config("mean", "backdoor", 0.1, base)
+    assert config["client-weighting"] == "num-examples" and config["backdoor-boost-rounds"] == "20"
+    config, _ = robustness.cell_config("multi-krum+nnm", "ipm", 0.2, base)
+    assert config["client-weighting"] == "uniform" and Settings.from_run_config(config).rule_params().krum_f == 4
+    for name in robustness.all_configs():  # every configuration of the matrix is a valid run config
+        Settings.from_run_config(robustness.cell_config(name, "label-flip", 0.2, base)[0])
+    with pytest.raises(SettingsError, match="krum-f"):  # why the matrix leaves krum+bucketing out
+        Settings.from_run_config(robustness.cell_config("krum+bucketing", "none", 0.2, base)[0])
 
-    for rule in robustness.RULES:  # every cell of the matrix is a valid run config
-        for fraction in robustness.FRACTIONS:
-            Settings.from_run_config(robustness.cell_config(rule, "label-flip", fraction, base)[0])
+
+def test_attacks_are_the_catalogues():
+    from fl_app.attacks.catalogue import ATTACKS
+
+    assert ("none", *ATTACKS) == robustness.ATTACKS
 
 
-def test_markdown_table_marks_missing_diverged_and_capped_cells():
-    results = {
-        "cells": {
-            "0.3|mean|none": {"accuracy": 0.93, "note": ""},
-            "0.3|mean|sign-flip": {"accuracy": float("nan"), "note": ""},
-            "0.3|bulyan|none": {"accuracy": 0.91, "note": "f=4 (capped from 6: n >= 4f+3)"},
+def _results(cells):
+    return {"config": {"num-server-rounds": 20, "local-epochs": 1}, "cells": cells}
+
+
+def test_tables_give_seed_spreads_and_the_worst_case_over_attacks():
+    key = robustness.key_of
+    results = _results(
+        {
+            key("dir0.3", 0.2, "median", "none", 0): {"accuracy": 0.90},
+            key("dir0.3", 0.2, "median", "none", 1): {"accuracy": 0.92},
+            key("dir0.3", 0.2, "median", "ipm", 0): {"accuracy": 0.80},
+            key("dir0.3", 0.2, "median", "ipm", 1): {"accuracy": 0.84},
+            key("dir0.3", 0.2, "median", "alie", 0): {"accuracy": 0.78},
+            key("dir0.3", 0.2, "median", "alie", 1): {"accuracy": float("nan")},  # diverged: counts as 0
+            key("dir0.3", 0.2, "median", "backdoor", 0): {"accuracy": 0.1, "backdoor-success": 0.5},
+            key("dir0.3", 0.2, "mean+nnm", "sign-flip", 0): {"accuracy": 0.5},
+            key("iid", 0.2, "median", "none", 0): {"accuracy": 0.95},
         }
-    }
-    table = robustness.markdown_table(results, 0.3).splitlines()
-    assert table[0].endswith("| none | sign-flip |")
-    assert table[2] == "| mean | 0.930 | diverged |"
-    assert table[3] == "| bulyan | 0.910* | … |"
+    )
+    worst = robustness.worst_cases(results, "dir0.3", 0.2)
+    assert [w.name for w in worst] == ["mean+nnm", "median"]
+    median = worst[1]
+    assert median.worst_attack == "alie" and median.worst.mean == pytest.approx(0.39)  # backdoor excluded
+    assert median.worst_run == 0.0 and median.attacks == 2 and median.clean.mean == pytest.approx(0.91)
+    table = robustness.worst_case_table(results, "dir0.3", 0.2).splitlines()
+    assert table[3].startswith("| median | 0.910 ± 0.014 (0.900–0.920) | alie | 0.390 ± 0.552 (0.000–0.780) | +0.520 |")
+    grid = robustness.markdown_table(results, "dir0.3", 0.2).splitlines()
+    assert grid[0].endswith("| none | sign-flip | alie | ipm | backdoor |")
+    assert grid[2] == "| mean+nnm | … | 0.500 | … | … | … |"
+    assert grid[3].startswith("| median | 0.910 ± 0.014 (0.900–0.920) | … |")
+    assert (
+        robustness.backdoor_table(results, "dir0.3", 0.2).splitlines()[2]
+        == "| median | 0.910 ± 0.014 (0.900–0.920) | 0.100 | 0.500 | … |"
+    )
+    assert "### iid, attacker fraction 0.2" in robustness.report(results, Path("."), draw=False)
 
 
 def test_flatten_minus_is_one_pass_subtraction():
