@@ -76,7 +76,7 @@ def simulation(work: Path, nodes: int, rounds: int) -> list[float]:
 def deployment(
     work: Path, nodes: int, rounds: int, warm: bool, flower_polls: bool = False, executor: bool = False
 ) -> list[float]:
-    name = "executor" if executor else ("warm" if warm else "cold") + ("-flower-polls" if flower_polls else "")
+    name = ("executor" if executor else "warm" if warm else "cold") + ("-flower-polls" if flower_polls else "")
     out = work / name
     with LoopbackDeployment(work / f"deploy-{name}", ROOT, flower_polls=flower_polls) as link:
         workers = [link.start_worker(f"node-{i}", wait=False) if warm and not executor else None for i in range(nodes)]
@@ -134,7 +134,7 @@ def main() -> int:
         default="simulation,cold,warm",
         help="comma-separated: simulation, cold (a process per message), warm (the Keras worker), "
         "executor (the warm executor, fl_app.deploy.node_executor: no process per message); "
-        "cold-flower-polls / warm-flower-polls: the same with Flower's own poll intervals "
+        "cold-flower-polls / warm-flower-polls / executor-flower-polls: the same with Flower's own poll intervals "
         "(SuperNode 3 s idle / 0.5 s reply wait, SuperExec 1 s) instead of fl_app.deploy.supernode_entry's",
     )
     args = parser.parse_args()
@@ -153,7 +153,7 @@ def main() -> int:
                     args.rounds,
                     warm=mode.startswith("warm"),
                     flower_polls=mode.endswith("flower-polls"),
-                    executor=mode == "executor",
+                    executor=mode.startswith("executor"),
                 )
             results[mode] = {
                 "first round s": round(times[0], 2),
