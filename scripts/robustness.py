@@ -50,19 +50,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fl_app.attacks.catalogue import ATTACKS as CATALOGUE  # noqa: E402  (pure NumPy, no TensorFlow)
+from strategies.robust.rules import RULES as RULE_FUNCTIONS  # noqa: E402
 from strategies.robust.tolerance import derived_params  # noqa: E402
 
-RULES = (
-    "mean",
-    "median",
-    "trimmed-mean",
-    "krum",
-    "multi-krum",
-    "bulyan",
-    "geometric-median",
-    "centered-clipping",
-    "dnc",
-)
+RULES = tuple(RULE_FUNCTIONS)  # every aggregation rule the project has, in its registry's order
 PRE_AGGREGATIONS = ("", "nnm", "bucketing")
 """The pre-aggregation variants of every rule in the full matrix ('' is none)."""
 NOT_MEANINGFUL = frozenset({("krum", "bucketing"), ("multi-krum", "bucketing"), ("bulyan", "bucketing")})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import re
@@ -130,3 +131,15 @@ def run_server_app_in_process(monkeypatch, run_config: dict, nodes: int, grid_cl
     run_dir = latest_run(out)
     assert run_dir is not None
     return run_dir
+
+
+def load_script(name: str, module_name: str | None = None):
+    """``scripts/<name>.py`` imported as module ``module_name`` (default ``name``), registered in
+    ``sys.modules`` (dataclasses and pickling look their module up there)."""
+    module_name = module_name or name
+    spec = importlib.util.spec_from_file_location(module_name, ROOT / "scripts" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module

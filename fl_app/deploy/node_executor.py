@@ -40,7 +40,7 @@ import sys
 import threading
 import time
 import zipfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from logging import ERROR, INFO
 from pathlib import Path
 
@@ -49,6 +49,7 @@ from flwr.common.constant import ErrorCode, SubStatus
 from flwr.common.logger import log
 
 from fl_app.deploy.node_worker import code_digest
+from fl_app.server.polling import poll_delays
 
 CLIENT_APP_REF = "fl_app.client_app:app"
 CODE_PACKAGES = ("fl_app/", "strategies/")
@@ -81,16 +82,6 @@ def fab_client_app(fab_content: bytes) -> str | None:
 
     config = get_fab_config(fab_content)
     return config.get("tool", {}).get("flwr", {}).get("app", {}).get("components", {}).get("clientapp")
-
-
-def poll_delays(
-    initial: float = POLL_INITIAL_S, growth: float = POLL_GROWTH, maximum: float = POLL_MAXIMUM_S
-) -> Iterator[float]:
-    """``initial, initial g, initial g^2, …`` capped at ``maximum`` (an endless generator)."""
-    delay = initial
-    while True:
-        yield delay
-        delay = min(maximum, delay * growth)
 
 
 class FabCheck:
@@ -205,7 +196,7 @@ class WarmExecutor:
         request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value], agentapp_fab_hashes=[])
         try:
             while not stop.is_set():
-                for delay in poll_delays():
+                for delay in poll_delays(POLL_INITIAL_S, POLL_GROWTH, POLL_MAXIMUM_S):
                     response = client.AcquireTask(request)
                     if response.HasField("task") and response.token:
                         self.run_task(response.token)

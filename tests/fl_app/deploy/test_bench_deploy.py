@@ -2,20 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[3]
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_deploy", ROOT / "scripts" / "bench_deploy.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_deploy"] = module
-    spec.loader.exec_module(module)
-    return module
-
+from tests.helpers import load_script
 
 LOG = """\x1b[92mINFO \x1b[0m:      [warm executor] ClientApp and TensorFlow imported in 53.4 s
 \x1b[92mINFO \x1b[0m:      [warm executor] task 1 done in 28.202 s (completed)
@@ -26,7 +13,7 @@ LOG = """\x1b[92mINFO \x1b[0m:      [warm executor] ClientApp and TensorFlow imp
 
 
 def test_the_later_rounds_split_into_the_slowest_nodes_messages_and_the_rest():
-    bench = _bench()
+    bench = load_script("bench_deploy")
     tasks = bench.task_seconds(LOG)
     assert tasks == [28.202, 2.394, 0.7, 0.3]
     other = [1.0, 1.0, 0.2, 0.2]

@@ -91,11 +91,6 @@ def test_user_packages_are_the_top_level_packages_of_named_references():
     assert node_executor.user_packages(config) == {"examples", "mycb"}
 
 
-def test_polls_start_short_and_grow_to_the_cap():
-    delays = list(itertools.islice(node_executor.poll_delays(0.01, 2.0, 0.05), 6))
-    assert delays == [0.01, 0.02, 0.04, 0.05, 0.05, 0.05]
-
-
 class _Fab:
     def __init__(self, content: bytes) -> None:
         self.content, self.hash_str = content, "f" * 64

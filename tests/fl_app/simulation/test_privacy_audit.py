@@ -12,10 +12,7 @@ quarter it passed it in two modes of three (3.18 and 2.41 against 2.54 and 1.85)
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,8 +27,8 @@ from fl_app.simulation.privacy_audit import (
 )
 from strategies.private.dp_fedavg import build_dp_strategy
 from tests.fakes import FakeGrid, reply
+from tests.helpers import load_script
 
-ROOT = Path(__file__).resolve().parents[3]
 CANARIES = 500
 ORDINARY = 20
 SIZE = CANARIES + 100  # canaries on coordinates [0, CANARIES), ordinary updates on the rest
@@ -137,16 +134,8 @@ def test_dp_sgd_canaries_are_dirac_features_and_their_score_reads_their_row():
     assert dp_sgd_canary_scores(before, after, 2, np.array([2, 0, 1])).tolist() == [1.0, 0.0, -0.5]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("privacy_audit_script", ROOT / "scripts" / "privacy_audit.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["privacy_audit_script"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_script_arguments():
-    module = load_script()
+    module = load_script("privacy_audit", "privacy_audit_script")
     args = module.parse_args(["--settings", "central-fixed,dp-sgd", "--canaries", "8", "--seed", "3"])
     assert args.settings == ["central-fixed", "dp-sgd"] and args.canaries == 8 and args.seed == 3
     for bad in (["--settings", "nope"], ["--rounds", "0"]):
@@ -158,7 +147,9 @@ def test_script_end_to_end(tmp_path, capsys):
     """One tiny in-process invocation (a federated setting and DP-SGD): the table and the JSON."""
     out = tmp_path / "audit.json"
     argv = ["--settings", "central-fixed,dp-sgd", "--canaries", "16", "--clients", "4", "--rounds", "1"]
-    load_script().main([*argv, "--dp-sgd-canaries", "16", "--dp-sgd-epochs", "1", "--json", str(out)])
+    load_script("privacy_audit", "privacy_audit_script").main(
+        [*argv, "--dp-sgd-canaries", "16", "--dp-sgd-epochs", "1", "--json", str(out)]
+    )
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| setting | claimed ε (accountant) | empirical lower bound (95%) | accuracy |")
     assert [line.split("|")[1].strip() for line in table[1:]] == ["central-fixed", "dp-sgd"]

@@ -1,8 +1,6 @@
 """scripts/robustness.py and scripts/bench_aggregation.py: cell configs, tables, equality with Flower."""
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,17 +8,7 @@ import pytest
 from flwr.app import ArrayRecord
 
 from strategies.core.update_matrix import ModelLayout
-
-ROOT = Path(__file__).resolve().parents[3]
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
+from tests.helpers import load_script
 
 robustness = load_script("robustness")
 bench = load_script("bench_aggregation")
