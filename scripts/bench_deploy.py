@@ -75,7 +75,9 @@ def simulation(work: Path, nodes: int, rounds: int) -> list[float]:
 
 def deployment(
     work: Path, nodes: int, rounds: int, warm: bool, flower_polls: bool = False, executor: bool = False
-) -> list[float]:
+) -> tuple[list[float], list[list[float]] | None]:
+    """The server's round times, and with ``executor`` each node's executor message times
+    (:func:`task_seconds`; None without the executor)."""
     name = ("executor" if executor else "warm" if warm else "cold") + ("-flower-polls" if flower_polls else "")
     out = work / name
     with LoopbackDeployment(work / f"deploy-{name}", ROOT, flower_polls=flower_polls) as link:
@@ -97,13 +99,8 @@ def deployment(
         status = link.wait(link.submit(config(nodes, rounds, out)), timeout=3600)
         if status != "finished:completed":
             raise RuntimeError(f"{name} run ended {status}: {link.log('superlink')[-3000:]}")
-        if executor:
-            TASK_SECONDS[name] = [task_seconds(link.log(f"node-{i}-executor")) for i in range(nodes)]
-    return round_times(out)
-
-
-TASK_SECONDS: dict[str, list[list[float]]] = {}
-"""Per mode, per node: the warm executor's seconds for each message, in order (train, evaluate, …)."""
+        tasks = [task_seconds(link.log(f"node-{i}-executor")) for i in range(nodes)] if executor else None
+    return round_times(out), tasks
 
 
 def task_seconds(executor_log: str) -> list[float]:
@@ -144,10 +141,11 @@ def main() -> int:
         results = {}
         for mode in args.modes.split(","):
             started = time.perf_counter()
+            tasks = None
             if mode == "simulation":
                 times = simulation(work, args.nodes, args.rounds)
             else:
-                times = deployment(
+                times, tasks = deployment(
                     work,
                     args.nodes,
                     args.rounds,
@@ -161,8 +159,8 @@ def main() -> int:
                 "all rounds": [round(t, 2) for t in times],
                 "wall s (incl. start-up)": round(time.perf_counter() - started, 1),
             }
-            if mode in TASK_SECONDS and len(times) > 1:
-                results[mode]["breakdown"] = round_breakdown(times, TASK_SECONDS[mode])
+            if tasks is not None and len(times) > 1:
+                results[mode]["breakdown"] = round_breakdown(times, tasks)
             print(mode, json.dumps(results[mode]), flush=True)
     print(json.dumps(results, indent=2))
     return 0
