@@ -22,6 +22,7 @@ from fl_app.delivery.shipping import BestWeights, TrainReplyRecorder, check_expo
 from fl_app.server import initial_weights
 from fl_app.server.checkpoint import check_compatible, load_checkpoint, resume_strategy, save_checkpoint
 from fl_app.server.evaluation import CentralEvaluator, model_spec
+from fl_app.server.object_pulls import shorten_object_pulls
 from fl_app.server.polling import ShortPollGrid
 from fl_app.server.round_loop import run_rounds
 from fl_app.server.run_directory import RoundRecord, RunDirectory
@@ -39,6 +40,7 @@ def main(grid: Grid, context: Context) -> None:
     started = time.perf_counter()
     settings = Settings.from_run_config(context.run_config)
     grid = ShortPollGrid(grid)  # Flower's grid sleeps 3 s between polls for replies
+    shorten_object_pulls()  # and retries a reply's objects after 1 s, then 2 s, ...
 
     model = evaluator = test_set = None
     encrypted = settings.homomorphic_encryption != "none"

@@ -125,7 +125,7 @@ def cmd_superlink(args: argparse.Namespace) -> int:
             command,
             {"address": f"{args.host}:{args.port}", "tls": "off" if args.insecure else "on", "gateway": "none"},
         )
-        return _exec(command, deploy.deployment_env(args.flwr_home))
+        return _exec(command, deploy.deployment_env(args.flwr_home, superlink=True))
     return _run_superlink_behind_gateway(args)
 
 
@@ -154,7 +154,7 @@ def _run_superlink_behind_gateway(args: argparse.Namespace) -> int:
     except (ValueError, OSError, gateway.GatewayError) as err:
         sys.exit(f"superlink: {err}")
     control = f"127.0.0.1:{args.control_port}"
-    env = deploy.deployment_env(args.flwr_home)
+    env = deploy.deployment_env(args.flwr_home, superlink=True)
     command = deploy.superlink_command(
         host="127.0.0.1",
         port=args.control_port,

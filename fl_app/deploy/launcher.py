@@ -59,15 +59,14 @@ def _bin(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
-SUPEREXEC_TASK_POLL_S = "0.05"
-"""Seconds between a SuperExec's looks for a task to launch (Flower's ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``,
-0.01-60, default 1): the simulation process, a deployment's ServerApp, a node's ClientApp start up
-to 1 s sooner."""
-
-
 def prepare_environment(flwr_home: Path, http_port: int, control_port: int) -> dict[str, str]:
-    """Environment for ``flower-superlink`` and ``flwr``: private home, ports, no runtime installs,
-    the SuperExec's task poll at :data:`SUPEREXEC_TASK_POLL_S` (unless the environment sets it)."""
+    """Environment for ``flower-superlink`` and ``flwr``: private home, ports, no runtime installs.
+
+    The SuperExec keeps Flower's task poll (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``, 1 s): it
+    launches the simulation process once, and a 0.05 s poll, tried, started it at most 1 s sooner
+    but cost the SuperLink and the SuperExec 9 s more CPU in the first minute of the default run
+    (16 s against 7 s: 20 looks a second, each about 8 ms of Python on both sides), taken from the
+    TensorFlow imports of the simulation process and the actors on 2 cores."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     (flwr_home / "config.toml").write_text(
         '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n',
@@ -82,7 +81,6 @@ def prepare_environment(flwr_home: Path, http_port: int, control_port: int) -> d
         FLWR_DISABLE_UPDATE_CHECK="1",
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
     )
-    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", SUPEREXEC_TASK_POLL_S)
     return env
 
 
@@ -96,8 +94,11 @@ def _healthy(port: int, timeout: float = 0.5) -> bool:
 
 
 @contextmanager
-def local_superlink(env: dict[str, str], cwd: Path, log_file: Path) -> Iterator[subprocess.Popen]:
-    """Start a simulation SuperLink on the ports in ``env``; stop it (by PID) on exit."""
+def local_superlink(
+    env: dict[str, str], cwd: Path, log_file: Path, started: Callable[[], None] | None = None
+) -> Iterator[subprocess.Popen]:
+    """Start a simulation SuperLink on the ports in ``env``, call ``started`` (if given) while it
+    starts, and yield it once it answers; stop it (by PID) on exit."""
     http_port = int(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"])
     command = [
         sys.executable,
@@ -125,6 +126,8 @@ def local_superlink(env: dict[str, str], cwd: Path, log_file: Path) -> Iterator[
         start_new_session=True,
     )
     try:
+        if started is not None:
+            started()
         deadline = time.monotonic() + HEALTH_TIMEOUT_S
         while not _healthy(http_port):
             if process.poll() is not None:
@@ -192,6 +195,13 @@ def become_subreaper() -> bool:
         return False
 
 
+def start_streaming(command: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen:
+    """``command`` with its stdout and stderr, in order, on one text pipe (for :func:`run_while_alive`)."""
+    return subprocess.Popen(
+        command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+    )
+
+
 def run_while_alive(
     command: list[str],
     env: dict[str, str],
@@ -201,6 +211,7 @@ def run_while_alive(
     noise_filter: NoiseFilter | None = None,
     summary_seen: list[str] | None = None,
     observe: Callable[[str], None] | None = None,
+    process: subprocess.Popen | None = None,
 ) -> tuple[int | None, str]:
     """Run ``command`` (``flwr run``) while the SuperLink lives. Returns ``(exit code, "")``, or
     ``(None, why)`` as soon as the SuperLink has exited, or has not answered its health check on
@@ -209,10 +220,10 @@ def run_while_alive(
 
     Its output (stdout and stderr, in order) is copied to this process's stdout, without the lines
     ``noise_filter`` drops (None: all of it); the summary heading, if shown, goes into ``summary_seen``;
-    ``observe`` sees every line as it arrives."""
-    process = subprocess.Popen(
-        command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
-    )
+    ``observe`` sees every line as it arrives. ``process``: ``command`` already started with
+    :func:`start_streaming` (e.g. while the SuperLink starts)."""
+    if process is None:
+        process = start_streaming(command, env, cwd)
     assert process.stdout is not None
     copier = threading.Thread(
         target=copy_filtered,
@@ -248,8 +259,13 @@ def run_while_alive(
         copier.join(timeout=5)  # the rest of its output
 
 
-def run_status(env: dict[str, str], app: Path) -> str:
-    """The status of the newest run on the SuperLink, e.g. ``finished:completed``."""
+def run_status(env: dict[str, str], app: Path, status_file: Path | None = None) -> str:
+    """The status of the newest run on the SuperLink, e.g. ``finished:completed``: from
+    ``status_file`` when the CLI wrote one (:mod:`fl_app.deploy.flwr_cli_entry`), else ``flwr ls``."""
+    from fl_app.deploy.flwr_cli_entry import newest_run_status
+
+    if status_file is not None and status_file.is_file():
+        return status_file.read_text(encoding="utf-8").strip()
     result = subprocess.run(
         [_bin("flwr"), "ls", "local", "--format", "json"],
         env=env,
@@ -258,21 +274,7 @@ def run_status(env: dict[str, str], app: Path) -> str:
         text=True,
         timeout=120,
     )
-    try:
-        runs = json.loads(result.stdout).get("runs", [])
-    except json.JSONDecodeError:
-        return f"unknown ({result.stdout.strip() or result.stderr.strip()})"
-    if not runs:
-        return "unknown (no run listed)"
-
-    def run_id(run: dict) -> int:  # `flwr ls --format json` gives run ids as strings
-        try:
-            return int(run.get("run-id", 0))
-        except (TypeError, ValueError):
-            return 0
-
-    newest = max(runs, key=run_id)
-    return str(newest.get("status", "unknown"))
+    return newest_run_status(result.stdout or result.stderr)
 
 
 def default_num_partitions(app: Path) -> int:
@@ -384,8 +386,18 @@ def main(argv: list[str] | None = None) -> int:
     timeline = StartupTimeline() if args.profile else None
     summary_seen: list[str] = []
 
+    port = int(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"])
+    status_file = flwr_home / f"run-status-{os.getpid()}"
+    status_file.unlink(missing_ok=True)
     command = [
-        _bin("flwr"),
+        sys.executable,
+        "-m",
+        "fl_app.deploy.flwr_cli_entry",  # `flwr`, started with the SuperLink (its docstring)
+        "--health-port",
+        str(port),
+        "--status-file",
+        str(status_file),
+        "--",
         "run",
         str(app),
         "local",
@@ -402,23 +414,36 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     become_subreaper()
     log_file = flwr_home / "superlink.log"
+    cli: list[subprocess.Popen] = []
     try:
-        with local_superlink(env, app, log_file) as superlink:
-            print(
-                f"Local SuperLink started: pid {superlink.pid}, 127.0.0.1:{env['FLWR_LOCAL_SUPERLINK_HTTP_API_PORT']}",
-                flush=True,
-            )
-            port = int(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"])
+        with local_superlink(
+            env, app, log_file, started=lambda: cli.append(start_streaming(command, env, app))
+        ) as link:
+            superlink = link
+            print(f"Local SuperLink started: pid {superlink.pid}, 127.0.0.1:{port}", flush=True)
             if timeline is not None:
                 timeline.mark("local SuperLink answering")
             code, lost = run_while_alive(
-                command, env, app, superlink, port, noise_filter, summary_seen, timeline.observe if timeline else None
+                command,
+                env,
+                app,
+                superlink,
+                port,
+                noise_filter,
+                summary_seen,
+                timeline.observe if timeline else None,
+                process=cli[0],
             )
             if timeline is not None:
                 timeline.mark("flwr run exited")
             # never `flwr ls local` once the SuperLink is gone: it would start a new, detached one
-            status = run_status(env, app) if code is not None else "unknown"
+            status = run_status(env, app, status_file) if code is not None else "unknown"
     finally:
+        status_file.unlink(missing_ok=True)
+        for process in cli:  # the SuperLink never answered: the CLI is still waiting for it
+            if process.poll() is None:
+                process.kill()
+                process.wait()
         from fl_app.deploy.services import stop_tree
 
         stop_tree(descendants(os.getpid()))  # orphans of the SuperLink's tree, adopted by this process

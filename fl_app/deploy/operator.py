@@ -267,23 +267,27 @@ def _bin(name: str) -> str:
 
 
 FLOWER_SUPEREXEC_TASK_POLL_S = "1.0"  # Flower 1.41's default
+NODE_SUPEREXEC_TASK_POLL_S = "0.05"
 
 
-def deployment_env(flwr_home: str | Path | None = None) -> dict[str, str]:
+def deployment_env(flwr_home: str | Path | None = None, *, superlink: bool = False) -> dict[str, str]:
     """Environment for SuperLink, SuperNodes and ``flwr``: this environment's tools first on PATH,
-    runtime dependency installation off (the locked environment is used as is), and the SuperExecs
-    that the SuperLink and each SuperNode start looking for a task to launch every 0.05 s instead of
-    Flower's default 1 s (Flower's own setting ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``, 0.01-60 s; a
-    value already in the environment is kept)."""
+    runtime dependency installation off (the locked environment is used as is), and a SuperNode's
+    SuperExec (``--flower-runtime`` nodes: it launches a ClientApp process per message) looking
+    for a task every ``NODE_SUPEREXEC_TASK_POLL_S`` = 0.05 s instead of Flower's 1 s (Flower's own
+    setting ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``, 0.01-60 s; a value already in the environment is
+    kept). With ``superlink``, the SuperLink's SuperExec keeps Flower's 1 s: it launches one
+    ServerApp per run, and polling 20 times a second costs both processes about 8 ms of CPU per
+    look for the whole run (measured on the simulation launcher, :mod:`fl_app.deploy.launcher`)."""
     env = dict(os.environ)
     env.update(
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
         FLWR_DISABLE_UPDATE_CHECK="1",
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
     )
-    from fl_app.deploy.launcher import SUPEREXEC_TASK_POLL_S
-
-    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", SUPEREXEC_TASK_POLL_S)
+    env.setdefault(
+        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL", FLOWER_SUPEREXEC_TASK_POLL_S if superlink else NODE_SUPEREXEC_TASK_POLL_S
+    )
     if flwr_home is not None:
         env["FLWR_HOME"] = str(Path(flwr_home).resolve())
     return env
@@ -620,7 +624,11 @@ class LoopbackDeployment:
             insecure=self.insecure,
             node_auth=self.node_auth,
         )
-        self.superlink = self._start(command, "superlink")
+        env = dict(self.env)  # its SuperExec launches one ServerApp: Flower's 1 s poll (deployment_env)
+        if "FLWR_SUPEREXEC_TASK_POLL_INTERVAL" not in os.environ:
+            env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = FLOWER_SUPEREXEC_TASK_POLL_S
+        self.superlink = start(command, env, self.root / "superlink.log", cwd=self.app)
+        self.processes.append(self.superlink)
         scheme = "http" if self.insecure else "https"
         verify: str | bool = False if self.insecure else str(self.certs / "ca.pem")
         deadline = time.monotonic() + timeout

@@ -25,6 +25,8 @@ import sys
 import time
 from types import ModuleType
 
+from fl_app.server.object_pulls import shorten_object_pulls
+
 IDLE_INITIAL_S = 0.02
 IDLE_GROWTH = 1.5
 IDLE_MAXIMUM_S = 3.0  # Flower's own idle sleep
@@ -106,6 +108,7 @@ def main() -> None:
     from flwr.supernode.cli import flower_supernode
 
     install(loop)
+    shorten_object_pulls()
     sys.argv[0] = "flower-supernode"
     flower_supernode()
 

@@ -152,6 +152,23 @@ def test_a_task_of_this_nodes_app_runs_in_process_and_its_reply_is_pushed(monkey
     assert runtime.outputs == [(SubStatus.COMPLETED, "")] * 2
 
 
+def test_each_task_logs_its_phases(monkeypatch):
+    _FakeRuntime(monkeypatch, _fab())
+    lines = []
+    monkeypatch.setattr(node_executor, "log", lambda level, fmt, *args, **kw: lines.append(fmt % args))
+    app = lambda message, context: Message(RecordDict(), reply_to=message)  # noqa: E731
+    node_executor.WarmExecutor("127.0.0.1:1", client_app=app).run_task("token")
+    (line,) = lines
+    assert line.startswith("[warm executor] task 1 done in ")
+    phases = [part.split(" ")[0:-2] for part in line.split(": ", 1)[1].split(", ")]
+    assert [" ".join(p) for p in phases] == ["pull", "check", "app", "push reply", "push output", "close"]
+
+
+def test_phase_seconds_are_the_gaps_between_marks():
+    assert node_executor.phase_seconds(10.0, [("pull", 10.25), ("app", 11.0)]) == "pull 0.250 s, app 0.750 s"
+    assert node_executor.phase_seconds(1.0, []) == ""
+
+
 def test_a_task_of_another_app_is_refused_with_an_error_reply_and_never_runs(monkeypatch):
     runtime = _FakeRuntime(monkeypatch, _fab(change="fl_app/task/models.py"))
 
