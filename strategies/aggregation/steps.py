@@ -21,7 +21,14 @@ from typing import Any
 import numpy as np
 
 from strategies.core.checks import in_interval, one_of, positive
-from strategies.robust.rules import DISTANCE_RULES, RULES, UpdateRows, check_rule_conditions, weighted_mean
+from strategies.robust.rules import (
+    DISTANCE_RULES,
+    RULES,
+    SORTED_COLUMN_RULES,
+    UpdateRows,
+    check_rule_conditions,
+    weighted_mean,
+)
 
 Rule = Callable[..., np.ndarray]
 """``rule(updates: K x P float32, weights: K, **params) -> P float32`` (:mod:`strategies.robust.rules`)."""
@@ -165,6 +172,20 @@ class RuleStep:
         Multi-Krum: :data:`strategies.robust.rules.DISTANCE_RULES`), so that the strategy may
         compute it from the reply bytes (:meth:`of_rows`) without the K x P matrix."""
         return self.name in DISTANCE_RULES
+
+    @property
+    def reads_sorted_columns(self) -> bool:
+        """Whether this built-in rule is computed one sorted column block at a time (median,
+        trimmed mean: :data:`strategies.robust.rules.SORTED_COLUMN_RULES`), so that the strategy may
+        compute it from the reply bytes (:meth:`of_sorted_columns`) without the K x P matrix."""
+        return self.name in SORTED_COLUMN_RULES
+
+    def of_sorted_columns(self, rows: UpdateRows) -> np.ndarray:
+        """What :meth:`__call__` returns, for a rule that :attr:`reads_sorted_columns`, from the rows
+        (all NaN when a row holds a non-finite value). Its parameters do not depend on rejected
+        replies (only f does, and these rules have none)."""
+        params, _ = self._round(rows.shape[0], 0)
+        return np.asarray(SORTED_COLUMN_RULES[self.name](rows, **params), dtype=np.float32)
 
     def _round(self, num_replies: int, faults: int) -> tuple[dict[str, Any], dict[str, float]]:
         """The round's parameters and measurements: ``rule-f`` when rejected replies lowered f."""

@@ -188,7 +188,24 @@ class AggregationStrategy(FedAvg):
             if streamed is not None:
                 collected, rows, distances = streamed
                 return collected, None if distances is None else (rows, distances)
+        elif self.streams_sorted_columns():
+            sorted_columns = collector.stream(server_round, replies, lambda rows, _: self._sorted_columns_rule(rows))
+            if sorted_columns is not None:
+                return sorted_columns[0], sorted_columns[2]
         return collector.collect(server_round, replies), None
+
+    def _sorted_columns_rule(self, rows: UpdateRows) -> np.ndarray:
+        """The rule of :meth:`streams_sorted_columns` on the rows; when the round will be skipped
+        (too few rows for the rule), only the rows' mean, which is non-finite exactly when a row
+        is, so that the replies holding NaN or Inf are still found and reported."""
+        if self._cannot_aggregate(rows.shape[0]):
+            return rows.mean_of_rows(np.arange(rows.shape[0]))
+        return self.rule.of_sorted_columns(rows)
+
+    def streams_sorted_columns(self) -> bool:
+        """Whether a round is the median or the trimmed mean computed from the reply bytes (sorted
+        column blocks read straight from the replies), with no K x P matrix: as :meth:`streams_mean`."""
+        return self.rule.reads_sorted_columns and self._reads_only_whole_rounds()
 
     def _reads_only_whole_rounds(self) -> bool:
         """Whether no bound, pre-aggregation step, decoder, norm limit or hook looks at single updates."""

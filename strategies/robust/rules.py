@@ -227,6 +227,30 @@ def _sorted_column_blocks(updates: np.ndarray, rows: np.ndarray | None = None) -
         yield columns, block
 
 
+def _sorted_blocks_of_rows(rows: UpdateRows) -> Iterator[tuple[slice, np.ndarray]]:
+    """:func:`_sorted_column_blocks` of :class:`UpdateRows` (e.g. the replies' bytes, with no K x P
+    matrix): each block read K x w into one reused buffer, then transposed into another and
+    sorted per column. Both buffers are reused: use a block before asking for the next."""
+    num_rows, num_columns = rows.shape
+    read_buffer: np.ndarray | None = None
+    sorted_buffer: np.ndarray | None = None
+    for columns in _column_blocks(num_rows, num_columns):
+        width = columns.stop - columns.start
+        if read_buffer is None or sorted_buffer is None:
+            read_buffer = np.empty(num_rows * width, dtype=np.float32)
+            sorted_buffer = np.empty((width, num_rows), dtype=np.float32)
+        block = sorted_buffer[:width]
+        block[...] = rows.read(columns, read_buffer[: num_rows * width].reshape(num_rows, width)).T
+        block.sort(axis=1)
+        yield columns, block
+
+
+def _sorted_block_is_finite(block: np.ndarray) -> bool:
+    """Whether a line-wise sorted block holds only finite values: NumPy sorts -inf first, +inf
+    and NaN last, so two columns decide it."""
+    return bool(np.isfinite(block[:, 0]).all() and np.isfinite(block[:, -1]).all())
+
+
 def _median_of_sorted(block: np.ndarray) -> np.ndarray:
     """Median of each line of a line-wise sorted block (mean of the two middles when even).
 
@@ -473,6 +497,45 @@ def multi_krum(updates: np.ndarray, weights: np.ndarray, f: int, m: int) -> np.n
     _as_weights(weights, updates.shape[0])
     rows = MatrixRows(updates)
     return multi_krum_of_rows(rows, distances_of_rows(rows), f, m)
+
+
+def coordinate_median_of_rows(rows: UpdateRows) -> np.ndarray:
+    """:func:`coordinate_median` of :class:`UpdateRows`, column block by column block, the same
+    values as the matrix version; all NaN as soon as a block holds a non-finite value, so that a
+    caller reading the replies' bytes finds and rejects those replies (a median would hide them)."""
+    result = np.empty(rows.shape[1], dtype=np.float32)
+    for columns, block in _sorted_blocks_of_rows(rows):
+        if not _sorted_block_is_finite(block):
+            result.fill(np.nan)
+            return result
+        result[columns] = _median_of_sorted(block)
+    return result
+
+
+def trimmed_mean_of_rows(rows: UpdateRows, beta: float) -> np.ndarray:
+    """:func:`trimmed_mean` of :class:`UpdateRows`, the same values as the matrix version; all
+    NaN when any value is not finite (as :func:`coordinate_median_of_rows`)."""
+    num_clients = rows.shape[0]
+    trimmed = _check_trimmed_mean(num_clients, beta)
+    if trimmed == 0:
+        return rows.mean_of_rows(np.arange(num_clients))  # a mean: non-finite in, non-finite out
+    result = np.empty(rows.shape[1], dtype=np.float32)
+    for columns, block in _sorted_blocks_of_rows(rows):
+        if not _sorted_block_is_finite(block):
+            result.fill(np.nan)
+            return result
+        np.sum(block[:, trimmed : num_clients - trimmed], axis=1, out=result[columns])
+    result /= np.float32(num_clients - 2 * trimmed)
+    return result
+
+
+SORTED_COLUMN_RULES: dict[str, Callable[..., np.ndarray]] = {
+    "median": coordinate_median_of_rows,
+    "trimmed-mean": trimmed_mean_of_rows,
+}
+"""Rules computed from :class:`UpdateRows` one sorted column block at a time:
+``rule(rows, **params)``, the same output as the matrix rule of the same name on finite rows and
+all NaN otherwise, so that a strategy can run them on the replies' bytes without the K x P matrix."""
 
 
 DISTANCE_RULES: dict[str, Callable[..., np.ndarray]] = {"krum": krum_of_rows, "multi-krum": multi_krum_of_rows}

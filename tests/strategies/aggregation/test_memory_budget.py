@@ -54,10 +54,26 @@ def test_the_buffer_shrinks_when_rounds_get_smaller():
 def test_a_strategy_with_a_budget_aggregates_what_fits():
     size = 256
     strategy = AggregationStrategy(
-        RuleStep.builtin("median"), collector=ReplyCollector(memory_budget_gb=2 * 4 * size / 2**30)
+        RuleStep.builtin("median"),
+        # a norm limit reads single updates, so the median builds the matrix (else it streams: below)
+        collector=ReplyCollector(memory_budget_gb=2 * 4 * size / 2**30, max_update_norm=np.inf),
     )
+    assert not strategy.streams_sorted_columns()
     g = [np.zeros(size, np.float32)]
     list(strategy.configure_train(1, ArrayRecord(g), ConfigRecord({}), FakeGrid(range(5), lambda m: m)))
     arrays, metrics = strategy.aggregate_train(1, [reply(n, [np.full(size, n, np.float32)]) for n in (1, 3, 100)])
     assert metrics["accepted-replies"] == 2 and metrics["dropped-replies"] == 1
     np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], 2.0)  # median of 1 and 3
+
+
+def test_a_streamed_median_needs_no_matrix_and_so_drops_nothing():
+    size = 256
+    strategy = AggregationStrategy(
+        RuleStep.builtin("median"), collector=ReplyCollector(memory_budget_gb=2 * 4 * size / 2**30)
+    )
+    assert strategy.streams_sorted_columns()
+    g = [np.zeros(size, np.float32)]
+    list(strategy.configure_train(1, ArrayRecord(g), ConfigRecord({}), FakeGrid(range(5), lambda m: m)))
+    arrays, metrics = strategy.aggregate_train(1, [reply(n, [np.full(size, n, np.float32)]) for n in (1, 3, 100)])
+    assert metrics["accepted-replies"] == 3 and "dropped-replies" not in metrics
+    np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], 3.0)  # median of 1, 3 and 100
