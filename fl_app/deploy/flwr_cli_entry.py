@@ -63,11 +63,12 @@ def collect_app_files(root: Path) -> dict[str, Path]:
     return files
 
 
-def _healthy(port: int) -> bool:
+def superlink_healthy(port: int, timeout: float = 0.5) -> bool:
+    """Whether the local SuperLink on ``port`` answers its health check within ``timeout`` seconds."""
     import httpx
 
     try:
-        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.5).is_success
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=timeout).is_success
     except httpx.HTTPError:
         return False
 
@@ -75,7 +76,7 @@ def _healthy(port: int) -> bool:
 def wait_healthy(port: int, timeout: float = HEALTH_TIMEOUT_S) -> bool:
     """Whether the SuperLink on ``port`` answered its health check within ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
-    while not _healthy(port):
+    while not superlink_healthy(port):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.1)
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.flush()
     if args.status_file is not None:
         status = "unknown (the SuperLink stopped answering)"
-        if _healthy(args.health_port):  # never connect to `local` without one: the CLI would start its own
+        if superlink_healthy(args.health_port):  # never connect to `local` without one: the CLI would start its own
             status = newest_run_status_from_superlink()
         args.status_file.write_text(status, encoding="utf-8")
     return code

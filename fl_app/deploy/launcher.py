@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from fl_app.deploy.flwr_cli_entry import newest_run_status, superlink_healthy
 from fl_app.deploy.output_filter import NoiseFilter, copy_filtered
 from fl_app.deploy.startup_timeline import StartupTimeline
 
@@ -84,15 +85,6 @@ def prepare_environment(flwr_home: Path, http_port: int, control_port: int) -> d
     return env
 
 
-def _healthy(port: int, timeout: float = 0.5) -> bool:
-    import httpx
-
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=timeout).is_success
-    except httpx.HTTPError:
-        return False
-
-
 @contextmanager
 def local_superlink(
     env: dict[str, str], cwd: Path, log_file: Path, started: Callable[[], None] | None = None
@@ -129,7 +121,7 @@ def local_superlink(
         if started is not None:
             started()
         deadline = time.monotonic() + HEALTH_TIMEOUT_S
-        while not _healthy(http_port):
+        while not superlink_healthy(http_port):
             if process.poll() is not None:
                 raise RuntimeError(f"flower-superlink exited with code {process.returncode}; see {log_file}")
             if time.monotonic() > deadline:
@@ -244,7 +236,7 @@ def run_while_alive(
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + HEALTH_CHECK_INTERVAL_S
-                if _healthy(port, timeout=2.0):
+                if superlink_healthy(port, timeout=2.0):
                     last_answer = now
                 elif now - last_answer > LOST_AFTER_S:
                     return None, f"stopped answering on 127.0.0.1:{port} {now - last_answer:.0f} s ago"
@@ -262,8 +254,6 @@ def run_while_alive(
 def run_status(env: dict[str, str], app: Path, status_file: Path | None = None) -> str:
     """The status of the newest run on the SuperLink, e.g. ``finished:completed``: from
     ``status_file`` when the CLI wrote one (:mod:`fl_app.deploy.flwr_cli_entry`), else ``flwr ls``."""
-    from fl_app.deploy.flwr_cli_entry import newest_run_status
-
     if status_file is not None and status_file.is_file():
         return status_file.read_text(encoding="utf-8").strip()
     result = subprocess.run(

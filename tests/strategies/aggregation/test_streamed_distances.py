@@ -86,7 +86,8 @@ def test_gram_distances_choose_the_rows_of_a_float64_reference(seed, num_clients
     )
 
 
-def test_streamed_krum_allocates_no_update_matrix():
+def test_rules_streamed_from_the_reply_bytes_allocate_no_update_matrix():
+    """Krum and Multi-Krum (distances) and the median and trimmed mean (sorted column blocks)."""
     rng = np.random.default_rng(0)
     shapes = [(500, 1000), (1000,)]
     g = [rng.standard_normal(s).astype(np.float32) for s in shapes]
@@ -95,7 +96,12 @@ def test_streamed_krum_allocates_no_update_matrix():
         reply(n, [a + np.float32(0.01) * rng.standard_normal(a.shape, np.float32) for a in g])
         for n in range(1, num_clients + 1)
     ]
-    for name, params in (("krum", {"f": 2}), ("multi-krum", {"f": 2, "m": None})):
+    for name, params in (
+        ("krum", {"f": 2}),
+        ("multi-krum", {"f": 2, "m": None}),
+        ("median", {}),
+        ("trimmed-mean", {"beta": 0.2}),
+    ):
         strategy = AggregationStrategy(RuleStep.builtin(name, params))
         list(strategy.configure_train(1, ArrayRecord(g), ConfigRecord({}), FakeGrid(range(num_clients), lambda m: m)))
         tracemalloc.start()
