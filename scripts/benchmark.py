@@ -12,7 +12,7 @@ For each client count N, on the same data, model, clients and rounds:
     number of sample-epochs (``scripts/centralized.py``).
 
 Peak memory of (a) and (b) is the peak over time of the summed RSS and PSS of every process under
-the run's SuperLink (SuperExec, simulation/ServerApp, Ray's GCS and raylet, Ray actors), sampled
+the run's SuperLink (SuperExec, simulation/ServerApp and, with --backend ray, Ray's GCS, raylet and actors), sampled
 twice a second (:mod:`fl_app.deploy.process_tools`). Steady state is the median of rounds 2..R. Printed: a
 table, the ratios (b)/(a) and (a)/(c) per sample-epoch, and a JSON file with everything.
 
@@ -119,6 +119,7 @@ class PrivateRayCluster:
 
 
 RAY_CLUSTER: PrivateRayCluster | None = None
+BACKEND = "inprocess"
 
 
 def run_simulation(app: Path, clients: int, output_dir: Path, run_config: str, timeout: float) -> dict:
@@ -135,6 +136,8 @@ def run_simulation(app: Path, clients: int, output_dir: Path, run_config: str, t
         str(app),
         "--clients",
         str(clients),
+        "--backend",
+        BACKEND,
         "--output-dir",
         str(output_dir),
         "--",
@@ -257,9 +260,16 @@ def main() -> None:
         help="run (a) and (b) on a private Ray cluster started first (see PrivateRayCluster)",
     )
     parser.add_argument("--ray-cpus", type=int, default=2)
+    parser.add_argument(
+        "--backend",
+        choices=("inprocess", "ray"),
+        default="inprocess",
+        help="fl-keras-run's --backend for (a) and (b) (default inprocess; --ray-cluster implies ray)",
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    global RAY_CLUSTER
+    global RAY_CLUSTER, BACKEND
+    BACKEND = "ray" if args.ray_cluster else args.backend
     if args.ray_cluster:
         RAY_CLUSTER = PrivateRayCluster(args.out / "ray", args.ray_cpus)
     try:

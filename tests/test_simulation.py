@@ -46,6 +46,27 @@ def test_flwr_run_simulation_writes_history_and_model(tmp_path):
     assert [line for line in run.output.splitlines() if is_noise(line)] == []
     assert "noise lines hidden (--verbose shows them)" in run.output
     assert (tmp_path / "outputs" / "latest").is_symlink()
+    # the default backend: the clients ran in the simulation process, which had started warm
+    assert "Simulation backend: inprocess; warm start" in run.output
+
+
+def test_the_ray_backend_trains_the_same_model_as_the_in_process_one(tmp_path):
+    config = "num-server-rounds=1 local-epochs=1 partitioner='iid' fraction-evaluate=0.01 min-evaluate-clients=0"
+    accuracy = {}
+    for backend in ("ray", "inprocess"):
+        out = tmp_path / backend
+        proc = run_launcher(
+            ["--backend", backend, "--clients", "2", "--output-dir", str(out), "--verbose", "--", "-c", config]
+        )
+        output = proc.stdout + proc.stderr
+        assert proc.returncode == 0, output[-3000:]
+        assert f"Simulation backend: {backend}; warm start" in output
+        assert_launcher_cleaned_up(output)
+        actors = re.search(r"^\S*\((ClientAppActor )?pid=\d+\)", output, flags=re.MULTILINE)
+        assert (actors is not None) == (backend == "ray"), backend  # Ray's actors print, prefixed
+        history = json.loads(next(out.glob("*/history.json")).read_text())
+        accuracy[backend] = history[-1]["centralized_accuracy"]
+    assert accuracy["ray"] == pytest.approx(accuracy["inprocess"], abs=1e-6)
 
 
 def test_bad_run_config_fails_before_training(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 from flwr.app import Context
 
@@ -98,8 +99,16 @@ def dp_sgd_key(settings: Settings) -> DpSgdKey | None:
     )
 
 
+SHARED_PROCESS_ENV = "FL_KERAS_CLIENTS_IN_SHARED_PROCESS"
+"""Set (to ``1``) where ClientApps run inside a process they share with others, e.g. the server's
+(:class:`fl_app.deploy.inprocess_backend.InProcessBackend`): ``client-threads`` is then not theirs
+to set for the whole process."""
+
+
 @functools.cache
 def set_tf_threads(threads: int) -> None:
+    if os.environ.get(SHARED_PROCESS_ENV) == "1":
+        return
     import tensorflow as tf
 
     try:

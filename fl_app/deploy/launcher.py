@@ -43,7 +43,9 @@ from pathlib import Path
 
 from fl_app.deploy.flwr_cli_entry import newest_run_status, superlink_healthy
 from fl_app.deploy.output_filter import NoiseFilter, copy_filtered
+from fl_app.deploy.simulation_entry import BACKENDS
 from fl_app.deploy.startup_timeline import StartupTimeline
+from fl_app.deploy.superexec_entry import WARM_SIMULATION_ENV
 
 HEALTH_TIMEOUT_S = 60.0
 
@@ -130,6 +132,21 @@ def local_superlink(
         yield process
     finally:
         stop_process_tree(process)
+
+
+def start_warm_simulation(fifo: Path, env: dict[str, str], cwd: Path) -> subprocess.Popen:
+    """The simulation process, started before the SuperLink: it imports Flower's simulation runtime
+    and TensorFlow while the SuperLink starts and the run is submitted, then runs the task the
+    SuperExec hands it through ``fifo`` (:mod:`fl_app.deploy.simulation_entry`). Stopped with the
+    launcher's other descendants."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "fl_app.deploy.simulation_entry", "--warm", str(fifo)],
+        env=env,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def descendants(pid: int) -> list[int]:
@@ -339,7 +356,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--cpus-per-client",
         type=int,
         default=1,
-        help="CPUs Ray reserves for each virtual client, also TensorFlow's threads per client (client-threads) (default: 1)",
+        help="with --backend ray: CPUs Ray reserves for each virtual client, also TensorFlow's threads per client "
+        "(client-threads) (default: 1)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="inprocess",
+        help="where the virtual clients run: 'inprocess' runs them one after another in the simulation "
+        "process (no Ray; the fastest start), 'ray' in Flower's Ray actors, --cpus-per-client CPUs each "
+        "(GPUs, Ray clusters) (default: inprocess)",
     )
     parser.add_argument(
         "--output-dir", type=Path, default=None, help="where run directories go (default: <app>/outputs)"
@@ -393,11 +419,17 @@ def main(argv: list[str] | None = None) -> int:
         "local",
         "--stream",
         "--federation-config",
-        f"num-supernodes={clients} client-resources-num-cpus={args.cpus_per_client} client-resources-num-gpus=0",
+        f"backend='{args.backend}' num-supernodes={clients} client-resources-num-cpus={args.cpus_per_client} "
+        "client-resources-num-gpus=0",
         "-c",
-        f"output-dir='{output_dir}' num-partitions={clients}{_threads(app, args.cpus_per_client)}",
+        f"output-dir='{output_dir}' num-partitions={clients}"
+        + (_threads(app, args.cpus_per_client) if args.backend == "ray" else ""),
         *flwr_args,
     ]
+    warm_fifo = flwr_home / f"warm-simulation-{os.getpid()}.fifo"
+    warm_fifo.unlink(missing_ok=True)
+    os.mkfifo(warm_fifo, 0o600)
+    env[WARM_SIMULATION_ENV] = str(warm_fifo)
     started = time.perf_counter()
     launched_at = time.time()  # files this run writes are newer
     # SIGTERM (e.g. a benchmark's timeout) unwinds like Ctrl-C, so the SuperLink is stopped below
@@ -406,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     log_file = flwr_home / "superlink.log"
     cli: list[subprocess.Popen] = []
     try:
+        start_warm_simulation(warm_fifo, env, app)
         with local_superlink(
             env, app, log_file, started=lambda: cli.append(start_streaming(command, env, app))
         ) as link:
@@ -430,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
             status = run_status(env, app, status_file) if code is not None else "unknown"
     finally:
         status_file.unlink(missing_ok=True)
+        warm_fifo.unlink(missing_ok=True)
         for process in cli:  # the SuperLink never answered: the CLI is still waiting for it
             if process.poll() is None:
                 process.kill()

@@ -28,7 +28,7 @@ MILESTONES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
         ("round 0 done (initial evaluation)", r"\[round 0/\d+"),
         ("first Ray actor started", r"^\((ClientAppActor )?pid=\d+\) "),
         ("first actor imported TensorFlow", r"^\((ClientAppActor )?pid=\d+\) .*(port|cudart_stub)\.cc:\d+\]"),
-        ("round 1 done (actors' imports, tracing, training)", r"\[round 1/\d+"),
+        ("round 1 done (first fits, tracing; with Ray, the actors' imports)", r"\[round 1/\d+"),
         ("summary printed", r"=== Summary "),
     )
 )

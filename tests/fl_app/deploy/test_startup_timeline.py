@@ -35,7 +35,7 @@ def test_every_milestone_is_stamped_once_in_order_even_behind_the_noise_filter(m
     events = timeline.events
     assert events["flwr CLI connected to the SuperLink"] == 0.0  # the first time, not the repeat
     assert events["first actor imported TensorFlow"] == 6.0 and events["first Ray actor started"] == 5.0
-    assert events["round 1 done (actors' imports, tracing, training)"] == 7.0
+    assert events["round 1 done (first fits, tracing; with Ray, the actors' imports)"] == 7.0
     table = timeline.table()
     assert "round 3 done (last round)" in table
     lines = table.splitlines()[3:]

@@ -26,8 +26,9 @@ def test_compressed_run_without_tensorflow_on_the_server(tmp_path):
         assert record["centralized_accuracy"] is None and record["federated_accuracy"] is not None
         # 5% of ~17k values as int32 index + float32 value, vs 4 bytes per value uncompressed
         assert 0 < record["bytes_received"] < record["bytes_sent"] / 8
-    # Flower's Ray backend imports TensorFlow into the simulation process that hosts the ServerApp,
-    # so the flag is true in simulation; our server code built no Keras model (no model.keras)
+    # Flower's simulation runtime imports TensorFlow into the process that hosts the ServerApp (and
+    # the in-process backend's clients use it), so the flag is true in simulation; our server code
+    # built no Keras model (no model.keras)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert "tensorflow on the server" in summary
     assert not (run_dir / "model.keras").exists()

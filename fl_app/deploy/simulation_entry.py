@@ -1,0 +1,131 @@
+"""``flwr-simulation`` with a choice of backend, and a warm start for ``fl-keras-run``.
+
+``fl-keras-run``'s SuperExec (:mod:`fl_app.deploy.superexec_entry`) runs a simulation task through
+this module instead of Flower's ``flwr-simulation`` command, with the same arguments. Two things
+differ from Flower's:
+
+1. **The backend is the one the federation config names.** Flower 1.41 reads ``backend`` from the
+   run's federation config and then ignores it: ``start_vce`` always builds a ``RayBackend``.
+   Here ``backend='inprocess'`` runs the ClientApps in the simulation process
+   (:class:`~fl_app.deploy.inprocess_backend.InProcessBackend`), ``backend='ray'`` is Flower's, and
+   any other name stops the run with an error that names the key, the value and what is allowed.
+
+2. **Warm start** (``--warm FIFO``): started by ``fl-keras-run`` together with the SuperLink, the
+   process imports Flower's simulation runtime (and with it TensorFlow: 20 s of imports here)
+   while the SuperLink starts and the run is submitted, then waits for the SuperExec to write the
+   task's ``flwr-simulation`` arguments to ``FIFO`` as one JSON line, and runs them. It serves one
+   task, and exits without one if its parent exits first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import sys
+from collections.abc import Callable
+from logging import INFO
+from typing import Any
+
+INPROCESS_BACKEND = "inprocess"
+RAY_BACKEND = "ray"
+BACKENDS = (INPROCESS_BACKEND, RAY_BACKEND)
+PARENT_CHECK_S = 1.0
+started_warm = False
+"""Whether this process imported Flower's runtime before it got its task (``--warm``)."""
+
+
+def check_backend(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"federation config backend={name!r} is not a backend; allowed: {', '.join(BACKENDS)}")
+    return name
+
+
+def install_backends() -> None:
+    """Make Flower's ``start_vce`` (this process) build the backend the federation config names."""
+    from flwr.server.superlink.fleet import vce
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.supercore import log
+
+    from fl_app.deploy.inprocess_backend import InProcessBackend
+
+    flower_start_vce = vce.start_vce
+    if getattr(flower_start_vce, "fl_keras_backends", False):
+        return
+    flower_run_api = vce_api.run_api
+
+    def start_vce(**kwargs: Any) -> None:  # Flower's _main_loop passes every argument by name
+        backend_name = check_backend(kwargs["backend_name"])
+        log(INFO, "Simulation backend: %s; %s start", backend_name, "warm" if started_warm else "cold")
+        if backend_name == RAY_BACKEND:
+            return flower_start_vce(**kwargs)
+        config = json.loads(kwargs["backend_config_json_stream"])
+
+        def run_api(app_fn: Callable[..., Any], backend_fn: Callable[..., Any], *rest: Any) -> None:
+            flower_run_api(app_fn, lambda: InProcessBackend(config), *rest)
+
+        vce_api.run_api = run_api  # type: ignore[assignment]
+        try:
+            return flower_start_vce(**kwargs)
+        finally:
+            vce_api.run_api = flower_run_api
+
+    start_vce.fl_keras_backends = True  # type: ignore[attr-defined]
+    vce.start_vce = start_vce  # type: ignore[assignment]
+
+
+def open_task_fifo(fifo: str) -> int:
+    """The read end of ``fifo``, opened before the imports so that the SuperExec can hand over a
+    task at any time. Opened read-write (Linux never blocks that open, and the process's own
+    write end means no end-of-file between writers); the task then waits in the pipe."""
+    return os.open(fifo, os.O_RDWR)
+
+
+def wait_for_task(descriptor: int, parent: int) -> list[str] | None:
+    """The ``flwr-simulation`` arguments written to the FIFO (one JSON line), or ``None`` once
+    ``parent`` is gone. Closes ``descriptor``."""
+    buffer = b""
+    try:
+        while os.getppid() == parent:
+            readable, _, _ = select.select([descriptor], [], [], PARENT_CHECK_S)
+            if not readable:
+                continue
+            buffer += os.read(descriptor, 65536)
+            if b"\n" in buffer:
+                arguments = json.loads(buffer.split(b"\n", 1)[0])
+                if not (isinstance(arguments, list) and all(isinstance(a, str) for a in arguments)):
+                    raise ValueError(f"expected the task as a JSON list of strings, got {arguments!r}")
+                return arguments
+        return None
+    finally:
+        os.close(descriptor)
+
+
+def run_flwr_simulation(arguments: list[str]) -> None:
+    from flwr.simulation.app import flwr_simulation
+
+    install_backends()
+    sys.argv = ["flwr-simulation", *arguments]
+    flwr_simulation()
+
+
+def main(argv: list[str] | None = None) -> None:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["--warm"]:
+        if len(arguments) != 2:
+            raise SystemExit("usage: python -m fl_app.deploy.simulation_entry --warm FIFO")
+        parent = os.getppid()
+        descriptor = open_task_fifo(arguments[1])
+        import flwr.simulation.app  # noqa: F401  (Flower's runtime and TensorFlow, before the task)
+
+        task = wait_for_task(descriptor, parent)
+        if task is None:
+            return
+        arguments = task
+        global started_warm
+        started_warm = True
+    run_flwr_simulation(arguments)
+
+
+if __name__ == "__main__":
+    main()

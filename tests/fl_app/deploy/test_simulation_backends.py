@@ -1,0 +1,253 @@
+"""The simulation's backends (in-process and Ray) and the warm simulation process's hand-off."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.clientapp.client_app import ClientAppException
+
+from fl_app.client.node_client import SHARED_PROCESS_ENV, set_tf_threads
+from fl_app.deploy import simulation_entry, superexec_entry
+from fl_app.deploy.inprocess_backend import InProcessBackend
+from fl_app.deploy.simulation_entry import check_backend, open_task_fifo, wait_for_task
+from fl_app.deploy.superexec_entry import SIMULATION_COMMAND, SimulationLauncher, hand_to_warm
+from fl_app.simulation.local_grid import _ensure_task_identity
+
+
+def counting_app() -> ClientApp:
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        if msg.content["config"]["fail"]:
+            raise RuntimeError("the client's own error")
+        context.state["seen"] = ConfigRecord({"n": int(context.state.get("seen", {"n": 0})["n"]) + 1})
+        msg.content["config"]["touched"] = True  # must not reach the sender's message
+        return Message(RecordDict({"metrics": ConfigRecord({"pid": os.getpid()})}), reply_to=msg)
+
+    return app
+
+
+def train_message(fail: bool = False) -> Message:
+    _ensure_task_identity()
+    return Message(RecordDict({"config": ConfigRecord({"fail": fail})}), dst_node_id=7, message_type="train")
+
+
+def node_context() -> Context:
+    return Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+
+
+def test_in_process_backend_runs_the_client_app_here_on_copies(monkeypatch):
+    monkeypatch.delenv(SHARED_PROCESS_ENV, raising=False)
+    backend = InProcessBackend({})
+    assert not backend.is_worker_idle()  # not built yet
+    with pytest.raises(ValueError, match=r"build\(\)"):
+        backend.process_message(train_message(), node_context())
+    app = counting_app()
+    backend.build(lambda: app)
+    assert os.environ[SHARED_PROCESS_ENV] == "1" and backend.is_worker_idle() and backend.num_workers == 1
+
+    message, context = train_message(), node_context()
+    reply, updated = backend.process_message(message, context)
+    assert reply.content["metrics"]["pid"] == os.getpid()
+    assert updated.state["seen"]["n"] == 1
+    # the ClientApp worked on copies, as a Ray actor does on what Ray deserialised
+    assert "seen" not in context.state and "touched" not in message.content["config"]
+    reply, updated = backend.process_message(train_message(), updated)
+    assert updated.state["seen"]["n"] == 2
+
+    with pytest.raises(ClientAppException, match="the client's own error"):
+        backend.process_message(train_message(fail=True), node_context())
+    assert backend.is_worker_idle()  # an error frees the worker
+    backend.terminate()
+    assert not backend.is_worker_idle()
+
+
+def test_a_shared_process_keeps_its_tensorflow_threads(monkeypatch):
+    monkeypatch.setenv(SHARED_PROCESS_ENV, "1")
+    set_tf_threads.cache_clear()
+    import tensorflow as tf
+
+    before = tf.config.threading.get_intra_op_parallelism_threads()
+    set_tf_threads(before + 3)
+    assert tf.config.threading.get_intra_op_parallelism_threads() == before
+    set_tf_threads.cache_clear()
+
+
+def test_an_unknown_backend_is_refused_with_the_key_and_what_is_allowed():
+    assert check_backend("inprocess") == "inprocess" and check_backend("ray") == "ray"
+    with pytest.raises(ValueError, match=r"backend='rey' is not a backend; allowed: inprocess, ray"):
+        check_backend("rey")
+
+
+SIMULATION = """
+import os, sys, time
+from fl_app.deploy.simulation_entry import install_backends
+install_backends()
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.simulation import run_simulation
+
+client = ClientApp()
+
+@client.train()
+def train(msg, context):
+    return Message(RecordDict({"m": ConfigRecord({"pid": os.getpid(), "node": context.node_id})}), reply_to=msg)
+
+server = ServerApp()
+
+@server.main()
+def main(grid: Grid, context: Context) -> None:
+    deadline = time.monotonic() + 60
+    while len(nodes := list(grid.get_node_ids())) < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    messages = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in nodes]
+    replies = list(grid.send_and_receive(messages, timeout=120))
+    pids = sorted({r.content["m"]["pid"] for r in replies})
+    print("RESULT", len(replies), len({r.content["m"]["node"] for r in replies}), pids == [os.getpid()],
+          "ray" in sys.modules, flush=True)
+
+run_simulation(server_app=server, client_app=client, num_supernodes=3, backend_name=sys.argv[1])
+"""
+
+
+def test_flower_simulation_runs_every_client_app_in_process_without_ray(tmp_path):
+    script = tmp_path / "sim.py"
+    script.write_text(textwrap.dedent(SIMULATION))
+    done = subprocess.run(
+        [sys.executable, str(script), "inprocess"], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    output = done.stdout + done.stderr
+    # three replies from three nodes, all from this very process, and Ray never imported
+    assert "RESULT 3 3 True False" in output, output[-3000:]
+    assert "Simulation backend: inprocess; cold start" in output
+
+
+def test_the_patched_start_vce_refuses_an_unknown_backend_before_flower_runs(monkeypatch):
+    from flwr.server.superlink.fleet import vce
+
+    monkeypatch.setattr(vce, "start_vce", vce.start_vce)  # restored after the test
+    simulation_entry.install_backends()
+    with pytest.raises(ValueError, match="backend='rey'"):
+        vce.start_vce(backend_name="rey", backend_config_json_stream="{}")
+
+
+def test_a_task_handed_to_the_warm_process_arrives_whole(tmp_path):
+    fifo = str(tmp_path / "warm.fifo")
+    os.mkfifo(fifo)
+    assert not hand_to_warm(fifo, ["--token", "t"])  # nobody reads yet
+    assert not hand_to_warm(str(tmp_path / "missing.fifo"), ["x"])
+    descriptor = open_task_fifo(fifo)
+    arguments = ["--runtime-api-address", "127.0.0.1:9091", "--token", "abc", "--insecure"]
+    assert hand_to_warm(fifo, arguments)
+    assert wait_for_task(descriptor, os.getppid()) == arguments
+    assert not hand_to_warm(fifo, arguments)  # the reader closed it: the next task starts cold
+
+
+def test_the_warm_process_gives_up_when_its_parent_is_gone_and_rejects_a_bad_task(tmp_path):
+    fifo = str(tmp_path / "warm.fifo")
+    os.mkfifo(fifo)
+    assert wait_for_task(open_task_fifo(fifo), parent=os.getppid() + 1_000_000) is None
+    descriptor = open_task_fifo(fifo)
+    with open(fifo, "wb") as writer:
+        writer.write(json.dumps({"not": "a list"}).encode() + b"\n")
+    with pytest.raises(ValueError, match="JSON list of strings"):
+        wait_for_task(descriptor, os.getppid())
+
+
+class Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, args, **kwargs):
+        self.calls.append((list(args), kwargs))
+        return "process"
+
+
+def test_the_superexec_starts_simulations_warm_once_then_cold_and_other_tasks_as_flower(tmp_path, monkeypatch):
+    recorder = Recorder()
+    monkeypatch.setattr(superexec_entry.subprocess, "Popen", recorder)
+    fifo = str(tmp_path / "warm.fifo")
+    os.mkfifo(fifo)
+    descriptor = open_task_fifo(fifo)
+    launcher = SimulationLauncher(fifo)
+
+    assert launcher.Popen(["flwr-serverapp", "--token", "s"]) == "process"
+    assert recorder.calls[-1][0] == ["flwr-serverapp", "--token", "s"]
+    assert launcher.Popen(["/venv/bin/flwr-simulation", "--token", "a"]) is None  # handed over
+    assert len(recorder.calls) == 1 and wait_for_task(descriptor, os.getppid()) == ["--token", "a"]
+    assert launcher.Popen(["flwr-simulation", "--token", "b"], stdout=-3) == "process"  # once only
+    assert recorder.calls[-1] == ([*SIMULATION_COMMAND, "--token", "b"], {"stdout": -3})
+
+
+def test_flowers_subprocess_executor_launches_simulations_through_ours(monkeypatch):
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.superexec.executor import subprocess_executor
+    from flwr.supercore.superexec.executor.types import ExecutionSpec
+
+    recorder = Recorder()
+    monkeypatch.setattr(superexec_entry.subprocess, "Popen", recorder)
+    monkeypatch.setattr(subprocess_executor, "subprocess", subprocess_executor.subprocess)  # restored
+    superexec_entry.install_simulation_launcher(None)
+    spec = ExecutionSpec(
+        task_type=TaskType.SIMULATION,
+        runtime_api_address="127.0.0.1:9091",
+        token="tok",
+        insecure=True,
+        root_certificates_path=None,
+        runtime_dependency_install=False,
+        parent_pid=4321,
+        suppress_output=False,
+        task_id=1,
+        fab_hash=None,
+    )
+    subprocess_executor.SubprocessExecutor().launch(spec)
+    assert recorder.calls == [
+        (
+            [
+                *SIMULATION_COMMAND,
+                "--runtime-api-address",
+                "127.0.0.1:9091",
+                "--token",
+                "tok",
+                "--insecure",
+                "--parent-pid",
+                "4321",
+            ],
+            {},
+        )
+    ]
+
+
+def test_a_simulation_superlink_starts_our_superexec_with_flowers_arguments(monkeypatch):
+    import importlib
+
+    from fl_app.deploy import superlink_entry
+
+    module = importlib.import_module("flwr.superlink.cli.flower_superlink")
+    flower = module._get_superexec_command
+    monkeypatch.setattr(module, "_get_superexec_command", flower)  # restored after the test
+    arguments = {
+        "runtime_address": "127.0.0.1:9091",
+        "runtime_certificates": None,
+        "runtime_root_certificates_path": None,
+        "parent_pid": 99,
+        "runtime_dependency_install": False,
+    }
+    expected = flower(**arguments)
+    superlink_entry.use_superexec_entry()
+    assert module._get_superexec_command(**arguments) == [
+        sys.executable,
+        "-m",
+        "fl_app.deploy.superexec_entry",
+        *expected[1:],
+    ]
+    assert expected[0] == "flower-superexec"
