@@ -17,10 +17,16 @@ dozen more pulls per message, not a steady load); the reply wait (Flower's 0.5 s
 
 The SuperExec the node starts is set with Flower's own setting for its task poll
 (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``, default 1 s) in :func:`fl_app.deploy.operator.deployment_env`.
+
+``FL_KERAS_NODE_HEARTBEAT_S`` (optional) sets the heartbeat interval the node announces and keeps:
+the SuperLink declares a node offline after ``HEARTBEAT_PATIENCE`` (2) intervals without one, so
+Flower's 30 s means a node that dies or loses its link is noticed after 60 s; 10 s (the least
+Flower's SuperLink accepts) after 20 s, for 3 small heartbeat requests a minute instead of 1.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from types import ModuleType
@@ -103,10 +109,36 @@ def install(module: ModuleType, sleeps: NodeSleeps | None = None) -> NodeSleeps:
     return sleeps
 
 
+HEARTBEAT_ENV = "FL_KERAS_NODE_HEARTBEAT_S"
+FLOWER_HEARTBEAT_S = 30
+
+
+def set_node_heartbeat(seconds: float) -> None:
+    """Make this SuperNode announce, and send, heartbeats every ``seconds`` (module docstring).
+
+    Raises ``ValueError`` outside the interval Flower's SuperLink accepts, and ``RuntimeError``
+    when Flower no longer reads the interval from the constants this sets (``flwr`` 1.41.0)."""
+    from flwr.common.constant import HEARTBEAT_MAX_INTERVAL, HEARTBEAT_MIN_INTERVAL
+    from flwr.supercore import heartbeat
+    from flwr.supernode import fleet_http_connection
+
+    if not HEARTBEAT_MIN_INTERVAL <= seconds <= HEARTBEAT_MAX_INTERVAL:
+        raise ValueError(
+            f"{HEARTBEAT_ENV}={seconds:g} is outside the heartbeat intervals Flower's SuperLink accepts, "
+            f"[{HEARTBEAT_MIN_INTERVAL}, {HEARTBEAT_MAX_INTERVAL}] s"
+        )
+    for module in (fleet_http_connection, heartbeat):
+        if getattr(module, "HEARTBEAT_DEFAULT_INTERVAL", None) not in (FLOWER_HEARTBEAT_S, seconds):
+            raise RuntimeError(f"{module.__name__} no longer reads HEARTBEAT_DEFAULT_INTERVAL; update {__name__}")
+        module.HEARTBEAT_DEFAULT_INTERVAL = seconds  # type: ignore[attr-defined]
+
+
 def main() -> None:
     import flwr.supernode.start_client_internal as loop
     from flwr.supernode.cli import flower_supernode
 
+    if os.environ.get(HEARTBEAT_ENV):
+        set_node_heartbeat(float(os.environ[HEARTBEAT_ENV]))
     install(loop)
     shorten_object_pulls()
     sys.argv[0] = "flower-supernode"

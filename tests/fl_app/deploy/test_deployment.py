@@ -21,6 +21,7 @@ import pytest
 from fl_app.config.settings import Settings
 from fl_app.deploy.launcher import stop_process_tree
 from fl_app.deploy.operator import LoopbackDeployment, write_node_files
+from fl_app.deploy.supernode_entry import HEARTBEAT_ENV
 from fl_app.server.run_directory import latest_run
 from tests.events import read_events
 
@@ -54,6 +55,8 @@ def test_tls_auth_run_survives_a_killed_node_and_a_corrupt_file(tmp_path):
     out = tmp_path / "outputs"
 
     with LoopbackDeployment(tmp_path / "deploy", ROOT) as deployment:
+        # the node cut off is declared offline after 2 x 10 s without a heartbeat, not 2 x 30 s
+        deployment.env[HEARTBEAT_ENV] = "10"
         worker = deployment.start_worker("node-2", wait=False)
         # An unregistered key is refused: that SuperNode gives up and exits.
         stranger_key, _ = deployment.node_keys("stranger", register=False)

@@ -21,6 +21,7 @@ import pytest
 
 from fl_app.config.settings import Settings
 from fl_app.deploy.operator import LoopbackDeployment, write_node_files
+from fl_app.deploy.supernode_entry import HEARTBEAT_ENV
 from fl_app.server.run_directory import latest_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
@@ -78,6 +79,8 @@ def test_node_on_another_network_stack_loses_its_link_mid_round(tmp_path, namesp
     out = tmp_path / "outputs"
     hosts = ["localhost", "127.0.0.1"] + [space["superlink_ip"] for space in namespaces]
     with LoopbackDeployment(tmp_path / "deploy", ROOT, host="0.0.0.0", cert_hosts=hosts) as deployment:
+        # the node cut off is declared offline after 2 x 10 s without a heartbeat, not 2 x 30 s
+        deployment.env[HEARTBEAT_ENV] = "10"
         for i, space in enumerate(namespaces):
             key, _ = deployment.node_keys(f"node-{i}")
             deployment.start_node(

@@ -56,3 +56,32 @@ def test_flowers_supernode_loop_still_sleeps_what_the_stand_in_replaces():
     source = inspect.getsource(loop)
     assert "time.sleep(3)" in source and "time.sleep(0.5)" in source
     assert loop.time is time or isinstance(loop.time, types.ModuleType)
+
+
+def test_the_node_heartbeat_is_announced_and_sent_at_the_interval_set(monkeypatch):
+    from flwr.supercore import heartbeat
+    from flwr.supernode import fleet_http_connection
+
+    from fl_app.deploy.supernode_entry import FLOWER_HEARTBEAT_S, set_node_heartbeat
+
+    for module in (fleet_http_connection, heartbeat):  # restored after the test
+        assert module.HEARTBEAT_DEFAULT_INTERVAL == FLOWER_HEARTBEAT_S
+        monkeypatch.setattr(module, "HEARTBEAT_DEFAULT_INTERVAL", FLOWER_HEARTBEAT_S)
+    with pytest.raises(ValueError, match=r"FL_KERAS_NODE_HEARTBEAT_S=5 is outside .* \[10, 1800\] s"):
+        set_node_heartbeat(5)
+    set_node_heartbeat(10)
+    assert fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL == heartbeat.HEARTBEAT_DEFAULT_INTERVAL == 10
+
+    # Flower's sender waits (interval - call timeout) x 0.7-0.9 between heartbeats: 3.5-4.5 s now
+    waits = []
+    sender = heartbeat.HeartbeatSender(lambda: True)
+    stop = sender._stop_event
+
+    def wait(seconds: float) -> None:
+        waits.append(seconds)
+        if len(waits) == 3:
+            stop.set()
+
+    monkeypatch.setattr(stop, "wait", wait)
+    sender._run()
+    assert len(waits) == 3 and all(3.5 <= w <= 4.5 for w in waits), waits

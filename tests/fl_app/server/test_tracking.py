@@ -213,8 +213,13 @@ def test_server_app_writes_the_history_as_events_and_a_resumed_run_holds_every_r
         client = MlflowClient(tracking_uri=tracking["mlflow-tracking-uri"])
         runs = client.search_runs([client.get_experiment_by_name("fl-keras").experiment_id])
         assert sorted(r.info.run_name for r in runs) == sorted([first.name, resumed.name])
+        # by run id: the two run directories have the same name when both runs start within a second
+        first_id = json.loads((first / "summary.json").read_text())["mlflow run"]
+        assert sorted(r.info.run_id for r in runs) == sorted(
+            [first_id, json.loads((resumed / "summary.json").read_text())["mlflow run"]]
+        )
         for run in runs:
             steps = [m.step for m in client.get_metric_history(run.info.run_id, "federated/accuracy")]
-            assert steps == ([1] if run.info.run_name == first.name else [1, 2])
+            assert steps == ([1] if run.info.run_id == first_id else [1, 2])
             artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
             assert artifacts == {"weights.npz", "history.json", "summary.json"}
