@@ -1,7 +1,7 @@
 """``flwr-simulation`` with a choice of backend, and a warm start for ``fl-keras-run``.
 
 ``fl-keras-run``'s SuperExec (:mod:`fl_app.deploy.superexec_entry`) runs a simulation task through
-this module instead of Flower's ``flwr-simulation`` command, with the same arguments. Two things
+this module instead of Flower's ``flwr-simulation`` command, with the same arguments. Three things
 differ from Flower's:
 
 1. **The backend is the one the federation config names.** Flower 1.41 reads ``backend`` from the
@@ -10,7 +10,16 @@ differ from Flower's:
    (:class:`~fl_app.deploy.inprocess_backend.InProcessBackend`), ``backend='ray'`` is Flower's, and
    any other name stops the run with an error that names the key, the value and what is allowed.
 
-2. **Warm start** (``--warm FIFO``): started by ``fl-keras-run`` together with the SuperLink, the
+2. **A shorter sweep for messages.** Flower's simulation runtime looks for new messages in each
+   node's queue every 0.1 s (``vce_api.add_messages_to_queue``), so every train and evaluate
+   phase waits 0.05 s on average before its first client starts. :func:`add_messages_to_queue`
+   is the same sweep every :func:`sweep_interval` seconds: 0.01 s for up to 20 nodes, growing
+   with the number of nodes (0.5 ms each, one in-memory lookup per node per sweep) up to Flower's
+   0.1 s. Measured on the default task (10 digits clients, one local epoch, in-process): the
+   steady round went from 0.26-0.29 s to 0.23 s with this alone, and to 0.15-0.17 s with the
+   ServerApp's 20 ms cap on polls of the in-memory grid (:mod:`fl_app.server.polling`).
+
+3. **Warm start** (``--warm FIFO``): started by ``fl-keras-run`` together with the SuperLink, the
    process imports Flower's simulation runtime (and with it TensorFlow: 20 s of imports here)
    while the SuperLink starts and the run is submitted, then waits for the SuperExec to write the
    task's ``flwr-simulation`` arguments to ``FIFO`` as one JSON line, and runs them. It serves one
@@ -19,6 +28,7 @@ differ from Flower's:
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import select
@@ -31,6 +41,9 @@ INPROCESS_BACKEND = "inprocess"
 RAY_BACKEND = "ray"
 BACKENDS = (INPROCESS_BACKEND, RAY_BACKEND)
 PARENT_CHECK_S = 1.0
+FLOWER_SWEEP_S = 0.1
+MIN_SWEEP_S = 0.01
+SWEEP_S_PER_NODE = 0.0005
 started_warm = False
 """Whether this process imported Flower's runtime before it got its task (``--warm``)."""
 
@@ -41,8 +54,26 @@ def check_backend(name: str) -> str:
     return name
 
 
+def sweep_interval(num_nodes: int) -> float:
+    """Seconds between two sweeps of the nodes' message queues: ``SWEEP_S_PER_NODE`` per node,
+    within [``MIN_SWEEP_S``, Flower's ``FLOWER_SWEEP_S``]."""
+    return min(FLOWER_SWEEP_S, max(MIN_SWEEP_S, SWEEP_S_PER_NODE * num_nodes))
+
+
+def add_messages_to_queue(state: Any, queue: Any, nodes_mapping: dict[int, int], f_stop: Any) -> None:
+    """Flower's ``vce_api.add_messages_to_queue`` (put each node's next message in ``queue`` until
+    ``f_stop``), sweeping every :func:`sweep_interval` seconds instead of 0.1 s."""
+    wait = sweep_interval(len(nodes_mapping))
+    while not f_stop.is_set():
+        for node_id in nodes_mapping:
+            for message in state.get_message_ins(node_id=node_id, limit=1):
+                queue.put(message)
+        f_stop.wait(wait)
+
+
 def install_backends() -> None:
-    """Make Flower's ``start_vce`` (this process) build the backend the federation config names."""
+    """Make Flower's ``start_vce`` (this process) build the backend the federation config names, and
+    sweep for messages every :func:`sweep_interval` seconds."""
     from flwr.server.superlink.fleet import vce
     from flwr.server.superlink.fleet.vce import vce_api
     from flwr.supercore import log
@@ -53,6 +84,10 @@ def install_backends() -> None:
     if getattr(flower_start_vce, "fl_keras_backends", False):
         return
     flower_run_api = vce_api.run_api
+    flower_sweep = vce_api.add_messages_to_queue
+    if list(inspect.signature(flower_sweep).parameters) != ["state", "queue", "nodes_mapping", "f_stop"]:
+        raise RuntimeError(f"flwr's vce_api.add_messages_to_queue changed; update {__name__}")
+    vce_api.add_messages_to_queue = add_messages_to_queue
 
     def start_vce(**kwargs: Any) -> None:  # Flower's _main_loop passes every argument by name
         backend_name = check_backend(kwargs["backend_name"])

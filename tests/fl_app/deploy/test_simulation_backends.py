@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -133,9 +134,12 @@ def test_flower_simulation_runs_every_client_app_in_process_without_ray(tmp_path
 
 def test_the_patched_start_vce_refuses_an_unknown_backend_before_flower_runs(monkeypatch):
     from flwr.server.superlink.fleet import vce
+    from flwr.server.superlink.fleet.vce import vce_api
 
-    monkeypatch.setattr(vce, "start_vce", vce.start_vce)  # restored after the test
+    monkeypatch.setattr(vce, "start_vce", vce.start_vce)  # both restored after the test
+    monkeypatch.setattr(vce_api, "add_messages_to_queue", vce_api.add_messages_to_queue)
     simulation_entry.install_backends()
+    assert vce_api.add_messages_to_queue is simulation_entry.add_messages_to_queue
     with pytest.raises(ValueError, match="backend='rey'"):
         vce.start_vce(backend_name="rey", backend_config_json_stream="{}")
 
@@ -251,3 +255,38 @@ def test_a_simulation_superlink_starts_our_superexec_with_flowers_arguments(monk
         *expected[1:],
     ]
     assert expected[0] == "flower-superexec"
+
+
+def test_the_message_sweep_is_short_for_few_nodes_and_flowers_for_many():
+    from fl_app.deploy.simulation_entry import sweep_interval
+
+    assert [sweep_interval(n) for n in (1, 10, 20, 100, 200, 10_000)] == [0.01, 0.01, 0.01, 0.05, 0.1, 0.1]
+
+
+def test_the_sweep_puts_each_nodes_next_message_in_the_queue_until_stopped():
+    import queue
+    import threading
+
+    from fl_app.deploy.simulation_entry import add_messages_to_queue
+
+    class State:
+        def __init__(self):
+            self.pending = {1: ["a1", "a2"], 2: ["b1"], 3: []}
+            self.sweeps = 0
+
+        def get_message_ins(self, node_id, limit):
+            assert limit == 1
+            self.sweeps += node_id == 1
+            taken, self.pending[node_id] = self.pending[node_id][:limit], self.pending[node_id][limit:]
+            return taken
+
+    state, found, stop = State(), queue.Queue(), threading.Event()
+    worker = threading.Thread(target=add_messages_to_queue, args=(state, found, {1: 0, 2: 1, 3: 2}, stop))
+    started = time.monotonic()
+    worker.start()
+    messages = [found.get(timeout=5) for _ in range(3)]
+    took = time.monotonic() - started
+    stop.set()
+    worker.join(timeout=5)
+    assert not worker.is_alive() and sorted(messages) == ["a1", "a2", "b1"]
+    assert took < 0.09  # the second of node 1's messages, one 10 ms sweep later (Flower's: 0.1 s)

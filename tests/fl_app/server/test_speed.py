@@ -219,3 +219,15 @@ def test_server_modules_do_not_import_tensorflow():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.stdout.strip() == "False", out.stderr[-2000:]
+
+
+def test_the_simulations_in_memory_grid_is_polled_at_most_every_20_ms(monkeypatch):
+    from flwr.superlink.grid import InMemoryGrid
+
+    from fl_app.server import polling
+
+    caps = []
+    monkeypatch.setattr(polling, "send_and_receive", lambda grid, messages, **kw: caps.append(kw["maximum"]) or [])
+    polling.ShortPollGrid(InMemoryGrid.__new__(InMemoryGrid)).send_and_receive([], timeout=1)
+    polling.ShortPollGrid(PollingGrid(delay=0.0)).send_and_receive([], timeout=1)  # a networked grid
+    assert caps == [polling.IN_MEMORY_POLL_MAXIMUM_S, polling.POLL_MAXIMUM_S] == [0.02, 0.1]
