@@ -19,8 +19,12 @@ differ from Flower's:
    steady round went from 0.26-0.29 s to 0.23 s with this alone, and to 0.15-0.17 s with the
    ServerApp's 20 ms cap on polls of the in-memory grid (:mod:`fl_app.server.polling`).
 
+   The runtime's worker and reply threads wait for their queues with a 1 s timeout, their only
+   way to notice the end of the run: :class:`PromptQueue` caps those waits at
+   ``QUEUE_WAIT_S`` = 0.05 s, so the simulation process ends about 1 s sooner.
+
 3. **Warm start** (``--warm FIFO``): started by ``fl-keras-run`` together with the SuperLink, the
-   process imports Flower's simulation runtime (and with it TensorFlow: 20 s of imports here)
+   process imports Flower's simulation runtime (and with it TensorFlow: 7 s of imports here, 25 s without compiled bytecode)
    while the SuperLink starts and the run is submitted, then waits for the SuperExec to write the
    task's ``flwr-simulation`` arguments to ``FIFO`` as one JSON line, and runs them. It serves one
    task, and exits without one if its parent exits first.
@@ -31,6 +35,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import queue
 import select
 import sys
 from collections.abc import Callable
@@ -52,6 +57,20 @@ def check_backend(name: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"federation config backend={name!r} is not a backend; allowed: {', '.join(BACKENDS)}")
     return name
+
+
+QUEUE_WAIT_S = 0.05
+
+
+class PromptQueue(queue.Queue):
+    """A ``queue.Queue`` whose blocking ``get`` waits at most ``QUEUE_WAIT_S`` per call (it still
+    raises ``queue.Empty`` after that, as a timed-out ``get`` does): Flower's runtime threads then
+    notice the run's end within ``QUEUE_WAIT_S`` instead of their 1 s timeout."""
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        if block:
+            timeout = QUEUE_WAIT_S if timeout is None else min(timeout, QUEUE_WAIT_S)
+        return super().get(block, timeout)
 
 
 def sweep_interval(num_nodes: int) -> float:
@@ -88,6 +107,9 @@ def install_backends() -> None:
     if list(inspect.signature(flower_sweep).parameters) != ["state", "queue", "nodes_mapping", "f_stop"]:
         raise RuntimeError(f"flwr's vce_api.add_messages_to_queue changed; update {__name__}")
     vce_api.add_messages_to_queue = add_messages_to_queue
+    if vce_api.Queue is not queue.Queue:
+        raise RuntimeError(f"flwr's vce_api no longer uses queue.Queue; update {__name__}")
+    vce_api.Queue = PromptQueue  # type: ignore[misc]
 
     def start_vce(**kwargs: Any) -> None:  # Flower's _main_loop passes every argument by name
         backend_name = check_backend(kwargs["backend_name"])

@@ -138,8 +138,10 @@ def test_the_patched_start_vce_refuses_an_unknown_backend_before_flower_runs(mon
 
     monkeypatch.setattr(vce, "start_vce", vce.start_vce)  # both restored after the test
     monkeypatch.setattr(vce_api, "add_messages_to_queue", vce_api.add_messages_to_queue)
+    monkeypatch.setattr(vce_api, "Queue", vce_api.Queue)
     simulation_entry.install_backends()
     assert vce_api.add_messages_to_queue is simulation_entry.add_messages_to_queue
+    assert vce_api.Queue is simulation_entry.PromptQueue
     with pytest.raises(ValueError, match="backend='rey'"):
         vce.start_vce(backend_name="rey", backend_config_json_stream="{}")
 
@@ -290,3 +292,19 @@ def test_the_sweep_puts_each_nodes_next_message_in_the_queue_until_stopped():
     worker.join(timeout=5)
     assert not worker.is_alive() and sorted(messages) == ["a1", "a2", "b1"]
     assert took < 0.09  # the second of node 1's messages, one 10 ms sweep later (Flower's: 0.1 s)
+
+
+def test_the_runtimes_queues_give_up_a_wait_within_50_ms():
+    import queue
+
+    from fl_app.deploy.simulation_entry import QUEUE_WAIT_S, PromptQueue
+
+    waiting = PromptQueue()
+    started = time.monotonic()
+    with pytest.raises(queue.Empty):
+        waiting.get(timeout=1.0)  # Flower's runtime threads wait 1 s for their next item
+    assert QUEUE_WAIT_S <= time.monotonic() - started < 0.5
+    waiting.put("message")
+    assert waiting.get(timeout=1.0) == "message" and waiting.empty()
+    with pytest.raises(queue.Empty):
+        waiting.get(block=False)
