@@ -13,7 +13,12 @@ only by its port, and keeps the environment and working directory of the run tha
    run --stream`` would end with exit code 0, or wait, the ServerApp would outlive the SuperLink, and
    ``flwr ls local`` against the dead port would start a new detached SuperLink. The launcher is
    the child subreaper of everything it starts, so processes orphaned by the SuperLink's death
-   are adopted by it and stopped with the rest.
+   are adopted by it and stopped with the rest;
+5. with the SuperLink it starts the simulation process, warm: it imports Flower's runtime and
+   TensorFlow while the SuperLink starts, and the SuperLink's SuperExec hands it the run
+   (:mod:`fl_app.deploy.simulation_entry`, :mod:`fl_app.deploy.superexec_entry`); ``--backend``
+   (default ``inprocess``: the ClientApps run in that process, no Ray) goes to the federation
+   config.
 
 Everything after ``--`` (or any unknown option) is passed to ``flwr run``, e.g.
 ``fl-keras-run -- -c "strategy='fedprox' proximal-mu=0.1"``.
@@ -374,8 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--profile",
         action="store_true",
         help="print a timeline at the end: when the SuperLink answered, the run was submitted, the simulation "
-        "process, the ServerApp, the first Ray actor and its TensorFlow import, and each of rounds 0, 1 and the "
-        "last came (fl_app.deploy.startup_timeline)",
+        "process, the ServerApp, (with --backend ray) the first Ray actor and its TensorFlow import, and each of "
+        "rounds 0, 1 and the last came (fl_app.deploy.startup_timeline)",
     )
     parser.add_argument(
         "--verbose",
