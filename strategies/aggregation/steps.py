@@ -169,7 +169,7 @@ class RuleStep:
     @property
     def reads_distances(self) -> bool:
         """Whether this built-in rule needs only the rows and their pairwise distances (Krum,
-        Multi-Krum: :data:`strategies.robust.rules.DISTANCE_RULES`), so that the strategy may
+        Multi-Krum, Bulyan: :data:`strategies.robust.rules.DISTANCE_RULES`), so that the strategy may
         compute it from the reply bytes (:meth:`of_rows`) without the K x P matrix."""
         return self.name in DISTANCE_RULES
 

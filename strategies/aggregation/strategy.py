@@ -217,8 +217,9 @@ class AggregationStrategy(FedAvg):
         return self.rule.is_mean and self._reads_only_whole_rounds()
 
     def streams_distances(self) -> bool:
-        """Whether a round is Krum or Multi-Krum computed from the reply bytes (a Gram matrix of
-        column blocks, then the chosen rows), with no K x P matrix: as :meth:`streams_mean`."""
+        """Whether a round is Krum, Multi-Krum or Bulyan computed from the reply bytes (a Gram
+        matrix of column blocks, then the chosen rows or, for Bulyan, the sorted column blocks of
+        the chosen rows), with no K x P matrix: as :meth:`streams_mean`."""
         return self.rule.reads_distances and self._reads_only_whole_rounds()
 
     def _cannot_aggregate(self, count: int, faults: int = 0) -> str:

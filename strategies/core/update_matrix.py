@@ -399,8 +399,10 @@ class ReplyRows:
     def shape(self) -> tuple[int, int]:
         return len(self.views), self.layout.size
 
-    def read(self, columns: slice, out: np.ndarray) -> np.ndarray:
-        """``out[k] = w_k[columns] - w[columns]`` for every reply k (``out``: K x width float32)."""
+    def read(self, columns: slice, out: np.ndarray, rows: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+        """``out[i] = w_k[columns] - w[columns]`` for the i-th reply k of ``rows`` (every reply when
+        None; ``out``: one line per reply read, width columns, float32)."""
+        views = self.views if rows is None else [self.views[k] for k in rows]
         offsets = self.layout.offsets
         first = bisect.bisect_right(offsets, columns.start) - 1
         for i in range(first, len(offsets) - 1):
@@ -408,8 +410,8 @@ class ReplyRows:
             if low >= high:
                 break
             global_part, target = self.global_vector[low:high], out[:, low - columns.start : high - columns.start]
-            for k, views in enumerate(self.views):
-                np.subtract(views[i][low - offsets[i] : high - offsets[i]], global_part, out=target[k])
+            for k, reply_views in enumerate(views):
+                np.subtract(reply_views[i][low - offsets[i] : high - offsets[i]], global_part, out=target[k])
         return out
 
     def row(self, index: int) -> np.ndarray:

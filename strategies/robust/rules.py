@@ -18,8 +18,8 @@ Coordinate-wise rules (median, trimmed mean, Bulyan's second stage) work on bloc
 transposed and sorted in a small reused buffer, so their extra memory stays a few MB whatever P.
 Distance-based rules (Krum, Multi-Krum, Bulyan's first stage) compute all pairwise squared
 distances from one Gram matrix (one BLAS call per column block) instead of K^2 row differences.
-They read their rows through :class:`UpdateRows`, so that Krum and Multi-Krum (:data:`DISTANCE_RULES`)
-run on the matrix or straight on the replies' bytes, with the same results.
+They read their rows through :class:`UpdateRows`, so that Krum, Multi-Krum and Bulyan
+(:data:`DISTANCE_RULES`) run on the matrix or straight on the replies' bytes, with the same results.
 """
 
 from __future__ import annotations
@@ -210,37 +210,37 @@ def _column_blocks(num_rows: int, num_columns: int) -> Iterator[slice]:
         yield slice(start, min(start + width, num_columns))
 
 
-def _sorted_column_blocks(updates: np.ndarray, rows: np.ndarray | None = None) -> Iterator[tuple[slice, np.ndarray]]:
-    """Yield ``(columns, block)``: ``updates[rows, columns]`` transposed and sorted per column.
+def _sorted_column_blocks(updates: np.ndarray) -> Iterator[tuple[slice, np.ndarray]]:
+    """Yield ``(columns, block)``: ``updates[:, columns]`` transposed and sorted per column.
 
-    ``block`` has shape (number of columns, number of rows), each line sorted ascending. It is one
-    reused buffer: use it before asking for the next block. ``updates`` is not modified.
+    ``block`` has shape (number of columns, K), each line sorted ascending. It is one reused
+    buffer: use it before asking for the next block. ``updates`` is not modified.
     """
-    num_rows = updates.shape[0] if rows is None else len(rows)
     buffer: np.ndarray | None = None
-    for columns in _column_blocks(num_rows, updates.shape[1]):
+    for columns in _column_blocks(*updates.shape):
         if buffer is None:
-            buffer = np.empty((columns.stop - columns.start, num_rows), dtype=np.float32)
+            buffer = np.empty((columns.stop - columns.start, updates.shape[0]), dtype=np.float32)
         block = buffer[: columns.stop - columns.start]
-        block[...] = (updates[:, columns] if rows is None else updates[rows, columns]).T
+        block[...] = updates[:, columns].T
         block.sort(axis=1)
         yield columns, block
 
 
-def _sorted_blocks_of_rows(rows: UpdateRows) -> Iterator[tuple[slice, np.ndarray]]:
+def _sorted_blocks_of_rows(rows: UpdateRows, selected: np.ndarray | None = None) -> Iterator[tuple[slice, np.ndarray]]:
     """:func:`_sorted_column_blocks` of :class:`UpdateRows` (e.g. the replies' bytes, with no K x P
-    matrix): each block read K x w into one reused buffer, then transposed into another and
-    sorted per column. Both buffers are reused: use a block before asking for the next."""
-    num_rows, num_columns = rows.shape
+    matrix), of the ``selected`` rows only when given (all rows when None): each block read
+    n x w (n rows) into one reused buffer, then transposed into another and sorted per column.
+    Both buffers are reused: use a block before asking for the next."""
+    num_rows = rows.shape[0] if selected is None else len(selected)
     read_buffer: np.ndarray | None = None
     sorted_buffer: np.ndarray | None = None
-    for columns in _column_blocks(num_rows, num_columns):
+    for columns in _column_blocks(num_rows, rows.shape[1]):
         width = columns.stop - columns.start
         if read_buffer is None or sorted_buffer is None:
             read_buffer = np.empty(num_rows * width, dtype=np.float32)
             sorted_buffer = np.empty((width, num_rows), dtype=np.float32)
         block = sorted_buffer[:width]
-        block[...] = rows.read(columns, read_buffer[: num_rows * width].reshape(num_rows, width)).T
+        block[...] = rows.read(columns, read_buffer[: num_rows * width].reshape(num_rows, width), selected).T
         block.sort(axis=1)
         yield columns, block
 
@@ -291,8 +291,9 @@ class UpdateRows(Protocol):
     @property
     def shape(self) -> tuple[int, int]: ...
 
-    def read(self, columns: slice, out: np.ndarray) -> np.ndarray:
-        """``out[:] = X[:, columns]`` (``out``: K x width, C-contiguous float32); returns ``out``."""
+    def read(self, columns: slice, out: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """``out[:] = X[rows, columns]``, all K rows when ``rows`` is None (``out``: one line per row
+        read, width columns, C-contiguous float32); returns ``out``."""
         ...
 
     def row(self, index: int) -> np.ndarray:
@@ -314,8 +315,8 @@ class MatrixRows:
     def shape(self) -> tuple[int, int]:
         return self.updates.shape[0], self.updates.shape[1]
 
-    def read(self, columns: slice, out: np.ndarray) -> np.ndarray:
-        np.copyto(out, self.updates[:, columns])
+    def read(self, columns: slice, out: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        np.copyto(out, self.updates[:, columns] if rows is None else self.updates[rows, columns])
         return out
 
     def row(self, index: int) -> np.ndarray:
@@ -470,6 +471,36 @@ def multi_krum_of_rows(rows: UpdateRows, distances: np.ndarray, f: int, m: int) 
     return rows.mean_of_rows(_krum_order(distances, rows.shape[0] - f - 2)[:m])
 
 
+def bulyan_of_rows(rows: UpdateRows, distances: np.ndarray, f: int) -> np.ndarray:
+    """Bulyan's output (El Mhamdi et al., 2018; see :func:`bulyan`) from the rows and their K x K
+    squared distances (:func:`distances_of_rows`): the set S of ``theta = K - 2f`` rows chosen by
+    iterated Krum on the distances, then ``out_j = mean of the beta = theta - 2f values x_ij,
+    i in S, nearest median_{i in S} x_ij``, from sorted column blocks of the rows of S alone (read
+    from the rows, no theta x P matrix). Needs ``K >= 4f + 3``; with ``f = 0`` the unweighted mean
+    of all rows.
+
+    Non-finite values give a non-finite result, so that a caller reading the replies' bytes finds
+    and rejects those replies: the mean propagates them; non-finite distances (a row holding NaN
+    or Inf makes the whole Gram matrix non-finite) or a sorted block holding them give all NaN,
+    since the selection would pass over such a row and hide it.
+    """
+    num_clients = rows.shape[0]
+    f = _check_bulyan(num_clients, f)
+    if f == 0:
+        return rows.mean_of_rows(np.arange(num_clients))
+    result = np.full(rows.shape[1], np.nan, dtype=np.float32)
+    if not np.isfinite(distances).all():
+        return result
+    theta = num_clients - 2 * f
+    selected = np.sort(_bulyan_selection(distances, f, theta))
+    for columns, block in _sorted_blocks_of_rows(rows, selected):
+        if not _sorted_block_is_finite(block):
+            result.fill(np.nan)
+            return result
+        result[columns] = _mean_of_window_nearest_median(block, theta - 2 * f)
+    return result
+
+
 def krum(updates: np.ndarray, weights: np.ndarray, f: int) -> np.ndarray:
     """Krum (Blanchard et al., 2017, "Machine Learning with Adversaries: Byzantine Tolerant
     Gradient Descent").
@@ -538,7 +569,11 @@ SORTED_COLUMN_RULES: dict[str, Callable[..., np.ndarray]] = {
 all NaN otherwise, so that a strategy can run them on the replies' bytes without the K x P matrix."""
 
 
-DISTANCE_RULES: dict[str, Callable[..., np.ndarray]] = {"krum": krum_of_rows, "multi-krum": multi_krum_of_rows}
+DISTANCE_RULES: dict[str, Callable[..., np.ndarray]] = {
+    "krum": krum_of_rows,
+    "multi-krum": multi_krum_of_rows,
+    "bulyan": bulyan_of_rows,
+}
 """Rules computed from :class:`UpdateRows` and their K x K squared distances alone:
 ``rule(rows, distances, **params)``, the same output as the matrix rule of the same name, so
 that a strategy can run them on the replies' bytes without building the K x P matrix."""
@@ -568,15 +603,25 @@ def _mean_of_window_nearest_median(block: np.ndarray, width: int) -> np.ndarray:
     In sorted order the ``width`` values nearest the median form a contiguous window. Among the
     ``n - width + 1`` windows the nearest is the one of smallest radius
     ``max(median - s[l], s[l + width - 1] - median)``, the leftmost on ties, so the result does
-    not depend on the order of the rows.
+    not depend on the order of the rows. The windows are scanned one at a time and the values
+    outside each line's window are set to 0 in ``block`` itself (a scratch buffer: overwritten)
+    before the lines are summed, so that the extra memory is a few vectors of one value per line,
+    not copies of the block.
     """
     n = block.shape[1]
-    median = _median_of_sorted(block)[:, None]
-    radius = np.maximum(median - block[:, : n - width + 1], block[:, width - 1 :] - median)
-    start = np.argmin(radius, axis=1)[:, None]
-    positions = np.arange(n)[None, :]
-    in_window = (positions >= start) & (positions < start + width)
-    return np.where(in_window, block, np.float32(0)).sum(axis=1) / np.float32(width)
+    median = _median_of_sorted(block)
+    start = np.zeros(len(block), dtype=np.intp)
+    nearest = np.full(len(block), np.inf, dtype=np.float32)
+    for left in range(n - width + 1):
+        radius = np.maximum(median - block[:, left], block[:, left + width - 1] - median)
+        nearer = radius < nearest
+        np.copyto(nearest, radius, where=nearer)
+        np.copyto(start, left, where=nearer)
+    for left in range(n - width + 1):
+        lines = start == left
+        block[lines, :left] = 0
+        block[lines, left + width :] = 0
+    return block.sum(axis=1) / np.float32(width)
 
 
 def bulyan(updates: np.ndarray, weights: np.ndarray, f: int) -> np.ndarray:
@@ -590,19 +635,16 @@ def bulyan(updates: np.ndarray, weights: np.ndarray, f: int) -> np.ndarray:
        smallest |x_ij - median_i x_ij|``.
 
     Needs ``K >= 4f + 3``. Ignores the weights. With ``f = 0`` it is the unweighted mean.
+    Computed by :func:`bulyan_of_rows` on the matrix's rows and their distances
+    (:func:`distances_of_rows`).
     """
     updates = _as_update_matrix(updates)
     num_clients = updates.shape[0]
     _as_weights(weights, num_clients)
-    f = _check_bulyan(num_clients, f)
-    if f == 0:
+    if _check_bulyan(num_clients, f) == 0:  # the mean: no distances needed
         return _mean_of_rows(updates, np.arange(num_clients))
-    theta = num_clients - 2 * f
-    selected = np.sort(_bulyan_selection(pairwise_squared_distances(updates), f, theta))
-    result = np.empty(updates.shape[1], dtype=np.float32)
-    for columns, block in _sorted_column_blocks(updates, selected):
-        result[columns] = _mean_of_window_nearest_median(block, theta - 2 * f)
-    return result
+    rows = MatrixRows(updates)
+    return bulyan_of_rows(rows, distances_of_rows(rows), f)
 
 
 def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:

@@ -271,6 +271,29 @@ def test_pairwise_squared_distances_falls_back_to_float64_instead_of_overflowing
     assert distances[1, 2] == 0.0
 
 
+@pytest.mark.parametrize("f", [0, 1, 2])
+@pytest.mark.parametrize(("value", "where"), [(np.nan, (3, 2999)), (np.inf, (0, 17)), (-np.inf, (10, 1500))])
+def test_bulyan_of_rows_is_not_finite_when_a_row_is_not(f, value, where):
+    """What lets a caller reading the replies' bytes find and reject such a reply: the non-finite
+    distances would make the selection pass over the row and hide it, so the result is all NaN
+    (f = 0: the mean, non-finite where the row is); so is it when the distances are finite but a
+    selected row is not."""
+    clean = np.random.default_rng(6).standard_normal((11, 3000)).astype(np.float32)
+    x = clean.copy()
+    x[where] = value
+    rows = rules.MatrixRows(x)
+    result = rules.bulyan_of_rows(rows, rules.distances_of_rows(rows), f)
+    assert result.shape == (3000,) and result.dtype == np.float32
+    if f == 0:
+        assert not np.isfinite(result[where[1]]) and np.isfinite(np.delete(result, where[1])).all()
+        return
+    assert np.isnan(result).all()
+    clean_distances = rules.pairwise_squared_distances(clean)
+    x = clean.copy()
+    x[rules._bulyan_selection(clean_distances, f, 11 - 2 * f)[0], where[1]] = value
+    assert np.isnan(rules.bulyan_of_rows(rules.MatrixRows(x), clean_distances, f)).all()
+
+
 def test_row_norms_match_numpy():
     rng = np.random.default_rng(4)
     x = rng.standard_normal((5, 2000)).astype(np.float32)
