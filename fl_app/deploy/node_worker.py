@@ -403,8 +403,12 @@ def serve(
                 except (ValueError, DecodeError) as err:  # a header or a record that does not parse
                     log(WARNING, "Refused a malformed request: %r", err)
     finally:
+        if threading.current_thread() is threading.main_thread():
+            # a second SIGTERM (a stop signals the whole process tree) must not cut the clean-up short:
+            # it once left the key behind after the socket was gone
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         listener.close()
-        for path in (socket_path, key_path(socket_path)):
+        for path in (key_path(socket_path), socket_path):
             path.unlink(missing_ok=True)
 
 
