@@ -79,15 +79,15 @@ def sweep_interval(num_nodes: int) -> float:
     return min(FLOWER_SWEEP_S, max(MIN_SWEEP_S, SWEEP_S_PER_NODE * num_nodes))
 
 
-def add_messages_to_queue(state: Any, messages: Any, nodes_mapping: dict[int, int], f_stop: Any) -> None:
-    """Flower's ``vce_api.add_messages_to_queue`` (put each node's next message in the queue
-    ``messages`` until ``f_stop``; Flower passes the arguments by position), sweeping every
+def add_messages_to_queue(state: Any, queue: Any, nodes_mapping: dict[int, int], f_stop: Any) -> None:
+    """Flower's ``vce_api.add_messages_to_queue`` (put each node's next message in ``queue`` until
+    ``f_stop``; the same parameters, so that it can stand in for it), sweeping every
     :func:`sweep_interval` seconds instead of 0.1 s."""
     wait = sweep_interval(len(nodes_mapping))
     while not f_stop.is_set():
         for node_id in nodes_mapping:
             for message in state.get_message_ins(node_id=node_id, limit=1):
-                messages.put(message)
+                queue.put(message)
         f_stop.wait(wait)
 
 
