@@ -18,8 +18,8 @@ from strategies.aggregation.steps import RuleStep
 from strategies.aggregation.strategy import AggregationStrategy
 from strategies.core.update_matrix import ModelLayout, ReplyRows
 from strategies.robust import rules
-from tests.fakes import FakeGrid, error_reply, reply
-from tests.strategies.aggregation.test_streamed_mean import SHAPES, arrays_of, flat, round_of
+from tests.fakes import FakeGrid, reply
+from tests.strategies.aggregation.test_streamed_mean import SHAPES, arrays_of, flat, insert_faulty_replies, round_of
 
 
 def well_separated(rng, num_clients, g):
@@ -36,23 +36,13 @@ def well_separated(rng, num_clients, g):
     st.integers(0, 2**32 - 1),
     st.integers(5, 12),
     st.sampled_from(["krum", "multi-krum", "bulyan"]),
-    st.lists(st.sampled_from(["nan", "inf", "shape", "error"]), max_size=2),
+    st.lists(st.sampled_from(["nan", "inf", "-inf", "shape", "error"]), max_size=2),
 )
 def test_streamed_krum_equals_the_matrix_path(seed, num_clients, name, faults):
     rng = np.random.default_rng(seed)
     g = arrays_of(rng, 3.0)
     replies = [reply(node, arrays_of(rng), 10) for node in range(1, num_clients + 1)]
-    for node, fault in enumerate(faults, start=num_clients + 1):
-        bad = arrays_of(rng)
-        if fault == "nan":
-            bad[0][1, 2] = np.nan
-        elif fault == "inf":
-            bad[3][0] = -np.inf
-        elif fault == "shape":
-            bad[2] = bad[2].reshape(-1)
-        replies.insert(
-            int(rng.integers(0, len(replies) + 1)), error_reply(node, "x") if fault == "error" else reply(node, bad)
-        )
+    insert_faulty_replies(rng, replies, faults)
     params = {"f": 1, "m": None} if name == "multi-krum" else {"f": 1}
     streamed = AggregationStrategy(RuleStep.builtin(name, params))
     matrix = AggregationStrategy(RuleStep.builtin(name, params), collector=ReplyCollector(max_update_norm=np.inf))

@@ -37,6 +37,29 @@ def npy_v2(array: np.ndarray) -> Array:
     return Array(dtype=str(array.dtype), shape=tuple(array.shape), stype=SType.NUMPY, data=stream.getvalue())
 
 
+def insert_faulty_replies(rng, replies: list, faults: list[str], num_examples: int = 10) -> list:
+    """``replies`` with one more reply per fault, each at a random position, from the next node ids:
+    ``nan``, ``inf``, ``-inf`` (one such value in its arrays), ``shape`` (an array flattened),
+    ``error`` (an error reply), ``count`` (0 examples); the others report ``num_examples``."""
+    for node, fault in enumerate(faults, start=len(replies) + 1):
+        bad = arrays_of(rng)
+        if fault == "nan":
+            bad[0][1, 2] = np.nan
+        elif fault == "inf":
+            bad[3][0] = np.inf
+        elif fault == "-inf":
+            bad[1][0] = -np.inf
+        elif fault == "shape":
+            bad[2] = bad[2].reshape(-1)
+        faulty = (
+            error_reply(node, "crashed")
+            if fault == "error"
+            else reply(node, bad, 0 if fault == "count" else num_examples)
+        )
+        replies.insert(int(rng.integers(0, len(replies) + 1)), faulty)
+    return replies
+
+
 def round_of(strategy, global_arrays, replies):
     list(strategy.configure_train(1, ArrayRecord(global_arrays), ConfigRecord({}), FakeGrid(range(20), lambda m: m)))
     return strategy.aggregate_train(1, replies)
@@ -71,24 +94,13 @@ def test_overflowing_squares_are_not_mistaken_for_infinity():
     st.integers(0, 2**32 - 1),
     st.integers(1, 8),
     st.sampled_from(["num-examples", "uniform", "capped"]),
-    st.lists(st.sampled_from(["nan", "inf", "shape", "error", "count"]), max_size=3),
+    st.lists(st.sampled_from(["nan", "inf", "-inf", "shape", "error", "count"]), max_size=3),
 )
 def test_streamed_mean_equals_the_matrix_path(seed, num_clients, weighting, faults):
     rng = np.random.default_rng(seed)
     g = arrays_of(rng, 3.0)
     replies = [reply(node, arrays_of(rng), int(rng.integers(1, 100))) for node in range(1, num_clients + 1)]
-    for node, fault in enumerate(faults, start=num_clients + 1):
-        bad = arrays_of(rng)
-        if fault == "nan":
-            bad[0][1, 2] = np.nan
-        elif fault == "inf":
-            bad[3][0] = -np.inf
-        elif fault == "shape":
-            bad[2] = bad[2].reshape(-1)
-        replies.insert(
-            int(rng.integers(0, len(replies) + 1)),
-            error_reply(node, "crashed") if fault == "error" else reply(node, bad, 0 if fault == "count" else 5),
-        )
+    insert_faulty_replies(rng, replies, faults, num_examples=5)
     layout = ModelLayout.of(ArrayRecord(g))
     weigh = ClientWeighting(weighting)
     matrix = collect_updates(replies, layout, flat(g), UpdateBuffer())

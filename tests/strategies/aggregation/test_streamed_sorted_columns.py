@@ -10,8 +10,8 @@ from strategies.aggregation.collector import ReplyCollector
 from strategies.aggregation.steps import RuleStep
 from strategies.aggregation.strategy import AggregationStrategy
 from strategies.robust import rules
-from tests.fakes import error_reply, reply
-from tests.strategies.aggregation.test_streamed_mean import arrays_of, round_of
+from tests.fakes import reply
+from tests.strategies.aggregation.test_streamed_mean import arrays_of, insert_faulty_replies, round_of
 
 RULE_PARAMS = {"median": {}, "trimmed-mean": {"beta": 0.2}}
 
@@ -27,19 +27,7 @@ def test_streamed_sorted_column_rules_equal_the_matrix_path(seed, num_clients, n
     rng = np.random.default_rng(seed)
     g = arrays_of(rng, 3.0)
     replies = [reply(node, arrays_of(rng), 10) for node in range(1, num_clients + 1)]
-    for node, fault in enumerate(faults, start=num_clients + 1):
-        bad = arrays_of(rng)
-        if fault == "nan":
-            bad[0][1, 2] = np.nan
-        elif fault == "inf":
-            bad[3][0] = np.inf
-        elif fault == "-inf":
-            bad[1][0] = -np.inf
-        elif fault == "shape":
-            bad[2] = bad[2].reshape(-1)
-        replies.insert(
-            int(rng.integers(0, len(replies) + 1)), error_reply(node, "x") if fault == "error" else reply(node, bad)
-        )
+    insert_faulty_replies(rng, replies, faults)
     streamed = AggregationStrategy(RuleStep.builtin(name, RULE_PARAMS[name]))
     matrix = AggregationStrategy(
         RuleStep.builtin(name, RULE_PARAMS[name]), collector=ReplyCollector(max_update_norm=np.inf)
