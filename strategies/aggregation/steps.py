@@ -295,8 +295,10 @@ class ServerStep:
         self.momentum = float(momentum)
         self._velocity: np.ndarray | None = None
 
-    def __call__(self, global_flat: np.ndarray, aggregate: np.ndarray) -> np.ndarray:
-        """The new global model (a new float32 vector) from the round's start and its aggregate."""
+    def __call__(self, global_flat: np.ndarray, aggregate: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The new global model from the round's start and its aggregate: written into ``out``
+        when given (a float32 vector of the same size, e.g. reused from round to round), else a
+        new float32 vector."""
         step = aggregate
         if self.momentum > 0:
             if self._velocity is None or self._velocity.shape != aggregate.shape:
@@ -305,8 +307,9 @@ class ServerStep:
             self._velocity += aggregate
             step = self._velocity
         if self.learning_rate == 1:  # FedAvg's step: one pass, no scaled copy
-            return global_flat + step
-        return global_flat + np.float32(self.learning_rate) * step
+            return np.add(global_flat, step, out=out)
+        scaled = np.multiply(step, np.float32(self.learning_rate), out=out)
+        return np.add(global_flat, scaled, out=scaled)
 
     def state_dict(self) -> dict[str, Any]:
         """``{"momentum": m}`` once the momentum exists (empty otherwise)."""

@@ -107,6 +107,7 @@ class AggregationStrategy(FedAvg):
         self.pre_aggregation = list(pre_aggregation)
         self.noise = noise
         self.server_step = server_step or ServerStep()
+        self._new_global: np.ndarray | None = None  # the server step's output, reused: unflatten copies it
         self.collector = collector or ReplyCollector()
         self.min_valid_replies = int(min_valid_replies)
 
@@ -144,6 +145,7 @@ class AggregationStrategy(FedAvg):
             return None, MetricRecord({**measurements, "round-skipped": 1})
 
         weights = self.weighting(collected.num_examples)
+        known_finite = False  # the streamed mean was found finite where it was computed (stream_rows)
         if streamed is None:
             updates = collected.matrix()
             if self.bound is not None:
@@ -158,14 +160,17 @@ class AggregationStrategy(FedAvg):
             aggregate, rule_measurements = self.rule.of_rows(*streamed, faults)
             measurements.update(rule_measurements)
         else:
-            aggregate = streamed
+            aggregate, known_finite = streamed, True
         if self.noise is not None:
             aggregate, noise_measurements = self.noise(aggregate)
             measurements.update(noise_measurements)
-        if aggregate.shape != (collector.layout.size,) or not np.isfinite(aggregate).all():
+            known_finite = False
+        if aggregate.shape != (collector.layout.size,) or not (known_finite or np.isfinite(aggregate).all()):
             log(WARNING, "Round %d skipped: %s returned a non-finite or mis-shaped update", server_round, self.rule)
             return None, MetricRecord({**measurements, "round-skipped": 1})
-        new_global = self.server_step(collector.global_flat, aggregate)
+        if self._new_global is None or self._new_global.shape != aggregate.shape:
+            self._new_global = np.empty_like(aggregate)
+        new_global = self.server_step(collector.global_flat, aggregate, out=self._new_global)  # copied below
         metrics = train_metrics(collected.metrics, weights)
         metrics.update(measurements)
         metrics["update-norm"] = float(np.linalg.norm(aggregate))

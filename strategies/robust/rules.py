@@ -326,46 +326,85 @@ class MatrixRows:
         return _mean_of_rows(self.updates, rows)
 
 
-def _centered_gram(rows: UpdateRows, dtype: type[np.floating]) -> np.ndarray:
-    """Gram matrix of the rows after subtracting their mean, accumulated in float64.
+def _gram(rows: UpdateRows, dtype: type[np.floating], selected: np.ndarray | None = None) -> np.ndarray:
+    """Gram matrix ``G = X X^T`` of the rows (of the ``selected`` rows only when given), in
+    float32 (``ssyrk``) or float64 (``dsyrk``) BLAS per column block and float64 across blocks.
 
-    Per column block B (K x about ``_BLOCK_BYTES``, read into one reused buffer, cache-resident):
-    ``B <- B - mean_i B_i`` then ``G += B B^T``, one BLAS ``syrk`` on B's transpose (no copy: a
-    C-contiguous B is a Fortran-contiguous B^T), which computes the upper triangle only, about
-    K^2 w flops per block of w columns, half of a general product; the lower triangle is
-    mirrored once at the end. Subtracting the mean row leaves pairwise distances unchanged and
-    avoids the cancellation of ``|x_i|^2 + |x_j|^2 - 2 x_i.x_j`` when the rows share a large
-    common component. Only the block buffer and G are allocated: no K x P temporary.
+    Per column block B (n x about ``_BLOCK_BYTES``, read into one reused buffer, cache-resident):
+    ``G += B B^T``, one BLAS ``syrk`` on B's transpose (no copy: a C-contiguous B is a
+    Fortran-contiguous B^T), which computes the upper triangle only, about n^2 w flops per block
+    of w columns, half of a general product; the lower triangle is mirrored once at the end.
+    Only the block buffer and G are allocated: no K x P temporary.
     """
-    num_rows, num_columns = rows.shape
+    num_rows = rows.shape[0] if selected is None else len(selected)
     syrk = ssyrk if dtype is np.float32 else dsyrk
     upper = np.zeros((num_rows, num_rows), dtype=np.float64)
     buffer: np.ndarray | None = None
-    for columns in _column_blocks(num_rows, num_columns):
+    for columns in _column_blocks(num_rows, rows.shape[1]):
         if buffer is None:
             buffer = np.empty(num_rows * (columns.stop - columns.start), dtype=np.float32)
-        block = rows.read(columns, buffer[: num_rows * (columns.stop - columns.start)].reshape(num_rows, -1))
-        if dtype is not np.float32:
-            block = block.astype(dtype)
-        block -= block.mean(axis=0, dtype=dtype)
-        upper += syrk(1.0, block.T, trans=1)
+        out = buffer[: num_rows * (columns.stop - columns.start)].reshape(num_rows, -1)
+        block = rows.read(columns, out, selected)
+        upper += syrk(1.0, (block if dtype is np.float32 else block.astype(dtype)).T, trans=1)
     return upper + np.triu(upper, 1).T
+
+
+_FLOAT32_GRAM_ERROR = 2e-9
+"""Absolute error of a float32 Gram distance ``D_ij``, per unit of ``G_ii + G_jj`` and per square
+root of the block width: measured up to 7e-10 (OpenBLAS ``ssyrk`` on this machine, widths 10k and
+42k, shared components 0 to 100 times the rows' spread), so this bound has a margin of about 3."""
+
+_DISTANCE_TOLERANCE = 1e-5
+"""Largest estimated relative error of a pairwise distance left as computed in float32."""
+
+
+def _imprecise_rows(gram: np.ndarray, width: int) -> np.ndarray:
+    """The rows of every pair whose float32 distance may be off by more than
+    :data:`_DISTANCE_TOLERANCE` of itself: ``(G_ii + G_jj) * _FLOAT32_GRAM_ERROR * sqrt(width) >
+    _DISTANCE_TOLERANCE / 2 * D_ij`` (half the tolerance, since ``D_ij`` is itself the float32
+    estimate).
+
+    ``D_ij = G_ii + G_jj - 2 G_ij`` cancels when the two rows share a component much longer than
+    their difference: clients whose updates nearly agree, or copies of one update. The test is per
+    pair, so no other row can make a pair pass or fail it.
+    """
+    norms = np.diag(gram)
+    sums = norms[:, None] + norms[None, :]
+    error = sums * (_FLOAT32_GRAM_ERROR * math.sqrt(width))
+    imprecise = error > 0.5 * _DISTANCE_TOLERANCE * (sums - 2.0 * gram)
+    np.fill_diagonal(imprecise, False)
+    return np.flatnonzero(imprecise.any(axis=1))
 
 
 def distances_of_rows(rows: UpdateRows) -> np.ndarray:
     """K x K float64 matrix of squared L2 distances between ``rows``, from their Gram matrix.
 
-    ``D_ij = G_ii + G_jj - 2 G_ij`` with ``G`` the Gram matrix of the mean-centred rows
-    (:func:`_centered_gram`), clamped at 0 (rounding can make the difference of nearly equal
-    rows slightly negative), with an exact zero diagonal. The Gram matrix is computed with
-    float32 BLAS and float64 accumulation across column blocks; if that overflows (rows with
-    values near the float32 limit) it is recomputed in float64, where no finite float32 input
-    can overflow. Rows holding NaN or Inf give non-finite distances (the diagonal excepted).
+    ``D_ij = G_ii + G_jj - 2 G_ij`` with ``G = X X^T`` (:func:`_gram`), clamped at 0 (rounding
+    can make the difference of nearly equal rows slightly negative), with an exact zero diagonal.
+
+    The Gram matrix is computed with float32 BLAS and float64 accumulation across column blocks.
+    The rows of the pairs whose distance would lose more than 1e-5 of its value to cancellation
+    (:func:`_imprecise_rows`: at K = 100, two rows sharing a component over 7 times as long as
+    their difference) have their part of G recomputed in float64 (``dsyrk``, about twice the time
+    per row pair); so does all of G when float32 overflows (rows with values near the float32
+    limit; no finite float32 input overflows float64).
+
+    The rows are not centred on their mean before the product, so the error of ``D_ij`` depends
+    on rows i and j alone: a Byzantine row of norm N would move the mean by N / K, and the centred
+    honest rows would then share that large component and cancel (measured with one row at 1e4
+    times the others: honest distances 6% off when centred, 2e-7 when not).
+    Rows holding NaN or Inf give non-finite distances (the diagonal excepted).
     """
+    num_rows, num_columns = rows.shape
+    width = min(num_columns, max(1024, _BLOCK_BYTES // (4 * num_rows)))
     with np.errstate(over="ignore", invalid="ignore"):
-        gram = _centered_gram(rows, np.float32)
+        gram = _gram(rows, np.float32)
         if not np.all(np.isfinite(gram)):
-            gram = _centered_gram(rows, np.float64)
+            gram = _gram(rows, np.float64)
+        else:
+            imprecise = _imprecise_rows(gram, width)
+            if imprecise.size:
+                gram[np.ix_(imprecise, imprecise)] = _gram(rows, np.float64, imprecise)
         squared_norms = np.diag(gram)
         distances = squared_norms[:, None] + squared_norms[None, :] - 2.0 * gram
     np.maximum(distances, 0.0, out=distances)
@@ -597,31 +636,35 @@ def _bulyan_selection(distances: np.ndarray, f: int, count: int) -> np.ndarray:
     return selected
 
 
+_WINDOW_LINES = 8192  # lines of a sorted block per step of the window search: its temporaries stay small
+
+
 def _mean_of_window_nearest_median(block: np.ndarray, width: int) -> np.ndarray:
     """Per line of a line-wise sorted block: mean of the ``width`` values nearest the median.
 
     In sorted order the ``width`` values nearest the median form a contiguous window. Among the
     ``n - width + 1`` windows the nearest is the one of smallest radius
-    ``max(median - s[l], s[l + width - 1] - median)``, the leftmost on ties, so the result does
-    not depend on the order of the rows. The windows are scanned one at a time and the values
-    outside each line's window are set to 0 in ``block`` itself (a scratch buffer: overwritten)
-    before the lines are summed, so that the extra memory is a few vectors of one value per line,
-    not copies of the block.
+    ``max(median - s[l], s[l + width - 1] - median)``, the leftmost on ties (``argmin``), so the
+    result does not depend on the order of the rows. For up to ``_WINDOW_LINES`` lines at a time,
+    all windows' radii come from two slices of the block at once (lines x windows); the values
+    outside each line's window are then set to 0 in ``block`` itself (a scratch buffer:
+    overwritten) and the lines summed, so that the extra memory is a few arrays of at most
+    ``_WINDOW_LINES`` x n values, not copies of the block.
     """
     n = block.shape[1]
-    median = _median_of_sorted(block)
-    start = np.zeros(len(block), dtype=np.intp)
-    nearest = np.full(len(block), np.inf, dtype=np.float32)
-    for left in range(n - width + 1):
-        radius = np.maximum(median - block[:, left], block[:, left + width - 1] - median)
-        nearer = radius < nearest
-        np.copyto(nearest, radius, where=nearer)
-        np.copyto(start, left, where=nearer)
-    for left in range(n - width + 1):
-        lines = start == left
-        block[lines, :left] = 0
-        block[lines, left + width :] = 0
-    return block.sum(axis=1) / np.float32(width)
+    windows = n - width + 1
+    columns, starts = np.arange(n), np.arange(windows)[:, None]
+    outside = (columns < starts) | (columns >= starts + width)  # per window start: the columns it leaves out
+    result = np.empty(len(block), dtype=np.float32)
+    for first in range(0, len(block), _WINDOW_LINES):
+        lines = block[first : first + _WINDOW_LINES]
+        median = _median_of_sorted(lines)[:, None]
+        radius = np.subtract(median, lines[:, :windows])
+        np.maximum(radius, np.subtract(lines[:, width - 1 :], median), out=radius)
+        np.copyto(lines, 0, where=np.take(outside, radius.argmin(axis=1), axis=0))
+        np.sum(lines, axis=1, out=result[first : first + len(lines)])
+    result /= np.float32(width)
+    return result
 
 
 def bulyan(updates: np.ndarray, weights: np.ndarray, f: int) -> np.ndarray:

@@ -94,18 +94,33 @@ def test_flatten_minus_is_one_pass_subtraction():
 @pytest.mark.parametrize("rule", ["mean", "median", "trimmed-mean", "krum", "multi-krum"])
 def test_our_strategies_equal_flowers_where_definitions_agree(rule):
     payloads = bench.Payloads(12, 3000, seed=3)
-    theirs, ours = (
-        times[-1]
-        for times in bench.time_calls(
-            (lambda: bench.flower_strategy(rule, 12), lambda: bench.our_strategy(rule, 12, payloads)), payloads, 1
-        )
+    strategy_times, _ = bench.time_calls(
+        (lambda: bench.flower_strategy(rule, 12), lambda: bench.our_strategy(rule, 12, payloads)), payloads, 1
     )
+    theirs, ours = (times[-1] for times in strategy_times)
     assert bench.max_difference(ours, theirs) <= 1e-6
     assert math.isfinite(bench.max_difference(ours, theirs))
 
 
-def test_floors_time_the_bare_passes():
-    payloads = bench.Payloads(6, 2000, seed=1)
-    for measure in {measure for _, passes in bench.FLOORS.values() for measure in passes}:
-        wall, cpu = measure(payloads, 2)
-        assert 0 <= cpu < 1 and 0 <= wall < 1
+def test_floors_compute_what_the_rules_must():
+    """Each floor pass computes what its rule needs (so that it cannot time less work than that):
+    the weighted mean, the Gram matrix of the rows read block by block, the sorted coordinates;
+    and the bare calls are timed in the same turns as the strategies."""
+    payloads = bench.Payloads(9, 2000, seed=1)
+    inputs = bench.FloorInputs(payloads)
+    x = inputs.matrix
+    raw = x + ModelLayout.of(ArrayRecord(payloads.global_arrays)).flatten(ArrayRecord(payloads.global_arrays))
+    np.testing.assert_allclose(bench.read_pass(inputs)(), raw.mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(bench.read_pass(inputs, 4)(), raw[:4].mean(axis=0), rtol=1e-5)
+    exact = x.astype(np.float64) @ x.T.astype(np.float64)
+    upper = np.triu_indices(9)
+    np.testing.assert_allclose(bench.read_gram_pass(inputs)()[upper], exact[upper], rtol=1e-4)
+    np.testing.assert_allclose(np.triu(bench.gram_alone_pass(inputs)())[upper], exact[upper], rtol=1e-4)
+    np.testing.assert_array_equal(bench.sort_pass(inputs, 5)(), np.sort(x[:5].T, axis=1))  # one block: 2000 columns
+    assert inputs.multi_krum_m == 9 - bench.byzantine_f(9) and inputs.bulyan_theta == 9 - 2 * bench.byzantine_f(9)
+    for rule, (_, passes) in bench.FLOORS.items():
+        strategy_times, bare = bench.time_calls(
+            (lambda rule=rule: bench.our_strategy(rule, 9, payloads),), payloads, 2, tuple(p(inputs) for p in passes)
+        )
+        assert len(bare) == len(passes) and all(0 <= cpu < 1 for cpu in bare)
+        assert strategy_times[0][-1] is not None

@@ -262,6 +262,80 @@ def test_pairwise_squared_distances_matches_direct_differences():
     np.testing.assert_allclose(rules.pairwise_squared_distances(x), direct, rtol=1e-5, atol=1e-3)
 
 
+def direct_distances(x):
+    """Squared distances from the rows' differences in float64: no cancellation at all."""
+    x64 = x.astype(np.float64)
+    return np.array([[float(((a - b) ** 2).sum()) for b in x64] for a in x64])
+
+
+@pytest.mark.parametrize("scale", [1e2, 1e4, 1e6, 1e12])
+def test_a_huge_row_does_not_blur_the_distances_between_the_others(scale):
+    """A Byzantine reply of any size cannot make the honest distances imprecise: with the rows
+    centred on their mean (the earlier computation), one row at 1e4 times the others put the
+    honest distances 6% off, and at 1e6 made them noise."""
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((12, 20_000)) * 0.01).astype(np.float32)
+    x[0] = np.float32(0.01 * scale)
+    honest = slice(1, None)
+    exact = direct_distances(x[honest])
+    off = ~np.eye(11, dtype=bool)
+    error = np.abs(rules.pairwise_squared_distances(x)[honest, honest] - exact)[off] / exact[off]
+    assert error.max() < 1e-5
+
+
+@FAST
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    shared=st.sampled_from([0.0, 0.5, 3.0, 30.0, 1e3]),
+    outlier=st.sampled_from([0.0, 1e3, 1e8]),
+    rows=st.integers(3, 9),
+)
+def test_distances_are_within_1e_5_of_the_row_differences(seed, shared, outlier, rows):
+    """Whatever component the rows share and however large one row is, every distance between
+    the other rows is within 1e-5 of the exact one (float32 when that holds, else float64)."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((rows, 3000)) + shared * rng.standard_normal(3000)).astype(np.float32)
+    x[0] = x[0] + np.float32(outlier)
+    exact = direct_distances(x)
+    np.testing.assert_allclose(rules.pairwise_squared_distances(x)[1:, 1:], exact[1:, 1:], rtol=1e-5)
+
+
+def gram_calls(monkeypatch):
+    """The (dtype, rows) of every Gram matrix computed (rows: None for all)."""
+    calls = []
+    gram = rules._gram
+
+    def spy(rows, dtype, selected=None):
+        calls.append((np.dtype(dtype).name, None if selected is None else selected.tolist()))
+        return gram(rows, dtype, selected)
+
+    monkeypatch.setattr(rules, "_gram", spy)
+    return calls
+
+
+@pytest.mark.parametrize(("shared", "float64_rows"), [(0.0, None), (2.0, None), (1e3, list(range(10)))])
+def test_the_gram_matrix_is_float32_unless_rows_cancel(monkeypatch, shared, float64_rows):
+    """float64 (twice the time) only for rows sharing a component so long that float32 distances
+    would lose more than 1e-5: not for rows that merely agree in part."""
+    calls = gram_calls(monkeypatch)
+    rng = np.random.default_rng(12)
+    x = (rng.standard_normal((10, 5000)) + shared * rng.standard_normal(5000)).astype(np.float32)
+    rules.pairwise_squared_distances(x)
+    assert calls == [("float32", None)] + ([("float64", float64_rows)] if float64_rows else [])
+
+
+def test_copies_of_one_row_recompute_only_their_own_pairs(monkeypatch):
+    """Three copies of row 0 (Byzantine copies, at distance 0) among ten rows: only those four rows
+    are recomputed in float64, and their distances are exactly 0."""
+    calls = gram_calls(monkeypatch)
+    x = np.random.default_rng(13).standard_normal((10, 5000)).astype(np.float32)
+    x[1:4] = x[0]
+    distances = rules.pairwise_squared_distances(x)
+    assert calls == [("float32", None), ("float64", [0, 1, 2, 3])]
+    assert (distances[:4, :4] <= 1e-12 * distances[0, 5]).all()
+    np.testing.assert_allclose(distances, direct_distances(x), rtol=1e-5)
+
+
 def test_pairwise_squared_distances_falls_back_to_float64_instead_of_overflowing():
     x = np.zeros((4, 10), dtype=np.float32)
     x[0] = 3e37  # float32 squares overflow; float64 ones do not
