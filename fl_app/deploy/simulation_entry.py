@@ -1,7 +1,7 @@
 """``flwr-simulation`` with a choice of backend, and a warm start for ``fl-keras-run``.
 
 ``fl-keras-run``'s SuperExec (:mod:`fl_app.deploy.superexec_entry`) runs a simulation task through
-this module instead of Flower's ``flwr-simulation`` command, with the same arguments. Three things
+this module instead of Flower's ``flwr-simulation`` command, with the same arguments. Four things
 differ from Flower's:
 
 1. **The backend is the one the federation config names.** Flower 1.41 reads ``backend`` from the
@@ -28,6 +28,11 @@ differ from Flower's:
    while the SuperLink starts and the run is submitted, then waits for the SuperExec to write the
    task's ``flwr-simulation`` arguments to ``FIFO`` as one JSON line, and runs them. It serves one
    task, and exits without one if its parent exits first.
+
+4. **No fixed sleep at the end.** Flower's exit handler flushes the run's logs to the SuperLink
+   with a fixed 1 s sleep before it pushes the run's final status, which ``flwr run`` waits for.
+   :func:`flush_logs` instead ends the log uploader, which pushes what is queued and exits, and
+   waits for exactly that.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import os
 import queue
 import select
 import sys
+import threading
 from collections.abc import Callable
 from logging import INFO
 from typing import Any
@@ -89,6 +95,40 @@ def add_messages_to_queue(state: Any, queue: Any, nodes_mapping: dict[int, int],
             for message in state.get_message_ins(node_id=node_id, limit=1):
                 queue.put(message)
         f_stop.wait(wait)
+
+
+LOG_UPLOADER_SUFFIX = "(_log_uploader)"
+"""The end of the name Python gives the thread of Flower's ``start_log_uploader`` (``Thread-N (target)``)."""
+
+
+def flush_logs(log_queue: queue.Queue, timeout: float = 3.0) -> bool:
+    """Flower's ``flush_logs`` at the run's end without its fixed sleep (1 s, then Flower pushes the
+    run's final status, which ``flwr run`` waits for).
+
+    Puts the uploader's end marker (``None``) in ``log_queue`` and joins the uploader thread: it
+    pushes everything queued before the marker to the SuperLink, then ends, so the flush is exact
+    and takes as long as that last push. Flower's exit handler then stops the uploader, which has
+    already ended. Log lines after this point are printed here but not uploaded: the only one
+    Flower writes is the error of a failed final push, when the SuperLink is unreachable and their
+    upload would fail too. Without such a thread, Flower's own ``flush_logs``.
+    """
+    from flwr.supercore.logger import flush_logs as flower_flush_logs
+
+    uploader = next((t for t in threading.enumerate() if t.name.endswith(LOG_UPLOADER_SUFFIX)), None)
+    if uploader is None:
+        return flower_flush_logs(log_queue, timeout)
+    log_queue.put(None)
+    uploader.join(timeout)
+    return not uploader.is_alive()
+
+
+def install_prompt_log_flush() -> None:
+    """Make Flower's simulation process end its run with :func:`flush_logs`."""
+    from flwr.simulation import app
+
+    if getattr(app, "flush_logs", None) is None or getattr(app, "start_log_uploader", None) is None:
+        raise RuntimeError(f"flwr.simulation.app no longer flushes logs with flush_logs; update {__name__}")
+    app.flush_logs = flush_logs
 
 
 def install_backends() -> None:
@@ -163,6 +203,7 @@ def run_flwr_simulation(arguments: list[str]) -> None:
     from flwr.simulation.app import flwr_simulation
 
     install_backends()
+    install_prompt_log_flush()
     sys.argv = ["flwr-simulation", *arguments]
     flwr_simulation()
 

@@ -308,3 +308,58 @@ def test_the_runtimes_queues_give_up_a_wait_within_50_ms():
     assert waiting.get(timeout=1.0) == "message" and waiting.empty()
     with pytest.raises(queue.Empty):
         waiting.get(block=False)
+
+
+class SlowLogClient:
+    """Stands in for the SuperLink's PushLogs: records the lines, taking 0.1 s per push."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def PushLogs(self, request):  # Flower's method name
+        time.sleep(0.1)
+        self.lines.extend(request.logs)
+
+
+def test_the_log_flush_waits_for_the_last_push_and_no_longer():
+    """Flower's flush sleeps a fixed 1 s after the queue empties; ours ends the uploader (Flower's own
+    thread) and returns once it has pushed every queued line, whatever that push takes; Flower's
+    later stop of the uploader then returns at once."""
+    import queue
+
+    from flwr.supercore.logger import start_log_uploader, stop_log_uploader
+
+    client = SlowLogClient()
+    log_queue: queue.Queue = queue.Queue()
+    uploader = start_log_uploader(log_queue, 1, 1, client)
+    assert uploader.name.endswith(simulation_entry.LOG_UPLOADER_SUFFIX)
+    for line in ("first", "second", "last"):
+        log_queue.put(line)
+    started = time.monotonic()
+    assert simulation_entry.flush_logs(log_queue) is True
+    elapsed = time.monotonic() - started
+    assert client.lines == ["first", "second", "last"] and not uploader.is_alive()
+    # at most a push under way, Flower's 0.2 s upload interval and the last push: 0.4 s; Flower's
+    # flush would sleep 1 s after the queue empties
+    assert elapsed < 0.9
+    started = time.monotonic()
+    stop_log_uploader(log_queue, uploader)
+    assert time.monotonic() - started < 0.1
+
+
+def test_without_an_uploader_the_flush_is_flowers(monkeypatch):
+    import queue
+
+    calls = []
+    monkeypatch.setattr("flwr.supercore.logger.flush_logs", lambda q, timeout=3.0: calls.append(q) or True)
+    log_queue: queue.Queue = queue.Queue()
+    assert simulation_entry.flush_logs(log_queue) is True
+    assert calls == [log_queue] and log_queue.empty()
+
+
+def test_the_simulation_process_flushes_with_ours(monkeypatch):
+    from flwr.simulation import app
+
+    monkeypatch.setattr(app, "flush_logs", app.flush_logs)  # restored after the test
+    simulation_entry.install_prompt_log_flush()
+    assert app.flush_logs is simulation_entry.flush_logs

@@ -124,3 +124,19 @@ def test_floors_compute_what_the_rules_must():
         )
         assert len(bare) == len(passes) and all(0 <= cpu < 1 for cpu in bare)
         assert strategy_times[0][-1] is not None
+
+
+def test_distance_precision_script_shows_the_centred_blur_and_ours_without_it(capsys):
+    precision = load_script("distance_precision")
+    x = (np.random.default_rng(1).standard_normal((6, 3000)) * 0.01).astype(np.float32)
+    x[0] = np.float32(0.01 * 1e4)
+    kept = x.copy()
+    exact = precision.exact_distances(x)
+    assert precision.honest_error(precision.mean_centred_distances(x), exact) > 1e-3
+    np.testing.assert_array_equal(x, kept)  # the centred reference works on copies
+    precision.huge_row_table([1e4, 1e8])
+    lines = capsys.readouterr().out.strip().splitlines()[2:]
+    assert len(lines) == 2
+    for line in lines:
+        _, _, centred, ours, _ = line.split("|")
+        assert float(centred) > 1e-3 and float(ours) < 1e-5, line
