@@ -12,7 +12,8 @@ For each client count N, on the same data, model, clients and rounds:
     number of sample-epochs (``scripts/centralized.py``).
 
 Peak memory of (a) and (b) is the peak over time of the summed RSS and PSS of every process under
-the run's SuperLink (SuperExec, simulation/ServerApp and, with --backend ray, Ray's GCS, raylet and actors), sampled
+the launcher (the SuperLink and its SuperExec, the ``flwr`` CLI, the warm simulation process with
+the ServerApp and, with --backend ray, Ray's GCS, raylet and actors), sampled
 twice a second (:mod:`fl_app.deploy.process_tools`). Steady state is the median of rounds 2..R. Printed: a
 table, the ratios (b)/(a) and (a)/(c) per sample-epoch, and a JSON file with everything.
 
@@ -26,7 +27,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import re
 import statistics
 import subprocess
 import sys
@@ -44,11 +44,14 @@ from fl_app.server.run_directory import latest_run  # noqa: E402
 BASELINE_APP = ROOT / "scripts" / "baseline_app"
 
 
-def _round_one_done(output_dir: Path) -> bool:
-    """Whether our app's history in ``output_dir`` already holds round 1."""
+def _round_one_done(output_dir: Path, since: float) -> bool:
+    """Whether our app's history in ``output_dir``, of a run made at ``since`` (epoch seconds) or
+    later (not one of an earlier benchmark in the same directory), already holds round 1."""
     try:
         run_dir = latest_run(output_dir)
-        return run_dir is not None and any(r["round"] == 1 for r in json.loads((run_dir / "history.json").read_text()))
+        if run_dir is None or run_dir.stat().st_ctime < since:
+            return False
+        return any(r["round"] == 1 for r in json.loads((run_dir / "history.json").read_text()))
     except (OSError, ValueError, KeyError):
         return False
 
@@ -147,20 +150,18 @@ def run_simulation(app: Path, clients: int, output_dir: Path, run_config: str, t
     sampler = TreeMemorySampler(interval=0.5, extra_roots=RAY_CLUSTER.pids if RAY_CLUSTER else None).start()
     started = time.time()
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sampler.root = process.pid  # the launcher's tree: its SuperLink and, beside it, the warm simulation process
     lines: list[str] = []
 
     def read() -> None:
         for line in process.stdout:
             lines.append(line)
-            match = re.search(r"Local SuperLink started: pid (\d+)", line)
-            if match:
-                sampler.root = int(match.group(1))
 
     first_round: dict[str, float] = {}
 
     def watch() -> None:
         while process.poll() is None and "t" not in first_round:
-            if _round_one_done(output_dir):
+            if _round_one_done(output_dir, started):
                 first_round["t"] = time.time() - started
             time.sleep(0.2)
 
