@@ -726,14 +726,20 @@ def geometric_median(
     * it stops after ``max_iter`` steps or once a step moves ``v`` by at most ``tol`` times the
       weighted median of the distances ``|v - x_i|``, a scale set by the honest majority (RFA's
       relative change of the objective is dominated by the outliers' distances and stops early);
-    * it then returns the row ``x_k`` nearest to ``v`` instead of ``v`` when that row is the exact
-      median, by Vardi & Zhang's condition ``|sum_{i: x_i != x_k} a_i (x_i - x_k) / |x_i - x_k|| <=
-      sum_{i: x_i = x_k} a_i`` (see :func:`_row_is_geometric_median`): Weiszfeld's steps approach
-      such a row at a linear rate that tends to 1 as the condition becomes tight.
+    * it then returns the row ``x_k`` nearest to ``v``, or else the row of largest weight, instead
+      of ``v`` when that row is the exact median, by Vardi & Zhang's condition
+      ``|sum_{i: x_i != x_k} a_i (x_i - x_k) / |x_i - x_k|| <= sum_{i: x_i = x_k} a_i`` (see
+      :func:`_row_is_geometric_median`): Weiszfeld's steps approach such a row at a linear rate
+      that tends to 1 as the condition becomes tight, and from a start near another row they may
+      not come near it within ``max_iter`` steps;
+    * a row holding at least half the weight is returned at once: it always meets that condition.
     """
     updates = _as_update_matrix(updates)
     coefficients = _normalised(_as_weights(weights, updates.shape[0]))
     max_iter, eps, tol = _check_geometric_median(max_iter, eps, tol)
+    heaviest = int(np.argmax(coefficients))
+    if coefficients[heaviest] >= 0.5:  # the others' pull is at most 1 - a_k <= a_k
+        return updates[heaviest].copy()
     median = coordinate_median(updates, weights)
     for _ in range(max_iter):
         distances = row_norms(updates, median)
@@ -753,8 +759,9 @@ def geometric_median(
         if np.linalg.norm(median - previous) <= tol * scale:
             break
     nearest = int(np.argmin(row_norms(updates, median)))
-    if _row_is_geometric_median(updates, coefficients, nearest, eps):
-        return updates[nearest].copy()
+    for row in dict.fromkeys((nearest, heaviest)):
+        if _row_is_geometric_median(updates, coefficients, row, eps):
+            return updates[row].copy()
     return median
 
 

@@ -215,6 +215,37 @@ def test_geometric_median_minimises_weighted_distances(data):
         assert objective <= ref_geometric_median_objective(x, w, candidate) * (1 + 1e-4) + 1e-6
 
 
+def test_geometric_median_is_the_row_holding_half_the_weight_even_from_a_far_start():
+    """Found by a random search: row 0 holds 50.08% of the weight, so it is the median, but
+    Weiszfeld started at the coordinate-wise median (near row 1) and after 1,000 steps was still
+    0.52 from row 1 and 1.96 from row 0, its objective 0.2% above row 0's. The same family made
+    the hypothesis test below fail once (weights 8.75, 0.58, 8.15)."""
+    x = np.array(
+        [
+            [-1.32662845, -0.21359466, 0.48195195],
+            [1.03521442, -0.12759453, -0.24350919],
+            [3.23944974, -0.00620839, -1.07891619],
+        ],
+        np.float32,
+    )
+    w = np.array([8.617979665938785, 6.619904411910674, 1.9722347496302877])
+    np.testing.assert_array_equal(rules.geometric_median(x, w, max_iter=1000, tol=1e-8), x[0])
+    exactly_half = np.array([2.0, 1.0, 1.0])
+    np.testing.assert_array_equal(rules.geometric_median(x, exactly_half), x[0])
+
+
+def test_geometric_median_finds_the_heaviest_row_when_weiszfeld_stops_short_of_it():
+    """Row 2 (47% of the weight) is the median by Vardi & Zhang's condition, but 3 steps from the
+    coordinate-wise median end nearest row 1, which is not: the final check of the heaviest row
+    returns row 2 exactly (found by a random search)."""
+    x = np.array([[0.2, 0.5], [0.1, -1.5], [-0.5, -1.5], [0.2, -1.0]], np.float32)
+    w = np.array([0.26, 0.58, 0.9, 0.18])
+    a = w / w.sum()
+    assert a.max() < 0.5 and rules._row_is_geometric_median(x, a, 2, 1e-6)
+    assert not rules._row_is_geometric_median(x, a, 1, 1e-6)
+    np.testing.assert_array_equal(rules.geometric_median(x, w, max_iter=3), x[2])
+
+
 def test_geometric_median_is_exactly_a_row_that_holds_the_balance():
     """Found by Hypothesis: the third row outweighs the others' pull by 0.05%, so it is the median,
     and Weiszfeld approaches it so slowly that 1,000 steps left the objective 0.02% too high."""
