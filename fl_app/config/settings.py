@@ -374,7 +374,9 @@ class Settings:
     geometric_median_iterations: int = _key(
         100,
         Range(1, MAX_ITERATIONS),
-        "Weiszfeld iterations (RFA, with Vardi-Zhang's step at a row); a row that is the exact median (its weight outweighs the others' pull) is returned exactly",
+        "Weiszfeld iterations (RFA, with Vardi-Zhang's step at a row); a row that is the exact median (its weight "
+        "outweighs the others' pull) is returned exactly: checked for the row nearest the last iterate and for the "
+        "heaviest row, and a row with half the weight or more is returned at once",
     )
     centered_clipping_tau: float = _key(
         1.0,
