@@ -403,7 +403,7 @@ def read_gram_pass(inputs: FloorInputs) -> Callable[[], np.ndarray]:
     given its replies must do."""
     matrix = inputs.matrix
     num_rows, num_columns = matrix.shape
-    width = max(1024, 4 * 2**20 // (4 * num_rows))
+    width = robust_rules._block_width(num_rows)  # the rules' 4 MiB blocks
     buffer = np.empty((num_rows, width), np.float32)
 
     def gram() -> np.ndarray:
@@ -433,7 +433,7 @@ def sort_pass(inputs: FloorInputs, rows: int | None = None) -> Callable[[], np.n
     Returns the last block."""
     matrix = inputs.matrix[:rows]
     num_rows, num_columns = matrix.shape
-    width = max(1024, 4 * 2**20 // (4 * num_rows))
+    width = robust_rules._block_width(num_rows)  # the rules' 4 MiB blocks
     buffer = np.empty((width, num_rows), np.float32)
 
     def sort_blocks() -> np.ndarray:

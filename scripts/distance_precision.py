@@ -47,7 +47,7 @@ def mean_centred_distances(x: np.ndarray) -> np.ndarray:
     """The earlier computation: per column block, rows centred on the block's mean, float32
     ``ssyrk``, float64 across blocks."""
     num_rows, num_columns = x.shape
-    width = max(1024, rules._BLOCK_BYTES // (4 * num_rows))
+    width = rules._block_width(num_rows)
     upper = np.zeros((num_rows, num_rows))
     for start in range(0, num_columns, width):
         block = x[:, start : start + width].copy()  # never centre x itself
@@ -92,7 +92,7 @@ def real_update_table(num_clients: int, rounds: int, learning_rate: float) -> No
     global_weights = [w.copy() for w in model.get_weights()]
     sizes = [w.size for w in global_weights]
     num_params = sum(sizes)
-    width = min(num_params, max(1024, rules._BLOCK_BYTES // (4 * num_clients)))
+    width = min(num_params, rules._block_width(num_clients))
     threshold = 0.5 * rules._DISTANCE_TOLERANCE / (rules._FLOAT32_GRAM_ERROR * math.sqrt(width))
     print(f"\n{num_clients} IID digits clients, mlp (P = {num_params}), Adam {learning_rate}, one epoch per round")
     print("| round | median (G_ii + G_jj) / D_ij | largest | float64 above | rows recomputed in float64 |")

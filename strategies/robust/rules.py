@@ -203,9 +203,14 @@ def _check_dnc(
 # ---------------------------------------------------------------------------------------------
 
 
+def _block_width(num_rows: int) -> int:
+    """Columns of a block of ``num_rows`` rows in :func:`_column_blocks` (at least 1024)."""
+    return max(1024, _BLOCK_BYTES // (4 * num_rows))
+
+
 def _column_blocks(num_rows: int, num_columns: int) -> Iterator[slice]:
     """Consecutive column slices of about ``_BLOCK_BYTES`` of float32 each."""
-    width = max(1024, _BLOCK_BYTES // (4 * num_rows))
+    width = _block_width(num_rows)
     for start in range(0, num_columns, width):
         yield slice(start, min(start + width, num_columns))
 
@@ -397,7 +402,7 @@ def distances_of_rows(rows: UpdateRows) -> np.ndarray:
     Rows holding NaN or Inf give non-finite distances (the diagonal excepted).
     """
     num_rows, num_columns = rows.shape
-    width = min(num_columns, max(1024, _BLOCK_BYTES // (4 * num_rows)))
+    width = min(num_columns, _block_width(num_rows))  # of the float32 pass's blocks
     with np.errstate(over="ignore", invalid="ignore"):
         gram = _gram(rows, np.float32)
         if not np.all(np.isfinite(gram)):
@@ -753,14 +758,14 @@ def geometric_median(
         scale = max(_weighted_median(distances, coefficients), eps)
         if np.linalg.norm(median - previous) <= tol * scale:
             break
-    nearest = int(np.argmin(row_norms(updates, median)))
+    distances = row_norms(updates, median)
+    nearest = int(np.argmin(distances))
     for row in dict.fromkeys((nearest, heaviest)):
         if _row_is_geometric_median(updates, coefficients, row, eps):
             return updates[row].copy()
     off_the_row = _weiszfeld_step(updates, coefficients, updates[nearest], eps)
-    if off_the_row is not None and _weighted_distance_sum(updates, coefficients, off_the_row[0]) < (
-        _weighted_distance_sum(updates, coefficients, median)
-    ):
+    # the objective sum_i a_i |v - x_i| there and at v
+    if off_the_row is not None and coefficients @ row_norms(updates, off_the_row[0]) < coefficients @ distances:
         return off_the_row[0]
     return median
 
@@ -788,11 +793,6 @@ def _weiszfeld_step(
         stay = min(1.0, coincident / resultant) if resultant > 0 else 1.0
         target = target * np.float32(1.0 - stay) + v * np.float32(stay)
     return target, distances
-
-
-def _weighted_distance_sum(updates: np.ndarray, coefficients: np.ndarray, v: np.ndarray) -> float:
-    """The geometric median's objective ``sum_i a_i |v - x_i|``."""
-    return float(coefficients @ row_norms(updates, v))
 
 
 def _row_is_geometric_median(updates: np.ndarray, coefficients: np.ndarray, k: int, eps: float) -> bool:
